@@ -1,0 +1,67 @@
+"""Settings of one translation, validated on construction (DESIGN §1 gives their meaning)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .errors import PnPError
+
+DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, black, low res, unrealistic"
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class TranslateConfig:
+    steps: int = 50
+    """Sampling (DDIM) steps."""
+    inversion_steps: int | None = None
+    """DDIM inversion steps; None = `steps`. The paper's preprocessing uses 999."""
+    inversion_prompt: str = ""
+    """Prompt the guidance image is inverted with."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance scale s of the translation."""
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    """Unconditional branch of the guidance (the paper's default)."""
+    feature_injection: float = 0.8
+    """τ_f: the ResBlock feature is injected for the first int(steps·τ_f) steps."""
+    attention_injection: float = 0.5
+    """τ_A: self-attention q/k are injected for the first int(steps·τ_A) steps."""
+    seed: int = 0
+    """Seed of the Gaussian noise generated guidance starts from (real images need none)."""
+    height: int | None = None
+    """Output height in pixels; None keeps the aspect ratio with the short side 512."""
+    width: int | None = None
+    """Output width in pixels; None keeps the aspect ratio with the short side 512."""
+    source_guidance_scale: float = 7.5
+    """Guidance scale used to generate the guidance image from a source prompt."""
+    prompt_batch_size: int = 4
+    """How many target prompts share one injection batch (each adds 2 UNet samples per step)."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise PnPError(f"--steps must be at least 1, got {self.steps}")
+        if self.inversion_steps is not None and self.inversion_steps < 1:
+            raise PnPError(f"--inversion-steps must be at least 1, got {self.inversion_steps}")
+        for flag, tau in (("--feature-injection", self.feature_injection),
+                          ("--attention-injection", self.attention_injection)):
+            if not 0.0 <= tau <= 1.0:
+                raise PnPError(f"{flag} must be between 0 and 1 (a fraction of the steps), got {tau}")
+        for flag, size in (("--height", self.height), ("--width", self.width)):
+            if size is not None and (size < 64 or size % 64):
+                raise PnPError(f"{flag} must be a multiple of 64 and at least 64, got {size}")
+        if self.prompt_batch_size < 1:
+            raise PnPError(f"prompt batch size must be at least 1, got {self.prompt_batch_size}")
+
+    @property
+    def effective_inversion_steps(self) -> int:
+        return self.inversion_steps or self.steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise PnPError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name

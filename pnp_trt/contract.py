@@ -1,0 +1,171 @@
+"""The one source of truth for where PnP touches the UNet and for every graph's inputs and outputs.
+
+Export, the runtime's feeds/buffers and TensorRT profiles all read these specs; nobody re-types a
+tensor name. Torch-free, so the lean ONNX Runtime path can import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+FLOAT = "float"
+"""Placeholder dtype: the graph's precision (float32, or float16 in mixed-precision exports)."""
+
+
+@dataclass(frozen=True)
+class InjectionPoint:
+    """One tensor PnP captures from the source pass and injects into the target pass."""
+
+    name: str
+    module: str
+    """Dotted path of the torch module whose output is the tensor (diffusers UNet2DConditionModel)."""
+    kind: str
+    """'feature' (ResBlock conv2 output, [B,C,h,w]), 'query' or 'key' (self-attention, [B,h·w,C])."""
+    up_block: int
+
+    @property
+    def gate(self) -> str:
+        """The gate input that switches this point's injection on: features or attention."""
+        return "inject_features" if self.kind == "feature" else "inject_attention"
+
+
+def _attention_points() -> list[InjectionPoint]:
+    """q and k of `attn1` in decoder layers 4–11: up_blocks[1].attentions[1,2], [2] and [3] all."""
+    points = []
+    for block, layers in ((1, (1, 2)), (2, (0, 1, 2)), (3, (0, 1, 2))):
+        for layer in layers:
+            path = f"up_blocks.{block}.attentions.{layer}.transformer_blocks.0.attn1"
+            points.append(InjectionPoint(f"q_up{block}_attn{layer}", f"{path}.to_q", "query", block))
+            points.append(InjectionPoint(f"k_up{block}_attn{layer}", f"{path}.to_k", "key", block))
+    return points
+
+
+INJECTION_POINTS: tuple[InjectionPoint, ...] = (
+    InjectionPoint("feature_up1_res1", "up_blocks.1.resnets.1.conv2", "feature", 1),
+    *_attention_points(),
+)
+GATES = ("inject_features", "inject_attention")
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The model sizes the graph shapes depend on (read from the diffusers configs)."""
+
+    text_length: int
+    text_dim: int
+    latent_channels: int
+    vae_factor: int
+    unet_channels: tuple[int, ...]
+    """UNet `block_out_channels` (down order)."""
+
+    @classmethod
+    def from_configs(cls, unet: Mapping[str, Any], vae: Mapping[str, Any], text_length: int,
+                     text_dim: int) -> ModelDims:
+        return cls(text_length=text_length, text_dim=text_dim,
+                   latent_channels=int(unet["in_channels"]),
+                   vae_factor=2 ** (len(vae["block_out_channels"]) - 1),
+                   unet_channels=tuple(int(c) for c in unet["block_out_channels"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text_length": self.text_length, "text_dim": self.text_dim,
+                "latent_channels": self.latent_channels, "vae_factor": self.vae_factor,
+                "unet_channels": list(self.unet_channels)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelDims:
+        return cls(**{**data, "unet_channels": tuple(data["unet_channels"])})
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE factor times the UNet's 3 downsamplings."""
+        return self.vae_factor * 2 ** (len(self.unet_channels) - 1)
+
+    def point_channels(self, point: InjectionPoint) -> int:
+        """Channels of a captured tensor: up block k works at the width of down block (n-1-k)."""
+        return self.unet_channels[len(self.unet_channels) - 1 - point.up_block]
+
+    def point_scale(self, point: InjectionPoint) -> int:
+        """How much smaller than the latent the up block's maps are."""
+        return 2 ** (len(self.unet_channels) - 1 - point.up_block)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, dtype and axes (ints are fixed; strings are dynamic)."""
+
+    name: str
+    dtype: str
+    axes: tuple[int | str, ...]
+
+    def shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(a if isinstance(a, int) else sizes[a] for a in self.axes)
+
+    def numpy_dtype(self, precision: str) -> str:
+        return precision if self.dtype == FLOAT else self.dtype
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+def captured_name(point: InjectionPoint) -> str:
+    return f"captured_{point.name}"
+
+
+def injected_name(point: InjectionPoint) -> str:
+    return f"injected_{point.name}"
+
+
+def _point_spec(dims: ModelDims, point: InjectionPoint, name: str, batch: int | str) -> TensorSpec:
+    c = dims.point_channels(point)
+    if point.kind == "feature":
+        return TensorSpec(name, FLOAT, (batch, c, f"up{point.up_block}_height", f"up{point.up_block}_width"))
+    return TensorSpec(name, FLOAT, (batch, f"up{point.up_block}_tokens", c))
+
+
+def graph_specs(dims: ModelDims) -> dict[str, GraphSpec]:
+    """The four graphs of DESIGN §2 for a model of these dims."""
+    latent = TensorSpec("latent", FLOAT, ("batch", dims.latent_channels, "latent_height", "latent_width"))
+    image = TensorSpec("image", FLOAT, ("batch", 3, "height", "width"))
+    embeddings = ("batch", dims.text_length, dims.text_dim)
+    unet_inputs = (
+        TensorSpec("sample", FLOAT, latent.axes),
+        TensorSpec("timestep", "float32", (1,)),
+        TensorSpec("encoder_hidden_states", FLOAT, embeddings),
+        *(_point_spec(dims, p, injected_name(p), 1) for p in INJECTION_POINTS),
+        *(TensorSpec(g, "bool", ()) for g in GATES),
+    )
+    unet_outputs = (
+        TensorSpec("noise_pred", FLOAT, latent.axes),
+        *(_point_spec(dims, p, captured_name(p), "batch") for p in INJECTION_POINTS),
+    )
+    return {
+        "text_encoder": GraphSpec("text_encoder", (TensorSpec("input_ids", "int64", ("batch", dims.text_length)),),
+                                  (TensorSpec("text_embeddings", FLOAT, embeddings),)),
+        "vae_encoder": GraphSpec("vae_encoder", (image,), (latent,)),
+        "vae_decoder": GraphSpec("vae_decoder", (latent,), (image,)),
+        "unet": GraphSpec("unet", unet_inputs, unet_outputs),
+    }
+
+
+def axis_sizes(dims: ModelDims, batch: int, height: int, width: int) -> dict[str, int]:
+    """Sizes of every named dynamic axis for a batch of images of height × width pixels."""
+    lh, lw = height // dims.vae_factor, width // dims.vae_factor
+    sizes = {"batch": batch, "height": height, "width": width, "latent_height": lh, "latent_width": lw}
+    for block in sorted({p.up_block for p in INJECTION_POINTS}):
+        scale = 2 ** (len(dims.unet_channels) - 1 - block)
+        sizes[f"up{block}_height"], sizes[f"up{block}_width"] = lh // scale, lw // scale
+        sizes[f"up{block}_tokens"] = (lh // scale) * (lw // scale)
+    return sizes

@@ -1,0 +1,93 @@
+"""Guidance-image loading (any mode Pillow reads), output sizing, array conversion, atomic PNG writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import PnPError
+
+MIN_SIDE = 64
+SHORT_SIDE = 512
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB from any mode: 16/32-bit greyscale rescaled, transparency composited over white."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def load_guidance(path: Path) -> Image.Image:
+    """The guidance image as RGB; a clear error for missing, unreadable or too-small files."""
+    path = Path(path)
+    if not path.is_file():
+        raise PnPError(f"guidance image {path} does not exist; pass the path of a PNG/JPEG image")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = _to_rgb(opened)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise PnPError(f"cannot read {path} as an image ({type(exc).__name__}); "
+                       "pass a valid PNG/JPEG/WebP file") from None
+    if min(image.size) < MIN_SIDE:
+        raise PnPError(f"guidance image {path} is {image.width}×{image.height}; "
+                       f"both sides must be at least {MIN_SIDE} px")
+    return image
+
+
+def output_size(width: int, height: int, out_height: int | None, out_width: int | None,
+                multiple: int = 64) -> tuple[int, int]:
+    """(height, width): the given sides, else the aspect ratio kept, short side 512, multiples of 64."""
+    if out_height and out_width:
+        return out_height, out_width
+    if out_height or out_width:
+        scale = (out_height / height) if out_height else (out_width / width)  # type: ignore[operator]
+    else:
+        scale = SHORT_SIDE / min(width, height)
+    h = out_height or max(multiple, round(height * scale / multiple) * multiple)
+    w = out_width or max(multiple, round(width * scale / multiple) * multiple)
+    return h, w
+
+
+def to_array(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """[1,3,H,W] float32 in [0,1], resized with Lanczos when the size differs."""
+    height, width = size
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
+    return (np.asarray(image, dtype=np.float32) / 255.0).transpose(2, 0, 1)[None].copy()
+
+
+def to_pil(array: np.ndarray) -> Image.Image:
+    """[3,H,W] in [0,1] → 8-bit RGB (rounded)."""
+    pixels = np.clip(np.rint(np.asarray(array, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels.transpose(1, 2, 0), "RGB")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -1,0 +1,71 @@
+"""The torch side of PnP: capture the tensors of `contract.INJECTION_POINTS` and inject them.
+
+Forward hooks on the modules whose outputs PnP reads (ResBlock `conv2`, self-attention `to_q`/`to_k`)
+record each output and, when a call asks for it, replace it with the injected tensor. The hooks hold no
+state: what a UNet call captures and injects lives in a per-call `PnPCall`, published through a
+context variable for the duration of that call, so concurrent calls on one module never mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from .contract import INJECTION_POINTS, InjectionPoint
+from .errors import PnPError
+
+
+@dataclass
+class PnPCall:
+    """What one UNet call injects (batch-1 tensors, broadcast over the batch) and what it captured."""
+
+    injected: dict[str, torch.Tensor]
+    gates: dict[str, torch.Tensor]
+    """Bool scalars keyed by `InjectionPoint.gate`: where true, that point's injected tensor is used."""
+    captured: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+_ACTIVE: ContextVar[PnPCall | None] = ContextVar("pnp_active_call", default=None)
+
+
+@contextlib.contextmanager
+def pnp_call(call: PnPCall) -> Iterator[PnPCall]:
+    """Make `call` the one the hooks read while the UNet runs inside this block."""
+    token = _ACTIVE.set(call)
+    try:
+        yield call
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _make_hook(point: InjectionPoint) -> Any:
+    def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        call = _ACTIVE.get()
+        if call is None:
+            return None
+        call.captured[point.name] = output
+        injected = call.injected.get(point.name)
+        if injected is None:
+            return None
+        return torch.where(call.gates[point.gate], injected.to(output.dtype), output)
+    return hook
+
+
+def missing_layers(unet: torch.nn.Module) -> list[str]:
+    """Module paths PnP needs that this UNet lacks (e.g. SDXL has only three up blocks)."""
+    names = {name for name, _ in unet.named_modules()}
+    return [p.module for p in INJECTION_POINTS if p.module not in names]
+
+
+def install_hooks(unet: torch.nn.Module) -> list[Any]:
+    """Attach the capture/inject hooks to every injection point; returns the removable handles."""
+    missing = missing_layers(unet)
+    if missing:
+        raise PnPError(f"this UNet lacks the layers PnP needs ({', '.join(missing[:3])}"
+                       f"{', …' if len(missing) > 3 else ''}); use a Stable Diffusion 1.x/2.x model")
+    modules = dict(unet.named_modules())
+    return [modules[p.module].register_forward_hook(_make_hook(p)) for p in INJECTION_POINTS]

@@ -1,0 +1,105 @@
+"""Load the parts of a Stable Diffusion 1.x/2.x pipeline that PnP uses, from a hub id or a local dir.
+
+Weights load only from safetensors (`use_safetensors=True`): nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .contract import ModelDims
+from .errors import PnPError
+from .injection import missing_layers
+from .tokenizer import PromptTokenizer
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
+_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class TorchModel:
+    """A loaded model: torch modules plus the torch-free pieces (tokenizer, scheduler config, dims)."""
+
+    model_id: str
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: PromptTokenizer
+    scheduler_config: dict[str, Any]
+    dims: ModelDims
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+
+def default_device_dtype() -> tuple[torch.device, torch.dtype]:
+    """fp16 on CUDA, fp32 on CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+def _check_layout(model: str) -> None:
+    """A local directory must hold the diffusers parts PnP loads; say which are missing."""
+    path = Path(model)
+    if not path.exists():
+        if model.startswith((".", "/", "~")) or path.suffix:
+            raise PnPError(f"model directory {model} does not exist; pass a diffusers directory or a hub id")
+        return
+    missing = [p for p in _PARTS if not (path / p).is_dir()]
+    if missing:
+        raise PnPError(f"{model} is not a Stable Diffusion diffusers directory (missing {', '.join(missing)}); "
+                       "pass a directory written by `save_pretrained` or `pnp-trt make-tiny-model`")
+
+
+def load_model(model: str = DEFAULT_MODEL, device: torch.device | None = None,
+               dtype: torch.dtype | None = None) -> TorchModel:
+    """Load UNet, VAE, text encoder, tokenizer and scheduler config; refuse non-PnP-capable UNets."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    _check_layout(model)
+    default_device, default_dtype = default_device_dtype()
+    device, dtype = device or default_device, dtype or default_dtype
+    try:
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", use_safetensors=True,
+                                                    torch_dtype=dtype)
+        missing = missing_layers(unet)
+        if missing:
+            raise PnPError(f"{model}'s UNet lacks layers PnP needs ({', '.join(missing[:3])}); "
+                           "PnP supports Stable Diffusion 1.x/2.x UNets, not SDXL or others")
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", use_safetensors=True, torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", use_safetensors=True,
+                                                     torch_dtype=dtype)
+        hf_tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        scheduler_config = dict(DDIMScheduler.load_config(model, subfolder="scheduler"))
+    except PnPError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise PnPError(f"cannot load model {model}: {str(exc).splitlines()[0]}") from None
+    tokenizer = PromptTokenizer(hf_tokenizer.backend_tokenizer, int(hf_tokenizer.model_max_length),
+                                int(hf_tokenizer.pad_token_id), str(hf_tokenizer.pad_token))
+    dims = ModelDims.from_configs(unet.config, vae.config, tokenizer.max_length,
+                                  int(text_encoder.config.hidden_size))
+    for module in (unet, vae, text_encoder):
+        module.to(device).eval().requires_grad_(False)
+    return TorchModel(model, unet, vae, text_encoder, tokenizer, scheduler_config, dims, device, dtype)
+
+
+def weights_hash(model: TorchModel) -> str:
+    """sha256 over every parameter's name, shape, dtype and bytes: identifies the weights, not the path."""
+    digest = hashlib.sha256()
+    for part in (model.unet, model.vae, model.text_encoder):
+        for name, tensor in part.state_dict().items():
+            digest.update(json.dumps([name, list(tensor.shape), str(tensor.dtype)]).encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,45 @@
+"""What the sampler needs from a backend: run a graph, move arrays, and a few array operations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from ..contract import ModelDims
+from ..schedule import Schedule
+from ..tokenizer import PromptTokenizer
+
+Array = Any
+"""An array in the backend's own type (numpy.ndarray, torch.Tensor on some device)."""
+
+
+class Backend(Protocol):
+    """One runner per backend behind one small interface (cf. Polygraphy's runners)."""
+
+    name: str
+
+    def run(self, graph: str, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        """Run one of the graphs of `contract.graph_specs`; feeds and outputs keyed by tensor name."""
+
+    def asarray(self, host: np.ndarray) -> Array:
+        """A host array as the backend's array (floats in the backend's precision)."""
+
+    def to_numpy(self, array: Array) -> np.ndarray:
+        """A backend array back on the host, as float32/int64."""
+
+    def concat(self, arrays: Sequence[Array]) -> Array:
+        """Concatenate along the batch axis."""
+
+
+@dataclass
+class LoadedModel:
+    """Everything the sampler needs, from a diffusers directory or an exported one."""
+
+    backend: Backend
+    tokenizer: PromptTokenizer
+    schedule: Schedule
+    dims: ModelDims
+    identity: str
+    """What the model is (id or directory + weights/manifest hash): recorded in outputs, keys caches."""

@@ -1,0 +1,157 @@
+"""The PnP sampler (DESIGN §1) over any `Backend`: it never asks which backend it runs on.
+
+Stages: encode → invert (or generate the guidance) → capture → inject → decode. Each loop is a short
+function over `run(graph, feeds)`; `Sampler` only adds UNet-evaluation counting and progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..contract import INJECTION_POINTS, InjectionPoint, captured_name, injected_name
+from ..schedule import (
+    classifier_free_guidance,
+    ddim_step,
+    injection_steps,
+    invert_step,
+)
+from .backend import Array, LoadedModel
+
+Progress = Callable[[str, int], Callable[[], None]]
+"""progress(stage, total) → advance(): called once per step of that stage."""
+
+
+def no_progress(stage: str, total: int) -> Callable[[], None]:
+    return lambda: None
+
+
+@dataclass
+class Stats:
+    """Per-stage wall time (s) and UNet sample-evaluations (a batch of n counts n)."""
+
+    timings: dict[str, float] = field(default_factory=dict)
+    unet_evals: int = 0
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class InjectionPlan:
+    """How many leading steps inject features (τ_f) and attention (τ_A)."""
+
+    feature_steps: int
+    attention_steps: int
+
+    @classmethod
+    def from_taus(cls, steps: int, feature_injection: float, attention_injection: float) -> InjectionPlan:
+        return cls(injection_steps(steps, feature_injection), injection_steps(steps, attention_injection))
+
+    @property
+    def capture_steps(self) -> int:
+        """After the last injected step nothing needs capturing."""
+        return max(self.feature_steps, self.attention_steps)
+
+    def points_at(self, step: int) -> list[InjectionPoint]:
+        """The injection points that inject at sampling step `step`."""
+        return [p for p in INJECTION_POINTS
+                if step < (self.feature_steps if p.kind == "feature" else self.attention_steps)]
+
+
+Captured = list[dict[str, Array]]
+"""Per sampling step (up to `capture_steps`), the captured tensors that step injects, by point name."""
+
+
+class Sampler:
+    def __init__(self, model: LoadedModel, stats: Stats | None = None, progress: Progress = no_progress):
+        self.model, self.backend, self.schedule = model, model.backend, model.schedule
+        self.stats = stats or Stats()
+        self.progress = progress
+
+    def unet(self, sample: Array, t: int, embeddings: Array, **extra: Array) -> dict[str, Array]:
+        self.stats.unet_evals += int(sample.shape[0])
+        feeds = {"sample": sample, "timestep": np.array([t], dtype=np.float32),
+                 "encoder_hidden_states": embeddings, **extra}
+        return self.backend.run("unet", feeds)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Array:
+        ids = self.model.tokenizer.encode(prompts)
+        return self.backend.run("text_encoder", {"input_ids": ids})["text_embeddings"]
+
+    def encode_image(self, image: np.ndarray) -> Array:
+        """[1,3,H,W] in [0,1] → the scaled posterior mean z0."""
+        return self.backend.run("vae_encoder", {"image": self.backend.asarray(image)})["latent"]
+
+    def decode(self, latents: Array) -> np.ndarray:
+        return self.backend.to_numpy(self.backend.run("vae_decoder", {"latent": latents})["image"])
+
+    def invert(self, z0: Array, embedding: Array, inversion_ts: Sequence[int],
+               sampling_ts: Sequence[int]) -> dict[int, Array]:
+        """DDIM inversion (small → large t); keeps the latent reached at every sampling timestep."""
+        wanted, src, z, t_prev = set(sampling_ts), {}, z0, None
+        advance = self.progress("invert", len(inversion_ts))
+        for t in inversion_ts:
+            z = invert_step(self.schedule, z, self.unet(z, t, embedding)["noise_pred"], t, t_prev)
+            if t in wanted:
+                src[t] = z
+            t_prev = t
+            advance()
+        return src
+
+    def generate_source(self, noise: Array, cond: Array, uncond: Array, scale: float,
+                        sampling_ts: Sequence[int]) -> dict[int, Array]:
+        """Sample the guidance from `noise` with CFG, keeping the latent entering each timestep."""
+        src, x, steps = {}, noise, len(sampling_ts)
+        embeddings = self.backend.concat([uncond, cond])
+        advance = self.progress("generate", steps)
+        for t in sampling_ts:
+            src[t] = x
+            eps = self.unet(self.backend.concat([x, x]), t, embeddings)["noise_pred"]
+            x = ddim_step(self.schedule, classifier_free_guidance(eps[:1], eps[1:], scale), x, t, steps)
+            advance()
+        return src
+
+    def capture(self, src: dict[int, Array], empty: Array, sampling_ts: Sequence[int],
+                plan: InjectionPlan) -> Captured:
+        """Run the source latents with the empty prompt; keep only what each step will inject."""
+        captured: Captured = []
+        advance = self.progress("capture", plan.capture_steps)
+        for i, t in enumerate(sampling_ts[:plan.capture_steps]):
+            outputs = self.unet(src[t], t, empty)
+            captured.append({p.name: outputs[captured_name(p)] for p in plan.points_at(i)})
+            advance()
+        return captured
+
+    def inject(self, x: Array, captured: Captured, negative: Array, targets: Array, scale: float,
+               sampling_ts: Sequence[int], plan: InjectionPlan) -> Array:
+        """Sample N targets from the shared start x (batch 1), injecting the captured tensors."""
+        n, steps = int(targets.shape[0]), len(sampling_ts)
+        embeddings = self.backend.concat([negative] * n + [targets])
+        x = self.backend.concat([x] * n)
+        advance = self.progress("inject", steps)
+        for i, t in enumerate(sampling_ts):
+            eps = self.unet(self.backend.concat([x, x]), t, embeddings, **injection_feeds(captured, i, plan))
+            eps = eps["noise_pred"]
+            x = ddim_step(self.schedule, classifier_free_guidance(eps[:n], eps[n:], scale), x, t, steps)
+            advance()
+        return x
+
+
+def injection_feeds(captured: Captured, step: int, plan: InjectionPlan) -> dict[str, Array]:
+    """Injected tensors and gates for one injection step; absent inputs mean "not injected"."""
+    if step >= plan.capture_steps:
+        return {}
+    feeds: dict[str, Array] = {injected_name(p): captured[step][p.name] for p in plan.points_at(step)}
+    feeds["inject_features"] = np.array(step < plan.feature_steps)
+    feeds["inject_attention"] = np.array(step < plan.attention_steps)
+    return feeds

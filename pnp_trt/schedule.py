@@ -1,0 +1,164 @@
+"""Pure DDIM math (DESIGN §1): timesteps, inversion and sampling updates, classifier-free guidance.
+
+Everything here works on numpy arrays and torch tensors alike: only arithmetic operators are applied
+to arrays, the schedule coefficients are Python floats. Nothing here imports a backend.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, TypeVar
+
+import numpy as np
+
+from .errors import PnPError
+
+A = TypeVar("A")  # an array: numpy.ndarray or torch.Tensor
+
+_SPACINGS = ("leading", "trailing", "linspace")
+_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The parts of a diffusers DDIM scheduler config that DDIM sampling with eta 0 depends on."""
+
+    alphas_cumprod: tuple[float, ...]
+    """ᾱ_t for t in [0, num_train_timesteps), computed in float32 exactly as diffusers does."""
+    final_alpha_cumprod: float
+    """ᾱ used past the last step: 1.0 with `set_alpha_to_one`, else ᾱ_0."""
+    timestep_spacing: str
+    steps_offset: int
+    prediction_type: str
+    """'epsilon' or 'v_prediction'."""
+    clip_sample: bool
+    clip_sample_range: float
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Schedule:
+        """Read a diffusers scheduler config dict; refuse what DDIM eta 0 here does not implement."""
+        for flag in ("thresholding", "rescale_betas_zero_snr"):
+            if config.get(flag):
+                raise PnPError(f"scheduler config sets `{flag}`, which pnp-trt does not implement; "
+                               f"use a model whose scheduler config has {flag}=false")
+        spacing = config.get("timestep_spacing", "leading")
+        if spacing not in _SPACINGS:
+            raise PnPError(f"scheduler timestep_spacing {spacing!r} is not supported; "
+                           f"expected one of {', '.join(_SPACINGS)}")
+        prediction = config.get("prediction_type", "epsilon")
+        if prediction not in ("epsilon", "v_prediction"):
+            raise PnPError(f"scheduler prediction_type {prediction!r} is not supported; "
+                           "expected 'epsilon' or 'v_prediction'")
+        alphas = _alphas_cumprod(config)
+        return cls(
+            alphas_cumprod=tuple(float(a) for a in alphas),
+            final_alpha_cumprod=1.0 if config.get("set_alpha_to_one", True) else float(alphas[0]),
+            timestep_spacing=spacing,
+            steps_offset=int(config.get("steps_offset", 0)),
+            prediction_type=prediction,
+            clip_sample=bool(config.get("clip_sample", True)),
+            clip_sample_range=float(config.get("clip_sample_range", 1.0)),
+        )
+
+
+def _alphas_cumprod(config: Mapping[str, Any]) -> np.ndarray:
+    """ᾱ_t = Π(1 - β_s) in float32, the dtype diffusers' DDIMScheduler keeps them in."""
+    n = int(config.get("num_train_timesteps", 1000))
+    kind = config.get("beta_schedule", "linear")
+    start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+    if config.get("trained_betas") is not None:
+        betas = np.asarray(config["trained_betas"], dtype=np.float32)
+    elif kind == "linear":
+        betas = np.linspace(start, end, n, dtype=np.float32)
+    elif kind == "scaled_linear":
+        betas = np.linspace(start**0.5, end**0.5, n, dtype=np.float32) ** 2
+    elif kind == "squaredcos_cap_v2":
+        def alpha_bar(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)],
+                         dtype=np.float32)
+    else:
+        raise PnPError(f"scheduler beta_schedule {kind!r} is not supported; "
+                       f"expected one of {', '.join(_BETA_SCHEDULES)}")
+    return np.cumprod(np.float32(1.0) - betas, dtype=np.float32)
+
+
+def sampling_timesteps(schedule: Schedule, steps: int) -> list[int]:
+    """The timesteps DDIM visits for `steps` steps, large → small, as diffusers' `set_timesteps`."""
+    n = schedule.num_train_timesteps
+    if steps < 1:
+        raise PnPError(f"steps must be at least 1, got {steps}")
+    if steps > n:
+        raise PnPError(f"steps ({steps}) cannot exceed the model's {n} training timesteps")
+    if schedule.timestep_spacing == "linspace":
+        ts = np.linspace(0, n - 1, steps).round()[::-1].astype(np.int64)
+    elif schedule.timestep_spacing == "leading":
+        ts = (np.arange(0, steps) * (n // steps)).round()[::-1].astype(np.int64) + schedule.steps_offset
+    else:
+        ts = np.round(np.arange(n, 0, -n / steps)).astype(np.int64) - 1
+    return [int(t) for t in ts]
+
+
+def inversion_timesteps(schedule: Schedule, steps: int, inversion_steps: int) -> list[int]:
+    """Timesteps of the DDIM inversion, small → large; checks they reach every sampling timestep."""
+    if inversion_steps < 1:
+        raise PnPError(f"inversion steps must be at least 1, got {inversion_steps}")
+    inv = sampling_timesteps(schedule, inversion_steps)[::-1]
+    too_large = [t for t in inv if t >= schedule.num_train_timesteps]
+    if too_large:
+        raise PnPError(f"{inversion_steps} inversion steps reach timestep {too_large[-1]}, beyond the model's "
+                       f"{schedule.num_train_timesteps} training timesteps; use fewer inversion steps")
+    missing = sorted(set(sampling_timesteps(schedule, steps)) - set(inv))
+    if missing:
+        raise PnPError(f"inversion with {inversion_steps} steps never visits sampling timestep(s) "
+                       f"{missing[:5]} of {steps} steps; choose inversion steps that are a multiple of "
+                       f"the sampling steps (e.g. --inversion-steps {steps})")
+    return inv
+
+
+def to_epsilon(schedule: Schedule, model_output: A, sample: A, t: int) -> A:
+    """The noise ε the model predicts at timestep t (converting v-prediction: ε = √ᾱ_t·v + √(1-ᾱ_t)·x_t)."""
+    if schedule.prediction_type == "epsilon":
+        return model_output
+    a_t = schedule.alphas_cumprod[t]
+    return math.sqrt(a_t) * model_output + math.sqrt(1 - a_t) * sample  # type: ignore[operator]
+
+
+def invert_step(schedule: Schedule, z: A, model_output: A, t: int, t_prev: int | None) -> A:
+    """One DDIM inversion update from the previous inversion timestep to t (DESIGN §1, step 2)."""
+    a_t = schedule.alphas_cumprod[t]
+    a_prev = schedule.alphas_cumprod[t_prev] if t_prev is not None else schedule.final_alpha_cumprod
+    eps = to_epsilon(schedule, model_output, z, t)
+    x0 = (z - math.sqrt(1 - a_prev) * eps) / math.sqrt(a_prev)  # type: ignore[operator]
+    return math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * eps  # type: ignore[operator,return-value]
+
+
+def ddim_step(schedule: Schedule, model_output: A, sample: A, t: int, steps: int) -> A:
+    """x_{t-Δ} from x_t with eta 0, exactly as diffusers' `DDIMScheduler.step`."""
+    t_prev = t - schedule.num_train_timesteps // steps
+    a_t = schedule.alphas_cumprod[t]
+    a_prev = schedule.alphas_cumprod[t_prev] if t_prev >= 0 else schedule.final_alpha_cumprod
+    if schedule.prediction_type == "epsilon":
+        x0 = (sample - math.sqrt(1 - a_t) * model_output) / math.sqrt(a_t)  # type: ignore[operator]
+        eps = model_output
+    else:
+        x0 = math.sqrt(a_t) * sample - math.sqrt(1 - a_t) * model_output  # type: ignore[operator]
+        eps = math.sqrt(a_t) * model_output + math.sqrt(1 - a_t) * sample  # type: ignore[operator]
+    if schedule.clip_sample:
+        x0 = x0.clip(-schedule.clip_sample_range, schedule.clip_sample_range)  # type: ignore[attr-defined]
+    return math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps  # type: ignore[operator,return-value]
+
+
+def classifier_free_guidance(uncond: A, cond: A, scale: float) -> A:
+    """ε = ε_uncond + s·(ε_cond − ε_uncond)."""
+    return uncond + scale * (cond - uncond)  # type: ignore[operator,return-value]
+
+
+def injection_steps(steps: int, tau: float) -> int:
+    """Number of leading sampling steps that inject: step i injects while i < int(steps·τ)."""
+    return int(steps * tau)

@@ -1,0 +1,125 @@
+"""A random-weight model with the real SD 2.1 topology and tiny widths, saved in diffusers format.
+
+Used by the tests and the offline demo: it loads through exactly the code path a real model takes.
+Speed depends on shapes, not weights, so `sd21_unet_config()` gives honest full-size timings too.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .contract import INJECTION_POINTS
+
+SD21_SCHEDULER = {
+    "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "clip_sample": False, "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False,
+    "steps_offset": 1, "timestep_spacing": "leading", "thresholding": False, "rescale_betas_zero_snr": False,
+    "trained_betas": None,
+}
+_UNET_BLOCKS = {
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "layers_per_block": 2, "use_linear_projection": True, "in_channels": 4, "out_channels": 4,
+}
+_TOKEN_WORDS = ["a", "an", "the", "of", "photo", "painting", "watercolor", "castle", "cat", "dog", "in", "on"]
+
+
+def sd21_unet_config() -> dict[str, Any]:
+    """The SD 2.1-base UNet2DConditionModel config (865M parameters)."""
+    return {**_UNET_BLOCKS, "block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": [5, 10, 20, 20],
+            "cross_attention_dim": 1024, "norm_num_groups": 32, "sample_size": 64}
+
+
+def tiny_unet_config() -> dict[str, Any]:
+    return {**_UNET_BLOCKS, "block_out_channels": [32, 32, 64, 64], "attention_head_dim": [2, 4, 8, 8],
+            "cross_attention_dim": 32, "norm_num_groups": 8, "sample_size": 64}
+
+
+def _tiny_vae() -> Any:
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=8,
+                         latent_channels=4, sample_size=512, scaling_factor=0.18215)
+
+
+def _write_clip_tokenizer(directory: Path) -> Any:
+    """A CLIP BPE tokenizer over single bytes plus a few whole words, as vocab.json + merges.txt."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for token in chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(token, len(vocab))
+    merges = []
+    for word in _TOKEN_WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab.setdefault(pieces[0], len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    directory.mkdir(parents=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), pad_token="!",
+                              model_max_length=77)
+    tokenizer.save_pretrained(str(directory))
+    (directory / "tokenizer.json").unlink()  # ship vocab.json + merges.txt only, as SD checkpoints do
+    return tokenizer
+
+
+def _tiny_text_encoder(vocab_size: int, bos: int, eos: int) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",
+                            bos_token_id=bos, eos_token_id=eos, pad_token_id=0, projection_dim=32)
+    return CLIPTextModel(config)
+
+
+def _sharpen_self_attention(unet: torch.nn.Module, factor: float) -> None:
+    """Scale the injected layers' q/k weights so attention is peaked, as in trained models."""
+    modules = dict(unet.named_modules())
+    with torch.no_grad():
+        for point in INJECTION_POINTS:
+            if point.kind != "feature":
+                modules[point.module].weight.mul_(factor)
+
+
+def make_tiny_model(out: Path, seed: int = 0) -> Path:
+    """Write the tiny model to `out` (must not exist yet) atomically; returns `out`."""
+    from diffusers import UNet2DConditionModel
+
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**tiny_unet_config())
+        _sharpen_self_attention(unet, 4.0)
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        _tiny_vae().save_pretrained(tmp / "vae", safe_serialization=True)
+        tokenizer = _write_clip_tokenizer(tmp / "tokenizer")
+        text_encoder = _tiny_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+        text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD21_SCHEDULER, indent=2))
+        (tmp / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _model_index() -> dict[str, Any]:
+    return {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "DDIMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
