@@ -41,6 +41,16 @@ class TorchModel:
         return float(self.vae.config.scaling_factor)
 
 
+def quiet_loading() -> None:
+    """Silence diffusers'/transformers' per-file progress bars and advice logs (the CLI shows its own)."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
 def default_device_dtype() -> tuple[torch.device, torch.dtype]:
     """fp16 on CUDA, fp32 on CPU."""
     if torch.cuda.is_available():

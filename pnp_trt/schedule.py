@@ -67,16 +67,16 @@ class Schedule:
 
 
 def _alphas_cumprod(config: Mapping[str, Any]) -> np.ndarray:
-    """ᾱ_t = Π(1 - β_s) in float32, the dtype diffusers' DDIMScheduler keeps them in."""
+    """ᾱ_t = Π(1 - β_s), rounded to float32 bit for bit as diffusers' DDIMScheduler computes them."""
     n = int(config.get("num_train_timesteps", 1000))
     kind = config.get("beta_schedule", "linear")
     start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
     if config.get("trained_betas") is not None:
         betas = np.asarray(config["trained_betas"], dtype=np.float32)
     elif kind == "linear":
-        betas = np.linspace(start, end, n, dtype=np.float32)
+        betas = _linspace_float32(start, end, n)
     elif kind == "scaled_linear":
-        betas = np.linspace(start**0.5, end**0.5, n, dtype=np.float32) ** 2
+        betas = _linspace_float32(start**0.5, end**0.5, n) ** 2
     elif kind == "squaredcos_cap_v2":
         def alpha_bar(t: float) -> float:
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -85,7 +85,18 @@ def _alphas_cumprod(config: Mapping[str, Any]) -> np.ndarray:
     else:
         raise PnPError(f"scheduler beta_schedule {kind!r} is not supported; "
                        f"expected one of {', '.join(_BETA_SCHEDULES)}")
-    return np.cumprod(np.float32(1.0) - betas, dtype=np.float32)
+    alphas = (np.float32(1.0) - betas).astype(np.float64)
+    return np.cumprod(alphas).astype(np.float32)  # torch's CPU cumprod accumulates in float64
+
+
+def _linspace_float32(start: float, end: float, n: int) -> np.ndarray:
+    """float32 linspace rounded as torch's CPU kernel does (diffusers builds betas with it):
+    a float32 step, both halves counted from their own end point in float64."""
+    start32, end32 = np.float32(start), np.float32(end)
+    step = np.float64((end32 - start32) / np.float32(max(n - 1, 1)))
+    i = np.arange(n, dtype=np.float64)
+    values = np.where(i < n // 2, np.float64(start32) + step * i, np.float64(end32) - step * (n - 1 - i))
+    return values.astype(np.float32)
 
 
 def sampling_timesteps(schedule: Schedule, steps: int) -> list[int]:

@@ -41,10 +41,11 @@ def tiny_unet_config() -> dict[str, Any]:
             "cross_attention_dim": 32, "norm_num_groups": 8, "sample_size": 64}
 
 
-def _tiny_vae() -> Any:
+def _vae(full: bool) -> Any:
     from diffusers import AutoencoderKL
-    return AutoencoderKL(block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=8,
+    widths, layers, groups = ((128, 256, 512, 512), 2, 32) if full else ((8, 16, 32, 32), 1, 8)
+    return AutoencoderKL(block_out_channels=widths, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=layers, norm_num_groups=groups,
                          latent_channels=4, sample_size=512, scaling_factor=0.18215)
 
 
@@ -76,11 +77,14 @@ def _write_clip_tokenizer(directory: Path) -> Any:
     return tokenizer
 
 
-def _tiny_text_encoder(vocab_size: int, bos: int, eos: int) -> Any:
+def _text_encoder(full: bool, vocab_size: int, bos: int, eos: int) -> Any:
+    """The SD 2.1 OpenCLIP-H text tower (23 layers, 1024 wide) or a 2-layer, 32-wide one."""
     from transformers import CLIPTextConfig, CLIPTextModel
-    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",
-                            bos_token_id=bos, eos_token_id=eos, pad_token_id=0, projection_dim=32)
+    width, layers, heads = (1024, 23, 16) if full else (32, 2, 2)
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width if full else 64,
+                            num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+                            hidden_act="gelu", bos_token_id=bos, eos_token_id=eos, pad_token_id=0,
+                            projection_dim=width)
     return CLIPTextModel(config)
 
 
@@ -105,9 +109,9 @@ def make_tiny_model(out: Path, seed: int = 0) -> Path:
         unet = UNet2DConditionModel(**tiny_unet_config())
         _sharpen_self_attention(unet, 4.0)
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        _tiny_vae().save_pretrained(tmp / "vae", safe_serialization=True)
+        _vae(full=False).save_pretrained(tmp / "vae", safe_serialization=True)
         tokenizer = _write_clip_tokenizer(tmp / "tokenizer")
-        text_encoder = _tiny_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+        text_encoder = _text_encoder(False, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
         text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD21_SCHEDULER, indent=2))
@@ -123,3 +127,26 @@ def _model_index() -> dict[str, Any]:
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
             "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+
+
+def random_sd21_model(seed: int = 0, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Any:
+    """An in-memory `TorchModel` with the full SD 2.1-base shapes and random weights (for benchmarks)."""
+    from diffusers import UNet2DConditionModel
+
+    from .contract import ModelDims
+    from .models import TorchModel
+    from .tokenizer import PromptTokenizer
+
+    torch.manual_seed(seed)
+    device = device or torch.device("cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_tokenizer = _write_clip_tokenizer(Path(tmp) / "tokenizer")
+    tokenizer = PromptTokenizer(hf_tokenizer.backend_tokenizer, 77, 0, "!")
+    unet = UNet2DConditionModel(**sd21_unet_config())
+    vae = _vae(full=True)
+    text_encoder = _text_encoder(True, len(hf_tokenizer), hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id)
+    for module in (unet, vae, text_encoder):
+        module.to(device, dtype).eval().requires_grad_(False)
+    dims = ModelDims.from_configs(unet.config, vae.config, 77, 1024)
+    return TorchModel("random-sd21-base-shape", unet, vae, text_encoder, tokenizer, dict(SD21_SCHEDULER), dims,
+                      device, dtype)

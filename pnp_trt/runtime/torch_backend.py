@@ -56,6 +56,10 @@ class TorchBackend:
 
 def load_torch(model: str, device: torch.device | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
     """A diffusers model (hub id or directory) on the eager torch backend."""
-    loaded = load_model(model, device, dtype)
-    return LoadedModel(TorchBackend(loaded), loaded.tokenizer, Schedule.from_config(loaded.scheduler_config),
-                       loaded.dims, identity=loaded.model_id)
+    return on_torch(load_model(model, device, dtype))
+
+
+def on_torch(model: TorchModel) -> LoadedModel:
+    """An already loaded model on the eager torch backend."""
+    return LoadedModel(TorchBackend(model), model.tokenizer, Schedule.from_config(model.scheduler_config),
+                       model.dims, identity=model.model_id)

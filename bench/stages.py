@@ -1,0 +1,73 @@
+"""Per-stage time and UNet evaluations of one edit on the torch backend (CPU unless CUDA is present).
+
+Models: the tiny model (written to a temp dir, loaded like a user's), and the full SD 2.1-base shapes with
+random weights (speed depends on shapes, not weight values). Prints its settings and the figures.
+
+    python bench/stages.py [--sd21-size 256] [--sd21-steps 4] [--tiny-steps 20] [--skip-sd21]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pnp_trt.config import TranslateConfig
+from pnp_trt.models import quiet_loading
+from pnp_trt.runtime.torch_backend import load_torch, on_torch
+from pnp_trt.runtime.translate import translate
+from pnp_trt.tiny_model import make_tiny_model, random_sd21_model
+
+PAPER_PREPROCESS = 999 + 999  # the paper's preprocessing: 999 inversion + 999 reconstruction evaluations
+
+
+def guide(size: int) -> Image.Image:
+    pixels = np.random.default_rng(0).integers(0, 256, (size // 16, size // 16, 3), dtype=np.uint8)
+    return Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def report(name: str, model, size: int, steps: int) -> None:
+    config = TranslateConfig(steps=steps, height=size, width=size)
+    translate(model, ["warm up"], TranslateConfig(steps=1, height=size, width=size), image=guide(size))
+    start = time.perf_counter()
+    result = translate(model, ["a watercolor painting of a castle"], config, image=guide(size))
+    total = time.perf_counter() - start
+    stages = "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.stats.timings.items())
+    evals = result.stats.unet_evals
+    print(f"{name}: {size}x{size}, {steps} steps: {total:.2f} s, {evals} UNet evaluations "
+          f"({total / evals * 1000:.0f} ms per evaluation)\n    {stages}")
+    paper = PAPER_PREPROCESS + 3 * steps
+    print(f"    paper's default pipeline at {steps} steps: {paper} evaluations ({paper / evals:.1f}x ours)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny-steps", type=int, default=20)
+    parser.add_argument("--tiny-size", type=int, default=512)
+    parser.add_argument("--sd21-steps", type=int, default=4)
+    parser.add_argument("--sd21-size", type=int, default=256)
+    parser.add_argument("--skip-sd21", action="store_true")
+    args = parser.parse_args()
+    quiet_loading()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"device {device}, {dtype}; torch {torch.__version__}")
+    print(f"reference: the paper's defaults cost {PAPER_PREPROCESS} + 3x50 = {PAPER_PREPROCESS + 150} UNet "
+          f"evaluations per edit; ours at 50 steps: 50 + 40 + 2x50 = 190")
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = load_torch(str(make_tiny_model(Path(tmp) / "tiny")), device, dtype)
+        report("tiny model", tiny, args.tiny_size, args.tiny_steps)
+    if not args.skip_sd21:
+        report("SD 2.1-base shape, random weights", on_torch(random_sd21_model(0, device, dtype)),
+               args.sd21_size, args.sd21_steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""`pnp-trt`: a thin typer layer over the library. User mistakes print one line and exit 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shutil
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .config import DEFAULT_NEGATIVE_PROMPT, TranslateConfig
+from .errors import PnPError
+
+app = typer.Typer(help="Plug-and-Play Diffusion Features image translation: PyTorch, ONNX Runtime, TensorRT.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+err = Console(stderr=True)
+
+
+def user_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """Print a `PnPError` as one line and exit 2; never a traceback for a user mistake."""
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except PnPError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; nothing was written")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def rich_progress(progress: Progress) -> Callable[[str, int], Callable[[], None]]:
+    def start(stage: str, total: int) -> Callable[[], None]:
+        task = progress.add_task(stage, total=total)
+        return lambda: progress.advance(task)
+    return start
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=False, disable=not err.is_terminal)
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for package in ("pnp-trt", "torch", "diffusers", "transformers", "onnxruntime", "onnx", "tensorrt"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "prompt"
+
+
+def _check_output(out: Path, several: bool) -> None:
+    """Fail before any work if the output cannot be written."""
+    parent = out.parent if out.parent != Path("") else Path(".")
+    if not parent.is_dir():
+        raise PnPError(f"cannot write {out}: directory {parent} does not exist")
+    if several and out.exists() and not out.is_dir():
+        raise PnPError(f"--out {out} is a file; with several --prompt it must be a directory")
+    if not several and out.is_dir():
+        raise PnPError(f"--out {out} is a directory; with one --prompt it is the output image file")
+    probe_dir = out if several and out.is_dir() else parent
+    try:
+        tempfile.TemporaryFile(dir=probe_dir).close()
+    except OSError:
+        raise PnPError(f"cannot write to {probe_dir}: permission denied; choose another --out") from None
+
+
+def _write_outputs(out: Path, prompts: list[str], images: list[Any], record: dict[str, Any]) -> list[Path]:
+    """One prompt: the image file. Several: a directory of NN_slug.png + translate.json (all or nothing)."""
+    from .images import save_png
+
+    if len(prompts) == 1:
+        save_png(images[0], out)
+        return [out]
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
+    try:
+        width = len(str(len(prompts) - 1))
+        names = [f"{i:0{width}d}_{_slug(p)}.png" for i, p in enumerate(prompts)]
+        for name, image in zip(names, images):
+            image.save(staging / name, format="PNG")
+        record["outputs"] = names
+        (staging / "translate.json").write_text(json.dumps(record, indent=2))
+        out.mkdir(exist_ok=True)
+        for path in sorted(staging.iterdir()):
+            path.replace(out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [out / n for n in names]
+
+
+@app.command()
+@user_errors
+def translate(
+    image: Optional[Path] = typer.Argument(None, help="Guidance image (PNG/JPEG/...). Omit with --source-prompt."),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Target prompt; repeat for several."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output PNG (one prompt) or directory (several)."),
+    model: Optional[str] = typer.Option(None, help="Hub id or diffusers directory [torch backend; default "
+                                                   "stabilityai/stable-diffusion-2-1-base]."),
+    backend: str = typer.Option("torch", help="torch | onnxruntime | tensorrt."),
+    engines: Optional[Path] = typer.Option(None, help="Exported/built directory (onnxruntime, tensorrt)."),
+    steps: int = typer.Option(50, help="Sampling steps."),
+    inversion_steps: Optional[int] = typer.Option(None, help="DDIM inversion steps [default: --steps; "
+                                                             "the paper's preprocessing uses 999]."),
+    inversion_prompt: str = typer.Option("", help="Prompt used to invert the guidance image."),
+    guidance_scale: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    negative_prompt: str = typer.Option(DEFAULT_NEGATIVE_PROMPT, help="Negative prompt."),
+    feature_injection: float = typer.Option(0.8, help="τ_f: fraction of steps injecting the ResBlock feature."),
+    attention_injection: float = typer.Option(0.5, help="τ_A: fraction of steps injecting self-attention q/k."),
+    seed: int = typer.Option(0, help="Seed of the noise a generated guidance starts from."),
+    height: Optional[int] = typer.Option(None, help="Output height (multiple of 64) [default: keep aspect, "
+                                                    "short side 512]."),
+    width: Optional[int] = typer.Option(None, help="Output width (multiple of 64)."),
+    source_prompt: Optional[str] = typer.Option(None, help="Generate the guidance from this prompt instead of "
+                                                           "an IMAGE."),
+    source_guidance_scale: float = typer.Option(7.5, help="Guidance scale for --source-prompt generation."),
+    prompt_batch_size: int = typer.Option(4, help="Target prompts per injection batch."),
+) -> None:
+    """Translate a guidance image (or a generated one) into each --prompt, keeping its layout."""
+    from .config import check_backend
+    from .images import load_guidance
+
+    if (image is None) == (source_prompt is None):
+        raise PnPError("give a guidance IMAGE or --source-prompt TEXT (exactly one)")
+    check_backend(backend)
+    config = TranslateConfig(steps=steps, inversion_steps=inversion_steps, inversion_prompt=inversion_prompt,
+                             guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                             feature_injection=feature_injection, attention_injection=attention_injection,
+                             seed=seed, height=height, width=width, source_guidance_scale=source_guidance_scale,
+                             prompt_batch_size=prompt_batch_size)
+    _check_output(out, len(prompt) > 1)
+    guidance = load_guidance(image) if image is not None else None
+    from .runtime.loading import open_model
+    from .runtime.translate import translate as run_translation
+
+    if backend == "torch":
+        from .models import quiet_loading
+        quiet_loading()
+    loaded = open_model(backend, model, engines)
+    with _progress() as progress:
+        result = run_translation(loaded, prompt, config, guidance, source_prompt, rich_progress(progress))
+    record = {"prompts": prompt, "image": str(image) if image else None, "source_prompt": source_prompt,
+              "backend": backend, "model": loaded.identity, "size": list(result.size), "settings": config.to_dict(),
+              "timings_s": result.stats.timings, "unet_evaluations": result.stats.unet_evals,
+              "versions": versions()}
+    written = _write_outputs(out, prompt, result.images, record)
+    stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.stats.timings.items())
+    total = sum(result.stats.timings.values())
+    err.print(f"wrote {len(written)} image(s) to {out} in {total:.2f}s ({stages}); "
+              f"{result.stats.unet_evals} UNet evaluations", highlight=False, soft_wrap=True)
+
+
+@app.command("make-tiny-model")
+@user_errors
+def make_tiny_model(
+    directory: Path = typer.Argument(..., help="Where to write the model (must not exist)."),
+    seed: int = typer.Option(0, help="Seed of the random weights."),
+) -> None:
+    """Write a random-weight model with the SD 2.1 topology and tiny widths (offline demos and tests)."""
+    from .tiny_model import make_tiny_model as make
+
+    if directory.exists():
+        raise PnPError(f"{directory} already exists; choose a new directory")
+    if not directory.parent.is_dir():
+        raise PnPError(f"cannot write {directory}: directory {directory.parent} does not exist")
+    make(directory, seed)
+    err.print(f"wrote a tiny random-weight SD 2.1-topology model to {directory}")
+
+
+def main() -> None:
+    app(prog_name="pnp-trt")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

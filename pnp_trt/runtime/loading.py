@@ -1,0 +1,26 @@
+"""Open a model on the backend a user names (imports each backend only when it is asked for)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import check_backend
+from ..errors import PnPError
+from .backend import LoadedModel
+
+
+def open_model(backend: str, model: str | None, engines: Path | None) -> LoadedModel:
+    """torch runs a diffusers model (hub id or dir); the others run an exported/built directory."""
+    check_backend(backend)
+    if backend == "torch":
+        from ..models import DEFAULT_MODEL
+        from .torch_backend import load_torch
+        return load_torch(model or DEFAULT_MODEL)
+    if engines is None:
+        raise PnPError(f"--backend {backend} runs exported graphs: pass --engines DIR "
+                       "(written by `pnp-trt export --model ID_OR_DIR --out DIR`)")
+    if backend == "onnxruntime":
+        from .onnxruntime_backend import load_onnxruntime
+        return load_onnxruntime(engines)
+    from .tensorrt_backend import load_tensorrt
+    return load_tensorrt(engines)

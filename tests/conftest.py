@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+DATA = Path(__file__).parent / "data"
+GOLDEN = DATA / "golden"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pnp_trt.tiny_model import make_tiny_model
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_torch(tiny_model_dir: Path):
+    import torch
+
+    from pnp_trt.runtime.torch_backend import load_torch
+    return load_torch(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+
+
+def random_image(path: Path, width: int, height: int, mode: str = "RGB", seed: int = 0) -> Path:
+    """A smooth random picture (blobs, not pixel noise) so a VAE round trip keeps its layout."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
+    Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC).convert(mode).save(path)
+    return path
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    """max |a − ref| / max |ref|: error relative to the size of what is compared."""
+    return float(np.abs(np.asarray(a) - np.asarray(ref)).max() / np.abs(np.asarray(ref)).max())

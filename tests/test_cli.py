@@ -1,0 +1,159 @@
+"""`pnp-trt translate` end to end on the tiny model, and every bad input → one line, exit 2, no output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import random_image
+from PIL import Image
+from typer.testing import CliRunner
+
+from pnp_trt.cli import app
+from pnp_trt.images import output_size
+
+runner = CliRunner()
+FAST = ["--steps", "3"]
+
+
+def run(*args: str | Path):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_user_error(result, fragment: str) -> None:
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert len(lines) == 1 and fragment in lines[0], result.output
+
+
+def test_one_prompt_writes_one_image(tiny_model_dir: Path, tmp_path: Path) -> None:
+    guide = random_image(tmp_path / "in.png", 150, 100)
+    out = tmp_path / "out.png"
+    result = run("translate", guide, "--model", tiny_model_dir, "-p", "a photo of a cat", "--out", out,
+                 "--width", "192", *FAST)
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (192, 128)
+    assert "UNet evaluations" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "out.png"]
+
+
+def test_several_prompts_square(tiny_model_dir: Path, tmp_path: Path) -> None:
+    guide = random_image(tmp_path / "in.png", 64, 64)
+    prompts = [f"a painting of a cat {i}" for i in range(11)]
+    args = [a for p in prompts for a in ("-p", p)]
+    result = run("translate", guide, "--model", tiny_model_dir, *args, "--out", tmp_path / "out", "--steps", "2",
+                 "--height", "64", "--width", "64", "--prompt-batch-size", "4")
+    assert result.exit_code == 0, result.output
+    pngs = sorted((tmp_path / "out").glob("*.png"))
+    assert [p.name.split("_", 1)[0] for p in pngs] == [f"{i:02d}" for i in range(11)]
+    assert all(Image.open(p).size == (64, 64) for p in pngs)
+    record = json.loads((tmp_path / "out" / "translate.json").read_text())
+    assert record["prompts"] == prompts and record["outputs"] == [p.name for p in pngs]
+    assert record["settings"]["steps"] == 2 and record["settings"]["seed"] == 0
+    assert set(record["timings_s"]) >= {"encode", "invert", "capture", "inject", "decode"}
+    # 2 inversion + 1 capture (only step 0 injects: int(2·0.8) = int(2·0.5) = 1) + 2 branches × 2 steps × 11
+    assert record["unet_evaluations"] == 2 + 1 + 2 * 2 * 11
+    assert "torch" in record["versions"]
+
+
+def test_generated_guidance_non_square(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = run("translate", "--source-prompt", "a photo of a castle", "--model", tiny_model_dir,
+                 "-p", "a cat", "-p", "a dog", "--out", out, "--height", "64", "--width", "128", *FAST)
+    assert result.exit_code == 0, result.output
+    images = [Image.open(p) for p in sorted(out.glob("*.png"))]
+    assert [im.size for im in images] == [(128, 64)] * 2
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "I;16", "P", "LA"])
+def test_other_image_modes_are_converted(tiny_model_dir: Path, tmp_path: Path, mode: str) -> None:
+    guide = tmp_path / "in.png"
+    if mode == "I;16":
+        Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(guide)
+        assert Image.open(guide).mode.startswith("I")
+    else:
+        random_image(guide, 64, 64, mode=mode)
+    result = run("translate", guide, "--model", tiny_model_dir, "-p", "x", "--out", tmp_path / "o.png",
+                 "--steps", "1")
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "o.png").mode == "RGB"
+
+
+def test_default_size_keeps_aspect_short_side_512() -> None:
+    assert output_size(768, 512, None, None) == (512, 768)
+    assert output_size(1000, 700, None, None) == (512, 704)
+    assert output_size(300, 300, None, None) == (512, 512)
+    assert output_size(150, 100, None, 192) == (128, 192)
+
+
+def _bad_files(tmp_path: Path) -> dict[str, Path]:
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    return {"corrupt": corrupt, "text": text, "small": random_image(tmp_path / "small.png", 40, 80)}
+
+
+@pytest.mark.parametrize("case,args,fragment", [
+    ("missing", ["{tmp}/nope.png"], "does not exist"),
+    ("corrupt", ["{corrupt}"], "cannot read"),
+    ("text", ["{text}"], "cannot read"),
+    ("small", ["{small}"], "at least 64 px"),
+    ("tau_f", ["{guide}", "--feature-injection", "1.5"], "--feature-injection must be between 0 and 1"),
+    ("tau_a", ["{guide}", "--attention-injection", "-0.1"], "--attention-injection must be between 0 and 1"),
+    ("steps", ["{guide}", "--steps", "0"], "--steps must be at least 1"),
+    ("inversion", ["{guide}", "--steps", "4", "--inversion-steps", "6"], "never visits sampling timestep"),
+    ("backend", ["{guide}", "--backend", "jax"], "unknown backend 'jax'"),
+    ("size", ["{guide}", "--height", "100"], "multiple of 64"),
+    ("no-guidance", [], "exactly one"),
+    ("out-dir-missing", ["{guide}", "--out", "{tmp}/no/such/dir/o.png"], "does not exist"),
+    ("out-is-dir", ["{guide}", "--out", "{tmp}"], "is a directory"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(tiny_model_dir: Path, tmp_path: Path, case: str,
+                                                   args: list[str], fragment: str) -> None:
+    names = {"tmp": str(tmp_path), "guide": str(random_image(tmp_path / "guide.png", 64, 64)),
+             **{k: str(v) for k, v in _bad_files(tmp_path).items()}}
+    before = sorted(tmp_path.rglob("*"))
+    args = [a.format(**names) for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "o.png")]
+    steps = [] if "--steps" in args else ["--steps", "4"]
+    result = run("translate", *args, "--model", tiny_model_dir, "-p", "a cat", *out, *steps)
+    assert_user_error(result, fragment)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_console_script_user_error_has_no_traceback(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "pnp_trt.cli", "translate", str(tmp_path / "x.png"), "-p", "a",
+                             "--out", str(tmp_path / "o.png")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sdxl_like_unet_is_refused(tmp_path: Path) -> None:
+    """A UNet without up_blocks[3] (SDXL has three up blocks) is refused, naming what is missing."""
+    from diffusers import UNet2DConditionModel
+
+    from pnp_trt.errors import PnPError
+    from pnp_trt.injection import install_hooks
+
+    unet = UNet2DConditionModel(block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D",
+                                "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                cross_attention_dim=32, norm_num_groups=8, attention_head_dim=2)
+    with pytest.raises(PnPError, match=r"lacks the layers PnP needs \(up_blocks\.2\.attentions.0"):
+        install_hooks(unet)
+
+
+def test_make_tiny_model_is_small_and_offline(tiny_model_dir: Path) -> None:
+    size = sum(p.stat().st_size for p in tiny_model_dir.rglob("*") if p.is_file())
+    assert size < 20 * 2**20
+    assert (tiny_model_dir / "tokenizer" / "vocab.json").exists()
+    assert (tiny_model_dir / "tokenizer" / "merges.txt").exists()
+    assert run("make-tiny-model", tiny_model_dir).exit_code == 2

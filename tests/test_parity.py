@@ -1,0 +1,77 @@
+"""Split capture/inject equals the paper's batch-of-three formulation (float64), and matches the golden."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import GOLDEN, random_image, rel_err
+from reference_pnp import PaperPnP
+
+from pnp_trt.config import TranslateConfig
+from pnp_trt.images import load_guidance, to_array
+from pnp_trt.runtime.torch_backend import load_torch
+from pnp_trt.runtime.translate import start_noise, translate
+
+STEPS, SIZE = 6, (64, 128)
+
+
+@pytest.fixture(scope="module")
+def tiny64(tiny_model_dir: Path):
+    return load_torch(str(tiny_model_dir), torch.device("cpu"), torch.float64)
+
+
+@pytest.fixture(scope="module")
+def paper64(tiny_model_dir: Path) -> PaperPnP:
+    return PaperPnP(str(tiny_model_dir), torch.float64)
+
+
+def _config(tau_f: float, tau_a: float) -> TranslateConfig:
+    return TranslateConfig(steps=STEPS, guidance_scale=6.0, feature_injection=tau_f, attention_injection=tau_a,
+                           height=SIZE[0], width=SIZE[1], seed=3, negative_prompt="blurry")
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0])
+def test_split_equals_batch_of_three_real_image(tiny64, paper64, tmp_path: Path, tau: float) -> None:
+    image = load_guidance(random_image(tmp_path / "guide.png", SIZE[1], SIZE[0]))
+    config = _config(tau, tau)
+    ours = translate(tiny64, ["a photo of a cat"], config, image=image).latents
+    source = paper64.invert(to_array(image, SIZE).astype(np.float64), STEPS)
+    paper = paper64.translate(source, "a photo of a cat", "blurry", 6.0, STEPS, tau, tau).numpy()
+    assert rel_err(ours, paper) <= 1e-9
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0])
+def test_split_equals_batch_of_three_generated(tiny64, paper64, tau: float) -> None:
+    config = _config(tau, tau)
+    ours = translate(tiny64, ["a painting of a dog"], config, source_prompt="a photo of a castle").latents
+    noise = start_noise(tiny64, SIZE, config.seed).astype(np.float64)
+    source = paper64.generate(noise, "a photo of a castle", config.source_guidance_scale, STEPS)
+    paper = paper64.translate(source, "a painting of a dog", "blurry", 6.0, STEPS, tau, tau).numpy()
+    assert rel_err(ours, paper) <= 1e-9
+
+
+def test_injection_matters(tiny64, tmp_path: Path) -> None:
+    """τ = 0 (plain inversion + sampling) differs from the default injection by far more than rounding."""
+    image = load_guidance(random_image(tmp_path / "guide.png", SIZE[1], SIZE[0]))
+    injected = translate(tiny64, ["a photo of a cat"], _config(0.8, 0.5), image=image).latents
+    plain = translate(tiny64, ["a photo of a cat"], _config(0.0, 0.0), image=image).latents
+    attention_only = translate(tiny64, ["a photo of a cat"], _config(0.0, 0.5), image=image).latents
+    assert rel_err(plain, injected) > 1e-3
+    assert rel_err(attention_only, plain) > 1e-3
+
+
+def test_golden_latent_of_the_papers_code() -> None:
+    """The paper's own diffusers code, run on the golden tiny model: our float32 final latent within 1e-4."""
+    settings = json.loads((GOLDEN / "settings.json").read_text())
+    model = load_torch(str(GOLDEN / "model"), torch.device("cpu"), torch.float32)
+    config = TranslateConfig(steps=settings["steps"], inversion_steps=settings["inversion_steps"],
+                             guidance_scale=settings["guidance_scale"], negative_prompt=settings["negative_prompt"],
+                             feature_injection=settings["feature_injection"],
+                             attention_injection=settings["attention_injection"])
+    result = translate(model, [settings["prompt"]], config, image=load_guidance(GOLDEN / "guide.png"))
+    assert result.size == (512, 768)
+    assert rel_err(result.latents, np.load(GOLDEN / "final_latent.npy")) <= 1e-4

@@ -1,0 +1,109 @@
+"""Our pure DDIM math equals diffusers' DDIMScheduler over whole schedules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from pnp_trt.errors import PnPError
+from pnp_trt.schedule import (
+    Schedule,
+    classifier_free_guidance,
+    ddim_step,
+    injection_steps,
+    inversion_timesteps,
+    invert_step,
+    sampling_timesteps,
+)
+
+BASE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+        "clip_sample": False}
+CONFIGS = [
+    {**BASE, "timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False},
+    {**BASE, "timestep_spacing": "leading", "steps_offset": 0, "set_alpha_to_one": True},
+    {**BASE, "timestep_spacing": "trailing", "steps_offset": 0, "set_alpha_to_one": False,
+     "prediction_type": "v_prediction"},
+    {**BASE, "timestep_spacing": "linspace", "steps_offset": 0, "set_alpha_to_one": True,
+     "prediction_type": "v_prediction"},
+    {"beta_schedule": "linear", "timestep_spacing": "leading", "steps_offset": 1, "clip_sample": True,
+     "clip_sample_range": 1.0, "set_alpha_to_one": True},
+    {"beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "trailing", "clip_sample": False,
+     "set_alpha_to_one": False, "num_train_timesteps": 500},
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("steps", [1, 7, 50])
+def test_ddim_matches_diffusers(config: dict, steps: int) -> None:
+    reference = DDIMScheduler(**config)
+    reference.set_timesteps(steps)
+    ours = Schedule.from_config(reference.config)
+    timesteps = sampling_timesteps(ours, steps)
+    assert timesteps == reference.timesteps.tolist()
+    rng = np.random.default_rng(steps)
+    x = rng.standard_normal((1, 4, 8, 8))
+    for t in timesteps:  # every step of the schedule (float64 in, so only the math is compared)
+        out = rng.standard_normal(x.shape)
+        expected = reference.step(torch.from_numpy(out), t, torch.from_numpy(x), eta=0.0).prev_sample.numpy()
+        got = ddim_step(ours, out, x, t, steps)
+        assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
+        x = expected
+
+
+def test_step_works_on_torch_tensors() -> None:
+    schedule = Schedule.from_config(CONFIGS[0])
+    x, eps = torch.ones(1, 4, 2, 2, dtype=torch.float64), torch.full((1, 4, 2, 2), 0.5, dtype=torch.float64)
+    assert torch.allclose(ddim_step(schedule, eps, x, 981, 50),
+                          torch.from_numpy(ddim_step(schedule, eps.numpy(), x.numpy(), 981, 50)))
+
+
+def test_inversion_step_is_ddim_step_reversed() -> None:
+    """With the same ε, inverting from t_prev to t and stepping back from t returns the start."""
+    schedule = Schedule.from_config(CONFIGS[0])
+    ts = sampling_timesteps(schedule, 10)
+    z = np.random.default_rng(0).standard_normal((1, 4, 4, 4))
+    eps = np.random.default_rng(1).standard_normal(z.shape)
+    up = invert_step(schedule, z, eps, ts[2], ts[3])
+    np.testing.assert_allclose(ddim_step(schedule, eps, up, ts[2], 10), z, rtol=1e-10, atol=1e-10)
+
+
+def test_v_prediction_inversion_converts_to_epsilon() -> None:
+    schedule = Schedule.from_config(CONFIGS[2])
+    z, v = np.ones((1, 1, 1, 1)), np.full((1, 1, 1, 1), 0.3)
+    a = schedule.alphas_cumprod[500]
+    eps = np.sqrt(a) * v + np.sqrt(1 - a) * z
+    as_eps = Schedule.from_config({**CONFIGS[2], "prediction_type": "epsilon"})
+    np.testing.assert_allclose(invert_step(schedule, z, v, 500, 400), invert_step(as_eps, z, eps, 500, 400))
+
+
+def test_inversion_timesteps_and_errors() -> None:
+    schedule = Schedule.from_config(CONFIGS[0])
+    assert inversion_timesteps(schedule, 10, 10) == sampling_timesteps(schedule, 10)[::-1]
+    assert set(sampling_timesteps(schedule, 10)) <= set(inversion_timesteps(schedule, 10, 20))
+    with pytest.raises(PnPError, match="never visits sampling timestep"):
+        inversion_timesteps(schedule, 10, 15)
+    with pytest.raises(PnPError, match="beyond the model's 1000 training timesteps"):
+        inversion_timesteps(schedule, 1, 1000)
+    assert max(inversion_timesteps(schedule, 1, 999)) == 999
+
+
+def test_refuses_unimplemented_configs() -> None:
+    with pytest.raises(PnPError, match="thresholding"):
+        Schedule.from_config({**BASE, "thresholding": True})
+    with pytest.raises(PnPError, match="rescale_betas_zero_snr"):
+        Schedule.from_config({**BASE, "rescale_betas_zero_snr": True})
+    with pytest.raises(PnPError, match="steps must be at least 1"):
+        sampling_timesteps(Schedule.from_config(BASE), 0)
+
+
+def test_guidance_and_injection_counts() -> None:
+    assert classifier_free_guidance(1.0, 3.0, 7.5) == 16.0
+    assert (injection_steps(50, 0.8), injection_steps(50, 0.5), injection_steps(8, 0.8), injection_steps(3, 1.0)) \
+        == (40, 25, 6, 3)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_alphas_cumprod_bitwise_equal_to_diffusers(config: dict) -> None:
+    assert Schedule.from_config(config).alphas_cumprod == tuple(DDIMScheduler(**config).alphas_cumprod.tolist())
