@@ -8,9 +8,10 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -92,7 +93,7 @@ def _write_outputs(out: Path, prompts: list[str], images: list[Any], record: dic
     try:
         width = len(str(len(prompts) - 1))
         names = [f"{i:0{width}d}_{_slug(p)}.png" for i, p in enumerate(prompts)]
-        for name, image in zip(names, images):
+        for name, image in zip(names, images, strict=True):
             image.save(staging / name, format="PNG")
         record["outputs"] = names
         (staging / "translate.json").write_text(json.dumps(record, indent=2))
@@ -107,15 +108,15 @@ def _write_outputs(out: Path, prompts: list[str], images: list[Any], record: dic
 @app.command()
 @user_errors
 def translate(
-    image: Optional[Path] = typer.Argument(None, help="Guidance image (PNG/JPEG/...). Omit with --source-prompt."),
+    image: Path | None = typer.Argument(None, help="Guidance image (PNG/JPEG/...). Omit with --source-prompt."),
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Target prompt; repeat for several."),
     out: Path = typer.Option(..., "--out", "-o", help="Output PNG (one prompt) or directory (several)."),
-    model: Optional[str] = typer.Option(None, help="Hub id or diffusers directory [torch backend; default "
+    model: str | None = typer.Option(None, help="Hub id or diffusers directory [torch backend; default "
                                                    "stabilityai/stable-diffusion-2-1-base]."),
     backend: str = typer.Option("torch", help="torch | onnxruntime | tensorrt."),
-    engines: Optional[Path] = typer.Option(None, help="Exported/built directory (onnxruntime, tensorrt)."),
+    engines: Path | None = typer.Option(None, help="Exported/built directory (onnxruntime, tensorrt)."),
     steps: int = typer.Option(50, help="Sampling steps."),
-    inversion_steps: Optional[int] = typer.Option(None, help="DDIM inversion steps [default: --steps; "
+    inversion_steps: int | None = typer.Option(None, help="DDIM inversion steps [default: --steps; "
                                                              "the paper's preprocessing uses 999]."),
     inversion_prompt: str = typer.Option("", help="Prompt used to invert the guidance image."),
     guidance_scale: float = typer.Option(7.5, help="Classifier-free guidance scale."),
@@ -123,10 +124,10 @@ def translate(
     feature_injection: float = typer.Option(0.8, help="τ_f: fraction of steps injecting the ResBlock feature."),
     attention_injection: float = typer.Option(0.5, help="τ_A: fraction of steps injecting self-attention q/k."),
     seed: int = typer.Option(0, help="Seed of the noise a generated guidance starts from."),
-    height: Optional[int] = typer.Option(None, help="Output height (multiple of 64) [default: keep aspect, "
+    height: int | None = typer.Option(None, help="Output height (multiple of 64) [default: keep aspect, "
                                                     "short side 512]."),
-    width: Optional[int] = typer.Option(None, help="Output width (multiple of 64)."),
-    source_prompt: Optional[str] = typer.Option(None, help="Generate the guidance from this prompt instead of "
+    width: int | None = typer.Option(None, help="Output width (multiple of 64)."),
+    source_prompt: str | None = typer.Option(None, help="Generate the guidance from this prompt instead of "
                                                            "an IMAGE."),
     source_guidance_scale: float = typer.Option(7.5, help="Guidance scale for --source-prompt generation."),
     prompt_batch_size: int = typer.Option(4, help="Target prompts per injection batch."),

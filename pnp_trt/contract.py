@@ -6,8 +6,9 @@ tensor name. Torch-free, so the lean ONNX Runtime path can import it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 FLOAT = "float"
 """Placeholder dtype: the graph's precision (float32, or float16 in mixed-precision exports)."""

@@ -94,7 +94,7 @@ def load_model(model: str = DEFAULT_MODEL, device: torch.device | None = None,
         scheduler_config = dict(DDIMScheduler.load_config(model, subfolder="scheduler"))
     except PnPError:
         raise
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise PnPError(f"cannot load model {model}: {str(exc).splitlines()[0]}") from None
     tokenizer = PromptTokenizer(hf_tokenizer.backend_tokenizer, int(hf_tokenizer.model_max_length),
                                 int(hf_tokenizer.pad_token_id), str(hf_tokenizer.pad_token))

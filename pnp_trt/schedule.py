@@ -7,8 +7,9 @@ to arrays, the schedule coefficients are Python floats. Nothing here imports a b
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 

@@ -62,8 +62,8 @@ class PnPUNetGraph(torch.nn.Module):
                 *rest: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         injected, gates = rest[:len(INJECTION_POINTS)], rest[len(INJECTION_POINTS):]
         call = PnPCall(
-            injected={p.name: t for p, t in zip(INJECTION_POINTS, injected) if t is not None},
-            gates=dict(zip(GATES, gates)),  # type: ignore[arg-type]
+            injected={p.name: t for p, t in zip(INJECTION_POINTS, injected, strict=True) if t is not None},
+            gates=dict(zip(GATES, gates, strict=True)),  # type: ignore[arg-type]
         )
         with pnp_call(call):
             noise_pred = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ class TorchBackend:
         spec = self.specs[graph]
         args = [None if t.name not in feeds else self._tensor(feeds[t.name], t.dtype) for t in spec.inputs]
         outputs = self.graphs[graph](*args)
-        return dict(zip(spec.output_names, outputs))
+        return dict(zip(spec.output_names, outputs, strict=True))
 
     def asarray(self, host: np.ndarray) -> torch.Tensor:
         dtype = FLOAT if np.issubdtype(host.dtype, np.floating) else str(host.dtype)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -94,7 +94,7 @@ def sample_targets(sampler: Sampler, source: Source, prompts: Sequence[str],
     return images, np.concatenate(latents)
 
 
-def translate(model: LoadedModel, prompts: Sequence[str], config: TranslateConfig = TranslateConfig(),
+def translate(model: LoadedModel, prompts: Sequence[str], config: TranslateConfig | None = None,
               image: Image.Image | None = None, source_prompt: str | None = None,
               progress: Progress = no_progress) -> TranslateResult:
     """Translate a guidance image (or one generated from `source_prompt`) into each target prompt."""
@@ -102,6 +102,7 @@ def translate(model: LoadedModel, prompts: Sequence[str], config: TranslateConfi
         raise PnPError("give exactly one guidance: an image or a source prompt")
     if not prompts:
         raise PnPError("give at least one target prompt (--prompt TEXT)")
+    config = config or TranslateConfig()
     size = plan_size(model, config, image)
     sampler = Sampler(model, Stats(), progress)
     source = prepare_source(sampler, config, size, image, source_prompt)
