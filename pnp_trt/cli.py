@@ -115,6 +115,8 @@ def translate(
                                                    "stabilityai/stable-diffusion-2-1-base]."),
     backend: str = typer.Option("torch", help="torch | onnxruntime | tensorrt."),
     engines: Path | None = typer.Option(None, help="Exported/built directory (onnxruntime, tensorrt)."),
+    provider: str = typer.Option("cpu", help="onnxruntime execution provider: cpu | cuda | tensorrt "
+                                             "(cuda/tensorrt need onnxruntime-gpu)."),
     steps: int = typer.Option(50, help="Sampling steps."),
     inversion_steps: int | None = typer.Option(None, help="DDIM inversion steps [default: --steps; "
                                                              "the paper's preprocessing uses 999]."),
@@ -152,7 +154,7 @@ def translate(
     if backend == "torch":
         from .models import quiet_loading
         quiet_loading()
-    loaded = open_model(backend, model, engines)
+    loaded = open_model(backend, model, engines, provider)
     with _progress() as progress:
         result = run_translation(loaded, prompt, config, guidance, source_prompt, rich_progress(progress))
     record = {"prompts": prompt, "image": str(image) if image else None, "source_prompt": source_prompt,
@@ -164,6 +166,46 @@ def translate(
     total = sum(result.stats.timings.values())
     err.print(f"wrote {len(written)} image(s) to {out} in {total:.2f}s ({stages}); "
               f"{result.stats.unet_evals} UNet evaluations", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def export(
+    model: str = typer.Option("stabilityai/stable-diffusion-2-1-base", help="Hub id or diffusers directory."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to create (must not exist)."),
+    precision: str = typer.Option("fp32", help="fp32 | fp16 (mixed: norms, softmax, timestep embedding fp32)."),
+    opset: int = typer.Option(17, help="ONNX opset."),
+) -> None:
+    """Export text encoder, VAE encoder/decoder and the PnP UNet to ONNX, validated against PyTorch."""
+    from .export.exporter import TOLERANCE, export_model
+    from .models import quiet_loading
+
+    quiet_loading()
+    with _progress() as progress:
+        task = progress.add_task("export", total=4)
+        reports = export_model(model, out, precision, opset,
+                               on_graph=lambda name: progress.update(task, description=name, advance=0),
+                               versions=versions())
+        progress.update(task, completed=4)
+    for report in reports:
+        worst = max(report.errors, key=report.errors.__getitem__)
+        err.print(f"{report.name:>13}: max error {report.worst:.1e} relative ({worst}; tolerance "
+                  f"{TOLERANCE[precision]:.0e})", highlight=False)
+    err.print(f"exported {model} ({precision}, opset {opset}) to {out}", highlight=False)
+
+
+@app.command()
+@user_errors
+def verify(directory: Path = typer.Argument(..., help="An exported directory.")) -> None:
+    """Check every file of an exported directory against the sha256 in its manifest."""
+    from .manifest import read_manifest, rebuild_hint
+    from .manifest import verify as verify_files
+
+    bad = verify_files(directory)
+    if bad:
+        raise PnPError(f"{', '.join(bad)} in {directory} differ from the manifest (corrupt or replaced); "
+                       f"rebuild with `{rebuild_hint(read_manifest(directory), directory)}`")
+    err.print(f"{directory}: all {len(read_manifest(directory)['files'])} files match their sha256")
 
 
 @app.command("make-tiny-model")

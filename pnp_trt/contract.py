@@ -86,10 +86,6 @@ class ModelDims:
         """Channels of a captured tensor: up block k works at the width of down block (n-1-k)."""
         return self.unet_channels[len(self.unet_channels) - 1 - point.up_block]
 
-    def point_scale(self, point: InjectionPoint) -> int:
-        """How much smaller than the latent the up block's maps are."""
-        return 2 ** (len(self.unet_channels) - 1 - point.up_block)
-
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -170,3 +166,25 @@ def axis_sizes(dims: ModelDims, batch: int, height: int, width: int) -> dict[str
         sizes[f"up{block}_height"], sizes[f"up{block}_width"] = lh // scale, lw // scale
         sizes[f"up{block}_tokens"] = (lh // scale) * (lw // scale)
     return sizes
+
+
+def random_feeds(spec: GraphSpec, sizes: Mapping[str, int], precision: str, seed: int = 0,
+                 vocab_size: int = 49408) -> dict[str, Any]:
+    """Random numpy inputs for a graph at the given axis sizes (gates on, timestep mid-schedule)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, Any] = {}
+    for tensor in spec.inputs:
+        shape, dtype = tensor.shape(sizes), tensor.numpy_dtype(precision)
+        if tensor.name == "timestep":
+            feeds[tensor.name] = np.array([500.0], dtype=dtype)
+        elif dtype == "bool":
+            feeds[tensor.name] = np.array(True)
+        elif dtype == "int64":
+            feeds[tensor.name] = rng.integers(0, vocab_size, shape, dtype=np.int64)
+        elif tensor.name == "image":
+            feeds[tensor.name] = rng.random(shape, dtype=np.float32).astype(dtype)
+        else:
+            feeds[tensor.name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+    return feeds

@@ -9,7 +9,7 @@ from ..errors import PnPError
 from .backend import LoadedModel
 
 
-def open_model(backend: str, model: str | None, engines: Path | None) -> LoadedModel:
+def open_model(backend: str, model: str | None, engines: Path | None, provider: str = "cpu") -> LoadedModel:
     """torch runs a diffusers model (hub id or dir); the others run an exported/built directory."""
     check_backend(backend)
     if backend == "torch":
@@ -21,6 +21,6 @@ def open_model(backend: str, model: str | None, engines: Path | None) -> LoadedM
                        "(written by `pnp-trt export --model ID_OR_DIR --out DIR`)")
     if backend == "onnxruntime":
         from .onnxruntime_backend import load_onnxruntime
-        return load_onnxruntime(engines)
+        return load_onnxruntime(engines, provider)
     from .tensorrt_backend import load_tensorrt
     return load_tensorrt(engines)

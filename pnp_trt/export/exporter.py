@@ -1,0 +1,123 @@
+"""`pnp-trt export`: the four graphs + tokenizer + scheduler config + manifest, written atomically."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..contract import INJECTION_POINTS, axis_sizes, graph_specs, random_feeds
+from ..errors import PnPError
+from ..manifest import FORMAT_VERSION, GRAPHS, MANIFEST, file_entries
+from ..models import TorchModel, load_model, weights_hash
+from ..torch_graphs import PnPUNetGraph, TextEncoderGraph, VaeDecoderGraph, VaeEncoderGraph
+from .onnx_graph import (
+    check_graph,
+    clean_graph,
+    export_graph,
+    relative_errors,
+    run_onnxruntime,
+    to_mixed_fp16,
+)
+
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+"""Largest accepted error of a graph against PyTorch, relative to each output's magnitude."""
+TRACE_SIZE, VALIDATE_SIZE = (2, 128, 128), (1, 64, 128)
+"""(batch, height, width) traced, and checked afterwards at a different shape to prove the axes dynamic."""
+
+
+@dataclass
+class GraphReport:
+    name: str
+    errors: dict[str, float]
+
+    @property
+    def worst(self) -> float:
+        return max(self.errors.values())
+
+
+def torch_graphs(model: TorchModel) -> dict[str, torch.nn.Module]:
+    return {"text_encoder": TextEncoderGraph(model.text_encoder), "vae_encoder": VaeEncoderGraph(model.vae),
+            "vae_decoder": VaeDecoderGraph(model.vae), "unet": PnPUNetGraph(model.unet)}
+
+
+def _torch_outputs(module: torch.nn.Module, spec: Any, feeds: dict[str, Any]) -> dict[str, Any]:
+    with torch.no_grad():
+        outputs = module(*(torch.from_numpy(feeds[n]) for n in spec.input_names))
+    return {n: o.float().numpy() for n, o in zip(spec.output_names, outputs, strict=True)}
+
+
+def export_one(name: str, module: torch.nn.Module, model: TorchModel, out: Path, precision: str,
+               opset: int) -> GraphReport:
+    """Export, clean, check, and validate one graph against PyTorch at a shape other than the traced one."""
+    spec = graph_specs(model.dims)[name]
+    vocab = int(model.text_encoder.config.vocab_size)
+    path = out / f"{name}.onnx"
+    export_graph(module, spec, random_feeds(spec, axis_sizes(model.dims, *TRACE_SIZE), "float32", 0, vocab),
+                 path, opset)
+    clean_graph(path)
+    if precision == "fp16":
+        to_mixed_fp16(path, spec)
+    check_graph(path)
+    feeds = random_feeds(spec, axis_sizes(model.dims, *VALIDATE_SIZE), "float32", 1, vocab)
+    reference = _torch_outputs(module, spec, feeds)
+    onnx_feeds = {t.name: feeds[t.name].astype(t.numpy_dtype(_np(precision))) for t in spec.inputs}
+    report = GraphReport(name, relative_errors(run_onnxruntime(path, onnx_feeds), reference))
+    if report.worst > TOLERANCE[precision]:
+        worst = max(report.errors, key=report.errors.__getitem__)
+        raise PnPError(f"{name}.onnx disagrees with PyTorch: {worst} off by {report.worst:.2e} relative "
+                       f"(tolerance {TOLERANCE[precision]:.0e}); the export is not trustworthy, nothing was written")
+    return report
+
+
+def _np(precision: str) -> str:
+    return "float16" if precision == "fp16" else "float32"
+
+
+def write_side_files(model: TorchModel, out: Path, precision: str, opset: int,
+                     reports: list[GraphReport], versions: dict[str, str]) -> None:
+    """Tokenizer, scheduler config and the manifest (written last, over every other file)."""
+    model.tokenizer.save(out / "tokenizer.json")
+    (out / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2, default=str))
+    manifest = {
+        "format_version": FORMAT_VERSION, "model_id": model.model_id, "weights_sha256": weights_hash(model),
+        "dims": model.dims.to_dict(), "vae_scaling_factor": model.scaling_factor,
+        "injection_points": [p.name for p in INJECTION_POINTS], "precision": precision, "opset": opset,
+        "tokenizer": model.tokenizer.settings(),
+        "graphs": {name: {"inputs": [vars(t) for t in spec.inputs], "outputs": [vars(t) for t in spec.outputs]}
+                   for name, spec in graph_specs(model.dims).items()},
+        "validation_relative_error": {r.name: r.errors for r in reports},
+        "versions": versions, "files": file_entries(out),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def export_model(model_id: str, out: Path, precision: str = "fp32", opset: int = 17,
+                 on_graph: Callable[[str], None] = lambda name: None,
+                 versions: dict[str, str] | None = None) -> list[GraphReport]:
+    """Export every graph into a temporary directory beside `out`, then rename it into place."""
+    if precision not in TOLERANCE:
+        raise PnPError(f"--precision must be fp32 or fp16, got {precision!r}")
+    if out.exists():
+        raise PnPError(f"{out} already exists; choose a new --out directory (or remove it)")
+    if not out.parent.is_dir():
+        raise PnPError(f"cannot write {out}: directory {out.parent} does not exist")
+    model = load_model(model_id, torch.device("cpu"), torch.float32)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        graphs = torch_graphs(model)
+        reports = []
+        for name in GRAPHS:
+            on_graph(name)
+            reports.append(export_one(name, graphs[name], model, tmp, precision, opset))
+        write_side_files(model, tmp, precision, opset, reports, versions or {})
+        tmp.chmod(0o755)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return reports

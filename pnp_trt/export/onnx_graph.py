@@ -1,0 +1,80 @@
+"""Export one contract graph to ONNX, clean it, convert it to fp16 (mixed) if asked, and check it."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+import torch
+
+from ..contract import FLOAT, GraphSpec
+
+TWO_GB = 2**31
+FP32_OPS = ["InstanceNormalization", "GroupNormalization", "LayerNormalization", "Softmax", "ReduceMean", "Pow",
+            "Sqrt", "Sin", "Cos", "Exp", "Erf"]
+"""Kept in fp32 in fp16 exports: normalization, softmax and the timestep embedding (DESIGN §2)."""
+
+
+def dynamic_axes(spec: GraphSpec) -> dict[str, dict[int, str]]:
+    return {t.name: {i: a for i, a in enumerate(t.axes) if isinstance(a, str)} for t in spec.inputs + spec.outputs}
+
+
+def export_graph(module: torch.nn.Module, spec: GraphSpec, example: Mapping[str, np.ndarray], path: Path,
+                 opset: int) -> None:
+    """Trace `module` (TorchScript exporter: it keeps batch/height/width dynamic on the UNet, DESIGN §3)."""
+    args = tuple(torch.from_numpy(np.asarray(example[name])) for name in spec.input_names)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), input_names=spec.input_names, output_names=spec.output_names,
+                          dynamic_axes=dynamic_axes(spec), opset_version=opset, dynamo=False)
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    large = model.ByteSize() >= TWO_GB
+    onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data" if large else None)
+
+
+def clean_graph(path: Path) -> None:
+    """Fold constants, drop dead nodes, topologically sort and infer shapes (path-based: works over 2 GB)."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(onnx.load(str(path)))
+    graph.fold_constants().cleanup().toposort()
+    _save(gs.export_onnx(graph), path)
+    onnx.shape_inference.infer_shapes_path(str(path), str(path))
+
+
+def to_mixed_fp16(path: Path, spec: GraphSpec) -> None:
+    """fp16 weights and activations, fp32 where `FP32_OPS` need the range; fp32 I/O stays where the
+    contract says float32 (e.g. the timestep)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    keep = [t.name for t in spec.inputs + spec.outputs if t.dtype not in (FLOAT, "bool", "int64")]
+    model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=keep or False, op_block_list=FP32_OPS)
+    _save(model, path)
+
+
+def check_graph(path: Path) -> None:
+    onnx.checker.check_model(str(path), full_check=False)
+
+
+def run_onnxruntime(path: Path, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, dict(feeds)), strict=True))
+
+
+def relative_errors(ours: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """max |a − b| / max |b| per output."""
+    errors = {}
+    for name, ref in reference.items():
+        ref64 = np.asarray(ref, dtype=np.float64)
+        scale = max(float(np.abs(ref64).max()), 1e-12)
+        errors[name] = float(np.abs(np.asarray(ours[name], dtype=np.float64) - ref64).max() / scale)
+    return errors

@@ -1,0 +1,121 @@
+"""ONNX Runtime backend over an exported directory. Lean: numpy, onnxruntime and tokenizers only —
+no torch, diffusers or transformers (a test enforces it)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..contract import INJECTION_POINTS, ModelDims, axis_sizes, graph_specs
+from ..errors import PnPError
+from ..manifest import read_manifest
+from ..schedule import Schedule
+from ..tokenizer import PromptTokenizer
+from .backend import LoadedModel
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def _session_options() -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    threads = os.environ.get("PNP_TRT_THREADS")
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    return options
+
+
+def check_provider(provider: str) -> str:
+    """The ORT provider name for `provider`; a clear error when this onnxruntime lacks it."""
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise PnPError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    name = PROVIDERS[provider]
+    if name not in ort.get_available_providers():
+        raise PnPError(f"onnxruntime here has no {name} (it has {', '.join(ort.get_available_providers())}); "
+                       "install onnxruntime-gpu on a CUDA machine (`pip install onnxruntime-gpu`) or use "
+                       "--provider cpu")
+    return name
+
+
+class OnnxRuntimeBackend:
+    """`run(graph, feeds)` over lazily created ORT sessions; absent injected inputs are zeros, gates off."""
+
+    name = "onnxruntime"
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], provider: str = "cpu"):
+        self.directory, self.provider = directory, check_provider(provider)
+        self.dims = ModelDims.from_dict(manifest["dims"])
+        self.specs = graph_specs(self.dims)
+        self.precision = "float16" if manifest["precision"] == "fp16" else "float32"
+        self._sessions: dict[str, Any] = {}
+        self._zeros: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
+
+    def session(self, graph: str) -> Any:
+        if graph not in self._sessions:
+            import onnxruntime as ort
+            try:
+                self._sessions[graph] = ort.InferenceSession(str(self.directory / f"{graph}.onnx"),
+                                                             _session_options(), providers=[self.provider])
+            except Exception as exc:  # ORT raises its own types for unreadable/corrupt graphs
+                raise PnPError(f"cannot load {self.directory / graph}.onnx ({str(exc).splitlines()[0][:160]}); "
+                               f"rebuild it with `pnp-trt export`") from None
+        return self._sessions[graph]
+
+    def _zero(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        key = (name, shape)
+        if key not in self._zeros:
+            self._zeros[key] = np.zeros(shape, dtype=self.precision)
+        return self._zeros[key]
+
+    def _feeds(self, graph: str, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        spec, full = self.specs[graph], {}
+        sizes = None
+        if graph == "unet":
+            _, _, lh, lw = feeds["sample"].shape
+            f = self.dims.vae_factor
+            sizes = axis_sizes(self.dims, 1, lh * f, lw * f)
+        for tensor in spec.inputs:
+            value = feeds.get(tensor.name)
+            if value is None:
+                value = np.array(False) if tensor.dtype == "bool" else self._zero(tensor.name, tensor.shape(sizes))
+            full[tensor.name] = np.asarray(value, dtype=tensor.numpy_dtype(self.precision))
+        return full
+
+    def run(self, graph: str, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        names = self.specs[graph].output_names
+        outputs = self.session(graph).run(names, self._feeds(graph, feeds))
+        return dict(zip(names, outputs, strict=True))
+
+    def asarray(self, host: np.ndarray) -> np.ndarray:
+        return host.astype(self.precision) if np.issubdtype(host.dtype, np.floating) else host
+
+    def to_numpy(self, array: np.ndarray) -> np.ndarray:
+        return array.astype(np.float32) if array.dtype == np.float16 else array
+
+    def concat(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate(list(arrays))
+
+
+def load_onnxruntime(directory: Path, provider: str = "cpu") -> LoadedModel:
+    """An exported directory (`pnp-trt export`) on ONNX Runtime."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if [p.name for p in INJECTION_POINTS] != manifest.get("injection_points"):
+        raise PnPError(f"{directory} was exported with other injection points; re-run `pnp-trt export`")
+    backend = OnnxRuntimeBackend(directory, manifest, provider)
+    try:
+        tokenizer = PromptTokenizer.from_file(directory / "tokenizer.json", manifest["tokenizer"])
+        scheduler = json.loads((directory / "scheduler_config.json").read_text())
+    except (OSError, KeyError, json.JSONDecodeError) as exc:
+        raise PnPError(f"{directory} is incomplete ({exc}); re-run `pnp-trt export`") from None
+    identity = f"{manifest['model_id']} (onnx {manifest['precision']}, weights {manifest['weights_sha256'][:12]})"
+    return LoadedModel(backend, tokenizer, Schedule.from_config(scheduler), backend.dims, identity)
