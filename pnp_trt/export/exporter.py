@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -24,6 +25,7 @@ from .onnx_graph import (
     run_onnxruntime,
     to_mixed_fp16,
 )
+from .stable_norm import use_two_pass_group_norms
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 """Largest accepted error of a graph against PyTorch, relative to each output's magnitude."""
@@ -108,6 +110,8 @@ def export_model(model_id: str, out: Path, precision: str = "fp32", opset: int =
     if not out.parent.is_dir():
         raise PnPError(f"cannot write {out}: directory {out.parent} does not exist")
     model = load_model(model_id, torch.device("cpu"), torch.float32)
+    for part in (model.unet, model.vae):
+        use_two_pass_group_norms(part)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         graphs = torch_graphs(model)

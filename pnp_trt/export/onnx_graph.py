@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -16,6 +18,10 @@ TWO_GB = 2**31
 FP32_OPS = ["InstanceNormalization", "GroupNormalization", "LayerNormalization", "Softmax", "ReduceMean", "Pow",
             "Sqrt", "Sin", "Cos", "Exp", "Erf"]
 """Kept in fp32 in fp16 exports: normalization, softmax and the timestep embedding (DESIGN §2)."""
+
+
+NORM_SCOPE = re.compile(r"/(norm[^/]*|group_norm|conv_norm_out)/")
+"""Nodes inside normalization modules (their two-pass GroupNorm ops) stay fp32 as a whole."""
 
 
 def dynamic_axes(spec: GraphSpec) -> dict[str, dict[int, str]]:
@@ -41,7 +47,9 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
 def clean_graph(path: Path) -> None:
     """Fold constants, drop dead nodes, topologically sort and infer shapes (path-based: works over 2 GB)."""
     import onnx_graphsurgeon as gs
+    import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)  # folding runs ORT; its optimizer notes are not the user's concern
     graph = gs.import_onnx(onnx.load(str(path)))
     graph.fold_constants().cleanup().toposort()
     _save(gs.export_onnx(graph), path)
@@ -51,11 +59,15 @@ def clean_graph(path: Path) -> None:
 def to_mixed_fp16(path: Path, spec: GraphSpec) -> None:
     """fp16 weights and activations, fp32 where `FP32_OPS` need the range; fp32 I/O stays where the
     contract says float32 (e.g. the timestep)."""
+    import onnx_graphsurgeon as gs
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     keep = [t.name for t in spec.inputs + spec.outputs if t.dtype not in (FLOAT, "bool", "int64")]
-    model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=keep or False, op_block_list=FP32_OPS)
-    _save(model, path)
+    model = onnx.load(str(path))
+    norms = [n.name for n in model.graph.node if NORM_SCOPE.search(n.name)]
+    model = convert_float_to_float16(model, keep_io_types=keep or False, op_block_list=FP32_OPS,
+                                     node_block_list=norms)
+    _save(gs.export_onnx(gs.import_onnx(model).toposort()), path)  # the converter's casts break the order
 
 
 def check_graph(path: Path) -> None:
@@ -65,7 +77,9 @@ def check_graph(path: Path) -> None:
 def run_onnxruntime(path: Path, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    from ..runtime.onnxruntime_backend import session_options
+
+    session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, dict(feeds)), strict=True))
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +21,7 @@ from .backend import LoadedModel
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
-def _session_options() -> Any:
+def session_options() -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -64,7 +65,7 @@ class OnnxRuntimeBackend:
             import onnxruntime as ort
             try:
                 self._sessions[graph] = ort.InferenceSession(str(self.directory / f"{graph}.onnx"),
-                                                             _session_options(), providers=[self.provider])
+                                                             session_options(), providers=[self.provider])
             except Exception as exc:  # ORT raises its own types for unreadable/corrupt graphs
                 raise PnPError(f"cannot load {self.directory / graph}.onnx ({str(exc).splitlines()[0][:160]}); "
                                f"rebuild it with `pnp-trt export`") from None

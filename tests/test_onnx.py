@@ -1,0 +1,190 @@
+"""ONNX export and the ONNX Runtime backend: per-graph parity, golden, end to end, manifest errors, lean imports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import GOLDEN, psnr, random_image, rel_err
+from typer.testing import CliRunner
+
+from pnp_trt.cli import app
+from pnp_trt.config import TranslateConfig
+from pnp_trt.contract import axis_sizes, graph_specs, random_feeds
+from pnp_trt.errors import PnPError
+from pnp_trt.export.exporter import export_model, torch_graphs
+from pnp_trt.export.onnx_graph import relative_errors, run_onnxruntime
+from pnp_trt.images import load_guidance
+from pnp_trt.models import load_model
+from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
+from pnp_trt.runtime.translate import translate
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("onnx") / "tiny-fp32"
+    result = runner.invoke(app, ["export", "--model", str(tiny_model_dir), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "unet: max error" in result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported_fp16(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("onnx16") / "tiny-fp16"
+    export_model(str(tiny_model_dir), out, "fp16")
+    return out
+
+
+def _outputs(module, spec, feeds):
+    with torch.no_grad():
+        outs = module(*(torch.from_numpy(feeds[n]) for n in spec.input_names))
+    return {n: o.float().numpy() for n, o in zip(spec.output_names, outs, strict=True)}
+
+
+@pytest.mark.parametrize("graph", ["text_encoder", "vae_encoder", "vae_decoder", "unet"])
+def test_graph_matches_pytorch_fp32(exported: Path, tiny_model_dir: Path, graph: str) -> None:
+    model = load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    spec = graph_specs(model.dims)[graph]
+    feeds = random_feeds(spec, axis_sizes(model.dims, 3, 192, 64), "float32", seed=7, vocab_size=100)
+    errors = relative_errors(run_onnxruntime(exported / f"{graph}.onnx", feeds),
+                             _outputs(torch_graphs(model)[graph], spec, feeds))
+    assert max(errors.values()) <= 1e-4, errors
+
+
+def test_unet_fp16_matches_fp16_reference_and_gates_matter(exported_fp16: Path, tiny_model_dir: Path) -> None:
+    model = load_model(str(tiny_model_dir), torch.device("cpu"), torch.float16)
+    spec = graph_specs(model.dims)["unet"]
+    feeds = random_feeds(spec, axis_sizes(model.dims, 2, 64, 128), "float16", seed=3)
+    reference = _outputs(torch_graphs(model)["unet"], spec, feeds)
+    on = run_onnxruntime(exported_fp16 / "unet.onnx", feeds)
+    off = run_onnxruntime(exported_fp16 / "unet.onnx", {**feeds, "inject_features": np.array(False),
+                                                         "inject_attention": np.array(False)})
+    fp16_error = relative_errors(on, reference)["noise_pred"]
+    assert fp16_error <= 1e-2
+    assert relative_errors(off, reference)["noise_pred"] > 20 * fp16_error
+    manifest = json.loads((exported_fp16 / "manifest.json").read_text())
+    assert manifest["precision"] == "fp16"
+
+
+def test_golden_through_onnxruntime(tmp_path: Path) -> None:
+    """The paper's golden latent through ONNX Runtime. Bound 2.5e-4, not the issue's 1e-4: each ORT UNet call
+    differs from torch by ~3e-6 (conv/softmax kernels), and DDIM inversion + sampling amplify that ~60× (it
+    lands at 1.9e-4); even exact float64 math lands at 1e-4 (golden README). One injection step off moves
+    the latent by ~1e-3, still 4× above this bound."""
+    settings = json.loads((GOLDEN / "settings.json").read_text())
+    export_model(str(GOLDEN / "model"), tmp_path / "golden")
+    config = TranslateConfig(steps=settings["steps"], guidance_scale=settings["guidance_scale"],
+                             negative_prompt=settings["negative_prompt"],
+                             feature_injection=settings["feature_injection"],
+                             attention_injection=settings["attention_injection"])
+    result = translate(load_onnxruntime(tmp_path / "golden"), [settings["prompt"]], config,
+                       image=load_guidance(GOLDEN / "guide.png"))
+    assert rel_err(result.latents, np.load(GOLDEN / "final_latent.npy")) <= 2.5e-4
+
+
+@pytest.mark.parametrize("guidance", ["image", "generated"])
+def test_onnxruntime_matches_torch_end_to_end(exported: Path, tiny_torch, tmp_path: Path, guidance: str) -> None:
+    config = TranslateConfig(steps=4, height=64, width=128, prompt_batch_size=2)
+    prompts = ["a photo of a cat", "a painting of a dog", "a castle"]
+    kwargs = ({"image": load_guidance(random_image(tmp_path / "g.png", 150, 80))} if guidance == "image"
+              else {"source_prompt": "a photo of a castle"})
+    ours = translate(load_onnxruntime(exported), prompts, config, **kwargs)
+    reference = translate(tiny_torch, prompts, config, **kwargs)
+    assert [im.size for im in ours.images] == [(128, 64)] * 3
+    for a, b in zip(ours.images, reference.images, strict=True):
+        assert psnr(np.asarray(a), np.asarray(b)) >= 45
+    assert ours.stats.unet_evals == reference.stats.unet_evals
+
+
+def test_cli_translate_onnxruntime(exported: Path, tmp_path: Path) -> None:
+    guide = random_image(tmp_path / "in.png", 64, 64)
+    result = runner.invoke(app, ["translate", str(guide), "--backend", "onnxruntime", "--engines", str(exported),
+                                 "-p", "a cat", "--out", str(tmp_path / "o.png"), "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "o.png").exists()
+
+
+def _copy(exported: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(exported, tmp_path / "copy"))
+
+
+def test_manifest_format_version_checked(exported: Path, tmp_path: Path) -> None:
+    copy = _copy(exported, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(PnPError, match=r"manifest format 99, this pnp-trt reads format 1; rebuild with `pnp-trt "
+                                       r"export --model .* --precision fp32 --out"):
+        load_onnxruntime(copy)
+
+
+def test_truncated_or_missing_graph(exported: Path, tmp_path: Path) -> None:
+    copy = _copy(exported, tmp_path)
+    data = (copy / "unet.onnx").read_bytes()
+    (copy / "unet.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(PnPError, match=r"unet.onnx is \d+ bytes, the manifest says \d+ \(truncated or replaced\); rebuild with"):
+        load_onnxruntime(copy)
+    (copy / "unet.onnx").unlink()
+    with pytest.raises(PnPError, match="unet.onnx is missing"):
+        load_onnxruntime(copy)
+
+
+def test_missing_tokenizer(exported: Path, tmp_path: Path) -> None:
+    copy = _copy(exported, tmp_path)
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(PnPError, match="tokenizer.json is missing"):
+        load_onnxruntime(copy)
+
+
+def test_corrupt_graph_same_size_is_a_clear_error_and_verify_finds_it(exported: Path, tmp_path: Path) -> None:
+    copy = _copy(exported, tmp_path)
+    size = (copy / "text_encoder.onnx").stat().st_size
+    (copy / "text_encoder.onnx").write_bytes(b"\x00garbage" * (size // 8) + b"\x00" * (size % 8))
+    model = load_onnxruntime(copy)
+    with pytest.raises(PnPError, match="cannot load .*text_encoder.onnx"):
+        model.backend.run("text_encoder", {"input_ids": np.zeros((1, 77), np.int64)})
+    result = runner.invoke(app, ["verify", str(copy)])
+    assert result.exit_code == 2 and "text_encoder.onnx" in result.output and "differ" in result.output
+    assert runner.invoke(app, ["verify", str(exported)]).exit_code == 0
+
+
+def test_export_refuses_existing_out_and_leaves_nothing_on_failure(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(PnPError, match="already exists"):
+        export_model(str(tiny_model_dir), tmp_path)
+    with pytest.raises(PnPError, match="--precision must be fp32 or fp16"):
+        export_model(str(tiny_model_dir), tmp_path / "x", precision="int8")
+    with pytest.raises(PnPError, match="not a Stable Diffusion diffusers directory"):
+        export_model(str(tmp_path), tmp_path / "y")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unavailable_provider_is_a_clear_error(exported: Path) -> None:
+    with pytest.raises(PnPError, match="no CUDAExecutionProvider .* onnxruntime-gpu"):
+        load_onnxruntime(exported, provider="cuda")
+
+
+LEAN_CHECK = """
+import sys
+for heavy in ("torch", "diffusers", "transformers"):
+    sys.modules[heavy] = None  # any import of these now raises ImportError
+from pnp_trt.cli import main
+sys.argv = ["pnp-trt"] + sys.argv[1:]
+main()
+"""
+
+
+def test_onnxruntime_path_imports_no_torch_diffusers_transformers(exported: Path, tmp_path: Path) -> None:
+    guide = random_image(tmp_path / "in.png", 64, 64)
+    result = subprocess.run([sys.executable, "-c", LEAN_CHECK, "translate", str(guide), "--backend", "onnxruntime",
+                             "--engines", str(exported), "-p", "a cat", "-p", "a dog", "--out",
+                             str(tmp_path / "out"), "--steps", "2"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2
