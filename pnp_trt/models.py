@@ -100,7 +100,8 @@ def load_model(model: str = DEFAULT_MODEL, device: torch.device | None = None,
                                 int(hf_tokenizer.pad_token_id), str(hf_tokenizer.pad_token))
     dims = ModelDims.from_configs(unet.config, vae.config, tokenizer.max_length,
                                   int(text_encoder.config.hidden_size))
-    for module in (unet, vae, text_encoder):
+    parts: list[Any] = [unet, vae, text_encoder]
+    for module in parts:
         module.to(device).eval().requires_grad_(False)
     return TorchModel(model, unet, vae, text_encoder, tokenizer, scheduler_config, dims, device, dtype)
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from .errors import PnPError
 
-A = TypeVar("A")  # an array: numpy.ndarray or torch.Tensor
+A = Any
+"""An array: numpy.ndarray or torch.Tensor (only arithmetic operators are used on it)."""
 
 _SPACINGS = ("leading", "trailing", "linspace")
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -138,7 +139,7 @@ def to_epsilon(schedule: Schedule, model_output: A, sample: A, t: int) -> A:
     if schedule.prediction_type == "epsilon":
         return model_output
     a_t = schedule.alphas_cumprod[t]
-    return math.sqrt(a_t) * model_output + math.sqrt(1 - a_t) * sample  # type: ignore[operator]
+    return math.sqrt(a_t) * model_output + math.sqrt(1 - a_t) * sample
 
 
 def invert_step(schedule: Schedule, z: A, model_output: A, t: int, t_prev: int | None) -> A:
@@ -146,8 +147,8 @@ def invert_step(schedule: Schedule, z: A, model_output: A, t: int, t_prev: int |
     a_t = schedule.alphas_cumprod[t]
     a_prev = schedule.alphas_cumprod[t_prev] if t_prev is not None else schedule.final_alpha_cumprod
     eps = to_epsilon(schedule, model_output, z, t)
-    x0 = (z - math.sqrt(1 - a_prev) * eps) / math.sqrt(a_prev)  # type: ignore[operator]
-    return math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * eps  # type: ignore[operator,return-value]
+    x0 = (z - math.sqrt(1 - a_prev) * eps) / math.sqrt(a_prev)
+    return math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * eps
 
 
 def ddim_step(schedule: Schedule, model_output: A, sample: A, t: int, steps: int) -> A:
@@ -156,19 +157,19 @@ def ddim_step(schedule: Schedule, model_output: A, sample: A, t: int, steps: int
     a_t = schedule.alphas_cumprod[t]
     a_prev = schedule.alphas_cumprod[t_prev] if t_prev >= 0 else schedule.final_alpha_cumprod
     if schedule.prediction_type == "epsilon":
-        x0 = (sample - math.sqrt(1 - a_t) * model_output) / math.sqrt(a_t)  # type: ignore[operator]
+        x0 = (sample - math.sqrt(1 - a_t) * model_output) / math.sqrt(a_t)
         eps = model_output
     else:
-        x0 = math.sqrt(a_t) * sample - math.sqrt(1 - a_t) * model_output  # type: ignore[operator]
-        eps = math.sqrt(a_t) * model_output + math.sqrt(1 - a_t) * sample  # type: ignore[operator]
+        x0 = math.sqrt(a_t) * sample - math.sqrt(1 - a_t) * model_output
+        eps = math.sqrt(a_t) * model_output + math.sqrt(1 - a_t) * sample
     if schedule.clip_sample:
-        x0 = x0.clip(-schedule.clip_sample_range, schedule.clip_sample_range)  # type: ignore[attr-defined]
-    return math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps  # type: ignore[operator,return-value]
+        x0 = x0.clip(-schedule.clip_sample_range, schedule.clip_sample_range)
+    return math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
 
 
 def classifier_free_guidance(uncond: A, cond: A, scale: float) -> A:
     """ε = ε_uncond + s·(ε_cond − ε_uncond)."""
-    return uncond + scale * (cond - uncond)  # type: ignore[operator,return-value]
+    return uncond + scale * (cond - uncond)
 
 
 def injection_steps(steps: int, tau: float) -> int:

@@ -130,7 +130,8 @@ def test_truncated_or_missing_graph(exported: Path, tmp_path: Path) -> None:
     copy = _copy(exported, tmp_path)
     data = (copy / "unet.onnx").read_bytes()
     (copy / "unet.onnx").write_bytes(data[: len(data) // 2])
-    with pytest.raises(PnPError, match=r"unet.onnx is \d+ bytes, the manifest says \d+ \(truncated or replaced\); rebuild with"):
+    with pytest.raises(PnPError, match=r"unet.onnx is \d+ bytes, the manifest says \d+ \(truncated or replaced\); "
+                                       r"rebuild with"):
         load_onnxruntime(copy)
     (copy / "unet.onnx").unlink()
     with pytest.raises(PnPError, match="unet.onnx is missing"):

@@ -59,10 +59,14 @@ def export_one(name: str, module: torch.nn.Module, model: TorchModel, out: Path,
     """Export, clean, check, and validate one graph against PyTorch at a shape other than the traced one."""
     spec = graph_specs(model.dims)[name]
     vocab = int(model.text_encoder.config.vocab_size)
-    path = out / f"{name}.onnx"
-    export_graph(module, spec, random_feeds(spec, axis_sizes(model.dims, *TRACE_SIZE), "float32", 0, vocab),
-                 path, opset)
-    clean_graph(path)
+    path, scratch = out / f"{name}.onnx", Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
+    try:
+        raw = scratch / path.name
+        export_graph(module, spec, random_feeds(spec, axis_sizes(model.dims, *TRACE_SIZE), "float32", 0, vocab),
+                     raw, opset)
+        clean_graph(raw, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     if precision == "fp16":
         to_mixed_fp16(path, spec)
     check_graph(path)
@@ -102,14 +106,27 @@ def write_side_files(model: TorchModel, out: Path, precision: str, opset: int,
 def export_model(model_id: str, out: Path, precision: str = "fp32", opset: int = 17,
                  on_graph: Callable[[str], None] = lambda name: None,
                  versions: dict[str, str] | None = None) -> list[GraphReport]:
-    """Export every graph into a temporary directory beside `out`, then rename it into place."""
+    """Load a diffusers model (hub id or directory) on the CPU in fp32 and export it."""
+    _check_destination(out, precision)
+    return export_loaded(load_model(model_id, torch.device("cpu"), torch.float32), out, precision, opset,
+                         on_graph, versions)
+
+
+def _check_destination(out: Path, precision: str) -> None:
     if precision not in TOLERANCE:
         raise PnPError(f"--precision must be fp32 or fp16, got {precision!r}")
     if out.exists():
         raise PnPError(f"{out} already exists; choose a new --out directory (or remove it)")
     if not out.parent.is_dir():
         raise PnPError(f"cannot write {out}: directory {out.parent} does not exist")
-    model = load_model(model_id, torch.device("cpu"), torch.float32)
+
+
+def export_loaded(model: TorchModel, out: Path, precision: str = "fp32", opset: int = 17,
+                  on_graph: Callable[[str], None] = lambda name: None,
+                  versions: dict[str, str] | None = None) -> list[GraphReport]:
+    """Export every graph of a loaded fp32 CPU model into a temporary directory beside `out`, then rename
+    it into place: an interrupted or failed export leaves nothing behind."""
+    _check_destination(out, precision)
     for part in (model.unet, model.vae):
         use_two_pass_group_norms(part)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

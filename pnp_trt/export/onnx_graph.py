@@ -38,20 +38,32 @@ def export_graph(module: torch.nn.Module, spec: GraphSpec, example: Mapping[str,
                           dynamic_axes=dynamic_axes(spec), opset_version=opset, dynamo=False)
 
 
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers (ByteSize() itself fails past protobuf's 2 GB limit)."""
+    return sum(int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in model.graph.initializer)
+
+
 def _save(model: onnx.ModelProto, path: Path) -> None:
-    large = model.ByteSize() >= TWO_GB
+    large = _weight_bytes(model) >= TWO_GB - (64 << 20)
+    for stale in path.parent.glob(f"{path.name}.data"):
+        stale.unlink()
     onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=f"{path.name}.data" if large else None)
 
 
-def clean_graph(path: Path) -> None:
-    """Fold constants, drop dead nodes, topologically sort and infer shapes (path-based: works over 2 GB)."""
+def clean_graph(raw: Path, path: Path) -> None:
+    """Fold constants, drop dead nodes, sort; save `raw` (the exporter's output, possibly one file per
+    weight) as `path` (one external data file past 2 GB) and infer shapes (path-based: works past 2 GB)."""
     import onnx_graphsurgeon as gs
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)  # folding runs ORT; its optimizer notes are not the user's concern
-    graph = gs.import_onnx(onnx.load(str(path)))
-    graph.fold_constants().cleanup().toposort()
+    model = onnx.load(str(raw))
+    graph = gs.import_onnx(model)
+    if _weight_bytes(model) < TWO_GB:  # folding serializes the model for ORT: impossible past 2 GB; the
+        graph.fold_constants()         # torch exporter has already folded what it could
+    graph.cleanup().toposort()
     _save(gs.export_onnx(graph), path)
     onnx.shape_inference.infer_shapes_path(str(path), str(path))
 

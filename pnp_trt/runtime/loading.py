@@ -22,5 +22,7 @@ def open_model(backend: str, model: str | None, engines: Path | None, provider: 
     if backend == "onnxruntime":
         from .onnxruntime_backend import load_onnxruntime
         return load_onnxruntime(engines, provider)
+    from ..engines.availability import require_tensorrt
+    require_tensorrt("--backend tensorrt")
     from .tensorrt_backend import load_tensorrt
     return load_tensorrt(engines)

@@ -79,11 +79,10 @@ class OnnxRuntimeBackend:
 
     def _feeds(self, graph: str, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         spec, full = self.specs[graph], {}
-        sizes = None
+        sizes: dict[str, int] = {}
         if graph == "unet":
             _, _, lh, lw = feeds["sample"].shape
-            f = self.dims.vae_factor
-            sizes = axis_sizes(self.dims, 1, lh * f, lw * f)
+            sizes = axis_sizes(self.dims, 1, lh * self.dims.vae_factor, lw * self.dims.vae_factor)
         for tensor in spec.inputs:
             value = feeds.get(tensor.name)
             if value is None:

@@ -79,7 +79,7 @@ def sample_targets(sampler: Sampler, source: Source, prompts: Sequence[str],
     """Inject into the target prompts, `prompt_batch_size` at a time, and decode."""
     ts = sampling_timesteps(sampler.model.schedule, config.steps)
     plan = InjectionPlan.from_taus(config.steps, config.feature_injection, config.attention_injection)
-    stats, images, latents = sampler.stats, [], []
+    stats, images, latents = sampler.stats, list[Image.Image](), list[np.ndarray]()
     with stats.stage("text"):
         negative = sampler.encode_prompts([config.negative_prompt])
     for first in range(0, len(prompts), config.prompt_batch_size):

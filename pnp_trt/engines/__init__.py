@@ -1,0 +1,1 @@
+"""TensorRT engines: optimization profiles from the I/O contract, builds, engine manifest, compatibility."""

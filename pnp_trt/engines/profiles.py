@@ -1,0 +1,105 @@
+"""Optimization profiles derived from the I/O contract (pure Python: unit-tested without TensorRT).
+
+The user gives ranges of *prompt batch* (target prompts per injection batch) and image size; each graph's
+batch follows from how the sampler calls it: the text encoder sees 1..N prompts, the VAE encoder one
+image, the decoder N latents, the UNet 1 (inversion, capture) to 2N samples (negative + target branches).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..contract import GraphSpec, ModelDims, axis_sizes
+from ..errors import PnPError
+
+Shape = tuple[int, ...]
+Profile = dict[str, tuple[Shape, Shape, Shape]]
+"""(min, opt, max) shape per dynamic input of one graph."""
+
+
+@dataclass(frozen=True)
+class BuildShapes:
+    """The range of prompt batches and image sizes (pixels, H×W) an engine must accept."""
+
+    min_batch: int = 1
+    opt_batch: int = 1
+    max_batch: int = 4
+    min_size: tuple[int, int] = (256, 256)
+    opt_size: tuple[int, int] = (512, 512)
+    max_size: tuple[int, int] = (768, 768)
+
+    def check(self, multiple: int) -> BuildShapes:
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise PnPError(f"batches must satisfy 1 ≤ min ≤ opt ≤ max, got {self.min_batch}/{self.opt_batch}/"
+                           f"{self.max_batch}")
+        for axis in (0, 1):
+            lo, opt, hi = self.min_size[axis], self.opt_size[axis], self.max_size[axis]
+            if not lo <= opt <= hi:
+                raise PnPError(f"sizes must satisfy min ≤ opt ≤ max on each side, got {self.min_size}/"
+                               f"{self.opt_size}/{self.max_size}")
+        for size in (self.min_size, self.opt_size, self.max_size):
+            if any(side % multiple or side < multiple for side in size):
+                raise PnPError(f"image size {size[0]}x{size[1]} is not a multiple of {multiple}; "
+                               f"use sides that are multiples of {multiple}")
+        return self
+
+    @classmethod
+    def static(cls, size: tuple[int, int], batch: int = 1) -> BuildShapes:
+        """One size and batch: the fastest engines (and the only ones CUDA graphs can replay)."""
+        return cls(batch, batch, batch, size, size, size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BuildShapes:
+        return cls(int(data["min_batch"]), int(data["opt_batch"]), int(data["max_batch"]),
+                   parse_pair(data["min_size"]), parse_pair(data["opt_size"]), parse_pair(data["max_size"]))
+
+
+def parse_pair(value: Any) -> tuple[int, int]:
+    height, width = value
+    return int(height), int(width)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'512x768' → (512, 768) as height × width."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
+    if not match:
+        raise PnPError(f"size {text!r} is not HEIGHTxWIDTH (e.g. 512x512)")
+    return int(match.group(1)), int(match.group(2))
+
+
+def graph_batch(graph: str, prompt_batch: int) -> int:
+    """The batch a graph runs at when the sampler injects `prompt_batch` prompts at once."""
+    return {"text_encoder": prompt_batch, "vae_encoder": 1, "vae_decoder": prompt_batch,
+            "unet": 2 * prompt_batch}[graph]
+
+
+def graph_min_batch(graph: str, prompt_batch: int) -> int:
+    """The unet also runs at batch 1 (inversion, capture); everything else at least one prompt."""
+    return 1 if graph in ("unet", "text_encoder", "vae_encoder") else prompt_batch
+
+
+def profile_shapes(spec: GraphSpec, dims: ModelDims, shapes: BuildShapes) -> Profile:
+    """(min, opt, max) shape of every input whose shape can vary, for one optimization profile."""
+    low = axis_sizes(dims, graph_min_batch(spec.name, shapes.min_batch), *shapes.min_size)
+    opt = axis_sizes(dims, graph_batch(spec.name, shapes.opt_batch), *shapes.opt_size)
+    high = axis_sizes(dims, graph_batch(spec.name, shapes.max_batch), *shapes.max_size)
+    return {t.name: (t.shape(low), t.shape(opt), t.shape(high))
+            for t in spec.inputs if any(isinstance(a, str) for a in t.axes)}
+
+
+def check_request(graph: str, shapes: BuildShapes, batch: int, height: int, width: int, rebuild: str) -> None:
+    """A run outside the built profiles → one line naming what is out of range and how to rebuild."""
+    lo_batch = graph_min_batch(graph, shapes.min_batch)
+    hi_batch = graph_batch(graph, shapes.max_batch)
+    if not lo_batch <= batch <= hi_batch:
+        raise PnPError(f"the {graph} engine was built for batch {lo_batch}..{hi_batch}, asked {batch}; lower "
+                       f"--prompt-batch-size or rebuild with a larger --max-batch (`{rebuild}`)")
+    if not (shapes.min_size[0] <= height <= shapes.max_size[0] and shapes.min_size[1] <= width <= shapes.max_size[1]):
+        raise PnPError(f"the engines were built for {shapes.min_size[0]}x{shapes.min_size[1]} to "
+                       f"{shapes.max_size[0]}x{shapes.max_size[1]}, asked {height}x{width}; pass --height/--width "
+                       f"in range or rebuild with --min-size/--max-size (`{rebuild}`)")

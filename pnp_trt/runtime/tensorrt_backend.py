@@ -1,0 +1,134 @@
+"""TensorRT backend: deserialized engines behind the same `run(graph, feeds)` as every backend.
+
+Per worker (one `TensorRTBackend`): one execution context per engine, all sharing one user-managed
+activation region sized to the largest engine (they run one at a time on one stream); torch CUDA tensors
+as I/O buffers; captured outputs bound directly as the next pass's inputs (no copies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorrt as trt
+import torch
+
+from ..contract import FLOAT, ModelDims, TensorSpec, axis_sizes, graph_specs
+from ..engines.compat import EngineEntry, build_command, check_entry, read_entries
+from ..engines.profiles import check_request
+from ..errors import PnPError
+from ..manifest import GRAPHS, read_manifest
+from ..schedule import Schedule
+from ..tokenizer import PromptTokenizer
+from .backend import LoadedModel
+
+_TORCH = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "bool": torch.bool}
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], entries: dict[str, EngineEntry]):
+        from ..engines.build import current_platform
+
+        self.directory, self.entries = directory, entries
+        self.dims = ModelDims.from_dict(manifest["dims"])
+        self.specs = graph_specs(self.dims)
+        self.dtype = torch.float16 if manifest["precision"] == "fp16" else torch.float32
+        self.device = torch.device("cuda")
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(self.logger)
+        here = current_platform()
+        self.engines: dict[str, trt.ICudaEngine] = {}
+        for graph in GRAPHS:
+            entry = entries[graph]
+            check_entry(entry, here, manifest["files"][f"{graph}.onnx"]["sha256"], directory)
+            engine = runtime.deserialize_cuda_engine((directory / entry.file).read_bytes())
+            if engine is None:
+                rebuild = build_command(directory, entry.shapes)
+                raise PnPError(f"TensorRT cannot load {entry.file}; rebuild: `{rebuild}`")
+            self.engines[graph] = engine
+        size = max(engine.device_memory_size_v2 for engine in self.engines.values())
+        self.activations = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+        self.contexts: dict[str, trt.IExecutionContext] = {}
+        for graph, engine in self.engines.items():
+            context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            context.set_device_memory(self.activations.data_ptr(), self.activations.numel())
+            self.contexts[graph] = context
+        self._reused: dict[tuple[str, str, tuple[int, ...]], torch.Tensor] = {}
+
+    def _dtype(self, tensor: TensorSpec) -> torch.dtype:
+        return self.dtype if tensor.dtype == FLOAT else _TORCH[tensor.dtype]
+
+    def _input(self, graph: str, tensor: TensorSpec, value: Any, sizes: Mapping[str, int]) -> torch.Tensor:
+        if value is None:  # not injected: a zero buffer (or a false gate), allocated once per shape
+            return self._buffer(graph, tensor, tensor.shape(sizes))
+        return torch.as_tensor(value).to(self.device, self._dtype(tensor)).contiguous()
+
+    def _buffer(self, graph: str, tensor: TensorSpec, shape: tuple[int, ...]) -> torch.Tensor:
+        key = (graph, tensor.name, shape)
+        if key not in self._reused:
+            self._reused[key] = torch.zeros(shape, dtype=self._dtype(tensor), device=self.device)
+        return self._reused[key]
+
+    def _sizes(self, graph: str, feeds: Mapping[str, Any]) -> dict[str, int]:
+        spec = self.specs[graph]
+        first = feeds[spec.inputs[0].name]
+        batch = int(first.shape[0])
+        if graph == "text_encoder":
+            height = width = self.entries[graph].shapes.opt_size[0]
+        else:
+            scale = self.dims.vae_factor if graph in ("unet", "vae_decoder") else 1
+            height, width = int(first.shape[-2]) * scale, int(first.shape[-1]) * scale
+        check_request(graph, self.entries[graph].shapes, batch, height, width,
+                      build_command(self.directory, self.entries[graph].shapes))
+        return axis_sizes(self.dims, batch, height, width)
+
+    def run(self, graph: str, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        spec, context = self.specs[graph], self.contexts[graph]
+        sizes = self._sizes(graph, feeds)
+        bound = []
+        for tensor in spec.inputs:
+            value = self._input(graph, tensor, feeds.get(tensor.name), sizes)
+            context.set_input_shape(tensor.name, tuple(value.shape))
+            context.set_tensor_address(tensor.name, value.data_ptr())
+            bound.append(value)  # keep alive until the stream has run
+        outputs = {}
+        for tensor in spec.outputs:
+            dims = context.get_tensor_shape(tensor.name)
+            shape = tuple(int(dims[i]) for i in range(len(dims)))
+            if tensor.name == "noise_pred":  # consumed before the next call: reuse one buffer per shape
+                out = self._buffer(graph, tensor, shape)
+            else:  # captured tensors outlive the call (they are fed back later): fresh memory
+                out = torch.empty(shape, dtype=self._dtype(tensor), device=self.device)
+            context.set_tensor_address(tensor.name, out.data_ptr())
+            outputs[tensor.name] = out
+        if not context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise RuntimeError(f"TensorRT failed to run the {graph} engine")
+        return outputs
+
+    def asarray(self, host: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(host).to(self.device)
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+    def to_numpy(self, array: torch.Tensor) -> np.ndarray:
+        array = array.detach().float() if array.is_floating_point() else array.detach()
+        return array.cpu().numpy()
+
+    def concat(self, arrays: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(arrays))
+
+
+def load_tensorrt(directory: Path) -> LoadedModel:
+    """An exported directory with engines built by `pnp-trt build`, on TensorRT."""
+    import json
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    backend = TensorRTBackend(directory, manifest, read_entries(directory))
+    tokenizer = PromptTokenizer.from_file(directory / "tokenizer.json", manifest["tokenizer"])
+    schedule = Schedule.from_config(json.loads((directory / "scheduler_config.json").read_text()))
+    identity = f"{manifest['model_id']} (tensorrt {manifest['precision']}, weights {manifest['weights_sha256'][:12]})"
+    return LoadedModel(backend, tokenizer, schedule, backend.dims, identity)
