@@ -196,6 +196,49 @@ def export(
 
 @app.command()
 @user_errors
+def build(
+    directory: Path = typer.Argument(..., help="An exported directory (pnp-trt export); engines are added to it."),
+    min_batch: int = typer.Option(1, help="Smallest prompt batch (prompts per injection batch)."),
+    opt_batch: int = typer.Option(1, help="Prompt batch to optimize for."),
+    max_batch: int = typer.Option(4, help="Largest prompt batch (the UNet engine takes 2x this)."),
+    min_size: str = typer.Option("256x256", help="Smallest image HEIGHTxWIDTH."),
+    opt_size: str = typer.Option("512x512", help="Image size to optimize for."),
+    max_size: str = typer.Option("768x768", help="Largest image HEIGHTxWIDTH."),
+    static: str | None = typer.Option(None, help="HEIGHTxWIDTH: one fixed size and --opt-batch (fastest)."),
+    timing_cache: Path | None = typer.Option(None, help="Timing cache file, read and updated (faster rebuilds)."),
+    optimization_level: int = typer.Option(3, help="TensorRT builder optimization level 0-5."),
+) -> None:
+    """Compile the exported graphs to TensorRT engines (needs a CUDA GPU and TensorRT 10.x/11.x)."""
+    from .engines.availability import require_tensorrt
+    from .engines.profiles import BuildShapes, parse_size
+
+    if static:
+        shapes = BuildShapes.static(parse_size(static), opt_batch)
+    else:
+        shapes = BuildShapes(min_batch, opt_batch, max_batch, parse_size(min_size), parse_size(opt_size),
+                             parse_size(max_size))
+    require_tensorrt("pnp-trt build")
+    from .engines.build import build_all
+
+    with _progress() as progress:
+        graph_task = progress.add_task("engines", total=4)
+        phase_task = progress.add_task("", total=None)
+
+        def on_graph(graph: str) -> None:
+            progress.update(graph_task, description=graph, completed=["text_encoder", "vae_encoder", "vae_decoder",
+                                                                      "unet"].index(graph))
+
+        def on_step(phase: str, step: int, total: int) -> None:
+            progress.update(phase_task, description=phase[:24], completed=step, total=total)
+
+        entries = build_all(directory, shapes, optimization_level, timing_cache, on_graph, on_step)
+        progress.update(graph_task, completed=4)
+    platform = next(iter(entries.values())).platform
+    err.print(f"built {len(entries)} engines in {directory} for {platform.gpu} (TensorRT {platform.tensorrt})")
+
+
+@app.command()
+@user_errors
 def verify(directory: Path = typer.Argument(..., help="An exported directory.")) -> None:
     """Check every file of an exported directory against the sha256 in its manifest."""
     from .manifest import read_manifest, rebuild_hint

@@ -16,6 +16,7 @@ import tensorrt as trt
 import torch
 
 from ..contract import FLOAT, ModelDims, TensorSpec, axis_sizes, graph_specs
+from ..engines.buffers import shared_activation_bytes
 from ..engines.compat import EngineEntry, build_command, check_entry, read_entries
 from ..engines.profiles import check_request
 from ..errors import PnPError
@@ -50,7 +51,7 @@ class TensorRTBackend:
                 rebuild = build_command(directory, entry.shapes)
                 raise PnPError(f"TensorRT cannot load {entry.file}; rebuild: `{rebuild}`")
             self.engines[graph] = engine
-        size = max(engine.device_memory_size_v2 for engine in self.engines.values())
+        size = shared_activation_bytes({g: e.device_memory_size_v2 for g, e in self.engines.items()})
         self.activations = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
         self.contexts: dict[str, trt.IExecutionContext] = {}
         for graph, engine in self.engines.items():

@@ -1,0 +1,29 @@
+"""Buffer planning (pure Python): bytes of every tensor a graph binds at a given batch and size, and of the
+features a capture keeps, from the one I/O contract."""
+
+from __future__ import annotations
+
+import math
+
+from ..contract import INJECTION_POINTS, GraphSpec, InjectionPoint, ModelDims, axis_sizes, captured_name, graph_specs
+
+_BYTES = {"float32": 4, "float16": 2, "int64": 8, "bool": 1}
+
+
+def tensor_bytes(spec: GraphSpec, dims: ModelDims, batch: int, height: int, width: int,
+                 precision: str) -> dict[str, int]:
+    """Bytes of each input and output of `spec` at this batch and image size."""
+    sizes = axis_sizes(dims, batch, height, width)
+    return {t.name: math.prod(t.shape(sizes)) * _BYTES[t.numpy_dtype(precision)] for t in spec.inputs + spec.outputs}
+
+
+def feature_bytes(dims: ModelDims, height: int, width: int, precision: str,
+                  points: tuple[InjectionPoint, ...] = INJECTION_POINTS) -> int:
+    """Bytes of one step's captured tensors (batch 1) for the given injection points."""
+    sizes = tensor_bytes(graph_specs(dims)["unet"], dims, 1, height, width, precision)
+    return sum(sizes[captured_name(p)] for p in points)
+
+
+def shared_activation_bytes(per_engine: dict[str, int]) -> int:
+    """Engines of one worker run one at a time, so one region the size of the largest serves them all."""
+    return max(per_engine.values(), default=0)

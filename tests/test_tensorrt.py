@@ -1,0 +1,161 @@
+"""TensorRT path: pure-Python rules tested here; the GPU suite runs wherever CUDA + TensorRT exist."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import psnr, random_image
+from typer.testing import CliRunner
+
+from pnp_trt.cli import app
+from pnp_trt.contract import ModelDims, graph_specs
+from pnp_trt.engines.availability import missing_tensorrt
+from pnp_trt.engines.buffers import feature_bytes, shared_activation_bytes, tensor_bytes
+from pnp_trt.engines.compat import EngineEntry, Platform, check_entry, entries_json, read_entries
+from pnp_trt.engines.profiles import BuildShapes, check_request, parse_size, profile_shapes
+from pnp_trt.errors import PnPError
+
+SD21 = ModelDims(text_length=77, text_dim=1024, latent_channels=4, vae_factor=8, unet_channels=(320, 640, 1280, 1280))
+TINY = ModelDims(text_length=77, text_dim=32, latent_channels=4, vae_factor=8, unet_channels=(32, 32, 64, 64))
+runner = CliRunner()
+
+
+def test_unet_profile_from_the_contract() -> None:
+    shapes = BuildShapes(1, 2, 4, (256, 256), (512, 512), (512, 768))
+    profile = profile_shapes(graph_specs(SD21)["unet"], SD21, shapes)
+    assert profile["sample"] == ((1, 4, 32, 32), (4, 4, 64, 64), (8, 4, 64, 96))
+    assert profile["encoder_hidden_states"] == ((1, 77, 1024), (4, 77, 1024), (8, 77, 1024))
+    assert profile["injected_feature_up1_res1"] == ((1, 1280, 8, 8), (1, 1280, 16, 16), (1, 1280, 16, 24))
+    assert profile["injected_q_up3_attn0"] == ((1, 1024, 320), (1, 4096, 320), (1, 6144, 320))
+    assert "timestep" not in profile and "inject_features" not in profile  # static shapes need no profile
+    text = profile_shapes(graph_specs(SD21)["text_encoder"], SD21, shapes)
+    assert text["input_ids"] == ((1, 77), (2, 77), (4, 77))
+    decoder = profile_shapes(graph_specs(SD21)["vae_decoder"], SD21, shapes)
+    assert decoder["latent"] == ((1, 4, 32, 32), (2, 4, 64, 64), (4, 4, 64, 96))
+
+
+def test_static_shapes_and_validation() -> None:
+    static = BuildShapes.static((512, 512), batch=2)
+    low, opt, high = profile_shapes(graph_specs(TINY)["unet"], TINY, static)["sample"]
+    assert opt == high == (4, 4, 64, 64) and low == (1, 4, 64, 64)
+    assert parse_size("512x768") == (512, 768)
+    with pytest.raises(PnPError, match="not HEIGHTxWIDTH"):
+        parse_size("512")
+    with pytest.raises(PnPError, match="not a multiple of 64"):
+        BuildShapes.static((500, 512)).check(64)
+    with pytest.raises(PnPError, match="1 ≤ min ≤ opt ≤ max"):
+        BuildShapes(2, 1, 4).check(64)
+    with pytest.raises(PnPError, match="min ≤ opt ≤ max"):
+        BuildShapes(min_size=(512, 512), opt_size=(256, 256)).check(64)
+
+
+def test_requests_outside_the_profiles_name_the_range_and_the_rebuild() -> None:
+    shapes = BuildShapes(1, 1, 2, (256, 256), (512, 512), (512, 512))
+    check_request("unet", shapes, 4, 512, 512, "REBUILD")
+    with pytest.raises(PnPError, match=r"built for batch 1..4, asked 6; .*`REBUILD`"):
+        check_request("unet", shapes, 6, 512, 512, "REBUILD")
+    with pytest.raises(PnPError, match=r"built for 256x256 to 512x512, asked 768x512"):
+        check_request("vae_decoder", shapes, 1, 768, 512, "REBUILD")
+
+
+def _entry() -> EngineEntry:
+    return EngineEntry("unet", "unet.plan", "e" * 64, "a" * 64, Platform("10.13.0.35", "NVIDIA H100", "9.0"),
+                       BuildShapes())
+
+
+def test_engine_compatibility_rules(tmp_path: Path) -> None:
+    entry, here = _entry(), Platform("10.13.0.35", "NVIDIA H100", "9.0")
+    check_entry(entry, here, "a" * 64, tmp_path)
+    with pytest.raises(PnPError, match=r"built with TensorRT 10.13.0.35, this machine has 11.0.0; rebuild: "
+                                       r"`pnp-trt build .* --max-batch 4"):
+        check_entry(entry, Platform("11.0.0", "NVIDIA H100", "9.0"), "a" * 64, tmp_path)
+    with pytest.raises(PnPError, match=r"built for NVIDIA H100 \(sm 9.0\), this GPU is NVIDIA A10 \(sm 8.6\)"):
+        check_entry(entry, Platform("10.13.0.35", "NVIDIA A10", "8.6"), "a" * 64, tmp_path)
+    with pytest.raises(PnPError, match="built from another unet.onnx"):
+        check_entry(entry, here, "b" * 64, tmp_path)
+
+
+def test_engine_manifest_round_trip(tmp_path: Path) -> None:
+    with pytest.raises(PnPError, match="has no TensorRT engines .* `pnp-trt build"):
+        read_entries(tmp_path)
+    (tmp_path / "engines.json").write_text(entries_json({"unet": _entry()}))
+    assert read_entries(tmp_path) == {"unet": _entry()}
+
+
+def test_buffer_planning() -> None:
+    """One step's captured features at 512² on SD 2.1 in fp16: ~27 MB (13.4M values)."""
+    assert feature_bytes(SD21, 512, 512, "float16") == 2 * (1280 * 16 * 16 + 2 * (2 * 256 * 1280 + 3 * 1024 * 640
+                                                                                   + 3 * 4096 * 320))
+    assert 26e6 < feature_bytes(SD21, 512, 512, "float16") < 28e6
+    sizes = tensor_bytes(graph_specs(SD21)["unet"], SD21, 2, 512, 512, "float16")
+    assert sizes["sample"] == 2 * 4 * 64 * 64 * 2 and sizes["timestep"] == 4 and sizes["inject_features"] == 1
+    assert shared_activation_bytes({"unet": 900, "vae_decoder": 1200, "text_encoder": 10}) == 1200
+
+
+def test_no_tensorrt_here_is_one_clear_line(tmp_path: Path) -> None:
+    if missing_tensorrt() is None:
+        pytest.skip("TensorRT and CUDA are present here")
+    result = runner.invoke(app, ["build", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0 and "needs TensorRT and a CUDA GPU" in result.output
+    assert "pip install tensorrt" in result.output
+    guide = random_image(tmp_path / "in.png", 64, 64)
+    result = runner.invoke(app, ["translate", str(guide), "-p", "a", "--backend", "tensorrt", "--engines",
+                                 str(tmp_path), "--out", str(tmp_path / "o.png")])
+    assert result.exit_code == 2 and "--backend tensorrt needs TensorRT" in result.output
+
+
+gpu = pytest.mark.skipif(missing_tensorrt() is not None, reason=f"TensorRT path: {missing_tensorrt()}")
+
+
+@pytest.fixture(scope="module")
+def tiny_engines(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pnp_trt.engines.build import build_all
+    from pnp_trt.export.exporter import export_model
+
+    out = tmp_path_factory.mktemp("trt") / "tiny-fp16"
+    export_model(str(tiny_model_dir), out, "fp16")
+    build_all(out, BuildShapes(1, 2, 2, (64, 64), (128, 128), (256, 256)), timing_cache=out.parent / "cache")
+    return out
+
+
+@pytest.mark.gpu
+@gpu
+def test_tensorrt_matches_onnxruntime_and_torch(tiny_engines: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    from pnp_trt.config import TranslateConfig
+    from pnp_trt.images import load_guidance
+    from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
+    from pnp_trt.runtime.tensorrt_backend import load_tensorrt
+    from pnp_trt.runtime.torch_backend import load_torch
+    from pnp_trt.runtime.translate import translate
+
+    image = load_guidance(random_image(tmp_path / "g.png", 192, 128))
+    config = TranslateConfig(steps=8, height=128, width=192, prompt_batch_size=2)
+    prompts = ["a photo of a cat", "a painting of a dog"]
+    trt_result = translate(load_tensorrt(tiny_engines), prompts, config, image=image)
+    start = time.perf_counter()
+    trt_result = translate(load_tensorrt(tiny_engines), prompts, config, image=image)
+    print(f"tensorrt translate: {time.perf_counter() - start:.3f}s {trt_result.stats.timings}")
+    for reference in (translate(load_onnxruntime(tiny_engines), prompts, config, image=image),
+                      translate(load_torch(str(tiny_model_dir), torch.device("cuda"), torch.float16), prompts, config,
+                                image=image)):
+        for a, b in zip(trt_result.images, reference.images, strict=True):
+            assert psnr(np.asarray(a), np.asarray(b)) >= 35
+
+
+@pytest.mark.gpu
+@gpu
+def test_tensorrt_refuses_sizes_outside_the_profile(tiny_engines: Path, tmp_path: Path) -> None:
+    from pnp_trt.config import TranslateConfig
+    from pnp_trt.images import load_guidance
+    from pnp_trt.runtime.tensorrt_backend import load_tensorrt
+    from pnp_trt.runtime.translate import translate
+
+    image = load_guidance(random_image(tmp_path / "g.png", 512, 512))
+    with pytest.raises(PnPError, match="built for 64x64 to 256x256, asked 512x512"):
+        translate(load_tensorrt(tiny_engines), ["a"], TranslateConfig(steps=2, height=512, width=512), image=image)
