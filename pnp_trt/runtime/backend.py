@@ -33,6 +33,9 @@ class Backend(Protocol):
     def concat(self, arrays: Sequence[Array]) -> Array:
         """Concatenate along the batch axis."""
 
+    def synchronize(self) -> None:
+        """Block until queued work is done (a no-op for synchronous backends)."""
+
 
 @dataclass
 class LoadedModel:

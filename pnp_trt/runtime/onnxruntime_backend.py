@@ -104,6 +104,9 @@ class OnnxRuntimeBackend:
     def concat(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         return np.concatenate(list(arrays))
 
+    def synchronize(self) -> None:
+        """ORT's `run` returns host arrays: nothing is left queued."""
+
 
 def load_onnxruntime(directory: Path, provider: str = "cpu") -> LoadedModel:
     """An exported directory (`pnp-trt export`) on ONNX Runtime."""

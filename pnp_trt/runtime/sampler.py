@@ -36,6 +36,8 @@ class Stats:
 
     timings: dict[str, float] = field(default_factory=dict)
     unet_evals: int = 0
+    sync: Callable[[], None] = field(default=lambda: None, repr=False)
+    """Waits for the backend's queued work, so asynchronous (GPU) stages are timed where they run."""
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -43,6 +45,7 @@ class Stats:
         try:
             yield
         finally:
+            self.sync()
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
 
@@ -75,7 +78,7 @@ Captured = list[dict[str, Array]]
 class Sampler:
     def __init__(self, model: LoadedModel, stats: Stats | None = None, progress: Progress = no_progress):
         self.model, self.backend, self.schedule = model, model.backend, model.schedule
-        self.stats = stats or Stats()
+        self.stats = stats or Stats(sync=self.backend.synchronize)
         self.progress = progress
 
     def unet(self, sample: Array, t: int, embeddings: Array, **extra: Array) -> dict[str, Array]:

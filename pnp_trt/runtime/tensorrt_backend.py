@@ -121,6 +121,9 @@ class TensorRTBackend:
     def concat(self, arrays: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.cat(list(arrays))
 
+    def synchronize(self) -> None:
+        torch.cuda.current_stream().synchronize()
+
 
 def load_tensorrt(directory: Path) -> LoadedModel:
     """An exported directory with engines built by `pnp-trt build`, on TensorRT."""

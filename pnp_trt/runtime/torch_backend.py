@@ -54,6 +54,10 @@ class TorchBackend:
     def concat(self, arrays: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.cat(list(arrays))
 
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
 
 def load_torch(model: str, device: torch.device | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
     """A diffusers model (hub id or directory) on the eager torch backend."""

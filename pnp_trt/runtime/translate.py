@@ -104,7 +104,7 @@ def translate(model: LoadedModel, prompts: Sequence[str], config: TranslateConfi
         raise PnPError("give at least one target prompt (--prompt TEXT)")
     config = config or TranslateConfig()
     size = plan_size(model, config, image)
-    sampler = Sampler(model, Stats(), progress)
+    sampler = Sampler(model, progress=progress)
     source = prepare_source(sampler, config, size, image, source_prompt)
     images, latents = sample_targets(sampler, source, prompts, config)
     return TranslateResult(images, latents, sampler.stats, size)
