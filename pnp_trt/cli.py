@@ -132,7 +132,10 @@ def translate(
     source_prompt: str | None = typer.Option(None, help="Generate the guidance from this prompt instead of "
                                                            "an IMAGE."),
     source_guidance_scale: float = typer.Option(7.5, help="Guidance scale for --source-prompt generation."),
-    prompt_batch_size: int = typer.Option(4, help="Target prompts per injection batch."),
+    prompt_batch_size: int | None = typer.Option(None, help="Target prompts per injection batch [default: from "
+                                                            "free GPU memory; 4 on the CPU]."),
+    cache_dir: Path | None = typer.Option(None, help="Keep inverted latents + captured features here (safetensors) "
+                                                     "and reuse them for later prompts on the same image/settings."),
 ) -> None:
     """Translate a guidance image (or a generated one) into each --prompt, keeping its layout."""
     from .config import check_backend
@@ -148,6 +151,7 @@ def translate(
                              prompt_batch_size=prompt_batch_size)
     _check_output(out, len(prompt) > 1)
     guidance = load_guidance(image) if image is not None else None
+    from .runtime.cache import SourceCache
     from .runtime.loading import open_model
     from .runtime.translate import translate as run_translation
 
@@ -156,16 +160,19 @@ def translate(
         quiet_loading()
     loaded = open_model(backend, model, engines, provider)
     with _progress() as progress:
-        result = run_translation(loaded, prompt, config, guidance, source_prompt, rich_progress(progress))
+        cache = SourceCache(directory=cache_dir) if cache_dir else None
+        result = run_translation(loaded, prompt, config, guidance, source_prompt, rich_progress(progress), cache)
     record = {"prompts": prompt, "image": str(image) if image else None, "source_prompt": source_prompt,
               "backend": backend, "model": loaded.identity, "size": list(result.size), "settings": config.to_dict(),
               "timings_s": result.stats.timings, "unet_evaluations": result.stats.unet_evals,
+              "source_cache_hit": result.cache_hit,
               "versions": versions()}
     written = _write_outputs(out, prompt, result.images, record)
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.stats.timings.items())
     total = sum(result.stats.timings.values())
+    cached = "; source from cache" if result.cache_hit else ""
     err.print(f"wrote {len(written)} image(s) to {out} in {total:.2f}s ({stages}); "
-              f"{result.stats.unet_evals} UNet evaluations", highlight=False, soft_wrap=True)
+              f"{result.stats.unet_evals} UNet evaluations{cached}", highlight=False, soft_wrap=True)
 
 
 @app.command()

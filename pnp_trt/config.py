@@ -35,8 +35,9 @@ class TranslateConfig:
     """Output width in pixels; None keeps the aspect ratio with the short side 512."""
     source_guidance_scale: float = 7.5
     """Guidance scale used to generate the guidance image from a source prompt."""
-    prompt_batch_size: int = 4
-    """How many target prompts share one injection batch (each adds 2 UNet samples per step)."""
+    prompt_batch_size: int | None = None
+    """How many target prompts share one injection batch (each adds 2 UNet samples per step);
+    None: chosen from free device memory (4 on the CPU). Results do not depend on it."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -50,7 +51,7 @@ class TranslateConfig:
         for flag, size in (("--height", self.height), ("--width", self.width)):
             if size is not None and (size < 64 or size % 64):
                 raise PnPError(f"{flag} must be a multiple of 64 and at least 64, got {size}")
-        if self.prompt_batch_size < 1:
+        if self.prompt_batch_size is not None and self.prompt_batch_size < 1:
             raise PnPError(f"prompt batch size must be at least 1, got {self.prompt_batch_size}")
 
     @property

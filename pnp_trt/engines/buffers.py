@@ -27,3 +27,18 @@ def feature_bytes(dims: ModelDims, height: int, width: int, precision: str,
 def shared_activation_bytes(per_engine: dict[str, int]) -> int:
     """Engines of one worker run one at a time, so one region the size of the largest serves them all."""
     return max(per_engine.values(), default=0)
+
+
+ACTIVATION_PER_FEATURE_BYTE = 48
+"""Rough working memory of one UNet sample per byte of one step's captured features (eager fp16 SD 2.1
+at 512²: ~1.3 GB per sample against 27 MB of features). Only sizes the default prompt batch."""
+
+
+def auto_prompt_batch(free_bytes: int | None, dims: ModelDims, height: int, width: int, precision: str,
+                      cpu_default: int = 4, most: int = 8) -> int:
+    """Prompts per injection batch: what half the free device memory holds (2 samples per prompt), 1..most;
+    `cpu_default` where the backend reports no device memory."""
+    if free_bytes is None:
+        return cpu_default
+    per_prompt = 2 * ACTIVATION_PER_FEATURE_BYTE * feature_bytes(dims, height, width, precision)
+    return max(1, min(most, free_bytes // 2 // per_prompt))

@@ -36,6 +36,9 @@ class Backend(Protocol):
     def synchronize(self) -> None:
         """Block until queued work is done (a no-op for synchronous backends)."""
 
+    def free_memory(self) -> int | None:
+        """Free bytes on the device the backend computes on; None on the CPU."""
+
 
 @dataclass
 class LoadedModel:

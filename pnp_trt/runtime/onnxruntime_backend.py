@@ -107,6 +107,9 @@ class OnnxRuntimeBackend:
     def synchronize(self) -> None:
         """ORT's `run` returns host arrays: nothing is left queued."""
 
+    def free_memory(self) -> int | None:
+        return None
+
 
 def load_onnxruntime(directory: Path, provider: str = "cpu") -> LoadedModel:
     """An exported directory (`pnp-trt export`) on ONNX Runtime."""

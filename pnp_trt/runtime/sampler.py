@@ -75,6 +75,14 @@ Captured = list[dict[str, Array]]
 """Per sampling step (up to `capture_steps`), the captured tensors that step injects, by point name."""
 
 
+@dataclass
+class Source:
+    """What target prompts are sampled against: the start latent x_T and the captured tensors."""
+
+    start: Array
+    captured: Captured
+
+
 class Sampler:
     def __init__(self, model: LoadedModel, stats: Stats | None = None, progress: Progress = no_progress):
         self.model, self.backend, self.schedule = model, model.backend, model.schedule

@@ -124,6 +124,9 @@ class TensorRTBackend:
     def synchronize(self) -> None:
         torch.cuda.current_stream().synchronize()
 
+    def free_memory(self) -> int | None:
+        return int(torch.cuda.mem_get_info(self.device)[0])
+
 
 def load_tensorrt(directory: Path) -> LoadedModel:
     """An exported directory with engines built by `pnp-trt build`, on TensorRT."""

@@ -58,6 +58,9 @@ class TorchBackend:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def free_memory(self) -> int | None:
+        return int(torch.cuda.mem_get_info(self.device)[0]) if self.device.type == "cuda" else None
+
 
 def load_torch(model: str, device: torch.device | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
     """A diffusers model (hub id or directory) on the eager torch backend."""

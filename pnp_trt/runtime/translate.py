@@ -9,19 +9,13 @@ import numpy as np
 from PIL import Image
 
 from ..config import TranslateConfig
+from ..engines.buffers import auto_prompt_batch
 from ..errors import PnPError
 from ..images import output_size, to_array, to_pil
 from ..schedule import inversion_timesteps, sampling_timesteps
-from .backend import Array, LoadedModel
-from .sampler import Captured, InjectionPlan, Progress, Sampler, Stats, no_progress
-
-
-@dataclass
-class Source:
-    """What the target prompts are sampled against: the start latent x_T and the captured tensors."""
-
-    start: Array
-    captured: Captured
+from .backend import LoadedModel
+from .cache import SourceCache, source_key
+from .sampler import InjectionPlan, Progress, Sampler, Source, Stats, no_progress
 
 
 @dataclass
@@ -31,6 +25,8 @@ class TranslateResult:
     """Final latents [N,4,h,w] before decoding (what the parity tests compare)."""
     stats: Stats
     size: tuple[int, int]
+    cache_hit: bool = False
+    """The source branch (inversion/generation + capture) came from the cache: no UNet calls for it."""
 
 
 def plan_size(model: LoadedModel, config: TranslateConfig, image: Image.Image | None) -> tuple[int, int]:
@@ -41,7 +37,7 @@ def plan_size(model: LoadedModel, config: TranslateConfig, image: Image.Image | 
 
 
 def prepare_source(sampler: Sampler, config: TranslateConfig, size: tuple[int, int],
-                   image: Image.Image | None, source_prompt: str | None) -> Source:
+                   image: np.ndarray | None, source_prompt: str | None) -> Source:
     """Invert the image (or generate from the source prompt), then capture what injection needs."""
     model, stats = sampler.model, sampler.stats
     ts = sampling_timesteps(model.schedule, config.steps)
@@ -51,7 +47,7 @@ def prepare_source(sampler: Sampler, config: TranslateConfig, size: tuple[int, i
     if image is not None:
         inv_ts = inversion_timesteps(model.schedule, config.steps, config.effective_inversion_steps)
         with stats.stage("encode"):
-            z0 = sampler.encode_image(to_array(image, size))
+            z0 = sampler.encode_image(image)
         with stats.stage("text"):
             inv_emb = empty if not config.inversion_prompt else sampler.encode_prompts([config.inversion_prompt])
         with stats.stage("invert"):
@@ -82,8 +78,9 @@ def sample_targets(sampler: Sampler, source: Source, prompts: Sequence[str],
     stats, images, latents = sampler.stats, list[Image.Image](), list[np.ndarray]()
     with stats.stage("text"):
         negative = sampler.encode_prompts([config.negative_prompt])
-    for first in range(0, len(prompts), config.prompt_batch_size):
-        batch = list(prompts[first:first + config.prompt_batch_size])
+    per_batch = config.prompt_batch_size or prompt_batch(sampler.model, source)
+    for first in range(0, len(prompts), per_batch):
+        batch = list(prompts[first:first + per_batch])
         with stats.stage("text"):
             targets = sampler.encode_prompts(batch)
         with stats.stage("inject"):
@@ -94,10 +91,23 @@ def sample_targets(sampler: Sampler, source: Source, prompts: Sequence[str],
     return images, np.concatenate(latents)
 
 
+def prompt_batch(model: LoadedModel, source: Source) -> int:
+    """The default prompt batch: what the backend's free memory holds at this size."""
+    _, _, latent_h, latent_w = source.start.shape
+    factor = model.dims.vae_factor
+    precision = "float16" if str(source.start.dtype).endswith("float16") else "float32"
+    return auto_prompt_batch(model.backend.free_memory(), model.dims, latent_h * factor, latent_w * factor,
+                             precision)
+
+
 def translate(model: LoadedModel, prompts: Sequence[str], config: TranslateConfig | None = None,
               image: Image.Image | None = None, source_prompt: str | None = None,
-              progress: Progress = no_progress) -> TranslateResult:
-    """Translate a guidance image (or one generated from `source_prompt`) into each target prompt."""
+              progress: Progress = no_progress, cache: SourceCache | None = None) -> TranslateResult:
+    """Translate a guidance image (or one generated from `source_prompt`) into each target prompt.
+
+    With a `cache`, the source branch is looked up first and stored after: later calls on the same
+    guidance and settings run only the injection passes, whatever their prompts.
+    """
     if (image is None) == (source_prompt is None):
         raise PnPError("give exactly one guidance: an image or a source prompt")
     if not prompts:
@@ -105,6 +115,15 @@ def translate(model: LoadedModel, prompts: Sequence[str], config: TranslateConfi
     config = config or TranslateConfig()
     size = plan_size(model, config, image)
     sampler = Sampler(model, progress=progress)
-    source = prepare_source(sampler, config, size, image, source_prompt)
+    pixels = to_array(image, size) if image is not None else None
+    key = source = None
+    if cache is not None:
+        key = source_key(model.identity, config, size, pixels, source_prompt)
+        source = cache.get(key, model.backend)
+    hit = source is not None
+    if source is None:
+        source = prepare_source(sampler, config, size, pixels, source_prompt)
+        if cache is not None and key is not None:
+            cache.put(key, source, model.backend)
     images, latents = sample_targets(sampler, source, prompts, config)
-    return TranslateResult(images, latents, sampler.stats, size)
+    return TranslateResult(images, latents, sampler.stats, size, cache_hit=hit)

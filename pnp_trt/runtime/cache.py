@@ -1,0 +1,145 @@
+"""Capture once, translate many: the source branch (start latent + captured features) keyed by everything
+it depends on — never by the target prompt, negative prompt or guidance scale.
+
+In memory: an LRU bounded by bytes. On disk (optional): one safetensors file per source, written
+atomically, its checksum verified on read; a corrupt or foreign file is ignored and rebuilt, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import TranslateConfig
+from ..images import atomic_write
+from .backend import Array, Backend
+from .sampler import Source
+
+DEFAULT_CACHE_BYTES = 2 << 30
+DISK_FORMAT = "pnp-trt-source-1"
+
+
+def source_key(identity: str, config: TranslateConfig, size: tuple[int, int], image: np.ndarray | None,
+               source_prompt: str | None) -> str:
+    """sha256 of what the source branch depends on: guidance content, model, size, schedule, τ_f/τ_A."""
+    guidance: dict[str, Any]
+    if image is not None:
+        guidance = {"image_sha256": hashlib.sha256(np.ascontiguousarray(image, np.float32).tobytes()).hexdigest()}
+    else:
+        guidance = {"source_prompt": source_prompt, "seed": config.seed,
+                    "source_guidance_scale": config.source_guidance_scale}
+    fields = {"model": identity, "size": list(size), "steps": config.steps,
+              "inversion_steps": config.effective_inversion_steps, "inversion_prompt": config.inversion_prompt,
+              "feature_injection": config.feature_injection, "attention_injection": config.attention_injection,
+              **guidance}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def array_bytes(array: Array) -> int:
+    return int(array.nbytes) if hasattr(array, "nbytes") else int(array.numel() * array.element_size())
+
+
+def source_bytes(source: Source) -> int:
+    return array_bytes(source.start) + sum(array_bytes(a) for step in source.captured for a in step.values())
+
+
+class SourceCache:
+    """Thread-safe LRU of sources bounded by `budget_bytes`, optionally backed by a directory."""
+
+    def __init__(self, budget_bytes: int = DEFAULT_CACHE_BYTES, directory: Path | None = None):
+        self.budget_bytes, self.directory = budget_bytes, directory
+        self._entries: OrderedDict[str, Source] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def bytes_used(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str, backend: Backend) -> Source | None:
+        with self._lock:
+            source = self._entries.get(key)
+            if source is not None:
+                self._entries.move_to_end(key)
+                return source
+        source = read_source(self.directory, key, backend) if self.directory else None
+        if source is not None:
+            self._remember(key, source)
+        return source
+
+    def put(self, key: str, source: Source, backend: Backend) -> None:
+        self._remember(key, source)
+        if self.directory is not None:
+            write_source(self.directory, key, source, backend)
+
+    def _remember(self, key: str, source: Source) -> None:
+        size = source_bytes(source)
+        with self._lock:
+            if key in self._entries:
+                self._bytes -= source_bytes(self._entries.pop(key))
+            if size > self.budget_bytes:
+                return
+            self._entries[key] = source
+            self._bytes += size
+            while self._bytes > self.budget_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= source_bytes(evicted)
+
+
+def _host(backend: Backend, array: Array) -> np.ndarray:
+    host = backend.to_numpy(array)
+    return host.astype(np.float16) if str(array.dtype).endswith("float16") else host
+
+
+def _checksum(tensors: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(tensors[name]).tobytes())
+    return digest.hexdigest()
+
+
+def write_source(directory: Path, key: str, source: Source, backend: Backend) -> None:
+    from safetensors.numpy import save_file
+
+    tensors = {"start": _host(backend, source.start)}
+    for step, captured in enumerate(source.captured):
+        tensors.update({f"step{step}.{name}": _host(backend, a) for name, a in captured.items()})
+    metadata = {"format": DISK_FORMAT, "key": key, "steps": str(len(source.captured)),
+                "sha256": _checksum(tensors)}
+    atomic_write(directory / f"{key}.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata))
+
+
+def read_source(directory: Path, key: str, backend: Backend) -> Source | None:
+    """The stored source, or None (and the file removed) when missing, corrupt or not this key's."""
+    from safetensors import safe_open
+
+    path = directory / f"{key}.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        valid = (metadata.get("format") == DISK_FORMAT and metadata.get("key") == key
+                 and metadata.get("sha256") == _checksum(tensors))
+        steps = int(metadata.get("steps", "-1"))
+    except Exception:  # any unreadable file is treated as absent and rebuilt
+        valid, steps = False, -1
+    if not valid:
+        path.unlink(missing_ok=True)
+        return None
+    captured = [{name.split(".", 1)[1]: backend.asarray(a) for name, a in tensors.items()
+                 if name.startswith(f"step{i}.")} for i in range(steps)]
+    return Source(backend.asarray(tensors["start"]), captured)

@@ -1,0 +1,60 @@
+"""`Translator`: load once, translate from many threads, reuse each source's captured features."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ..config import TranslateConfig
+from ..images import load_guidance
+from .backend import LoadedModel
+from .cache import DEFAULT_CACHE_BYTES, SourceCache
+from .loading import open_model
+from .translate import translate
+
+
+@dataclass
+class Translation:
+    images: list[Image.Image]
+    timings: dict[str, float]
+    """Seconds per stage of this call."""
+    unet_evals: int
+    cache_hit: bool
+    size: tuple[int, int]
+
+
+class Translator:
+    """Thread-safe: torch and ONNX Runtime calls run concurrently (all per-call state is local); a TensorRT
+    backend owns one execution context and activation region, so its calls take turns."""
+
+    def __init__(self, model: LoadedModel, cache: SourceCache | None = None):
+        self.model = model
+        self.cache = cache if cache is not None else SourceCache()
+        self._turns = threading.Lock() if model.backend.name == "tensorrt" else None
+
+    @classmethod
+    def open(cls, backend: str = "torch", model: str | None = None, engines: Path | None = None,
+             provider: str = "cpu", cache_bytes: int = DEFAULT_CACHE_BYTES,
+             cache_dir: Path | None = None) -> Translator:
+        """Load a model (torch: hub id or diffusers dir; onnxruntime/tensorrt: an exported directory)."""
+        return cls(open_model(backend, model, engines, provider), SourceCache(cache_bytes, cache_dir))
+
+    def translate(self, prompts: Sequence[str], image: Image.Image | str | Path | None = None,
+                  source_prompt: str | None = None, **settings: Any) -> Translation:
+        """Translate `image` (or a guidance generated from `source_prompt`) into every prompt.
+
+        `settings` are `TranslateConfig` fields (steps, guidance_scale, feature_injection, ...)."""
+        config = TranslateConfig(**settings)
+        if isinstance(image, (str, Path)):
+            image = load_guidance(Path(image))
+        with self._turns or contextlib.nullcontext():
+            result = translate(self.model, prompts, config, image=image, source_prompt=source_prompt,
+                               cache=self.cache)
+        return Translation(result.images, result.stats.timings, result.stats.unet_evals, result.cache_hit,
+                           result.size)

@@ -1,0 +1,125 @@
+"""Capture once, translate many: cache hits, byte-budget eviction, disk store, batching, threads."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import psnr, random_image
+
+from pnp_trt import SourceCache, TranslateConfig, Translator
+from pnp_trt.images import load_guidance
+from pnp_trt.runtime.cache import source_bytes
+from pnp_trt.runtime.translate import translate
+
+SETTINGS = {"steps": 4, "height": 64, "width": 128}
+
+
+@pytest.fixture()
+def guide(tmp_path: Path):
+    return load_guidance(random_image(tmp_path / "g.png", 128, 64))
+
+
+def test_second_prompt_hits_the_cache(tiny_torch, guide) -> None:
+    translator = Translator(tiny_torch)
+    first = translator.translate(["a photo of a cat"], guide, **SETTINGS)
+    second = translator.translate(["a painting of a dog"], guide, **SETTINGS, guidance_scale=3.0,
+                                  negative_prompt="dark")
+    assert not first.cache_hit and second.cache_hit
+    assert first.unet_evals == 4 + 3 + 2 * 4  # inversion + capture (int(4·0.8) = 3 steps) + injection
+    assert second.unet_evals == 2 * 4  # no second inversion or capture
+    assert "invert" not in second.timings and "capture" not in second.timings
+    uncached = translate(tiny_torch, ["a painting of a dog"], TranslateConfig(**SETTINGS, guidance_scale=3.0,
+                                                                              negative_prompt="dark"), image=guide)
+    assert np.array_equal(np.asarray(second.images[0]), np.asarray(uncached.images[0]))
+
+
+def test_settings_the_source_depends_on_miss_the_cache(tiny_torch, guide) -> None:
+    translator = Translator(tiny_torch)
+    translator.translate(["a cat"], guide, **SETTINGS)
+    assert not translator.translate(["a cat"], guide, **{**SETTINGS, "attention_injection": 0.25}).cache_hit
+    assert not translator.translate(["a cat"], guide, **{**SETTINGS, "steps": 5}).cache_hit
+    assert not translator.translate(["a cat"], guide.rotate(180), **SETTINGS).cache_hit
+    assert translator.translate(["a dog"], source_prompt="a castle", **SETTINGS).cache_hit is False
+    assert translator.translate(["a cat"], source_prompt="a castle", **SETTINGS).cache_hit
+    assert not translator.translate(["a cat"], source_prompt="a castle", **{**SETTINGS, "seed": 1}).cache_hit
+
+
+def test_only_injecting_steps_keep_features(tiny_torch, guide) -> None:
+    cache = SourceCache()
+    translate(tiny_torch, ["a"], TranslateConfig(steps=10, height=64, width=128, feature_injection=0.8,
+                                                 attention_injection=0.5), image=guide, cache=cache)
+    (source,) = cache._entries.values()
+    assert len(source.captured) == 8
+    assert [len(step) for step in source.captured] == [17] * 5 + [1] * 3  # q/k while i < 5, feature while i < 8
+
+
+def test_budget_evicts_least_recently_used(tiny_torch, guide) -> None:
+    probe = SourceCache()
+    translate(tiny_torch, ["a"], TranslateConfig(**SETTINGS), image=guide, cache=probe)
+    one = probe.bytes_used
+    cache = SourceCache(budget_bytes=int(2.5 * one))
+    images = [guide, guide.rotate(180), guide.transpose(0)]
+    for image in images:
+        translate(tiny_torch, ["a"], TranslateConfig(**SETTINGS), image=image, cache=cache)
+    assert len(cache) == 2 and cache.bytes_used == 2 * one <= cache.budget_bytes
+    assert not translate(tiny_torch, ["a"], TranslateConfig(**SETTINGS), image=images[0], cache=cache).cache_hit
+    assert translate(tiny_torch, ["a"], TranslateConfig(**SETTINGS), image=images[2], cache=cache).cache_hit
+    assert source_bytes(next(iter(cache._entries.values()))) == one
+
+
+def test_disk_store_reused_and_corruption_rebuilt(tiny_torch, guide, tmp_path: Path) -> None:
+    store = tmp_path / "cache"
+    first = translate(tiny_torch, ["a cat"], TranslateConfig(**SETTINGS), image=guide,
+                      cache=SourceCache(directory=store))
+    (entry,) = store.glob("*.safetensors")
+    fresh = translate(tiny_torch, ["a cat"], TranslateConfig(**SETTINGS), image=guide,
+                      cache=SourceCache(directory=store))
+    assert fresh.cache_hit and np.array_equal(fresh.latents, first.latents)
+    data = bytearray(entry.read_bytes())
+    data[-20:] = bytes(20)  # flip the last feature values: the checksum no longer matches
+    entry.write_bytes(bytes(data))
+    rebuilt = translate(tiny_torch, ["a cat"], TranslateConfig(**SETTINGS), image=guide,
+                        cache=SourceCache(directory=store))
+    assert not rebuilt.cache_hit and np.array_equal(rebuilt.latents, first.latents)
+    (store / entry.name).write_bytes(b"not safetensors")
+    assert not translate(tiny_torch, ["a cat"], TranslateConfig(**SETTINGS), image=guide,
+                         cache=SourceCache(directory=store)).cache_hit
+    foreign = store / f"{'0' * 64}.safetensors"
+    entry_bytes = (store / entry.name).read_bytes()
+    foreign.write_bytes(entry_bytes)  # a valid file stored under another key is not trusted either
+    assert SourceCache(directory=store).get("0" * 64, tiny_torch.backend) is None and not foreign.exists()
+
+
+def test_batched_prompts_equal_one_by_one(tiny_torch, guide) -> None:
+    prompts = ["a photo of a cat", "a painting of a dog", "a castle", "the cat in the dog"]
+    batched = translate(tiny_torch, prompts, TranslateConfig(**SETTINGS, prompt_batch_size=4), image=guide)
+    single = translate(tiny_torch, prompts, TranslateConfig(**SETTINGS, prompt_batch_size=1), image=guide)
+    assert batched.stats.unet_evals == single.stats.unet_evals
+    for a, b in zip(batched.images, single.images, strict=True):
+        assert psnr(np.asarray(a), np.asarray(b)) >= 45
+
+
+def test_concurrent_calls_equal_serial_calls(tiny_torch, guide) -> None:
+    translator = Translator(tiny_torch, SourceCache())
+    jobs = [(["a photo of a cat"], guide), (["a painting of a dog", "a castle"], guide),
+            (["a cat"], guide.rotate(180)), (["a dog"], None)]
+    serial = [translator.translate(p, i, source_prompt=None if i else "a castle", **SETTINGS, prompt_batch_size=2)
+              for p, i in jobs]
+    threaded: list = [None] * len(jobs)
+    fresh = Translator(tiny_torch, SourceCache())
+
+    def work(index: int) -> None:
+        prompts, image = jobs[index]
+        threaded[index] = fresh.translate(prompts, image, source_prompt=None if image else "a castle", **SETTINGS,
+                                          prompt_batch_size=2)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for a, b in zip(serial, threaded, strict=True):
+        assert [np.asarray(x).tobytes() for x in a.images] == [np.asarray(x).tobytes() for x in b.images]
