@@ -1,6 +1,9 @@
 """ONNX Runtime (CPU) vs eager torch (CPU) on the same model and settings, per stage, plus start-up time
 (process start → first UNet call) for both backends with the tiny model.
 
+Each measurement runs in its own process: torch's OpenMP workers keep spinning after each op and would
+steal the cores from ONNX Runtime's threads if both ran in one process.
+
     python bench/onnxruntime_vs_torch.py [--sd21-size 256] [--sd21-steps 4] [--skip-sd21]
 """
 
@@ -17,16 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-
-from pnp_trt.config import TranslateConfig
-from pnp_trt.export.exporter import export_loaded, export_model
-from pnp_trt.models import quiet_loading
-from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
-from pnp_trt.runtime.torch_backend import load_torch, on_torch
-from pnp_trt.runtime.translate import translate
-from pnp_trt.tiny_model import make_tiny_model, random_sd21_model
 
 STARTUP = """
 import sys, time
@@ -54,23 +48,45 @@ def guide(size: int) -> Image.Image:
     return Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC)
 
 
-def timed(model, size: int, steps: int):
-    config = TranslateConfig(steps=steps, height=size, width=size)
+def measure(backend: str, source: str, size: int, steps: int) -> dict:
+    """In this process: one warm-up, then one timed translation; returns stage timings."""
+    import torch
+
+    from pnp_trt.config import TranslateConfig
+    from pnp_trt.models import quiet_loading
+    from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
+    from pnp_trt.runtime.torch_backend import load_torch, on_torch
+    from pnp_trt.runtime.translate import translate
+    from pnp_trt.tiny_model import random_sd21_model
+
+    quiet_loading()
+    if backend == "onnxruntime":
+        model = load_onnxruntime(Path(source))
+    elif source == "random-sd21":
+        model = on_torch(random_sd21_model(0))
+    else:
+        model = load_torch(source, torch.device("cpu"), torch.float32)
     translate(model, ["warm up"], TranslateConfig(steps=1, height=size, width=size), image=guide(size))
     start = time.perf_counter()
-    result = translate(model, ["a watercolor painting of a castle"], config, image=guide(size))
-    return time.perf_counter() - start, result.stats
+    result = translate(model, ["a watercolor painting of a castle"], TranslateConfig(steps=steps, height=size,
+                                                                                     width=size), image=guide(size))
+    return {"total": time.perf_counter() - start, "timings": result.stats.timings, "evals": result.stats.unet_evals}
 
 
-def compare(name: str, torch_model, ort_model, size: int, steps: int) -> None:
-    t_total, t_stats = timed(torch_model, size, steps)
-    o_total, o_stats = timed(ort_model, size, steps)
-    print(f"{name}, {size}x{size}, {steps} steps, {t_stats.unet_evals} UNet evaluations:")
+def in_child(backend: str, source: str, size: int, steps: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", backend, source, str(size), str(steps)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(name: str, torch_source: str, onnx_dir: Path, size: int, steps: int) -> None:
+    eager, ort = in_child("torch", torch_source, size, steps), in_child("onnxruntime", str(onnx_dir), size, steps)
+    print(f"{name}, {size}x{size}, {steps} steps, {eager['evals']} UNet evaluations:")
     print(f"    {'stage':>9} {'torch':>9} {'onnxrt':>9} {'speed-up':>9}")
-    for stage, t in t_stats.timings.items():
-        o = o_stats.timings[stage]
+    for stage, t in eager["timings"].items():
+        o = ort["timings"][stage]
         print(f"    {stage:>9} {t * 1000:>7.0f}ms {o * 1000:>7.0f}ms {t / o:>8.2f}x")
-    print(f"    {'total':>9} {t_total:>8.2f}s {o_total:>8.2f}s {t_total / o_total:>8.2f}x")
+    print(f"    {'total':>9} {eager['total']:>8.2f}s {ort['total']:>8.2f}s {eager['total'] / ort['total']:>8.2f}x")
 
 
 def startup(backend: str, model: str, engines: str, image: Path) -> float:
@@ -83,35 +99,49 @@ def startup(backend: str, model: str, engines: str, image: Path) -> float:
     return min(runs)
 
 
+def export_in_child(source: str, out: Path) -> None:
+    code = ("import sys; from pathlib import Path; from pnp_trt.models import quiet_loading; quiet_loading()\n"
+            "from pnp_trt.export.exporter import export_loaded, export_model\n"
+            "from pnp_trt.tiny_model import random_sd21_model\n"
+            "src, out = sys.argv[1], Path(sys.argv[2])\n"
+            "export_loaded(random_sd21_model(0), out) if src == 'random-sd21' else export_model(src, out)\n")
+    subprocess.run([sys.executable, "-c", code, source, str(out)], check=True, capture_output=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny-size", type=int, default=512)
+    parser.add_argument("--tiny-size", type=int, default=256)
     parser.add_argument("--tiny-steps", type=int, default=10)
     parser.add_argument("--sd21-size", type=int, default=256)
     parser.add_argument("--sd21-steps", type=int, default=4)
     parser.add_argument("--skip-sd21", action="store_true")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    quiet_loading()
+    if args.child:
+        backend, source, size, steps = args.child
+        print(json.dumps(measure(backend, source, int(size), int(steps))))
+        return
+    import onnxruntime
+    import torch
+
+    from pnp_trt.tiny_model import make_tiny_model
+
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), fp32 on CPU; onnxruntime CPUExecutionProvider")
+          f"({torch.get_num_threads()} threads), fp32; onnxruntime {onnxruntime.__version__} CPUExecutionProvider; "
+          "each backend in its own process")
     with tempfile.TemporaryDirectory() as tmp:
-        tiny = make_tiny_model(Path(tmp) / "tiny")
-        export_model(str(tiny), Path(tmp) / "tiny-onnx")
-        compare("tiny model", load_torch(str(tiny), torch.device("cpu"), torch.float32),
-                load_onnxruntime(Path(tmp) / "tiny-onnx"), args.tiny_size, args.tiny_steps)
+        tiny, tiny_onnx = make_tiny_model(Path(tmp) / "tiny"), Path(tmp) / "tiny-onnx"
+        export_in_child(str(tiny), tiny_onnx)
+        compare("tiny model", str(tiny), tiny_onnx, args.tiny_size, args.tiny_steps)
         image = Path(tmp) / "guide.png"
         guide(64).save(image)
-        t_start = startup("torch", str(tiny), "", image)
-        o_start = startup("onnxruntime", "", str(Path(tmp) / "tiny-onnx"), image)
+        t_start, o_start = startup("torch", str(tiny), "", image), startup("onnxruntime", "", str(tiny_onnx), image)
         print(f"start-up to first UNet call (tiny, best of 3): torch {t_start:.2f}s, onnxruntime {o_start:.2f}s "
               f"({t_start / o_start:.1f}x)")
         if not args.skip_sd21:
-            export_loaded(random_sd21_model(0), Path(tmp) / "sd21-onnx")
-            manifest = json.loads((Path(tmp) / "sd21-onnx" / "manifest.json").read_text())
-            print(f"SD 2.1 export validation errors: {manifest['validation_relative_error']['unet']['noise_pred']:.1e}"
-                  " (unet noise_pred, relative)")
-            compare("SD 2.1-base shape, random weights", on_torch(random_sd21_model(0)),
-                    load_onnxruntime(Path(tmp) / "sd21-onnx"), args.sd21_size, args.sd21_steps)
+            export_in_child("random-sd21", Path(tmp) / "sd21-onnx")
+            compare("SD 2.1-base shape, random weights", "random-sd21", Path(tmp) / "sd21-onnx", args.sd21_size,
+                    args.sd21_steps)
 
 
 if __name__ == "__main__":

@@ -263,6 +263,7 @@ def verify(directory: Path = typer.Argument(..., help="An exported directory."))
 def make_tiny_model(
     directory: Path = typer.Argument(..., help="Where to write the model (must not exist)."),
     seed: int = typer.Option(0, help="Seed of the random weights."),
+    full_size: bool = typer.Option(False, help="Full SD 2.1-base widths (~5 GB; honest speed tests offline)."),
 ) -> None:
     """Write a random-weight model with the SD 2.1 topology and tiny widths (offline demos and tests)."""
     from .tiny_model import make_tiny_model as make
@@ -271,8 +272,9 @@ def make_tiny_model(
         raise PnPError(f"{directory} already exists; choose a new directory")
     if not directory.parent.is_dir():
         raise PnPError(f"cannot write {directory}: directory {directory.parent} does not exist")
-    make(directory, seed)
-    err.print(f"wrote a tiny random-weight SD 2.1-topology model to {directory}")
+    make(directory, seed, full_size)
+    kind = "full-size" if full_size else "tiny"
+    err.print(f"wrote a {kind} random-weight SD 2.1-topology model to {directory}")
 
 
 def main() -> None:

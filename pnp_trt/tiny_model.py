@@ -97,8 +97,9 @@ def _sharpen_self_attention(unet: torch.nn.Module, factor: float) -> None:
                 modules[point.module].weight.mul_(factor)
 
 
-def make_tiny_model(out: Path, seed: int = 0) -> Path:
-    """Write the tiny model to `out` (must not exist yet) atomically; returns `out`."""
+def make_tiny_model(out: Path, seed: int = 0, full_size: bool = False) -> Path:
+    """Write the tiny model (or, `full_size`, random weights in the full SD 2.1-base shapes: ~5 GB) to `out`
+    (must not exist yet) atomically; returns `out`."""
     from diffusers import UNet2DConditionModel
 
     out = Path(out)
@@ -106,12 +107,13 @@ def make_tiny_model(out: Path, seed: int = 0) -> Path:
     tmp.chmod(0o755)
     try:
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**tiny_unet_config())
-        _sharpen_self_attention(unet, 4.0)
+        unet = UNet2DConditionModel(**(sd21_unet_config() if full_size else tiny_unet_config()))
+        if not full_size:
+            _sharpen_self_attention(unet, 4.0)
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        _vae(full=False).save_pretrained(tmp / "vae", safe_serialization=True)
+        _vae(full=full_size).save_pretrained(tmp / "vae", safe_serialization=True)
         tokenizer = _write_clip_tokenizer(tmp / "tokenizer")
-        text_encoder = _text_encoder(False, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+        text_encoder = _text_encoder(full_size, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
         text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD21_SCHEDULER, indent=2))

@@ -76,6 +76,16 @@ class PaperPnP:
         return latents
 
     @torch.no_grad()
+    def reconstruct(self, latents: dict[int, torch.Tensor], steps: int) -> torch.Tensor:
+        """The paper's preprocessing also DDIM-samples the inverted latent back with the empty prompt."""
+        self.scheduler.set_timesteps(steps)
+        emb, timesteps = self.embed(""), self.scheduler.timesteps.tolist()
+        x = latents[timesteps[0]]
+        for t in timesteps:
+            x = self.step(self.unet(x, t, encoder_hidden_states=emb).sample, t, x)
+        return x
+
+    @torch.no_grad()
     def generate(self, noise: np.ndarray, prompt: str, scale: float, steps: int) -> dict[int, torch.Tensor]:
         self.scheduler.set_timesteps(steps)
         emb = torch.cat([self.embed(""), self.embed(prompt)])
