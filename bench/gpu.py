@@ -12,9 +12,8 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
+from common import guide_image
 
 from pnp_trt.config import TranslateConfig
 from pnp_trt.runtime.translate import translate
@@ -23,20 +22,17 @@ UNET_TFLOP_PER_SAMPLE_512 = 0.804
 UNET_STAGES = ("invert", "generate", "capture", "inject")
 
 
-def guide(size: int) -> Image.Image:
-    pixels = np.random.default_rng(0).integers(0, 256, (size // 16, size // 16, 3), dtype=np.uint8)
-    return Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC)
 
 
 def measure(name: str, model, steps: int, prompts: int, size: int, repeats: int) -> None:
     config = TranslateConfig(steps=steps, height=size, width=size, prompt_batch_size=max(prompts, 1))
     targets = [f"a painting of a castle, style {i}" for i in range(prompts)]
     translate(model, targets, TranslateConfig(steps=2, height=size, width=size, prompt_batch_size=prompts),
-              image=guide(size))
+              image=guide_image(size))
     best = None
     for _ in range(repeats):
         start = time.perf_counter()
-        result = translate(model, targets, config, image=guide(size))
+        result = translate(model, targets, config, image=guide_image(size))
         total = time.perf_counter() - start
         if best is None or total < best[0]:
             best = (total, result.stats)

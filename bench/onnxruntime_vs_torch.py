@@ -19,8 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+from common import guide_image
 
 STARTUP = """
 import sys, time
@@ -43,9 +42,6 @@ print(first[0])
 """
 
 
-def guide(size: int) -> Image.Image:
-    pixels = np.random.default_rng(0).integers(0, 256, (size // 16, size // 16, 3), dtype=np.uint8)
-    return Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC)
 
 
 def measure(backend: str, source: str, size: int, steps: int) -> dict:
@@ -66,10 +62,10 @@ def measure(backend: str, source: str, size: int, steps: int) -> dict:
         model = on_torch(random_sd21_model(0))
     else:
         model = load_torch(source, torch.device("cpu"), torch.float32)
-    translate(model, ["warm up"], TranslateConfig(steps=1, height=size, width=size), image=guide(size))
+    translate(model, ["warm up"], TranslateConfig(steps=1, height=size, width=size), image=guide_image(size))
     start = time.perf_counter()
-    result = translate(model, ["a watercolor painting of a castle"], TranslateConfig(steps=steps, height=size,
-                                                                                     width=size), image=guide(size))
+    config = TranslateConfig(steps=steps, height=size, width=size)
+    result = translate(model, ["a watercolor painting of a castle"], config, image=guide_image(size))
     return {"total": time.perf_counter() - start, "timings": result.stats.timings, "evals": result.stats.unet_evals}
 
 
@@ -134,7 +130,7 @@ def main() -> None:
         export_in_child(str(tiny), tiny_onnx)
         compare("tiny model", str(tiny), tiny_onnx, args.tiny_size, args.tiny_steps)
         image = Path(tmp) / "guide.png"
-        guide(64).save(image)
+        guide_image(64).save(image)
         t_start, o_start = startup("torch", str(tiny), "", image), startup("onnxruntime", "", str(tiny_onnx), image)
         print(f"start-up to first UNet call (tiny, best of 3): torch {t_start:.2f}s, onnxruntime {o_start:.2f}s "
               f"({t_start / o_start:.1f}x)")

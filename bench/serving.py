@@ -23,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+from common import guide_image
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a watercolor painting of a castle", "a photo of a cat", "an oil painting", "a pencil sketch",
@@ -32,8 +31,7 @@ PROMPTS = ["a watercolor painting of a castle", "a photo of a cat", "an oil pain
 
 
 def guide(path: Path, size: int) -> Path:
-    pixels = np.random.default_rng(0).integers(0, 256, (size // 16, size // 16, 3), dtype=np.uint8)
-    Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC).save(path)
+    guide_image(size).save(path)
     return path
 
 
@@ -63,7 +61,7 @@ CHILD = """
 import json, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[5])
-from PIL import Image
+from common import guide_image
 from pnp_trt.images import load_guidance, to_array
 which, model, image, steps = sys.argv[1], sys.argv[2], load_guidance(Path(sys.argv[3])), int(sys.argv[4])
 size = (image.height, image.width)

@@ -14,9 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
+from common import guide_image
 
 from pnp_trt.config import TranslateConfig
 from pnp_trt.models import quiet_loading
@@ -27,16 +26,13 @@ from pnp_trt.tiny_model import make_tiny_model, random_sd21_model
 PAPER_PREPROCESS = 999 + 999  # the paper's preprocessing: 999 inversion + 999 reconstruction evaluations
 
 
-def guide(size: int) -> Image.Image:
-    pixels = np.random.default_rng(0).integers(0, 256, (size // 16, size // 16, 3), dtype=np.uint8)
-    return Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC)
 
 
 def report(name: str, model, size: int, steps: int) -> None:
     config = TranslateConfig(steps=steps, height=size, width=size)
-    translate(model, ["warm up"], TranslateConfig(steps=1, height=size, width=size), image=guide(size))
+    translate(model, ["warm up"], TranslateConfig(steps=1, height=size, width=size), image=guide_image(size))
     start = time.perf_counter()
-    result = translate(model, ["a watercolor painting of a castle"], config, image=guide(size))
+    result = translate(model, ["a watercolor painting of a castle"], config, image=guide_image(size))
     total = time.perf_counter() - start
     stages = "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.stats.timings.items())
     evals = result.stats.unet_evals

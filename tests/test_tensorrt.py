@@ -54,11 +54,12 @@ def test_static_shapes_and_validation() -> None:
 
 def test_requests_outside_the_profiles_name_the_range_and_the_rebuild() -> None:
     shapes = BuildShapes(1, 1, 2, (256, 256), (512, 512), (512, 512))
-    check_request("unet", shapes, 4, 512, 512, "REBUILD")
+    check_request("unet", shapes, 4, (512, 512), "REBUILD")
+    check_request("text_encoder", shapes, 2, None, "REBUILD")
     with pytest.raises(PnPError, match=r"built for batch 1..4, asked 6; .*`REBUILD`"):
-        check_request("unet", shapes, 6, 512, 512, "REBUILD")
+        check_request("unet", shapes, 6, (512, 512), "REBUILD")
     with pytest.raises(PnPError, match=r"built for 256x256 to 512x512, asked 768x512"):
-        check_request("vae_decoder", shapes, 1, 768, 512, "REBUILD")
+        check_request("vae_decoder", shapes, 1, (768, 512), "REBUILD")
 
 
 def _entry() -> EngineEntry:

@@ -92,13 +92,17 @@ def profile_shapes(spec: GraphSpec, dims: ModelDims, shapes: BuildShapes) -> Pro
             for t in spec.inputs if any(isinstance(a, str) for a in t.axes)}
 
 
-def check_request(graph: str, shapes: BuildShapes, batch: int, height: int, width: int, rebuild: str) -> None:
-    """A run outside the built profiles → one line naming what is out of range and how to rebuild."""
+def check_request(graph: str, shapes: BuildShapes, batch: int, size: tuple[int, int] | None, rebuild: str) -> None:
+    """A run outside the built profiles → one line naming what is out of range and how to rebuild.
+    `size` is the image size (H, W) the call works at; None for graphs whose shapes ignore it."""
     lo_batch = graph_min_batch(graph, shapes.min_batch)
     hi_batch = graph_batch(graph, shapes.max_batch)
     if not lo_batch <= batch <= hi_batch:
         raise PnPError(f"the {graph} engine was built for batch {lo_batch}..{hi_batch}, asked {batch}; lower "
                        f"--prompt-batch-size or rebuild with a larger --max-batch (`{rebuild}`)")
+    if size is None:
+        return
+    height, width = size
     if not (shapes.min_size[0] <= height <= shapes.max_size[0] and shapes.min_size[1] <= width <= shapes.max_size[1]):
         raise PnPError(f"the engines were built for {shapes.min_size[0]}x{shapes.min_size[1]} to "
                        f"{shapes.max_size[0]}x{shapes.max_size[1]}, asked {height}x{width}; pass --height/--width "

@@ -75,27 +75,23 @@ class TensorRTBackend:
         return self._reused[key]
 
     def _sizes(self, graph: str, feeds: Mapping[str, Any]) -> dict[str, int]:
-        spec = self.specs[graph]
-        first = feeds[spec.inputs[0].name]
-        batch = int(first.shape[0])
-        if graph == "text_encoder":
-            height = width = self.entries[graph].shapes.opt_size[0]
-        else:
-            scale = self.dims.vae_factor if graph in ("unet", "vae_decoder") else 1
-            height, width = int(first.shape[-2]) * scale, int(first.shape[-1]) * scale
-        check_request(graph, self.entries[graph].shapes, batch, height, width,
-                      build_command(self.directory, self.entries[graph].shapes))
-        return axis_sizes(self.dims, batch, height, width)
+        """Axis sizes of this call, after checking them against the engine's profile."""
+        first = feeds[self.specs[graph].inputs[0].name]
+        batch, shapes = int(first.shape[0]), self.entries[graph].shapes
+        size = None
+        if graph != "text_encoder":
+            scale = 1 if graph == "vae_encoder" else self.dims.vae_factor
+            size = (int(first.shape[-2]) * scale, int(first.shape[-1]) * scale)
+        check_request(graph, shapes, batch, size, build_command(self.directory, shapes))
+        return axis_sizes(self.dims, batch, *(size or shapes.opt_size))
 
     def run(self, graph: str, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         spec, context = self.specs[graph], self.contexts[graph]
         sizes = self._sizes(graph, feeds)
-        bound = []
-        for tensor in spec.inputs:
+        for tensor in spec.inputs:  # torch's allocator reuses freed memory in stream order: no keep-alive needed
             value = self._input(graph, tensor, feeds.get(tensor.name), sizes)
             context.set_input_shape(tensor.name, tuple(value.shape))
             context.set_tensor_address(tensor.name, value.data_ptr())
-            bound.append(value)  # keep alive until the stream has run
         outputs = {}
         for tensor in spec.outputs:
             dims = context.get_tensor_shape(tensor.name)
