@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .contract import ModelDims
 from .errors import PnPError
 
 FORMAT_VERSION = 1
@@ -69,10 +68,3 @@ def verify(directory: Path) -> list[str]:
     manifest = read_manifest(directory)
     return [name for name, entry in manifest["files"].items() if sha256(Path(directory) / name) != entry["sha256"]]
 
-
-def check_size(manifest: dict[str, Any], directory: Path, height: int, width: int) -> None:
-    """A requested image size the graphs cannot take → one line naming the rule."""
-    multiple = ModelDims.from_dict(manifest["dims"]).size_multiple
-    if height % multiple or width % multiple or min(height, width) < multiple:
-        raise PnPError(f"{height}×{width} is not a size these graphs accept: both sides must be positive "
-                       f"multiples of {multiple}; pass --height/--width accordingly")
