@@ -266,12 +266,14 @@ def make_tiny_model(
     full_size: bool = typer.Option(False, help="Full SD 2.1-base widths (~5 GB; honest speed tests offline)."),
 ) -> None:
     """Write a random-weight model with the SD 2.1 topology and tiny widths (offline demos and tests)."""
+    from .models import quiet_loading
     from .tiny_model import make_tiny_model as make
 
     if directory.exists():
         raise PnPError(f"{directory} already exists; choose a new directory")
     if not directory.parent.is_dir():
         raise PnPError(f"cannot write {directory}: directory {directory.parent} does not exist")
+    quiet_loading()
     make(directory, seed, full_size)
     kind = "full-size" if full_size else "tiny"
     err.print(f"wrote a {kind} random-weight SD 2.1-topology model to {directory}")
