@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -40,3 +43,18 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
     """max |a − ref| / max |ref|: error relative to the size of what is compared."""
     return float(np.abs(np.asarray(a) - np.asarray(ref)).max() / np.abs(np.asarray(ref)).max())
+
+
+def in_threads(jobs: list[Callable[[], Any]]) -> list[Any]:
+    """Run every job in its own thread, all at once; their results in job order."""
+    results: list[Any] = [None] * len(jobs)
+
+    def work(index: int) -> None:
+        results[index] = jobs[index]()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results

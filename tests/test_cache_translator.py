@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import psnr, random_image
+from conftest import in_threads, psnr, random_image
 
 from pnp_trt import SourceCache, TranslateConfig, Translator
 from pnp_trt.images import load_guidance
@@ -108,18 +107,8 @@ def test_concurrent_calls_equal_serial_calls(tiny_torch, guide) -> None:
             (["a cat"], guide.rotate(180)), (["a dog"], None)]
     serial = [translator.translate(p, i, source_prompt=None if i else "a castle", **SETTINGS, prompt_batch_size=2)
               for p, i in jobs]
-    threaded: list = [None] * len(jobs)
     fresh = Translator(tiny_torch, SourceCache())
-
-    def work(index: int) -> None:
-        prompts, image = jobs[index]
-        threaded[index] = fresh.translate(prompts, image, source_prompt=None if image else "a castle", **SETTINGS,
-                                          prompt_batch_size=2)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    threaded = in_threads([lambda p=p, i=i: fresh.translate(p, i, source_prompt=None if i else "a castle", **SETTINGS,
+                                                             prompt_batch_size=2) for p, i in jobs])
     for a, b in zip(serial, threaded, strict=True):
         assert [np.asarray(x).tobytes() for x in a.images] == [np.asarray(x).tobytes() for x in b.images]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import psnr, random_image
+from conftest import in_threads, psnr, random_image
 
 from pnp_trt import SourceCache, TranslateConfig, Translator
 from pnp_trt.images import load_guidance
@@ -50,15 +49,7 @@ def test_translator_threads_on_cuda(tiny_model_dir: Path, tmp_path: Path) -> Non
     image = load_guidance(random_image(tmp_path / "g.png", 192, 128))
     cuda = load_torch(str(tiny_model_dir), torch.device("cuda"), torch.float16)
     serial = [Translator(cuda, SourceCache()).translate([p], image, **vars(CONFIG)).images[0] for p in PROMPTS]
-    shared, threaded = Translator(cuda, SourceCache()), [None] * len(PROMPTS)
-
-    def work(i: int) -> None:
-        threaded[i] = shared.translate([PROMPTS[i]], image, **vars(CONFIG)).images[0]
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(PROMPTS))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    shared = Translator(cuda, SourceCache())
+    threaded = in_threads([lambda p=p: shared.translate([p], image, **vars(CONFIG)).images[0] for p in PROMPTS])
     for a, b in zip(serial, threaded, strict=True):
         assert psnr(np.asarray(a), np.asarray(b)) >= 45

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..config import TranslateConfig
 from ..contract import INJECTION_POINTS, InjectionPoint, captured_name, injected_name
 from ..schedule import (
     classifier_free_guidance,
@@ -57,8 +58,9 @@ class InjectionPlan:
     attention_steps: int
 
     @classmethod
-    def from_taus(cls, steps: int, feature_injection: float, attention_injection: float) -> InjectionPlan:
-        return cls(injection_steps(steps, feature_injection), injection_steps(steps, attention_injection))
+    def of(cls, config: TranslateConfig) -> InjectionPlan:
+        return cls(injection_steps(config.steps, config.feature_injection),
+                   injection_steps(config.steps, config.attention_injection))
 
     @property
     def capture_steps(self) -> int:

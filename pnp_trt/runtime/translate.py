@@ -41,7 +41,7 @@ def prepare_source(sampler: Sampler, config: TranslateConfig, size: tuple[int, i
     """Invert the image (or generate from the source prompt), then capture what injection needs."""
     model, stats = sampler.model, sampler.stats
     ts = sampling_timesteps(model.schedule, config.steps)
-    plan = InjectionPlan.from_taus(config.steps, config.feature_injection, config.attention_injection)
+    plan = InjectionPlan.of(config)
     with stats.stage("text"):
         empty = sampler.encode_prompts([""])
     if image is not None:
@@ -74,7 +74,7 @@ def sample_targets(sampler: Sampler, source: Source, prompts: Sequence[str],
                    config: TranslateConfig) -> tuple[list[Image.Image], np.ndarray]:
     """Inject into the target prompts, `prompt_batch_size` at a time, and decode."""
     ts = sampling_timesteps(sampler.model.schedule, config.steps)
-    plan = InjectionPlan.from_taus(config.steps, config.feature_injection, config.attention_injection)
+    plan = InjectionPlan.of(config)
     stats, images, latents = sampler.stats, list[Image.Image](), list[np.ndarray]()
     with stats.stage("text"):
         negative = sampler.encode_prompts([config.negative_prompt])
