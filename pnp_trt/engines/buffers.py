@@ -29,9 +29,10 @@ def shared_activation_bytes(per_engine: dict[str, int]) -> int:
     return max(per_engine.values(), default=0)
 
 
-ACTIVATION_PER_FEATURE_BYTE = 48
-"""Rough working memory of one UNet sample per byte of one step's captured features (eager fp16 SD 2.1
-at 512²: ~1.3 GB per sample against 27 MB of features). Only sizes the default prompt batch."""
+ACTIVATION_PER_FEATURE_BYTE = 4
+"""Working memory of one UNet sample per byte of one step's captured features: measured 3.4 with
+bench/gpu_memory.py (eager torch fp16, SD 2.1 at 512² on an H100: 88 MiB per sample against 25.6 MiB of
+features), rounded up. Only sizes the default prompt batch."""
 
 
 def auto_prompt_batch(free_bytes: int | None, dims: ModelDims, height: int, width: int, precision: str,
