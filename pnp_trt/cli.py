@@ -194,10 +194,11 @@ def export(
                                on_graph=lambda name: progress.update(task, description=name, advance=0),
                                versions=versions())
         progress.update(task, completed=4)
+    err.print(f"error of each output against PyTorch, relative to its magnitude (tolerance "
+              f"{TOLERANCE[precision]:.0e}):", highlight=False)
     for report in reports:
-        worst = max(report.errors, key=report.errors.__getitem__)
-        err.print(f"{report.name:>13}: max error {report.worst:.1e} relative ({worst}; tolerance "
-                  f"{TOLERANCE[precision]:.0e})", highlight=False)
+        errors = "  ".join(f"{name} {error:.1e}" for name, error in report.errors.items())
+        err.print(f"  {report.name}: {errors}", highlight=False, soft_wrap=True)
     err.print(f"exported {model} ({precision}, opset {opset}) to {out}", highlight=False)
 
 

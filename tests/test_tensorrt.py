@@ -13,7 +13,13 @@ from typer.testing import CliRunner
 from pnp_trt.cli import app
 from pnp_trt.contract import ModelDims, graph_specs
 from pnp_trt.engines.availability import missing_tensorrt
-from pnp_trt.engines.buffers import feature_bytes, shared_activation_bytes, tensor_bytes
+from pnp_trt.engines.buffers import (
+    ACTIVATION_PER_FEATURE_BYTE,
+    auto_prompt_batch,
+    feature_bytes,
+    shared_activation_bytes,
+    tensor_bytes,
+)
 from pnp_trt.engines.compat import EngineEntry, Platform, check_entry, entries_json, read_entries
 from pnp_trt.engines.profiles import BuildShapes, check_request, parse_size, profile_shapes
 from pnp_trt.errors import PnPError
@@ -94,6 +100,14 @@ def test_buffer_planning() -> None:
     sizes = tensor_bytes(graph_specs(SD21)["unet"], SD21, 2, 512, 512, "float16")
     assert sizes["sample"] == 2 * 4 * 64 * 64 * 2 and sizes["timestep"] == 4 and sizes["inject_features"] == 1
     assert shared_activation_bytes({"unet": 900, "vae_decoder": 1200, "text_encoder": 10}) == 1200
+
+
+def test_default_prompt_batch_from_free_memory() -> None:
+    per_prompt = 2 * ACTIVATION_PER_FEATURE_BYTE * feature_bytes(SD21, 512, 512, "float16")
+    assert auto_prompt_batch(None, SD21, 512, 512, "float16") == 4  # CPU
+    assert auto_prompt_batch(2 * 3 * per_prompt, SD21, 512, 512, "float16") == 3  # half the free memory
+    assert auto_prompt_batch(80 * 2**30, SD21, 512, 512, "float16") == 8
+    assert auto_prompt_batch(2**20, SD21, 512, 512, "float16") == 1
 
 
 def test_no_tensorrt_here_is_one_clear_line(tmp_path: Path) -> None:
