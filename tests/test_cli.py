@@ -157,3 +157,14 @@ def test_make_tiny_model_is_small_and_offline(tiny_model_dir: Path) -> None:
     assert (tiny_model_dir / "tokenizer" / "vocab.json").exists()
     assert (tiny_model_dir / "tokenizer" / "merges.txt").exists()
     assert run("make-tiny-model", tiny_model_dir).exit_code == 2
+
+
+def test_cache_dir_reuses_the_source_across_runs(tiny_model_dir: Path, tmp_path: Path) -> None:
+    guide = random_image(tmp_path / "in.png", 64, 64)
+    common = ["translate", guide, "--model", tiny_model_dir, "--steps", "3", "--cache-dir", tmp_path / "cache"]
+    first = run(*common, "-p", "a cat", "--out", tmp_path / "a.png")
+    second = run(*common, "-p", "a dog", "--out", tmp_path / "b.png")
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    assert "source from cache" not in first.output and "source from cache" in second.output
+    assert "UNet evaluations" in second.output and " 6 UNet evaluations" in second.output  # 2 branches × 3 steps
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
