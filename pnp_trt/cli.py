@@ -6,7 +6,6 @@ import functools
 import json
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from importlib import metadata
@@ -285,4 +284,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -107,7 +107,7 @@ def make_tiny_model(out: Path, seed: int = 0, full_size: bool = False) -> Path:
     tmp.chmod(0o755)
     try:
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**(sd21_unet_config() if full_size else tiny_unet_config()))
+        unet: Any = UNet2DConditionModel(**(sd21_unet_config() if full_size else tiny_unet_config()))
         if not full_size:
             _sharpen_self_attention(unet, 4.0)
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
@@ -144,7 +144,7 @@ def random_sd21_model(seed: int = 0, device: torch.device | None = None, dtype: 
     with tempfile.TemporaryDirectory() as tmp:
         hf_tokenizer = _write_clip_tokenizer(Path(tmp) / "tokenizer")
     tokenizer = PromptTokenizer(hf_tokenizer.backend_tokenizer, 77, 0, "!")
-    unet = UNet2DConditionModel(**sd21_unet_config())
+    unet: Any = UNet2DConditionModel(**sd21_unet_config())
     vae = _vae(full=True)
     text_encoder = _text_encoder(True, len(hf_tokenizer), hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id)
     for module in (unet, vae, text_encoder):
