@@ -110,29 +110,29 @@ def translate(
     image: Path | None = typer.Argument(None, help="Guidance image (PNG/JPEG/...). Omit with --source-prompt."),
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Target prompt; repeat for several."),
     out: Path = typer.Option(..., "--out", "-o", help="Output PNG (one prompt) or directory (several)."),
-    model: str | None = typer.Option(None, help="Hub id or diffusers directory [torch backend; default "
-                                                   "stabilityai/stable-diffusion-2-1-base]."),
+    model: str | None = typer.Option(None, help="Hub id or diffusers directory (torch backend; default "
+                                                   "stabilityai/stable-diffusion-2-1-base)."),
     backend: str = typer.Option("torch", help="torch | onnxruntime | tensorrt."),
     engines: Path | None = typer.Option(None, help="Exported/built directory (onnxruntime, tensorrt)."),
     provider: str = typer.Option("cpu", help="onnxruntime execution provider: cpu | cuda | tensorrt "
                                              "(cuda/tensorrt need onnxruntime-gpu)."),
     steps: int = typer.Option(50, help="Sampling steps."),
-    inversion_steps: int | None = typer.Option(None, help="DDIM inversion steps [default: --steps; "
-                                                             "the paper's preprocessing uses 999]."),
+    inversion_steps: int | None = typer.Option(None, help="DDIM inversion steps (default: --steps; "
+                                                             "the paper's preprocessing uses 999)."),
     inversion_prompt: str = typer.Option("", help="Prompt used to invert the guidance image."),
     guidance_scale: float = typer.Option(7.5, help="Classifier-free guidance scale."),
     negative_prompt: str = typer.Option(DEFAULT_NEGATIVE_PROMPT, help="Negative prompt."),
     feature_injection: float = typer.Option(0.8, help="τ_f: fraction of steps injecting the ResBlock feature."),
     attention_injection: float = typer.Option(0.5, help="τ_A: fraction of steps injecting self-attention q/k."),
     seed: int = typer.Option(0, help="Seed of the noise a generated guidance starts from."),
-    height: int | None = typer.Option(None, help="Output height (multiple of 64) [default: keep aspect, "
-                                                    "short side 512]."),
+    height: int | None = typer.Option(None, help="Output height, a multiple of 64 (default: keep the "
+                                                    "aspect ratio, short side 512)."),
     width: int | None = typer.Option(None, help="Output width (multiple of 64)."),
     source_prompt: str | None = typer.Option(None, help="Generate the guidance from this prompt instead of "
                                                            "an IMAGE."),
     source_guidance_scale: float = typer.Option(7.5, help="Guidance scale for --source-prompt generation."),
-    prompt_batch_size: int | None = typer.Option(None, help="Target prompts per injection batch [default: from "
-                                                            "free GPU memory; 4 on the CPU]."),
+    prompt_batch_size: int | None = typer.Option(None, help="Target prompts per injection batch (default: from "
+                                                            "free GPU memory; 4 on the CPU)."),
     cache_dir: Path | None = typer.Option(None, help="Keep inverted latents + captured features here (safetensors) "
                                                      "and reuse them for later prompts on the same image/settings."),
 ) -> None:
