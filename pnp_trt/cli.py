@@ -205,8 +205,8 @@ def export(
 @user_errors
 def build(
     directory: Path = typer.Argument(..., help="An exported directory (pnp-trt export); engines are added to it."),
-    min_batch: int = typer.Option(1, help="Smallest prompt batch (prompts per injection batch)."),
-    opt_batch: int = typer.Option(1, help="Prompt batch to optimize for."),
+    opt_batch: int = typer.Option(1, help="Prompt batch (prompts per injection batch) to optimize for; every "
+                                          "engine also takes batch 1."),
     max_batch: int = typer.Option(4, help="Largest prompt batch (the UNet engine takes 2x this)."),
     min_size: str = typer.Option("256x256", help="Smallest image HEIGHTxWIDTH."),
     opt_size: str = typer.Option("512x512", help="Image size to optimize for."),
@@ -222,7 +222,7 @@ def build(
     if static:
         shapes = BuildShapes.static(parse_size(static), opt_batch)
     else:
-        shapes = BuildShapes(min_batch, opt_batch, max_batch, parse_size(min_size), parse_size(opt_size),
+        shapes = BuildShapes(opt_batch, max_batch, parse_size(min_size), parse_size(opt_size),
                              parse_size(max_size))
     require_tensorrt("pnp-trt build")
     from .engines.build import build_all

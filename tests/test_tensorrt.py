@@ -30,7 +30,7 @@ runner = CliRunner()
 
 
 def test_unet_profile_from_the_contract() -> None:
-    shapes = BuildShapes(1, 2, 4, (256, 256), (512, 512), (512, 768))
+    shapes = BuildShapes(2, 4, (256, 256), (512, 512), (512, 768))
     profile = profile_shapes(graph_specs(SD21)["unet"], SD21, shapes)
     assert profile["sample"] == ((1, 4, 32, 32), (4, 4, 64, 64), (8, 4, 64, 96))
     assert profile["encoder_hidden_states"] == ((1, 77, 1024), (4, 77, 1024), (8, 77, 1024))
@@ -40,7 +40,7 @@ def test_unet_profile_from_the_contract() -> None:
     text = profile_shapes(graph_specs(SD21)["text_encoder"], SD21, shapes)
     assert text["input_ids"] == ((1, 77), (2, 77), (4, 77))
     decoder = profile_shapes(graph_specs(SD21)["vae_decoder"], SD21, shapes)
-    assert decoder["latent"] == ((1, 4, 32, 32), (2, 4, 64, 64), (4, 4, 64, 96))
+    assert decoder["latent"] == ((1, 4, 32, 32), (2, 4, 64, 64), (4, 4, 64, 96))  # a last batch may be partial
 
 
 def test_static_shapes_and_validation() -> None:
@@ -52,14 +52,14 @@ def test_static_shapes_and_validation() -> None:
         parse_size("512")
     with pytest.raises(PnPError, match="not a multiple of 64"):
         BuildShapes.static((500, 512)).check(64)
-    with pytest.raises(PnPError, match="1 ≤ min ≤ opt ≤ max"):
-        BuildShapes(2, 1, 4).check(64)
+    with pytest.raises(PnPError, match="1 ≤ opt ≤ max"):
+        BuildShapes(4, 2).check(64)
     with pytest.raises(PnPError, match="min ≤ opt ≤ max"):
         BuildShapes(min_size=(512, 512), opt_size=(256, 256)).check(64)
 
 
 def test_requests_outside_the_profiles_name_the_range_and_the_rebuild() -> None:
-    shapes = BuildShapes(1, 1, 2, (256, 256), (512, 512), (512, 512))
+    shapes = BuildShapes(1, 2, (256, 256), (512, 512), (512, 512))
     check_request("unet", shapes, 4, (512, 512), "REBUILD")
     check_request("text_encoder", shapes, 2, None, "REBUILD")
     with pytest.raises(PnPError, match=r"built for batch 1..4, asked 6; .*`REBUILD`"):
@@ -133,7 +133,7 @@ def tiny_engines(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
     out = tmp_path_factory.mktemp("trt") / "tiny-fp16"
     export_model(str(tiny_model_dir), out, "fp16")
-    build_all(out, BuildShapes(1, 2, 2, (64, 64), (128, 128), (256, 256)), timing_cache=out.parent / "cache")
+    build_all(out, BuildShapes(2, 2, (64, 64), (128, 128), (256, 256)), timing_cache=out.parent / "cache")
     return out
 
 

@@ -47,7 +47,7 @@ class EngineEntry:
 
 def build_command(directory: Path, shapes: BuildShapes) -> str:
     s = shapes
-    return (f"pnp-trt build {directory} --min-batch {s.min_batch} --opt-batch {s.opt_batch} --max-batch "
+    return (f"pnp-trt build {directory} --opt-batch {s.opt_batch} --max-batch "
             f"{s.max_batch} --min-size {s.min_size[0]}x{s.min_size[1]} --opt-size {s.opt_size[0]}x{s.opt_size[1]} "
             f"--max-size {s.max_size[0]}x{s.max_size[1]}")
 

@@ -1,8 +1,9 @@
 """Optimization profiles derived from the I/O contract (pure Python: unit-tested without TensorRT).
 
-The user gives ranges of *prompt batch* (target prompts per injection batch) and image size; each graph's
-batch follows from how the sampler calls it: the text encoder sees 1..N prompts, the VAE encoder one
-image, the decoder N latents, the UNet 1 (inversion, capture) to 2N samples (negative + target branches).
+The user gives the prompt batch (target prompts per injection batch) to optimize for and the largest, and a
+range of image sizes; each graph's batch follows from how the sampler calls it: the text encoder sees 1..N
+prompts, the VAE encoder one image, the decoder 1..N latents (the last batch may be partial), the UNet 1
+(inversion, capture) to 2N samples (negative + target branches). So every profile starts at batch 1.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ Profile = dict[str, tuple[Shape, Shape, Shape]]
 
 @dataclass(frozen=True)
 class BuildShapes:
-    """The range of prompt batches and image sizes (pixels, H×W) an engine must accept."""
+    """The prompt batches and image sizes (pixels, H×W) an engine must accept."""
 
-    min_batch: int = 1
     opt_batch: int = 1
     max_batch: int = 4
     min_size: tuple[int, int] = (256, 256)
@@ -31,9 +31,8 @@ class BuildShapes:
     max_size: tuple[int, int] = (768, 768)
 
     def check(self, multiple: int) -> BuildShapes:
-        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
-            raise PnPError(f"batches must satisfy 1 ≤ min ≤ opt ≤ max, got {self.min_batch}/{self.opt_batch}/"
-                           f"{self.max_batch}")
+        if not 1 <= self.opt_batch <= self.max_batch:
+            raise PnPError(f"batches must satisfy 1 ≤ opt ≤ max, got {self.opt_batch}/{self.max_batch}")
         for axis in (0, 1):
             lo, opt, hi = self.min_size[axis], self.opt_size[axis], self.max_size[axis]
             if not lo <= opt <= hi:
@@ -48,14 +47,14 @@ class BuildShapes:
     @classmethod
     def static(cls, size: tuple[int, int], batch: int = 1) -> BuildShapes:
         """One size and batch: the fastest engines (and the only ones CUDA graphs can replay)."""
-        return cls(batch, batch, batch, size, size, size)
+        return cls(batch, batch, size, size, size)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildShapes:
-        return cls(int(data["min_batch"]), int(data["opt_batch"]), int(data["max_batch"]),
+        return cls(int(data["opt_batch"]), int(data["max_batch"]),
                    parse_pair(data["min_size"]), parse_pair(data["opt_size"]), parse_pair(data["max_size"]))
 
 
@@ -78,14 +77,9 @@ def graph_batch(graph: str, prompt_batch: int) -> int:
             "unet": 2 * prompt_batch}[graph]
 
 
-def graph_min_batch(graph: str, prompt_batch: int) -> int:
-    """The unet also runs at batch 1 (inversion, capture); everything else at least one prompt."""
-    return 1 if graph in ("unet", "text_encoder", "vae_encoder") else prompt_batch
-
-
 def profile_shapes(spec: GraphSpec, dims: ModelDims, shapes: BuildShapes) -> Profile:
     """(min, opt, max) shape of every input whose shape can vary, for one optimization profile."""
-    low = axis_sizes(dims, graph_min_batch(spec.name, shapes.min_batch), *shapes.min_size)
+    low = axis_sizes(dims, 1, *shapes.min_size)
     opt = axis_sizes(dims, graph_batch(spec.name, shapes.opt_batch), *shapes.opt_size)
     high = axis_sizes(dims, graph_batch(spec.name, shapes.max_batch), *shapes.max_size)
     return {t.name: (t.shape(low), t.shape(opt), t.shape(high))
@@ -95,10 +89,9 @@ def profile_shapes(spec: GraphSpec, dims: ModelDims, shapes: BuildShapes) -> Pro
 def check_request(graph: str, shapes: BuildShapes, batch: int, size: tuple[int, int] | None, rebuild: str) -> None:
     """A run outside the built profiles → one line naming what is out of range and how to rebuild.
     `size` is the image size (H, W) the call works at; None for graphs whose shapes ignore it."""
-    lo_batch = graph_min_batch(graph, shapes.min_batch)
     hi_batch = graph_batch(graph, shapes.max_batch)
-    if not lo_batch <= batch <= hi_batch:
-        raise PnPError(f"the {graph} engine was built for batch {lo_batch}..{hi_batch}, asked {batch}; lower "
+    if not 1 <= batch <= hi_batch:
+        raise PnPError(f"the {graph} engine was built for batch 1..{hi_batch}, asked {batch}; lower "
                        f"--prompt-batch-size or rebuild with a larger --max-batch (`{rebuild}`)")
     if size is None:
         return
