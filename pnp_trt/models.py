@@ -95,7 +95,9 @@ def load_model(model: str = DEFAULT_MODEL, device: torch.device | None = None,
     except PnPError:
         raise
     except (OSError, ValueError) as exc:
-        raise PnPError(f"cannot load model {model}: {str(exc).splitlines()[0]}") from None
+        hint = "" if Path(model).exists() else (" (a hub id: is the model hub reachable? Otherwise pass a local "
+                                                "diffusers directory)")
+        raise PnPError(f"cannot load model {model}: {str(exc).splitlines()[0]}{hint}") from None
     tokenizer = PromptTokenizer(hf_tokenizer.backend_tokenizer, int(hf_tokenizer.model_max_length),
                                 int(hf_tokenizer.pad_token_id), str(hf_tokenizer.pad_token))
     dims = ModelDims.from_configs(unet.config, vae.config, tokenizer.max_length,
