@@ -112,3 +112,10 @@ def test_concurrent_calls_equal_serial_calls(tiny_torch, guide) -> None:
                                                              prompt_batch_size=2) for p, i in jobs])
     for a, b in zip(serial, threaded, strict=True):
         assert [np.asarray(x).tobytes() for x in a.images] == [np.asarray(x).tobytes() for x in b.images]
+
+
+def test_concurrent_misses_on_one_source_build_it_once(tiny_torch, guide) -> None:
+    translator = Translator(tiny_torch, SourceCache())
+    results = in_threads([lambda p=p: translator.translate([p], guide, **SETTINGS) for p in ("a cat", "a dog", "x")])
+    assert sorted(r.cache_hit for r in results) == [False, True, True]
+    assert sum(r.unet_evals for r in results) == (4 + 3) + 3 * 2 * 4  # one inversion + capture in all

@@ -11,6 +11,7 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ class SourceCache:
         self._entries: OrderedDict[str, Source] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._building: dict[str, threading.Lock] = {}
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
 
@@ -77,6 +79,26 @@ class SourceCache:
         if source is not None:
             self._remember(key, source)
         return source
+
+    def get_or_build(self, key: str, backend: Backend, build: Callable[[], Source]) -> tuple[Source, bool]:
+        """The cached source and True, or `build()`'s result (then cached) and False. Concurrent misses on
+        one key build it once: the others wait for that build and then hit."""
+        source = self.get(key, backend)
+        if source is not None:
+            return source, True
+        with self._lock:
+            building = self._building.setdefault(key, threading.Lock())
+        try:
+            with building:
+                source = self.get(key, backend)
+                if source is not None:
+                    return source, True
+                source = build()
+                self.put(key, source, backend)
+                return source, False
+        finally:
+            with self._lock:
+                self._building.pop(key, None)
 
     def put(self, key: str, source: Source, backend: Backend) -> None:
         self._remember(key, source)

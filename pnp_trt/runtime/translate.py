@@ -116,14 +116,14 @@ def translate(model: LoadedModel, prompts: Sequence[str], config: TranslateConfi
     size = plan_size(model, config, image)
     sampler = Sampler(model, progress=progress)
     pixels = to_array(image, size) if image is not None else None
-    key = source = None
-    if cache is not None:
+
+    def build() -> Source:
+        return prepare_source(sampler, config, size, pixels, source_prompt)
+
+    if cache is None:
+        source, hit = build(), False
+    else:
         key = source_key(model.identity, config, size, pixels, source_prompt)
-        source = cache.get(key, model.backend)
-    hit = source is not None
-    if source is None:
-        source = prepare_source(sampler, config, size, pixels, source_prompt)
-        if cache is not None and key is not None:
-            cache.put(key, source, model.backend)
+        source, hit = cache.get_or_build(key, model.backend, build)
     images, latents = sample_targets(sampler, source, prompts, config)
     return TranslateResult(images, latents, sampler.stats, size, cache_hit=hit)
