@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-import shutil
 import tempfile
 from collections.abc import Callable
 from importlib import metadata
@@ -89,8 +88,8 @@ def _write_outputs(out: Path, prompts: list[str], images: list[Any], record: dic
     if len(prompts) == 1:
         save_png(images[0], out)
         return [out]
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
-    try:
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as staging_name:
+        staging = Path(staging_name)
         width = len(str(len(prompts) - 1))
         names = [f"{i:0{width}d}_{_slug(p)}.png" for i, p in enumerate(prompts)]
         for name, image in zip(names, images, strict=True):
@@ -100,8 +99,6 @@ def _write_outputs(out: Path, prompts: list[str], images: list[Any], record: dic
         out.mkdir(exist_ok=True)
         for path in sorted(staging.iterdir()):
             path.replace(out / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return [out / n for n in names]
 
 

@@ -7,7 +7,6 @@ Speed depends on shapes, not weights, so `sd21_unet_config()` gives honest full-
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from .contract import INJECTION_POINTS
+from .fileio import staging_directory
 
 SD21_SCHEDULER = {
     "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -103,9 +103,7 @@ def make_tiny_model(out: Path, seed: int = 0, full_size: bool = False) -> Path:
     from diffusers import UNet2DConditionModel
 
     out = Path(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with staging_directory(out) as tmp:
         torch.manual_seed(seed)
         unet: Any = UNet2DConditionModel(**(sd21_unet_config() if full_size else tiny_unet_config()))
         if not full_size:
@@ -118,9 +116,6 @@ def make_tiny_model(out: Path, seed: int = 0, full_size: bool = False) -> Path:
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD21_SCHEDULER, indent=2))
         (tmp / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -6,8 +6,6 @@ on TensorRT 10.x and 11.x (11 removed the FP16 builder flag and weak typing).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import tensorrt as trt
 
 from ..contract import ModelDims, graph_specs
 from ..errors import PnPError
+from ..fileio import atomic_write
 from ..manifest import GRAPHS, read_manifest, sha256
 from .availability import require_tensorrt
 from .compat import ENGINES_MANIFEST, EngineEntry, Platform, entries_json
@@ -53,14 +52,7 @@ def current_platform() -> Platform:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _parse(builder: trt.Builder, onnx_path: Path, logger: trt.ILogger) -> trt.INetworkDefinition:

@@ -14,6 +14,7 @@ import torch
 
 from ..contract import INJECTION_POINTS, axis_sizes, graph_specs, random_feeds
 from ..errors import PnPError
+from ..fileio import staging_directory
 from ..manifest import FORMAT_VERSION, GRAPHS, MANIFEST, file_entries
 from ..models import TorchModel, load_model, weights_hash
 from ..torch_graphs import PnPUNetGraph, TextEncoderGraph, VaeDecoderGraph, VaeEncoderGraph
@@ -129,16 +130,11 @@ def export_loaded(model: TorchModel, out: Path, precision: str = "fp32", opset: 
     _check_destination(out, precision)
     for part in (model.unet, model.vae):
         use_two_pass_group_norms(part)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staging_directory(out) as tmp:
         graphs = torch_graphs(model)
         reports = []
         for name in GRAPHS:
             on_graph(name)
             reports.append(export_one(name, graphs[name], model, tmp, precision, opset))
         write_side_files(model, tmp, precision, opset, reports, versions or {})
-        tmp.chmod(0o755)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return reports

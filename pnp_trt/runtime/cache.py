@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..config import TranslateConfig
-from ..images import atomic_write
+from ..fileio import atomic_write
 from .backend import Array, Backend
 from .sampler import Source
 
