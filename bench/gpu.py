@@ -1,79 +1,246 @@
-"""GPU latency per stage: torch fp16, ONNX Runtime CUDA (if onnxruntime-gpu is installed) and TensorRT (if
-installed and engines are given), on the SD 2.1-base shapes at 512×512 — random weights unless --model names
-a real one (speed depends on shapes, not weight values). Prints UNet evaluations, ms per stage and the
-achieved TFLOP/s of the UNet stages (0.804 TFLOP per UNet sample at 512²).
+"""Whole edits on a GPU, every path side by side in one process: torch eager, torch + CUDA graphs, ONNX Runtime
+CUDA with IO binding, ± its CUDA graphs. SD 2.1-base shapes with random weights (speed depends on shapes, not
+weight values; --model names a real one), fp16, real-image guidance.
 
-    python bench/gpu.py [--steps 50] [--prompts 1] [--model ID_OR_DIR] [--onnx DIR] [--engines DIR]
+Per path: a full edit with 1 prompt, a cached re-edit (source from the cache, a new prompt), 8 prompts in one
+batch; UNet calls (the critical path) and evaluations, ms per call, achieved TFLOP/s in the UNet stages
+(0.804 TFLOP per UNet sample at 512²), and the PSNR of its 1-prompt image against torch fp32 eager on the same
+inputs. Prints each path and writes the whole record as JSON after each one (a cut-off run keeps what it had).
+Without --onnx the fp16 graphs are exported from the same random weights in a background process while the
+torch paths run (it uses the CPU; the GPU paths wait for it only when they need it).
+
+    python bench/gpu.py --out bench/results/gpu.json [--steps 50] [--size 512] [--onnx DIR] [--paths a,b]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import gc
+import json
+import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from common import guide_image
 
 from pnp_trt.config import TranslateConfig
+from pnp_trt.runtime.cache import SourceCache
 from pnp_trt.runtime.translate import translate
 
 UNET_TFLOP_PER_SAMPLE_512 = 0.804
 UNET_STAGES = ("invert", "generate", "capture", "inject")
+PROMPTS = [f"a painting of a castle, style {i}" for i in range(9)]
+PATHS = ("torch-eager", "torch-cuda-graphs", "onnxruntime-cuda", "onnxruntime-cuda-graphs")
+EXPORT = """
+import sys, torch
+from pathlib import Path
+torch.set_num_threads(4)
+from pnp_trt.tiny_model import random_sd21_model
+from pnp_trt.export.exporter import export_loaded
+reports = export_loaded(random_sd21_model(0), Path(sys.argv[1]), "fp16")
+print({r.name: r.worst for r in reports})
+"""
 
 
+def psnr(a: Any, b: Any) -> float | str:
+    """dB between two 8-bit images ("identical" where they are: JSON has no infinity)."""
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return "identical" if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
-def measure(name: str, model, steps: int, prompts: int, size: int, repeats: int) -> None:
-    config = TranslateConfig(steps=steps, height=size, width=size, prompt_batch_size=max(prompts, 1))
-    targets = [f"a painting of a castle, style {i}" for i in range(prompts)]
-    translate(model, targets, TranslateConfig(steps=2, height=size, width=size, prompt_batch_size=prompts),
-              image=guide_image(size))
-    best = None
-    for _ in range(repeats):
+class Bench:
+    def __init__(self, steps: int, size: int):
+        self.steps, self.size, self.image = steps, size, guide_image(size)
+
+    def config(self, prompts: int, steps: int | None = None) -> TranslateConfig:
+        return TranslateConfig(steps=steps or self.steps, height=self.size, width=self.size, prompt_batch_size=prompts)
+
+    def edit(self, model: Any, prompts: list[str], cache: SourceCache | None = None,
+             steps: int | None = None) -> tuple[float, Any]:
         start = time.perf_counter()
-        result = translate(model, targets, config, image=guide_image(size))
-        total = time.perf_counter() - start
-        if best is None or total < best[0]:
-            best = (total, result.stats)
-    total, stats = best
-    unet_s = sum(stats.timings.get(s, 0.0) for s in UNET_STAGES)
-    tflops = stats.unet_evals * UNET_TFLOP_PER_SAMPLE_512 * (size / 512) ** 2 / unet_s
-    stages = "  ".join(f"{k} {v * 1000:.1f}" for k, v in stats.timings.items())
-    print(f"{name}: {total * 1000:.0f} ms end to end (best of {repeats}), {stats.unet_evals} UNet evaluations, "
-          f"{unet_s / stats.unet_evals * 1000:.2f} ms per evaluation, {tflops:.0f} TFLOP/s in UNet stages\n"
-          f"    ms per stage: {stages}")
+        result = translate(model, prompts, self.config(len(prompts), steps), image=self.image, cache=cache)
+        return time.perf_counter() - start, result
+
+    def reference(self, model: Any) -> dict[str, Any]:
+        """The fp32 images every path is compared with (one warm-up step, one timed edit)."""
+        self.edit(model, PROMPTS[:1], steps=1)
+        full_s, full = self.edit(model, PROMPTS[:1])
+        return {"full_edit_s": full_s, "unet_calls": full.stats.unet_calls, "images": full.images}
+
+    def measure(self, model: Any, references: dict[str, list[Any]]) -> dict[str, Any]:
+        """Warm up (graph capture, autotuning: every shape and injection state at 4 steps), then time."""
+        self.edit(model, PROMPTS[:1], steps=4)
+        self.edit(model, PROMPTS[:8], steps=4)
+        full_s, full = self.edit(model, PROMPTS[:1])
+        cache = SourceCache()
+        self.edit(model, PROMPTS[:1], cache)
+        cached_s, cached = self.edit(model, PROMPTS[1:2], cache)
+        assert cached.cache_hit
+        eight_s, eight = self.edit(model, PROMPTS[:8])
+        stats = full.stats
+        unet_s = sum(stats.timings.get(s, 0.0) for s in UNET_STAGES)
+        record = {
+            "full_edit_s": full_s, "cached_edit_s": cached_s, "eight_prompts_s": eight_s,
+            "unet_calls": stats.unet_calls, "unet_evaluations": stats.unet_evals,
+            "eight_prompts_unet_calls": eight.stats.unet_calls,
+            "eight_prompts_unet_evaluations": eight.stats.unet_evals,
+            "ms_per_unet_call": unet_s / stats.unet_calls * 1000,
+            "tflops": stats.unet_evals * UNET_TFLOP_PER_SAMPLE_512 * (self.size / 512) ** 2 / unet_s / 1000,
+            "stages_ms": {k: v * 1000 for k, v in stats.timings.items()},
+            "cached_stages_ms": {k: v * 1000 for k, v in cached.stats.timings.items()},
+        }
+        for name, images in references.items():
+            record[f"psnr_vs_{name}"] = psnr(full.images[0], images[0])
+        record["images"] = full.images
+        return record
+
+
+def environment() -> dict[str, Any]:
+    import diffusers
+
+    try:
+        import onnxruntime
+        ort_version = f"{onnxruntime.__version__} ({', '.join(onnxruntime.get_available_providers())})"
+    except ImportError:
+        ort_version = "absent"
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        driver = "unknown"
+    return {"device": torch.cuda.get_device_name(), "driver": driver,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+                         "onnxruntime": ort_version, "diffusers": diffusers.__version__, "numpy": np.__version__}}
+
+
+class TorchModels:
+    """Loads each precision once; the eager and CUDA-graph paths share the fp16 weights."""
+
+    def __init__(self, model: str | None):
+        self.model = model
+        self.loaded: dict[torch.dtype, Any] = {}
+
+    def open(self, dtype: torch.dtype, cuda_graphs: bool) -> Any:
+        from pnp_trt.models import load_model
+        from pnp_trt.runtime.torch_backend import on_torch
+        from pnp_trt.tiny_model import random_sd21_model
+
+        if dtype not in self.loaded:
+            cuda = torch.device("cuda")
+            self.loaded[dtype] = load_model(self.model, cuda, dtype) if self.model else \
+                random_sd21_model(0, cuda, dtype)
+        return on_torch(self.loaded[dtype], cuda_graphs)
+
+    def drop(self, dtype: torch.dtype) -> None:
+        self.loaded.pop(dtype, None)
+        free()
+
+
+def wait_for_export(process: subprocess.Popen | None, directory: Path) -> Path:
+    if process is not None and process.wait() != 0:
+        log = directory.with_suffix(".log").read_text()
+        raise RuntimeError(f"export failed: {log[-1500:]}")
+    return directory
+
+
+def free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def run_path(name: str, open_model: Any, measure: Any, record: dict[str, Any],
+             images_dir: Path | None) -> dict[str, Any] | None:
+    """Measure one path; a failure is recorded (and printed) instead of ending the run."""
+    print(f"== {name}", flush=True)
+    try:
+        start = time.perf_counter()
+        model = open_model()
+        result = measure(model)
+        result["wall_s"] = time.perf_counter() - start
+    except Exception as exc:  # a path that cannot run on this machine is a result too
+        record["paths"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:600]}"}
+        print(f"   failed: {record['paths'][name]['error']}", flush=True)
+        return None
+    finally:
+        model = None
+        free()
+    images = result.pop("images")
+    if images_dir is not None:
+        images[0].save(images_dir / f"{name}.png")
+    record["paths"][name] = result
+    print("   " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float | int)), flush=True)
+    return {"images": images}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="JSON record to write")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--prompts", type=int, default=1)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", help="hub id or diffusers directory (default: random SD 2.1-base weights)")
-    parser.add_argument("--onnx", type=Path, help="exported directory for ONNX Runtime CUDA")
-    parser.add_argument("--engines", type=Path, help="exported directory with TensorRT engines")
+    parser.add_argument("--onnx", type=Path, help="exported fp16 directory (default: export one to --export-to)")
+    parser.add_argument("--export-to", type=Path, default=Path("/tmp/pnp-trt-bench-sd21-fp16"))
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {', '.join(PATHS)}")
+    parser.add_argument("--images", type=Path, help="save each path's 1-prompt image here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu.py needs a CUDA GPU")
-    print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; {args.size}x{args.size}, "
-          f"{args.steps} steps, {args.prompts} prompt(s), real image guidance")
-    from pnp_trt.runtime.torch_backend import load_torch, on_torch
+    paths = args.paths.split(",")
+    export = None
+    if args.onnx is None and any(p.startswith("onnxruntime") for p in paths):
+        if args.model:
+            raise SystemExit("with --model, export it first (`pnp-trt export --precision fp16`) and pass --onnx")
+        log = args.export_to.with_suffix(".log").open("w")
+        export = subprocess.Popen([sys.executable, "-c", EXPORT, str(args.export_to)], stdout=log,
+                                  stderr=subprocess.STDOUT)
+    onnx_dir = args.onnx or args.export_to
+    if args.images:
+        args.images.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args.steps, args.size)
+    record: dict[str, Any] = {**environment(), "settings": {
+        "model": args.model or "random SD 2.1-base weights", "precision": "fp16", "size": args.size,
+        "steps": args.steps, "guidance": "real image", "eight_prompts_batch": 8,
+        "export_ran_alongside_torch_paths": export is not None}, "paths": {}}
+    print(json.dumps({k: v for k, v in record.items() if k != "paths"}, indent=1), flush=True)
 
-    if args.model:
-        model = load_torch(args.model, torch.device("cuda"), torch.float16)
-    else:
-        from pnp_trt.tiny_model import random_sd21_model
-        model = on_torch(random_sd21_model(0, torch.device("cuda"), torch.float16))
-    measure("torch fp16", model, args.steps, args.prompts, args.size, args.repeats)
-    if args.onnx:
-        from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
-        measure("onnxruntime CUDA", load_onnxruntime(args.onnx, "cuda"), args.steps, args.prompts, args.size,
-                args.repeats)
-    if args.engines:
-        from pnp_trt.runtime.tensorrt_backend import load_tensorrt
-        measure("tensorrt", load_tensorrt(args.engines), args.steps, args.prompts, args.size, args.repeats)
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+
+    models = TorchModels(args.model)
+    fp32 = run_path("torch-fp32-eager", lambda: models.open(torch.float32, False), bench.reference, record,
+                    args.images)
+    models.drop(torch.float32)
+    references = {"fp32": fp32["images"]} if fp32 else {}
+    save()
+    openers = {
+        "torch-eager": lambda: models.open(torch.float16, False),
+        "torch-cuda-graphs": lambda: models.open(torch.float16, True),
+        "onnxruntime-cuda": lambda: onnxruntime_model(wait_for_export(export, onnx_dir), False),
+        "onnxruntime-cuda-graphs": lambda: onnxruntime_model(wait_for_export(export, onnx_dir), True),
+    }
+    for name in paths:
+        result = run_path(name, openers[name], lambda model: bench.measure(model, references), record, args.images)
+        if name == "torch-eager" and result:
+            references["torch_fp16_eager"] = result["images"]
+        if name == "torch-cuda-graphs":
+            models.drop(torch.float16)
+        save()
+    print(f"wrote {args.out}")
+
+
+def onnxruntime_model(directory: Path, cuda_graphs: bool) -> Any:
+    from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
+
+    return load_onnxruntime(directory, "cuda", cuda_graphs)
 
 
 if __name__ == "__main__":

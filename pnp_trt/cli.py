@@ -133,6 +133,8 @@ def translate(
                                                             "free GPU memory; 4 on the CPU)."),
     cache_dir: Path | None = typer.Option(None, help="Keep inverted latents + captured features here (safetensors) "
                                                      "and reuse them for later prompts on the same image/settings."),
+    cuda_graphs: bool = typer.Option(True, help="On CUDA, replay the UNet as CUDA graphs (captured once per "
+                                                "shape; the torch, onnxruntime-cuda and tensorrt backends)."),
 ) -> None:
     """Translate a guidance image (or a generated one) into each --prompt, keeping its layout."""
     from .config import check_backend
@@ -155,13 +157,14 @@ def translate(
     if backend == "torch":
         from .models import quiet_loading
         quiet_loading()
-    loaded = open_model(backend, model, engines, provider)
+    loaded = open_model(backend, model, engines, provider, cuda_graphs)
     with _progress() as progress:
         cache = SourceCache(directory=cache_dir) if cache_dir else None
         result = run_translation(loaded, prompt, config, guidance, source_prompt, rich_progress(progress), cache)
     record = {"prompts": prompt, "image": str(image) if image else None, "source_prompt": source_prompt,
               "backend": backend, "model": loaded.identity, "size": list(result.size), "settings": config.to_dict(),
               "timings_s": result.stats.timings, "unet_evaluations": result.stats.unet_evals,
+              "unet_calls": result.stats.unet_calls,
               "source_cache_hit": result.cache_hit,
               "versions": versions()}
     written = _write_outputs(out, prompt, result.images, record)

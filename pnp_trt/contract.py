@@ -168,6 +168,15 @@ def axis_sizes(dims: ModelDims, batch: int, height: int, width: int) -> dict[str
     return sizes
 
 
+def call_sizes(dims: ModelDims, graph: str, first_input: tuple[int, ...]) -> dict[str, int]:
+    """Axis sizes of one call of `graph`, read off the shape of its first input (contract order)."""
+    batch = first_input[0]
+    if graph == "text_encoder":
+        return axis_sizes(dims, batch, 0, 0)
+    scale = 1 if graph == "vae_encoder" else dims.vae_factor
+    return axis_sizes(dims, batch, first_input[-2] * scale, first_input[-1] * scale)
+
+
 def random_feeds(spec: GraphSpec, sizes: Mapping[str, int], precision: str, seed: int = 0,
                  vocab_size: int = 49408) -> dict[str, Any]:
     """Random numpy inputs for a graph at the given axis sizes (gates on, timestep mid-schedule)."""

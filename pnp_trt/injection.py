@@ -62,11 +62,19 @@ def missing_layers(unet: torch.nn.Module) -> list[str]:
     return [p.module for p in INJECTION_POINTS if p.module not in names]
 
 
+_HOOKS_ATTRIBUTE = "_pnp_trt_hooks"
+
+
 def install_hooks(unet: torch.nn.Module) -> list[Any]:
-    """Attach the capture/inject hooks to every injection point; returns the removable handles."""
+    """Attach the capture/inject hooks to every injection point, once per UNet (they hold no state, so
+    every graph over one UNet shares them); returns the removable handles."""
+    if hasattr(unet, _HOOKS_ATTRIBUTE):
+        return getattr(unet, _HOOKS_ATTRIBUTE)
     missing = missing_layers(unet)
     if missing:
         raise PnPError(f"this UNet lacks the layers PnP needs ({', '.join(missing[:3])}"
                        f"{', …' if len(missing) > 3 else ''}); use a Stable Diffusion 1.x/2.x model")
     modules = dict(unet.named_modules())
-    return [modules[p.module].register_forward_hook(_make_hook(p)) for p in INJECTION_POINTS]
+    handles = [modules[p.module].register_forward_hook(_make_hook(p)) for p in INJECTION_POINTS]
+    setattr(unet, _HOOKS_ATTRIBUTE, handles)
+    return handles

@@ -27,6 +27,28 @@ def tiny_torch(tiny_model_dir: Path):
     return load_torch(str(tiny_model_dir), torch.device("cpu"), torch.float32)
 
 
+@pytest.fixture(scope="session")
+def exported(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from typer.testing import CliRunner
+
+    from pnp_trt.cli import app
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny-fp32"
+    result = CliRunner().invoke(app, ["export", "--model", str(tiny_model_dir), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "unet: noise_pred" in result.output and "captured_k_up3_attn2" in result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported_fp16(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pnp_trt.export.exporter import export_model
+
+    out = tmp_path_factory.mktemp("onnx16") / "tiny-fp16"
+    export_model(str(tiny_model_dir), out, "fp16")
+    return out
+
+
 def random_image(path: Path, width: int, height: int, mode: str = "RGB", seed: int = 0) -> Path:
     """A smooth random picture (blobs, not pixel noise) so a VAE round trip keeps its layout."""
     rng = np.random.default_rng(seed)

@@ -28,22 +28,6 @@ from pnp_trt.runtime.translate import translate
 runner = CliRunner()
 
 
-@pytest.fixture(scope="session")
-def exported(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("onnx") / "tiny-fp32"
-    result = runner.invoke(app, ["export", "--model", str(tiny_model_dir), "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    assert "unet: noise_pred" in result.output and "captured_k_up3_attn2" in result.output
-    return out
-
-
-@pytest.fixture(scope="session")
-def exported_fp16(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("onnx16") / "tiny-fp16"
-    export_model(str(tiny_model_dir), out, "fp16")
-    return out
-
-
 def _outputs(module, spec, feeds):
     with torch.no_grad():
         outs = module(*(torch.from_numpy(feeds[n]) for n in spec.input_names))
@@ -103,6 +87,28 @@ def test_onnxruntime_matches_torch_end_to_end(exported: Path, tiny_torch, tmp_pa
     for a, b in zip(ours.images, reference.images, strict=True):
         assert psnr(np.asarray(a), np.asarray(b)) >= 45
     assert ours.stats.unet_evals == reference.stats.unet_evals
+
+
+def test_io_binding_backend_matches_the_numpy_backend(exported: Path, tmp_path: Path) -> None:
+    """The GPU provider's path (torch tensors bound in place, outputs allocated from the contract, captured
+    tensors bound as later inputs, DDIM on torch tensors), run here on the CPU provider: the numpy backend's result."""
+    from dataclasses import replace
+
+    from pnp_trt.manifest import read_manifest
+    from pnp_trt.runtime.onnxruntime_device import OnnxRuntimeDeviceBackend
+
+    numpy_model = load_onnxruntime(exported)
+    bound = replace(numpy_model, backend=OnnxRuntimeDeviceBackend(exported, read_manifest(exported), "cpu",
+                                                                  device=torch.device("cpu")))
+    config = TranslateConfig(steps=4, height=64, width=128, prompt_batch_size=2)
+    image = load_guidance(random_image(tmp_path / "g.png", 128, 64))
+    prompts = ["a photo of a cat", "a painting of a dog", "a castle"]
+    ours = translate(bound, prompts, config, image=image)
+    reference = translate(numpy_model, prompts, config, image=image)
+    embeddings = bound.backend.run("text_encoder", {"input_ids": bound.tokenizer.encode(["a cat"])})
+    assert isinstance(embeddings["text_embeddings"], torch.Tensor)
+    assert rel_err(ours.latents, reference.latents) <= 1e-6
+    assert (ours.stats.unet_calls, ours.stats.unet_evals) == (reference.stats.unet_calls, reference.stats.unet_evals)
 
 
 def test_cli_translate_onnxruntime(exported: Path, tmp_path: Path) -> None:

@@ -70,7 +70,8 @@ def clean_graph(raw: Path, path: Path) -> None:
 
 def to_mixed_fp16(path: Path, spec: GraphSpec) -> None:
     """fp16 weights and activations, fp32 where `FP32_OPS` need the range; fp32 I/O stays where the
-    contract says float32 (e.g. the timestep)."""
+    contract says float32 (e.g. the timestep). The types come from `clean_graph`'s path-based shape
+    inference: the converter's own in-memory inference cannot serialize an fp32 UNet past 2 GB (SD 2.1)."""
     import onnx_graphsurgeon as gs
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -78,7 +79,7 @@ def to_mixed_fp16(path: Path, spec: GraphSpec) -> None:
     model = onnx.load(str(path))
     norms = [n.name for n in model.graph.node if NORM_SCOPE.search(n.name)]
     model = convert_float_to_float16(model, keep_io_types=keep or False, op_block_list=FP32_OPS,
-                                     node_block_list=norms)
+                                     node_block_list=norms, disable_shape_infer=True)
     _save(gs.export_onnx(gs.import_onnx(model).toposort()), path)  # the converter's casts break the order
 
 

@@ -9,20 +9,22 @@ from ..errors import PnPError
 from .backend import LoadedModel
 
 
-def open_model(backend: str, model: str | None, engines: Path | None, provider: str = "cpu") -> LoadedModel:
-    """torch runs a diffusers model (hub id or dir); the others run an exported/built directory."""
+def open_model(backend: str, model: str | None, engines: Path | None, provider: str = "cpu",
+               cuda_graphs: bool = True) -> LoadedModel:
+    """torch runs a diffusers model (hub id or dir); the others run an exported/built directory.
+    `cuda_graphs`: replay the UNet as CUDA graphs where the backend runs on CUDA."""
     check_backend(backend)
     if backend == "torch":
         from ..models import DEFAULT_MODEL
         from .torch_backend import load_torch
-        return load_torch(model or DEFAULT_MODEL)
+        return load_torch(model or DEFAULT_MODEL, cuda_graphs=cuda_graphs)
     if engines is None:
         raise PnPError(f"--backend {backend} runs exported graphs: pass --engines DIR "
                        "(written by `pnp-trt export --model ID_OR_DIR --out DIR`)")
     if backend == "onnxruntime":
         from .onnxruntime_backend import load_onnxruntime
-        return load_onnxruntime(engines, provider)
+        return load_onnxruntime(engines, provider, cuda_graphs)
     from ..engines.availability import require_tensorrt
     require_tensorrt("--backend tensorrt")
     from .tensorrt_backend import load_tensorrt
-    return load_tensorrt(engines)
+    return load_tensorrt(engines, cuda_graphs)

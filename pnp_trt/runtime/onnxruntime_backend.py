@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..contract import INJECTION_POINTS, ModelDims, axis_sizes, graph_specs
+from ..contract import INJECTION_POINTS, ModelDims, call_sizes, graph_specs
 from ..errors import PnPError
 from ..manifest import read_manifest
 from ..schedule import Schedule
@@ -47,8 +47,8 @@ def check_provider(provider: str) -> str:
     return name
 
 
-class OnnxRuntimeBackend:
-    """`run(graph, feeds)` over lazily created ORT sessions; absent injected inputs are zeros, gates off."""
+class OnnxRuntimeSessions:
+    """An exported directory's graphs as lazily created ORT sessions (one per graph) on one provider."""
 
     name = "onnxruntime"
 
@@ -58,18 +58,37 @@ class OnnxRuntimeBackend:
         self.specs = graph_specs(self.dims)
         self.precision = "float16" if manifest["precision"] == "fp16" else "float32"
         self._sessions: dict[str, Any] = {}
-        self._zeros: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
 
     def session(self, graph: str) -> Any:
         if graph not in self._sessions:
-            import onnxruntime as ort
-            try:
-                self._sessions[graph] = ort.InferenceSession(str(self.directory / f"{graph}.onnx"),
-                                                             session_options(), providers=[self.provider])
-            except Exception as exc:  # ORT raises its own types for unreadable/corrupt graphs
-                raise PnPError(f"cannot load {self.directory / graph}.onnx ({str(exc).splitlines()[0][:160]}); "
-                               f"rebuild it with `pnp-trt export`") from None
+            self._sessions[graph] = self.open_session(graph, session_options(), self.providers())
         return self._sessions[graph]
+
+    def providers(self) -> list[Any]:
+        """The `providers` argument of an ORT session (names, or (name, options) pairs)."""
+        return [self.provider]
+
+    def open_session(self, graph: str, options: Any, providers: list[Any]) -> Any:
+        """One ORT session over `graph.onnx`; a corrupt or unreadable file is a one-line error."""
+        import onnxruntime as ort
+        try:
+            session = ort.InferenceSession(str(self.directory / f"{graph}.onnx"), options, providers=providers)
+        except Exception as exc:  # ORT raises its own types for unreadable/corrupt graphs
+            raise PnPError(f"cannot load {self.directory / graph}.onnx ({str(exc).splitlines()[0][:160]}); "
+                           f"rebuild it with `pnp-trt export`") from None
+        if session.get_providers()[0] != self.provider:  # ORT falls back to the CPU when a GPU provider fails
+            raise PnPError(f"onnxruntime could not start {self.provider} (it fell back to "
+                           f"{session.get_providers()[0]}); check that CUDA and cuDNN libraries are on the "
+                           "library path, or use --provider cpu")
+        return session
+
+
+class OnnxRuntimeBackend(OnnxRuntimeSessions):
+    """`run(graph, feeds)` over numpy arrays; absent injected inputs are zeros, gates off."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], provider: str = "cpu"):
+        super().__init__(directory, manifest, provider)
+        self._zeros: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
 
     def _zero(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         key = (name, shape)
@@ -79,10 +98,7 @@ class OnnxRuntimeBackend:
 
     def _feeds(self, graph: str, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         spec, full = self.specs[graph], {}
-        sizes: dict[str, int] = {}
-        if graph == "unet":
-            _, _, lh, lw = feeds["sample"].shape
-            sizes = axis_sizes(self.dims, 1, lh * self.dims.vae_factor, lw * self.dims.vae_factor)
+        sizes = call_sizes(self.dims, graph, tuple(feeds[spec.inputs[0].name].shape))
         for tensor in spec.inputs:
             value = feeds.get(tensor.name)
             if value is None:
@@ -111,13 +127,19 @@ class OnnxRuntimeBackend:
         return None
 
 
-def load_onnxruntime(directory: Path, provider: str = "cpu") -> LoadedModel:
-    """An exported directory (`pnp-trt export`) on ONNX Runtime."""
+def load_onnxruntime(directory: Path, provider: str = "cpu", cuda_graphs: bool = True) -> LoadedModel:
+    """An exported directory (`pnp-trt export`) on ONNX Runtime: numpy on the CPU provider; on a GPU
+    provider torch tensors kept on the device through IO binding (with CUDA graphs unless switched off)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     if [p.name for p in INJECTION_POINTS] != manifest.get("injection_points"):
         raise PnPError(f"{directory} was exported with other injection points; re-run `pnp-trt export`")
-    backend = OnnxRuntimeBackend(directory, manifest, provider)
+    backend: OnnxRuntimeSessions
+    if provider == "cpu":
+        backend = OnnxRuntimeBackend(directory, manifest, provider)
+    else:
+        from .onnxruntime_device import OnnxRuntimeDeviceBackend
+        backend = OnnxRuntimeDeviceBackend(directory, manifest, provider, cuda_graphs=cuda_graphs)
     try:
         tokenizer = PromptTokenizer.from_file(directory / "tokenizer.json", manifest["tokenizer"])
         scheduler = json.loads((directory / "scheduler_config.json").read_text())

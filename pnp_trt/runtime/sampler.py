@@ -33,10 +33,12 @@ def no_progress(stage: str, total: int) -> Callable[[], None]:
 
 @dataclass
 class Stats:
-    """Per-stage wall time (s) and UNet sample-evaluations (a batch of n counts n)."""
+    """Per-stage wall time (s), UNet sample-evaluations (a batch of n counts n) and UNet calls (the
+    critical path on a GPU, where a call costs about the same whatever its batch)."""
 
     timings: dict[str, float] = field(default_factory=dict)
     unet_evals: int = 0
+    unet_calls: int = 0
     sync: Callable[[], None] = field(default=lambda: None, repr=False)
     """Waits for the backend's queued work, so asynchronous (GPU) stages are timed where they run."""
 
@@ -93,6 +95,7 @@ class Sampler:
 
     def unet(self, sample: Array, t: int, embeddings: Array, **extra: Array) -> dict[str, Array]:
         self.stats.unet_evals += int(sample.shape[0])
+        self.stats.unet_calls += 1
         feeds = {"sample": sample, "timestep": np.array([t], dtype=np.float32),
                  "encoder_hidden_states": embeddings, **extra}
         return self.backend.run("unet", feeds)

@@ -2,7 +2,9 @@
 
 Per worker (one `TensorRTBackend`): one execution context per engine, all sharing one user-managed
 activation region sized to the largest engine (they run one at a time on one stream); torch CUDA tensors
-as I/O buffers; captured outputs bound directly as the next pass's inputs (no copies).
+as I/O buffers; captured outputs bound directly as the next pass's inputs (no copies). The UNet, called
+~100 times an edit at a few shapes, replays a CUDA graph captured around `execute_async_v3` per shape and
+injection state (`cuda_graphs.py`, on the graphs' own stream) unless switched off.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import tensorrt as trt
 import torch
 
-from ..contract import FLOAT, ModelDims, TensorSpec, axis_sizes, graph_specs
+from ..contract import FLOAT, ModelDims, TensorSpec, call_sizes, graph_specs
 from ..engines.buffers import shared_activation_bytes
 from ..engines.compat import EngineEntry, build_command, check_entry, read_entries
 from ..engines.profiles import check_request
@@ -24,6 +26,7 @@ from ..manifest import GRAPHS, read_manifest
 from ..schedule import Schedule
 from ..tokenizer import PromptTokenizer
 from .backend import LoadedModel
+from .cuda_graphs import CudaGraphs
 
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "bool": torch.bool}
 
@@ -31,7 +34,8 @@ _TORCH = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int
 class TensorRTBackend:
     name = "tensorrt"
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], entries: dict[str, EngineEntry]):
+    def __init__(self, directory: Path, manifest: dict[str, Any], entries: dict[str, EngineEntry],
+                 cuda_graphs: bool = True):
         from ..engines.build import current_platform
 
         self.directory, self.entries = directory, entries
@@ -59,14 +63,11 @@ class TensorRTBackend:
             context.set_device_memory(self.activations.data_ptr(), self.activations.numel())
             self.contexts[graph] = context
         self._reused: dict[tuple[str, str, tuple[int, ...]], torch.Tensor] = {}
+        self.unet_graphs = CudaGraphs(lambda inputs: self._execute("unet", inputs), self.device) if cuda_graphs \
+            else None
 
     def _dtype(self, tensor: TensorSpec) -> torch.dtype:
         return self.dtype if tensor.dtype == FLOAT else _TORCH[tensor.dtype]
-
-    def _input(self, graph: str, tensor: TensorSpec, value: Any, sizes: Mapping[str, int]) -> torch.Tensor:
-        if value is None:  # not injected: a zero buffer (or a false gate), allocated once per shape
-            return self._buffer(graph, tensor, tensor.shape(sizes))
-        return torch.as_tensor(value).to(self.device, self._dtype(tensor)).contiguous()
 
     def _buffer(self, graph: str, tensor: TensorSpec, shape: tuple[int, ...]) -> torch.Tensor:
         key = (graph, tensor.name, shape)
@@ -74,8 +75,8 @@ class TensorRTBackend:
             self._reused[key] = torch.zeros(shape, dtype=self._dtype(tensor), device=self.device)
         return self._reused[key]
 
-    def _sizes(self, graph: str, feeds: Mapping[str, Any]) -> dict[str, int]:
-        """Axis sizes of this call, after checking them against the engine's profile."""
+    def _check_profile(self, graph: str, feeds: Mapping[str, Any]) -> None:
+        """The call's batch and size must lie inside the engine's optimization profile."""
         first = feeds[self.specs[graph].inputs[0].name]
         batch, shapes = int(first.shape[0]), self.entries[graph].shapes
         size = None
@@ -83,13 +84,28 @@ class TensorRTBackend:
             scale = 1 if graph == "vae_encoder" else self.dims.vae_factor
             size = (int(first.shape[-2]) * scale, int(first.shape[-1]) * scale)
         check_request(graph, shapes, batch, size, build_command(self.directory, shapes))
-        return axis_sizes(self.dims, batch, *(size or shapes.opt_size))
 
     def run(self, graph: str, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        self._check_profile(graph, feeds)
+        inputs = {t.name: None if feeds.get(t.name) is None else
+                  torch.as_tensor(feeds[t.name]).to(self.device, self._dtype(t)).contiguous()
+                  for t in self.specs[graph].inputs}
+        if graph == "unet" and self.unet_graphs is not None:
+            return self.unet_graphs(inputs)
+        return self._execute(graph, inputs)
+
+    def _execute(self, graph: str, inputs: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """Bind every input (absent: a zero buffer or a false gate) and output, and enqueue the engine on the
+        current stream (inside a CUDA graph capture: the capture stream)."""
         spec, context = self.specs[graph], self.contexts[graph]
-        sizes = self._sizes(graph, feeds)
+        first = inputs[spec.inputs[0].name]
+        if first is None:
+            raise PnPError(f"the {graph} engine needs its {spec.inputs[0].name} input")
+        sizes = call_sizes(self.dims, graph, tuple(first.shape))
         for tensor in spec.inputs:  # torch's allocator reuses freed memory in stream order: no keep-alive needed
-            value = self._input(graph, tensor, feeds.get(tensor.name), sizes)
+            value = inputs[tensor.name]
+            if value is None:  # not injected: a zero buffer (or a false gate), allocated once per shape
+                value = self._buffer(graph, tensor, tensor.shape(sizes))
             context.set_input_shape(tensor.name, tuple(value.shape))
             context.set_tensor_address(tensor.name, value.data_ptr())
         outputs = {}
@@ -124,13 +140,14 @@ class TensorRTBackend:
         return int(torch.cuda.mem_get_info(self.device)[0])
 
 
-def load_tensorrt(directory: Path) -> LoadedModel:
-    """An exported directory with engines built by `pnp-trt build`, on TensorRT."""
+def load_tensorrt(directory: Path, cuda_graphs: bool = True) -> LoadedModel:
+    """An exported directory with engines built by `pnp-trt build`, on TensorRT (UNet CUDA graphs unless
+    switched off)."""
     import json
 
     directory = Path(directory)
     manifest = read_manifest(directory)
-    backend = TensorRTBackend(directory, manifest, read_entries(directory))
+    backend = TensorRTBackend(directory, manifest, read_entries(directory), cuda_graphs)
     tokenizer = PromptTokenizer.from_file(directory / "tokenizer.json", manifest["tokenizer"])
     schedule = Schedule.from_config(json.loads((directory / "scheduler_config.json").read_text()))
     identity = f"{manifest['model_id']} (tensorrt {manifest['precision']}, weights {manifest['weights_sha256'][:12]})"

@@ -41,9 +41,9 @@ class Translator:
     @classmethod
     def open(cls, backend: str = "torch", model: str | None = None, engines: Path | None = None,
              provider: str = "cpu", cache_bytes: int = DEFAULT_CACHE_BYTES,
-             cache_dir: Path | None = None) -> Translator:
+             cache_dir: Path | None = None, cuda_graphs: bool = True) -> Translator:
         """Load a model (torch: hub id or diffusers dir; onnxruntime/tensorrt: an exported directory)."""
-        return cls(open_model(backend, model, engines, provider), SourceCache(cache_bytes, cache_dir))
+        return cls(open_model(backend, model, engines, provider, cuda_graphs), SourceCache(cache_bytes, cache_dir))
 
     def translate(self, prompts: Sequence[str], image: Image.Image | str | Path | None = None,
                   source_prompt: str | None = None, **settings: Any) -> Translation:

@@ -1,0 +1,146 @@
+"""ONNX Runtime on a GPU provider through IO binding: feeds and outputs are torch tensors that stay on
+the device (captured outputs are bound as the next pass's inputs: no host round trip per call), and the
+DDIM arithmetic between calls runs on the device too.
+
+With `cuda_graphs` the UNet replays the CUDA graph ONNX Runtime captures (`enable_cuda_graph`). A graph
+needs fixed shapes and fixed buffer addresses, so each (batch, size) gets its own session, its free
+dimensions pinned from the contract's axis sizes, with static input/output buffers bound once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..contract import FLOAT, TensorSpec, call_sizes
+from ..errors import PnPError
+from .onnxruntime_backend import OnnxRuntimeSessions, session_options
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "bool": torch.bool}
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
+
+
+def bind(bind_method: Callable[..., None], name: str, tensor: torch.Tensor) -> None:
+    """Bind a contiguous torch tensor's memory to an ORT input or output (`IOBinding.bind_input/_output`)."""
+    bind_method(name, tensor.device.type, tensor.device.index or 0, _NUMPY_DTYPES[tensor.dtype],
+                list(tensor.shape), tensor.data_ptr())
+
+
+class GraphedSession:
+    """A fixed-shape UNet session replaying its CUDA graph: static buffers bound once, calls take turns."""
+
+    def __init__(self, session: Any, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]):
+        self.session, self.inputs, self.outputs = session, inputs, outputs
+        self.binding = session.io_binding()
+        for name, tensor in inputs.items():
+            bind(self.binding.bind_input, name, tensor)
+        for name, tensor in outputs.items():
+            bind(self.binding.bind_output, name, tensor)
+        self._lock = threading.Lock()
+
+    def __call__(self, feeds: Mapping[str, torch.Tensor], synchronize: Callable[[], None]) -> dict[str, torch.Tensor]:
+        with self._lock:
+            for name, static in self.inputs.items():
+                if name in feeds:
+                    static.copy_(feeds[name])
+                else:  # absent: not injected, gate off
+                    static.zero_()
+            synchronize()
+            try:
+                self.session.run_with_iobinding(self.binding)
+            except Exception as exc:  # ORT's own types: capture refused (a node outside the GPU provider)
+                raise PnPError(f"ONNX Runtime cannot run the UNet as a CUDA graph ({str(exc).splitlines()[0][:200]})"
+                               "; run without CUDA graphs (--no-cuda-graphs)") from None
+            return {name: out.clone() for name, out in self.outputs.items()}
+
+
+class OnnxRuntimeDeviceBackend(OnnxRuntimeSessions):
+    """`run(graph, feeds)` with torch tensors on `device` bound in place; absent inputs are zeros, gates off."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], provider: str = "cuda", cuda_graphs: bool = True,
+                 device: torch.device | None = None):
+        super().__init__(directory, manifest, provider)
+        self.device = device or torch.device("cuda" if self.provider != "CPUExecutionProvider" else "cpu")
+        self.dtype = TORCH_DTYPES[self.precision]
+        self.cuda_graphs = cuda_graphs and self.provider == "CUDAExecutionProvider"
+        self._graphed: dict[tuple[int, int, int], GraphedSession] = {}
+        self._opening = threading.Lock()
+        self._zero_tensors: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+
+    def providers(self, cuda_graph: bool = False) -> list[Any]:
+        if self.provider != "CUDAExecutionProvider":
+            return [self.provider]
+        options = {"device_id": str(self.device.index or 0)}
+        if cuda_graph:
+            options["enable_cuda_graph"] = "1"
+        return [(self.provider, options)]
+
+    def _dtype(self, tensor: TensorSpec) -> torch.dtype:
+        return self.dtype if tensor.dtype == FLOAT else TORCH_DTYPES[tensor.dtype]
+
+    def _zero_tensor(self, tensor: TensorSpec, shape: tuple[int, ...]) -> torch.Tensor:
+        key = (tensor.name, shape)
+        if key not in self._zero_tensors:
+            self._zero_tensors[key] = torch.zeros(shape, dtype=self._dtype(tensor), device=self.device)
+        return self._zero_tensors[key]
+
+    def run(self, graph: str, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        spec = self.specs[graph]
+        given = {t.name: torch.as_tensor(feeds[t.name]).to(self.device, self._dtype(t)).contiguous()
+                 for t in spec.inputs if feeds.get(t.name) is not None}
+        sizes = call_sizes(self.dims, graph, tuple(given[spec.inputs[0].name].shape))
+        if graph == "unet" and self.cuda_graphs:
+            return self._graphed_session(sizes)(given, self.synchronize)
+        binding = self.session(graph).io_binding()
+        for tensor in spec.inputs:
+            value = given.get(tensor.name)
+            bind(binding.bind_input, tensor.name, value if value is not None else
+                 self._zero_tensor(tensor, tensor.shape(sizes)))
+        outputs = {t.name: torch.empty(t.shape(sizes), dtype=self._dtype(t), device=self.device) for t in spec.outputs}
+        for name, out in outputs.items():
+            bind(binding.bind_output, name, out)
+        self.synchronize()  # inputs written on torch's stream are complete before ORT's stream reads them
+        self.session(graph).run_with_iobinding(binding)  # returns once ORT's stream is done
+        return outputs
+
+    def _graphed_session(self, sizes: Mapping[str, int]) -> GraphedSession:
+        key = (sizes["batch"], sizes["height"], sizes["width"])
+        with self._opening:
+            if key not in self._graphed:
+                self._graphed[key] = self._open_graphed(sizes)
+            return self._graphed[key]
+
+    def _open_graphed(self, sizes: Mapping[str, int]) -> GraphedSession:
+        """A UNet session with every free dimension pinned (so ORT folds its shape arithmetic and runs every
+        node on the GPU, as graph capture requires) and static buffers for every input and output."""
+        options = session_options()
+        for axis, size in sizes.items():
+            options.add_free_dimension_override_by_name(axis, size)
+        spec = self.specs["unet"]
+        session = self.open_session("unet", options, self.providers(cuda_graph=True))
+        inputs = {t.name: torch.zeros(t.shape(sizes), dtype=self._dtype(t), device=self.device) for t in spec.inputs}
+        outputs = {t.name: torch.empty(t.shape(sizes), dtype=self._dtype(t), device=self.device) for t in spec.outputs}
+        return GraphedSession(session, inputs, outputs)
+
+    def asarray(self, host: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(host)).to(self.device)
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+    def to_numpy(self, array: torch.Tensor) -> np.ndarray:
+        array = array.detach().float() if array.is_floating_point() else array.detach()
+        return array.cpu().numpy()
+
+    def concat(self, arrays: Any) -> torch.Tensor:
+        return torch.cat(list(arrays))
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def free_memory(self) -> int | None:
+        return int(torch.cuda.mem_get_info(self.device)[0]) if self.device.type == "cuda" else None

@@ -1,0 +1,84 @@
+"""CUDA graphs (torch) and ONNX Runtime's CUDA provider with IO binding (± its CUDA graphs): the same
+images as the eager references. Run wherever CUDA (and, for ONNX Runtime, onnxruntime-gpu) is present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import psnr, random_image
+
+from pnp_trt import TranslateConfig
+from pnp_trt.images import load_guidance
+from pnp_trt.models import load_model
+from pnp_trt.runtime.torch_backend import load_torch, on_torch
+from pnp_trt.runtime.translate import translate
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+CONFIG = TranslateConfig(steps=8, height=128, width=192, prompt_batch_size=2)
+PROMPTS = ["a photo of a cat", "a painting of a dog", "a castle"]
+CUDA = torch.device("cuda")
+
+
+def _has_ort_cuda() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+needs_ort_cuda = pytest.mark.skipif(not _has_ort_cuda(), reason="needs onnxruntime-gpu")
+
+
+def _psnrs(a, b) -> list[float]:
+    return [psnr(np.asarray(x), np.asarray(y)) for x, y in zip(a.images, b.images, strict=True)]
+
+
+@pytest.fixture
+def image(tmp_path: Path):
+    return load_guidance(random_image(tmp_path / "g.png", 192, 128))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_torch_cuda_graphs_match_eager(tiny_model_dir: Path, image, dtype: torch.dtype) -> None:
+    model = load_model(str(tiny_model_dir), CUDA, dtype)
+    graphed, eager = on_torch(model), on_torch(model, cuda_graphs=False)
+    replayed = translate(graphed, PROMPTS, CONFIG, image=image)
+    scores = _psnrs(replayed, translate(eager, PROMPTS, CONFIG, image=image))
+    print(f"torch {dtype} CUDA graphs vs eager PSNR: {scores}")
+    assert min(scores) >= 45
+    # batch 1 gates off (inversion, capture); batches 4 and 2 with both gates, features only, none
+    assert len(graphed.backend.unet_graphs) == 7
+    assert replayed.stats.unet_calls == 8 + 6 + 2 * 8
+
+
+@needs_ort_cuda
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_onnxruntime_cuda_fp32_matches_torch(exported: Path, tiny_torch, image, cuda_graphs: bool) -> None:
+    from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
+
+    model = load_onnxruntime(exported, "cuda", cuda_graphs=cuda_graphs)
+    ours = translate(model, PROMPTS, CONFIG, image=image)
+    scores = _psnrs(ours, translate(tiny_torch, PROMPTS, CONFIG, image=image))
+    print(f"onnxruntime CUDA fp32 (CUDA graphs {cuda_graphs}) vs torch fp32 PSNR: {scores}")
+    assert min(scores) >= 45
+    assert isinstance(ours.latents, np.ndarray)
+    assert len(model.backend._graphed) == (3 if cuda_graphs else 0)  # one session per UNet batch: 1, 4, 2
+
+
+@needs_ort_cuda
+def test_onnxruntime_cuda_fp16_near_torch_fp16(exported_fp16: Path, tiny_model_dir: Path, image) -> None:
+    """fp16 against fp16: the same graphs a TensorRT engine would be built from, on a GPU."""
+    from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
+
+    reference = translate(load_torch(str(tiny_model_dir), CUDA, torch.float16, cuda_graphs=False), PROMPTS, CONFIG,
+                          image=image)
+    for cuda_graphs in (False, True):
+        ours = translate(load_onnxruntime(exported_fp16, "cuda", cuda_graphs=cuda_graphs), PROMPTS, CONFIG,
+                         image=image)
+        scores = _psnrs(ours, reference)
+        print(f"onnxruntime CUDA fp16 (CUDA graphs {cuda_graphs}) vs torch fp16 PSNR: {scores}")
+        assert min(scores) >= 35
