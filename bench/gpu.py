@@ -6,8 +6,7 @@ Per path: a full edit with 1 prompt, a cached re-edit (source from the cache, a 
 batch; UNet calls (the critical path) and evaluations, ms per call, achieved TFLOP/s in the UNet stages
 (0.804 TFLOP per UNet sample at 512²), and the PSNR of its 1-prompt image against torch fp32 eager on the same
 inputs. Prints each path and writes the whole record as JSON after each one (a cut-off run keeps what it had).
-Without --onnx the fp16 graphs are exported from the same random weights in a background process while the
-torch paths run (it uses the CPU; the GPU paths wait for it only when they need it).
+Without --onnx the fp16 graphs are first exported from the same random weights (in a child process, on the CPU).
 
     python bench/gpu.py --out bench/results/gpu.json [--steps 50] [--size 512] [--onnx DIR] [--paths a,b]
 """
@@ -40,7 +39,6 @@ PATHS = ("torch-eager", "torch-cuda-graphs", "onnxruntime-cuda", "onnxruntime-cu
 EXPORT = """
 import sys, torch
 from pathlib import Path
-torch.set_num_threads(4)
 from pnp_trt.tiny_model import random_sd21_model
 from pnp_trt.export.exporter import export_loaded
 reports = export_loaded(random_sd21_model(0), Path(sys.argv[1]), "fp16")
@@ -91,7 +89,7 @@ class Bench:
             "eight_prompts_unet_calls": eight.stats.unet_calls,
             "eight_prompts_unet_evaluations": eight.stats.unet_evals,
             "ms_per_unet_call": unet_s / stats.unet_calls * 1000,
-            "tflops": stats.unet_evals * UNET_TFLOP_PER_SAMPLE_512 * (self.size / 512) ** 2 / unet_s / 1000,
+            "tflops": stats.unet_evals * UNET_TFLOP_PER_SAMPLE_512 * (self.size / 512) ** 2 / unet_s,
             "stages_ms": {k: v * 1000 for k, v in stats.timings.items()},
             "cached_stages_ms": {k: v * 1000 for k, v in cached.stats.timings.items()},
         }
@@ -144,10 +142,18 @@ class TorchModels:
         free()
 
 
-def wait_for_export(process: subprocess.Popen | None, directory: Path) -> Path:
-    if process is not None and process.wait() != 0:
-        log = directory.with_suffix(".log").read_text()
-        raise RuntimeError(f"export failed: {log[-1500:]}")
+def export(directory: Path) -> float:
+    """Export the random SD 2.1-shaped model as fp16 graphs (log beside the directory); seconds taken."""
+    start = time.perf_counter()
+    print(f"== export to {directory}", flush=True)
+    with directory.with_suffix(".log").open("w") as log:
+        subprocess.run([sys.executable, "-c", EXPORT, str(directory)], stdout=log, stderr=subprocess.STDOUT)
+    return time.perf_counter() - start
+
+
+def exported(directory: Path) -> Path:
+    if not (directory / "manifest.json").exists():
+        raise RuntimeError(f"export failed: {directory.with_suffix('.log').read_text()[-1500:]}")
     return directory
 
 
@@ -194,13 +200,11 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu.py needs a CUDA GPU")
     paths = args.paths.split(",")
-    export = None
+    export_s = None
     if args.onnx is None and any(p.startswith("onnxruntime") for p in paths):
         if args.model:
             raise SystemExit("with --model, export it first (`pnp-trt export --precision fp16`) and pass --onnx")
-        log = args.export_to.with_suffix(".log").open("w")
-        export = subprocess.Popen([sys.executable, "-c", EXPORT, str(args.export_to)], stdout=log,
-                                  stderr=subprocess.STDOUT)
+        export_s = export(args.export_to)
     onnx_dir = args.onnx or args.export_to
     if args.images:
         args.images.mkdir(parents=True, exist_ok=True)
@@ -208,7 +212,7 @@ def main() -> None:
     record: dict[str, Any] = {**environment(), "settings": {
         "model": args.model or "random SD 2.1-base weights", "precision": "fp16", "size": args.size,
         "steps": args.steps, "guidance": "real image", "eight_prompts_batch": 8,
-        "export_ran_alongside_torch_paths": export is not None}, "paths": {}}
+        "export_s": export_s}, "paths": {}}
     print(json.dumps({k: v for k, v in record.items() if k != "paths"}, indent=1), flush=True)
 
     def save() -> None:
@@ -224,8 +228,8 @@ def main() -> None:
     openers = {
         "torch-eager": lambda: models.open(torch.float16, False),
         "torch-cuda-graphs": lambda: models.open(torch.float16, True),
-        "onnxruntime-cuda": lambda: onnxruntime_model(wait_for_export(export, onnx_dir), False),
-        "onnxruntime-cuda-graphs": lambda: onnxruntime_model(wait_for_export(export, onnx_dir), True),
+        "onnxruntime-cuda": lambda: onnxruntime_model(exported(onnx_dir), False),
+        "onnxruntime-cuda-graphs": lambda: onnxruntime_model(exported(onnx_dir), True),
     }
     for name in paths:
         result = run_path(name, openers[name], lambda model: bench.measure(model, references), record, args.images)

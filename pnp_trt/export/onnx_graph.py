@@ -80,7 +80,22 @@ def to_mixed_fp16(path: Path, spec: GraphSpec) -> None:
     norms = [n.name for n in model.graph.node if NORM_SCOPE.search(n.name)]
     model = convert_float_to_float16(model, keep_io_types=keep or False, op_block_list=FP32_OPS,
                                      node_block_list=norms, disable_shape_infer=True)
+    _drop_repeated_casts(model)
     _save(gs.export_onnx(gs.import_onnx(model).toposort()), path)  # the converter's casts break the order
+
+
+def _drop_repeated_casts(model: onnx.ModelProto) -> None:
+    """onnxruntime < 1.32's converter adds one Cast per fp32 consumer of an fp16 value, all writing the same
+    tensor name (not SSA: the checker refuses it); keep the first of each."""
+    written: set[str] = set()
+    kept = []
+    for node in model.graph.node:
+        if node.op_type == "Cast" and set(node.output) <= written:
+            continue
+        written.update(node.output)
+        kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
 
 
 def check_graph(path: Path) -> None:

@@ -73,9 +73,10 @@ class OnnxRuntimeDeviceBackend(OnnxRuntimeSessions):
         self._zero_tensors: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
 
     def providers(self, cuda_graph: bool = False) -> list[Any]:
+        """CUDA provider options: an fp32 export computes in fp32 (no TF32 matmuls), fp16 ones as exported."""
         if self.provider != "CUDAExecutionProvider":
             return [self.provider]
-        options = {"device_id": str(self.device.index or 0)}
+        options = {"device_id": str(self.device.index or 0), "use_tf32": "0" if self.precision == "float32" else "1"}
         if cuda_graph:
             options["enable_cuda_graph"] = "1"
         return [(self.provider, options)]
