@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from conftest import GOLDEN, psnr, random_image, rel_err
@@ -195,3 +196,22 @@ def test_onnxruntime_path_imports_no_torch_diffusers_transformers(exported: Path
                              str(tmp_path / "out"), "--steps", "2"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "out").glob("*.png"))) == 2
+
+
+def test_repeated_casts_of_old_converters_are_dropped() -> None:
+    """onnxruntime < 1.32's fp16 converter writes one Cast per fp32 consumer, all to one tensor name (seen on
+    the H100 with onnxruntime-gpu 1.31.1: the checker refused every fp16 export)."""
+    from onnx import TensorProto, helper
+
+    from pnp_trt.export.onnx_graph import _drop_repeated_casts
+
+    cast = helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT, name="x_cast")
+    nodes = [cast, helper.make_node("Relu", ["x32"], ["a"]), cast, helper.make_node("Sigmoid", ["x32"], ["b"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("a", "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(onnx.checker.ValidationError, match="single static assignment"):
+        onnx.checker.check_model(model)
+    _drop_repeated_casts(model)
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["Cast", "Relu", "Sigmoid"]
