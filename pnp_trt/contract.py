@@ -139,7 +139,7 @@ def graph_specs(dims: ModelDims) -> dict[str, GraphSpec]:
     embeddings = ("batch", dims.text_length, dims.text_dim)
     unet_inputs = (
         TensorSpec("sample", FLOAT, latent.axes),
-        TensorSpec("timestep", "float32", (1,)),
+        TensorSpec("timestep", "float32", ("batch",)),
         TensorSpec("encoder_hidden_states", FLOAT, embeddings),
         *(_point_spec(dims, p, injected_name(p), 1) for p in INJECTION_POINTS),
         *(TensorSpec(g, "bool", ()) for g in GATES),
@@ -187,7 +187,7 @@ def random_feeds(spec: GraphSpec, sizes: Mapping[str, int], precision: str, seed
     for tensor in spec.inputs:
         shape, dtype = tensor.shape(sizes), tensor.numpy_dtype(precision)
         if tensor.name == "timestep":
-            feeds[tensor.name] = np.array([500.0], dtype=dtype)
+            feeds[tensor.name] = np.full(shape, 500.0, dtype=dtype)
         elif dtype == "bool":
             feeds[tensor.name] = np.array(True)
         elif dtype == "int64":

@@ -13,7 +13,8 @@ from typing import Any
 
 from .errors import PnPError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the UNet takes one timestep per sample (`timestep [batch]`), so one call can hold several timesteps."""
 MANIFEST = "manifest.json"
 GRAPHS = ("text_encoder", "vae_encoder", "vae_decoder", "unet")
 

@@ -125,10 +125,11 @@ def _copy(exported: Path, tmp_path: Path) -> Path:
 
 
 def test_manifest_format_version_checked(exported: Path, tmp_path: Path) -> None:
+    """Format 1 directories (a single timestep per UNet call) are refused with the re-export command."""
     copy = _copy(exported, tmp_path)
     manifest = json.loads((copy / "manifest.json").read_text())
-    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
-    with pytest.raises(PnPError, match=r"manifest format 99, this pnp-trt reads format 1; rebuild with `pnp-trt "
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(PnPError, match=r"manifest format 1, this pnp-trt reads format 2; rebuild with `pnp-trt "
                                        r"export --model .* --precision fp32 --out"):
         load_onnxruntime(copy)
 

@@ -36,7 +36,8 @@ def test_unet_profile_from_the_contract() -> None:
     assert profile["encoder_hidden_states"] == ((1, 77, 1024), (4, 77, 1024), (8, 77, 1024))
     assert profile["injected_feature_up1_res1"] == ((1, 1280, 8, 8), (1, 1280, 16, 16), (1, 1280, 16, 24))
     assert profile["injected_q_up3_attn0"] == ((1, 1024, 320), (1, 4096, 320), (1, 6144, 320))
-    assert "timestep" not in profile and "inject_features" not in profile  # static shapes need no profile
+    assert profile["timestep"] == ((1,), (4,), (8,))  # one per sample
+    assert "inject_features" not in profile  # static shapes need no profile
     text = profile_shapes(graph_specs(SD21)["text_encoder"], SD21, shapes)
     assert text["input_ids"] == ((1, 77), (2, 77), (4, 77))
     decoder = profile_shapes(graph_specs(SD21)["vae_decoder"], SD21, shapes)
@@ -98,7 +99,7 @@ def test_buffer_planning() -> None:
                                                                                    + 3 * 4096 * 320))
     assert 26e6 < feature_bytes(SD21, 512, 512, "float16") < 28e6
     sizes = tensor_bytes(graph_specs(SD21)["unet"], SD21, 2, 512, 512, "float16")
-    assert sizes["sample"] == 2 * 4 * 64 * 64 * 2 and sizes["timestep"] == 4 and sizes["inject_features"] == 1
+    assert sizes["sample"] == 2 * 4 * 64 * 64 * 2 and sizes["timestep"] == 2 * 4 and sizes["inject_features"] == 1
     assert shared_activation_bytes({"unet": 900, "vae_decoder": 1200, "text_encoder": 10}) == 1200
 
 

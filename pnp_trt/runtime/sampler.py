@@ -74,9 +74,22 @@ class InjectionPlan:
         return [p for p in INJECTION_POINTS
                 if step < (self.feature_steps if p.kind == "feature" else self.attention_steps)]
 
+    def captures(self, sampling_ts: Sequence[int]) -> dict[int, list[InjectionPoint]]:
+        """What to capture: per timestep of a step that injects, the points it injects."""
+        return {t: self.points_at(i) for i, t in enumerate(sampling_ts[:self.capture_steps])}
+
 
 Captured = list[dict[str, Array]]
 """Per sampling step (up to `capture_steps`), the captured tensors that step injects, by point name."""
+
+
+@dataclass(frozen=True)
+class RideAlong:
+    """Captures that travel in the inversion's calls: of the latents at these timesteps (with the points
+    each keeps), run with the empty prompt."""
+
+    empty: Array
+    points: dict[int, list[InjectionPoint]]
 
 
 @dataclass
@@ -93,10 +106,11 @@ class Sampler:
         self.stats = stats or Stats(sync=self.backend.synchronize)
         self.progress = progress
 
-    def unet(self, sample: Array, t: int, embeddings: Array, **extra: Array) -> dict[str, Array]:
+    def unet(self, sample: Array, timesteps: Sequence[int], embeddings: Array, **extra: Array) -> dict[str, Array]:
+        """One UNet call: `timesteps` holds one timestep per sample of the batch."""
         self.stats.unet_evals += int(sample.shape[0])
         self.stats.unet_calls += 1
-        feeds = {"sample": sample, "timestep": np.array([t], dtype=np.float32),
+        feeds = {"sample": sample, "timestep": np.asarray(timesteps, dtype=np.float32),
                  "encoder_hidden_states": embeddings, **extra}
         return self.backend.run("unet", feeds)
 
@@ -111,42 +125,67 @@ class Sampler:
     def decode(self, latents: Array) -> np.ndarray:
         return self.backend.to_numpy(self.backend.run("vae_decoder", {"latent": latents})["image"])
 
-    def invert(self, z0: Array, embedding: Array, inversion_ts: Sequence[int],
-               sampling_ts: Sequence[int]) -> dict[int, Array]:
-        """DDIM inversion (small → large t); keeps the latent reached at every sampling timestep."""
-        wanted, src, z, t_prev = set(sampling_ts), {}, z0, None
+    def invert(self, z0: Array, embedding: Array, inversion_ts: Sequence[int], sampling_ts: Sequence[int],
+               ride_along: RideAlong | None = None) -> tuple[dict[int, Array], dict[int, dict[str, Array]]]:
+        """DDIM inversion (small → large t); keeps the latent reached at every sampling timestep.
+
+        With `ride_along`, the capture pass of each latent that a later step injects from travels in the
+        next inversion call, which evaluates that same latent (at the next timestep, with the inversion
+        prompt): one call of batch two instead of two calls. Returns the latents and the captures made.
+        """
+        keep, src, z, t_prev = set(sampling_ts), {}, z0, None
+        wanted = ride_along.points if ride_along else {}
+        captured: dict[int, dict[str, Array]] = {}
+        pending = None
+        pair = self.backend.concat([embedding, ride_along.empty]) if ride_along else embedding
         advance = self.progress("invert", len(inversion_ts))
         for t in inversion_ts:
-            z = invert_step(self.schedule, z, self.unet(z, t, embedding)["noise_pred"], t, t_prev)
-            if t in wanted:
+            if pending is None:
+                eps = self.unet(z, [t], embedding)["noise_pred"]
+            else:
+                outputs = self.unet(self.backend.concat([z, z]), [t, pending], pair)
+                eps, captured[pending] = outputs["noise_pred"][:1], self._row(outputs, 1, wanted[pending])
+            z = invert_step(self.schedule, z, eps, t, t_prev)
+            if t in keep:
                 src[t] = z
+            pending = t if t in wanted else None
             t_prev = t
             advance()
-        return src
+        return src, captured
 
-    def generate_source(self, noise: Array, cond: Array, uncond: Array, scale: float,
-                        sampling_ts: Sequence[int]) -> dict[int, Array]:
-        """Sample the guidance from `noise` with CFG, keeping the latent entering each timestep."""
-        src, x, steps = {}, noise, len(sampling_ts)
-        embeddings = self.backend.concat([uncond, cond])
+    def generate_source(self, noise: Array, cond: Array, empty: Array, scale: float, sampling_ts: Sequence[int],
+                        captures: dict[int, list[InjectionPoint]] | None = None,
+                        ) -> tuple[dict[int, Array], dict[int, dict[str, Array]]]:
+        """Sample the guidance from `noise` with CFG against the empty prompt, keeping the latent entering
+        each timestep. The unconditional half of a call is the capture pass of that latent (same latent,
+        timestep and embedding): the points of `captures` are kept from it, for free."""
+        src, captured, x, steps = {}, {}, noise, len(sampling_ts)
+        embeddings = self.backend.concat([empty, cond])
         advance = self.progress("generate", steps)
         for t in sampling_ts:
             src[t] = x
-            eps = self.unet(self.backend.concat([x, x]), t, embeddings)["noise_pred"]
+            outputs = self.unet(self.backend.concat([x, x]), [t, t], embeddings)
+            if captures and t in captures:
+                captured[t] = self._row(outputs, 0, captures[t])
+            eps = outputs["noise_pred"]
             x = ddim_step(self.schedule, classifier_free_guidance(eps[:1], eps[1:], scale), x, t, steps)
             advance()
-        return src
+        return src, captured
 
-    def capture(self, src: dict[int, Array], empty: Array, sampling_ts: Sequence[int],
-                plan: InjectionPlan) -> Captured:
-        """Run the source latents with the empty prompt; keep only what each step will inject."""
-        captured: Captured = []
-        advance = self.progress("capture", plan.capture_steps)
-        for i, t in enumerate(sampling_ts[:plan.capture_steps]):
-            outputs = self.unet(src[t], t, empty)
-            captured.append({p.name: outputs[captured_name(p)] for p in plan.points_at(i)})
+    def capture(self, src: dict[int, Array], empty: Array, sampling_ts: Sequence[int], plan: InjectionPlan,
+                done: dict[int, dict[str, Array]]) -> Captured:
+        """Run the capture pass on the source latents not captured yet; keep only what each step injects."""
+        captures = plan.captures(sampling_ts)
+        missing = [t for t in captures if t not in done]
+        advance = self.progress("capture", len(missing))
+        for t in missing:
+            done[t] = self._row(self.unet(src[t], [t], empty), 0, captures[t])
             advance()
-        return captured
+        return [done[t] for t in captures]
+
+    def _row(self, outputs: dict[str, Array], row: int, points: list[InjectionPoint]) -> dict[str, Array]:
+        """One sample's captured tensors at `points`, copied out of the batch (so the rest can be freed)."""
+        return {p.name: self.backend.concat([outputs[captured_name(p)][row:row + 1]]) for p in points}
 
     def inject(self, x: Array, captured: Captured, negative: Array, targets: Array, scale: float,
                sampling_ts: Sequence[int], plan: InjectionPlan) -> Array:
@@ -156,7 +195,8 @@ class Sampler:
         x = self.backend.concat([x] * n)
         advance = self.progress("inject", steps)
         for i, t in enumerate(sampling_ts):
-            eps = self.unet(self.backend.concat([x, x]), t, embeddings, **injection_feeds(captured, i, plan))
+            eps = self.unet(self.backend.concat([x, x]), [t] * (2 * n), embeddings,
+                            **injection_feeds(captured, i, plan))
             eps = eps["noise_pred"]
             x = ddim_step(self.schedule, classifier_free_guidance(eps[:n], eps[n:], scale), x, t, steps)
             advance()

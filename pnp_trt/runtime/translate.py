@@ -15,7 +15,7 @@ from ..images import output_size, to_array, to_pil
 from ..schedule import inversion_timesteps, sampling_timesteps
 from .backend import LoadedModel
 from .cache import SourceCache, source_key
-from .sampler import InjectionPlan, Progress, Sampler, Source, Stats, no_progress
+from .sampler import InjectionPlan, Progress, RideAlong, Sampler, Source, Stats, no_progress
 
 
 @dataclass
@@ -38,12 +38,14 @@ def plan_size(model: LoadedModel, config: TranslateConfig, image: Image.Image | 
 
 def prepare_source(sampler: Sampler, config: TranslateConfig, size: tuple[int, int],
                    image: np.ndarray | None, source_prompt: str | None) -> Source:
-    """Invert the image (or generate from the source prompt), then capture what injection needs."""
+    """Invert the image (or generate from the source prompt) and capture what injection needs: the capture
+    passes ride along the inversion's calls, or are the generation's unconditional half (DESIGN §2)."""
     model, stats = sampler.model, sampler.stats
     ts = sampling_timesteps(model.schedule, config.steps)
     plan = InjectionPlan.of(config)
     with stats.stage("text"):
         empty = sampler.encode_prompts([""])
+    captures = plan.captures(ts)
     if image is not None:
         inv_ts = inversion_timesteps(model.schedule, config.steps, config.effective_inversion_steps)
         with stats.stage("encode"):
@@ -51,15 +53,15 @@ def prepare_source(sampler: Sampler, config: TranslateConfig, size: tuple[int, i
         with stats.stage("text"):
             inv_emb = empty if not config.inversion_prompt else sampler.encode_prompts([config.inversion_prompt])
         with stats.stage("invert"):
-            src = sampler.invert(z0, inv_emb, inv_ts, ts)
+            src, done = sampler.invert(z0, inv_emb, inv_ts, ts, RideAlong(empty, captures))
     else:
         noise = sampler.backend.asarray(start_noise(model, size, config.seed))
         with stats.stage("text"):
             cond = sampler.encode_prompts([source_prompt or ""])
         with stats.stage("generate"):
-            src = sampler.generate_source(noise, cond, empty, config.source_guidance_scale, ts)
+            src, done = sampler.generate_source(noise, cond, empty, config.source_guidance_scale, ts, captures)
     with stats.stage("capture"):
-        captured = sampler.capture(src, empty, ts, plan)
+        captured = sampler.capture(src, empty, ts, plan, done)
     return Source(src[ts[0]], captured)
 
 

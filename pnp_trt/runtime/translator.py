@@ -25,6 +25,8 @@ class Translation:
     timings: dict[str, float]
     """Seconds per stage of this call."""
     unet_evals: int
+    unet_calls: int
+    """Sequential UNet invocations (the critical path on a GPU)."""
     cache_hit: bool
     size: tuple[int, int]
 
@@ -56,5 +58,5 @@ class Translator:
         with self._turns or contextlib.nullcontext():
             result = translate(self.model, prompts, config, image=image, source_prompt=source_prompt,
                                cache=self.cache)
-        return Translation(result.images, result.stats.timings, result.stats.unet_evals, result.cache_hit,
-                           result.size)
+        return Translation(result.images, result.stats.timings, result.stats.unet_evals, result.stats.unet_calls,
+                           result.cache_hit, result.size)
