@@ -204,7 +204,7 @@ def test_repeated_casts_of_old_converters_are_dropped() -> None:
     the H100 with onnxruntime-gpu 1.31.1: the checker refused every fp16 export)."""
     from onnx import TensorProto, helper
 
-    from pnp_trt.export.onnx_graph import _drop_repeated_casts
+    from pnp_trt.export.mixed_precision import _drop_repeated_casts
 
     cast = helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT, name="x_cast")
     nodes = [cast, helper.make_node("Relu", ["x32"], ["a"]), cast, helper.make_node("Sigmoid", ["x32"], ["b"])]

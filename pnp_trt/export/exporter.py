@@ -18,13 +18,13 @@ from ..fileio import staging_directory
 from ..manifest import FORMAT_VERSION, GRAPHS, MANIFEST, file_entries
 from ..models import TorchModel, load_model, weights_hash
 from ..torch_graphs import PnPUNetGraph, TextEncoderGraph, VaeDecoderGraph, VaeEncoderGraph
+from .mixed_precision import to_mixed_fp16
 from .onnx_graph import (
     check_graph,
     clean_graph,
     export_graph,
     relative_errors,
     run_onnxruntime,
-    to_mixed_fp16,
 )
 from .stable_norm import use_two_pass_group_norms
 

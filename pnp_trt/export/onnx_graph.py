@@ -1,8 +1,7 @@
-"""Export one contract graph to ONNX, clean it, convert it to fp16 (mixed) if asked, and check it."""
+"""Export one contract graph to ONNX, clean it and check it (fp16 conversion: `mixed_precision.py`)."""
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,18 +11,9 @@ import numpy as np
 import onnx
 import torch
 
-from ..contract import FLOAT, GraphSpec
+from ..contract import GraphSpec
 
 TWO_GB = 2**31
-FP32_OPS = ["InstanceNormalization", "GroupNormalization", "LayerNormalization", "Softmax", "ReduceMean", "Pow",
-            "Sqrt", "Sin", "Cos", "Exp", "Erf"]
-"""Kept in fp32 in fp16 exports: normalization, softmax and the timestep embedding (DESIGN §2)."""
-
-
-NORM_SCOPE = re.compile(r"/(norm[^/]*|group_norm|conv_norm_out)/")
-"""Nodes inside normalization modules (their two-pass GroupNorm ops) stay fp32 as a whole."""
-
-
 def dynamic_axes(spec: GraphSpec) -> dict[str, dict[int, str]]:
     return {t.name: {i: a for i, a in enumerate(t.axes) if isinstance(a, str)} for t in spec.inputs + spec.outputs}
 
@@ -44,7 +34,7 @@ def _weight_bytes(model: onnx.ModelProto) -> int:
                for t in model.graph.initializer)
 
 
-def _save(model: onnx.ModelProto, path: Path) -> None:
+def save_model(model: onnx.ModelProto, path: Path) -> None:
     large = _weight_bytes(model) >= TWO_GB - (64 << 20)
     for stale in path.parent.glob(f"{path.name}.data"):
         stale.unlink()
@@ -64,38 +54,8 @@ def clean_graph(raw: Path, path: Path) -> None:
     if _weight_bytes(model) < TWO_GB:  # folding serializes the model for ORT: impossible past 2 GB; the
         graph.fold_constants()         # torch exporter has already folded what it could
     graph.cleanup().toposort()
-    _save(gs.export_onnx(graph), path)
+    save_model(gs.export_onnx(graph), path)
     onnx.shape_inference.infer_shapes_path(str(path), str(path))
-
-
-def to_mixed_fp16(path: Path, spec: GraphSpec) -> None:
-    """fp16 weights and activations, fp32 where `FP32_OPS` need the range; fp32 I/O stays where the
-    contract says float32 (e.g. the timestep). The types come from `clean_graph`'s path-based shape
-    inference: the converter's own in-memory inference cannot serialize an fp32 UNet past 2 GB (SD 2.1)."""
-    import onnx_graphsurgeon as gs
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    keep = [t.name for t in spec.inputs + spec.outputs if t.dtype not in (FLOAT, "bool", "int64")]
-    model = onnx.load(str(path))
-    norms = [n.name for n in model.graph.node if NORM_SCOPE.search(n.name)]
-    model = convert_float_to_float16(model, keep_io_types=keep or False, op_block_list=FP32_OPS,
-                                     node_block_list=norms, disable_shape_infer=True)
-    _drop_repeated_casts(model)
-    _save(gs.export_onnx(gs.import_onnx(model).toposort()), path)  # the converter's casts break the order
-
-
-def _drop_repeated_casts(model: onnx.ModelProto) -> None:
-    """onnxruntime < 1.32's converter adds one Cast per fp32 consumer of an fp16 value, all writing the same
-    tensor name (not SSA: the checker refuses it); keep the first of each."""
-    written: set[str] = set()
-    kept = []
-    for node in model.graph.node:
-        if node.op_type == "Cast" and set(node.output) <= written:
-            continue
-        written.update(node.output)
-        kept.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
 
 
 def check_graph(path: Path) -> None:
