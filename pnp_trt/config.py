@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -51,6 +52,12 @@ class TranslateConfig:
         for flag, size in (("--height", self.height), ("--width", self.width)):
             if size is not None and (size < 64 or size % 64):
                 raise PnPError(f"{flag} must be a multiple of 64 and at least 64, got {size}")
+        for flag, scale in (("--guidance-scale", self.guidance_scale),
+                            ("--source-guidance-scale", self.source_guidance_scale)):
+            if not math.isfinite(scale):
+                raise PnPError(f"{flag} must be a finite number (7.5 is the paper's), got {scale}")
+        if self.seed < 0:
+            raise PnPError(f"--seed must be 0 or more, got {self.seed}")
         if self.prompt_batch_size is not None and self.prompt_batch_size < 1:
             raise PnPError(f"prompt batch size must be at least 1, got {self.prompt_batch_size}")
 

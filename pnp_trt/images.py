@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import PnPError
 from .fileio import atomic_write
 
 MIN_SIDE = 64
 SHORT_SIDE = 512
+MAX_PIXELS = 50_000_000
+"""Largest guidance image read (an 8K photo is 33 Mpx): a larger header is refused before decoding."""
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -27,22 +30,41 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_guidance(path: Path) -> Image.Image:
-    """The guidance image as RGB; a clear error for missing, unreadable or too-small files."""
+def load_guidance(path: Path | str) -> Image.Image:
+    """The guidance image from a file, as `normalize_guidance` gives it; a clear error for missing or
+    unreadable files."""
     path = Path(path)
+    if path.is_dir():
+        raise PnPError(f"guidance image {path} is a directory; pass the path of a PNG/JPEG image")
     if not path.is_file():
         raise PnPError(f"guidance image {path} does not exist; pass the path of a PNG/JPEG image")
     try:
-        with Image.open(path) as opened:
+        with warnings.catch_warnings():  # our own pixel limit answers, before Pillow's bomb warning matters
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened:
+            _check_size(opened, str(path))
             opened.load()
-            image = _to_rgb(opened)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            return normalize_guidance(opened, str(path))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise PnPError(f"cannot read {path} as an image ({type(exc).__name__}); "
                        "pass a valid PNG/JPEG/WebP file") from None
-    if min(image.size) < MIN_SIDE:
-        raise PnPError(f"guidance image {path} is {image.width}×{image.height}; "
-                       f"both sides must be at least {MIN_SIDE} px")
-    return image
+
+
+def normalize_guidance(image: Image.Image, name: str = "the guidance image") -> Image.Image:
+    """Any guidance (file or PIL image) as upright RGB: EXIF orientation applied first (a phone photo
+    stored sideways), any mode converted; too small or too large is a clear error."""
+    _check_size(image, name)
+    return _to_rgb(ImageOps.exif_transpose(image))
+
+
+def _check_size(image: Image.Image, name: str) -> None:
+    width, height = image.size
+    if min(width, height) < MIN_SIDE:
+        raise PnPError(f"guidance image {name} is {width}×{height}; both sides must be at least {MIN_SIDE} px")
+    if width * height > MAX_PIXELS:
+        raise PnPError(f"guidance image {name} is {width}×{height} ({width * height / 1e6:.0f} Mpx); "
+                       f"the limit is {MAX_PIXELS / 1e6:.0f} Mpx: downscale it first")
 
 
 def output_size(width: int, height: int, out_height: int | None, out_width: int | None,

@@ -92,12 +92,25 @@ def test_default_size_keeps_aspect_short_side_512() -> None:
     assert output_size(150, 100, None, 192) == (128, 192)
 
 
+def huge_header_png(path: Path) -> Path:
+    """A 149-byte-class PNG whose header says 12,000×12,000 and whose body is a 64×64 image's."""
+    import struct
+    import zlib
+
+    data = bytearray(random_image(path, 64, 64).read_bytes())
+    data[16:24] = struct.pack(">II", 12000, 12000)  # IHDR width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
+
+
 def _bad_files(tmp_path: Path) -> dict[str, Path]:
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
     text = tmp_path / "notes.png"
     text.write_text("not an image")
-    return {"corrupt": corrupt, "text": text, "small": random_image(tmp_path / "small.png", 40, 80)}
+    return {"corrupt": corrupt, "text": text, "small": random_image(tmp_path / "small.png", 40, 80),
+            "huge": huge_header_png(tmp_path / "huge.png")}
 
 
 @pytest.mark.parametrize("case,args,fragment", [
@@ -105,6 +118,13 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     ("corrupt", ["{corrupt}"], "cannot read"),
     ("text", ["{text}"], "cannot read"),
     ("small", ["{small}"], "at least 64 px"),
+    ("huge", ["{huge}"], "the limit is 50 Mpx"),
+    ("directory", ["{tmp}"], "is a directory; pass the path of a PNG/JPEG image"),
+    ("nan-scale", ["{guide}", "--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+    ("inf-scale", ["{guide}", "--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
+    ("nan-source-scale", ["--source-prompt", "a castle", "--source-guidance-scale", "nan"],
+     "--source-guidance-scale must be a finite number"),
+    ("seed", ["--source-prompt", "a castle", "--seed", "-1"], "--seed must be 0 or more"),
     ("tau_f", ["{guide}", "--feature-injection", "1.5"], "--feature-injection must be between 0 and 1"),
     ("tau_a", ["{guide}", "--attention-injection", "-0.1"], "--attention-injection must be between 0 and 1"),
     ("steps", ["{guide}", "--steps", "0"], "--steps must be at least 1"),

@@ -53,14 +53,15 @@ def source_bytes(source: Source) -> int:
 class SourceCache:
     """Thread-safe LRU of sources bounded by `budget_bytes`, optionally backed by a directory."""
 
-    def __init__(self, budget_bytes: int = DEFAULT_CACHE_BYTES, directory: Path | None = None):
-        self.budget_bytes, self.directory = budget_bytes, directory
+    def __init__(self, budget_bytes: int = DEFAULT_CACHE_BYTES, directory: Path | str | None = None):
+        self.budget_bytes = budget_bytes
+        self.directory = Path(directory) if directory is not None else None
         self._entries: OrderedDict[str, Source] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self._building: dict[str, threading.Lock] = {}
-        if directory is not None:
-            directory.mkdir(parents=True, exist_ok=True)
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
 
     @property
     def bytes_used(self) -> int:

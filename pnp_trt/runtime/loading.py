@@ -9,7 +9,7 @@ from ..errors import PnPError
 from .backend import LoadedModel
 
 
-def open_model(backend: str, model: str | None, engines: Path | None, provider: str = "cpu",
+def open_model(backend: str, model: str | None, engines: Path | str | None, provider: str = "cpu",
                cuda_graphs: bool = True) -> LoadedModel:
     """torch runs a diffusers model (hub id or dir); the others run an exported/built directory.
     `cuda_graphs`: replay the UNet as CUDA graphs where the backend runs on CUDA."""
@@ -21,6 +21,7 @@ def open_model(backend: str, model: str | None, engines: Path | None, provider: 
     if engines is None:
         raise PnPError(f"--backend {backend} runs exported graphs: pass --engines DIR "
                        "(written by `pnp-trt export --model ID_OR_DIR --out DIR`)")
+    engines = Path(engines)
     if backend == "onnxruntime":
         from .onnxruntime_backend import load_onnxruntime
         return load_onnxruntime(engines, provider, cuda_graphs)

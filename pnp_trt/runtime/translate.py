@@ -11,7 +11,7 @@ from PIL import Image
 from ..config import TranslateConfig
 from ..engines.buffers import auto_prompt_batch
 from ..errors import PnPError
-from ..images import output_size, to_array, to_pil
+from ..images import normalize_guidance, output_size, to_array, to_pil
 from ..schedule import inversion_timesteps, sampling_timesteps
 from .backend import LoadedModel
 from .cache import SourceCache, source_key
@@ -102,7 +102,7 @@ def prompt_batch(model: LoadedModel, source: Source) -> int:
                              precision)
 
 
-def translate(model: LoadedModel, prompts: Sequence[str], config: TranslateConfig | None = None,
+def translate(model: LoadedModel, prompts: Sequence[str] | str, config: TranslateConfig | None = None,
               image: Image.Image | None = None, source_prompt: str | None = None,
               progress: Progress = no_progress, cache: SourceCache | None = None) -> TranslateResult:
     """Translate a guidance image (or one generated from `source_prompt`) into each target prompt.
@@ -112,9 +112,11 @@ def translate(model: LoadedModel, prompts: Sequence[str], config: TranslateConfi
     """
     if (image is None) == (source_prompt is None):
         raise PnPError("give exactly one guidance: an image or a source prompt")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise PnPError("give at least one target prompt (--prompt TEXT)")
     config = config or TranslateConfig()
+    image = normalize_guidance(image) if image is not None else None
     size = plan_size(model, config, image)
     sampler = Sampler(model, progress=progress)
     pixels = to_array(image, size) if image is not None else None

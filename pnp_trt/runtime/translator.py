@@ -41,13 +41,13 @@ class Translator:
         self._turns = threading.Lock() if model.backend.name == "tensorrt" else None
 
     @classmethod
-    def open(cls, backend: str = "torch", model: str | None = None, engines: Path | None = None,
+    def open(cls, backend: str = "torch", model: str | None = None, engines: Path | str | None = None,
              provider: str = "cpu", cache_bytes: int = DEFAULT_CACHE_BYTES,
-             cache_dir: Path | None = None, cuda_graphs: bool = True) -> Translator:
+             cache_dir: Path | str | None = None, cuda_graphs: bool = True) -> Translator:
         """Load a model (torch: hub id or diffusers dir; onnxruntime/tensorrt: an exported directory)."""
         return cls(open_model(backend, model, engines, provider, cuda_graphs), SourceCache(cache_bytes, cache_dir))
 
-    def translate(self, prompts: Sequence[str], image: Image.Image | str | Path | None = None,
+    def translate(self, prompts: Sequence[str] | str, image: Image.Image | str | Path | None = None,
                   source_prompt: str | None = None, **settings: Any) -> Translation:
         """Translate `image` (or a guidance generated from `source_prompt`) into every prompt.
 
