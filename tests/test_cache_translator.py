@@ -119,3 +119,18 @@ def test_concurrent_misses_on_one_source_build_it_once(tiny_torch, guide) -> Non
     results = in_threads([lambda p=p: translator.translate([p], guide, **SETTINGS) for p in ("a cat", "a dog", "x")])
     assert sorted(r.cache_hit for r in results) == [False, True, True]
     assert sum(r.unet_evals for r in results) == (4 + 3) + 3 * 2 * 4  # one inversion + capture in all
+
+
+@pytest.mark.parametrize("requested", [None, 4])
+def test_prompt_batch_never_exceeds_what_the_backend_runs(tiny_model_dir: Path, guide, requested) -> None:
+    """A TensorRT engine built for 2 prompts (`--max-batch 2`) says so; the automatic (or a larger requested)
+    batch respects it: 5 prompts run as 2 + 2 + 1."""
+    import torch
+
+    from pnp_trt.runtime.torch_backend import load_torch
+
+    model = load_torch(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    model.backend.max_prompt_batch = 2
+    config = TranslateConfig(**SETTINGS, prompt_batch_size=requested)
+    stats = translate(model, [f"prompt {i}" for i in range(5)], config, image=guide).stats
+    assert stats.unet_calls == 4 + 1 + 3 * 4  # inversion (2 captures ride along), 1 capture alone, 3 batches

@@ -77,6 +77,7 @@ def _entry() -> EngineEntry:
 def test_engine_compatibility_rules(tmp_path: Path) -> None:
     entry, here = _entry(), Platform("10.13.0.35", "NVIDIA H100", "9.0")
     check_entry(entry, here, "a" * 64, tmp_path)
+    check_entry(entry, Platform("10.13.0.35", "NVIDIA H100 PCIe", "9.0"), "a" * 64, tmp_path)  # same sm
     with pytest.raises(PnPError, match=r"built with TensorRT 10.13.0.35, this machine has 11.0.0; rebuild: "
                                        r"`pnp-trt build .* --max-batch 4"):
         check_entry(entry, Platform("11.0.0", "NVIDIA H100", "9.0"), "a" * 64, tmp_path)

@@ -1,7 +1,8 @@
 """Engine manifest entries and the rules for using an engine here (pure Python, unit-tested).
 
-An engine is tied to its TensorRT version, GPU (name and compute capability) and source ONNX; a mismatch
-is one clear line saying what differs and the command that rebuilds.
+An engine is tied to its TensorRT version, the GPU's compute capability (an H100 PCIe and an H100 SXM share
+engines; TensorRT itself refuses a plan it cannot run) and its source ONNX; a mismatch is one clear line
+saying what differs and the command that rebuilds.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def check_entry(entry: EngineEntry, here: Platform, onnx_sha256: str, directory:
     if built.tensorrt != now.tensorrt:
         raise PnPError(f"{entry.file} was built with TensorRT {built.tensorrt}, this machine has {now.tensorrt}; "
                        f"rebuild: `{rebuild}`")
-    if (built.gpu, built.compute_capability) != (now.gpu, now.compute_capability):
+    if built.compute_capability != now.compute_capability:
         raise PnPError(f"{entry.file} was built for {built.gpu} (sm {built.compute_capability}), this GPU is "
                        f"{now.gpu} (sm {now.compute_capability}); rebuild: `{rebuild}`")
     if entry.onnx_sha256 != onnx_sha256:

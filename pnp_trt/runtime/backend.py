@@ -20,6 +20,10 @@ class Backend(Protocol):
     """One runner per backend behind one small interface (cf. Polygraphy's runners)."""
 
     name: str
+    concurrent_calls: bool
+    """Whether calls from several threads may run at once (else a `Translator` makes them take turns)."""
+    max_prompt_batch: int | None
+    """The most target prompts one injection batch may hold (2 UNet samples each); None: no limit."""
 
     def run(self, graph: str, feeds: Mapping[str, Array]) -> dict[str, Array]:
         """Run one of the graphs of `contract.graph_specs`; feeds and outputs keyed by tensor name."""

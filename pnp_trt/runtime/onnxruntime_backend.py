@@ -51,6 +51,8 @@ class OnnxRuntimeSessions:
     """An exported directory's graphs as lazily created ORT sessions (one per graph) on one provider."""
 
     name = "onnxruntime"
+    concurrent_calls: bool = True
+    max_prompt_batch: int | None = None
 
     def __init__(self, directory: Path, manifest: dict[str, Any], provider: str = "cpu"):
         self.directory, self.provider = directory, check_provider(provider)

@@ -19,8 +19,8 @@ import torch
 
 from ..contract import FLOAT, ModelDims, TensorSpec, call_sizes, graph_specs
 from ..engines.buffers import shared_activation_bytes
-from ..engines.compat import EngineEntry, build_command, check_entry, read_entries
-from ..engines.profiles import check_request
+from ..engines.compat import ENGINES_MANIFEST, EngineEntry, build_command, check_entry, read_entries
+from ..engines.profiles import check_request, profile_shapes
 from ..errors import PnPError
 from ..manifest import GRAPHS, read_manifest
 from ..schedule import Schedule
@@ -29,22 +29,26 @@ from .backend import LoadedModel
 from .cuda_graphs import CudaGraphs
 
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "bool": torch.bool}
+_TRT_DTYPES = {"float32": trt.DataType.FLOAT, "float16": trt.DataType.HALF, "int64": trt.DataType.INT64,
+               "bool": trt.DataType.BOOL}
 
 
 class TensorRTBackend:
     name = "tensorrt"
+    concurrent_calls: bool = False
+    """One execution context per engine and one activation region: calls take turns."""
 
     def __init__(self, directory: Path, manifest: dict[str, Any], entries: dict[str, EngineEntry],
                  cuda_graphs: bool = True):
-        from ..engines.build import current_platform
+        from ..engines.build import LOGGER, current_platform
 
         self.directory, self.entries = directory, entries
+        self.max_prompt_batch: int | None = entries["unet"].shapes.max_batch
         self.dims = ModelDims.from_dict(manifest["dims"])
         self.specs = graph_specs(self.dims)
         self.dtype = torch.float16 if manifest["precision"] == "fp16" else torch.float32
         self.device = torch.device("cuda")
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        runtime = trt.Runtime(self.logger)
+        runtime = trt.Runtime(LOGGER)
         here = current_platform()
         self.engines: dict[str, trt.ICudaEngine] = {}
         for graph in GRAPHS:
@@ -54,6 +58,7 @@ class TensorRTBackend:
             if engine is None:
                 rebuild = build_command(directory, entry.shapes)
                 raise PnPError(f"TensorRT cannot load {entry.file}; rebuild: `{rebuild}`")
+            self._check_engine(graph, engine, entry)
             self.engines[graph] = engine
         size = shared_activation_bytes({g: e.device_memory_size_v2 for g, e in self.engines.items()})
         self.activations = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
@@ -65,6 +70,21 @@ class TensorRTBackend:
         self._reused: dict[tuple[str, str, tuple[int, ...]], torch.Tensor] = {}
         self.unet_graphs = CudaGraphs(lambda inputs: self._execute("unet", inputs), self.device) if cuda_graphs \
             else None
+
+    def _check_engine(self, graph: str, engine: trt.ICudaEngine, entry: EngineEntry) -> None:
+        """The plan itself must match the contract's dtypes and engines.json's limits (a plan rebuilt with other
+        limits beside an old record, say)."""
+        rebuild = build_command(self.directory, entry.shapes)
+        profile = profile_shapes(self.specs[graph], self.dims, entry.shapes)
+        for tensor in self.specs[graph].inputs + self.specs[graph].outputs:
+            if engine.get_tensor_dtype(tensor.name) != _TRT_DTYPES[str(self._dtype(tensor)).removeprefix("torch.")]:
+                raise PnPError(f"{entry.file}: {tensor.name} is {engine.get_tensor_dtype(tensor.name)}, the contract "
+                               f"says {self._dtype(tensor)}; rebuild: `{rebuild}`")
+            if tensor.name in profile:
+                built = tuple(_dims(dims) for dims in engine.get_tensor_profile_shape(tensor.name, 0))
+                if built != profile[tensor.name]:
+                    raise PnPError(f"{entry.file} was built for {tensor.name} shapes {built}, {ENGINES_MANIFEST} says "
+                                   f"{profile[tensor.name]}; rebuild: `{rebuild}`")
 
     def _dtype(self, tensor: TensorSpec) -> torch.dtype:
         return self.dtype if tensor.dtype == FLOAT else _TORCH[tensor.dtype]
@@ -106,17 +126,21 @@ class TensorRTBackend:
             value = inputs[tensor.name]
             if value is None:  # not injected: a zero buffer (or a false gate), allocated once per shape
                 value = self._buffer(graph, tensor, tensor.shape(sizes))
-            context.set_input_shape(tensor.name, tuple(value.shape))
-            context.set_tensor_address(tensor.name, value.data_ptr())
+            if not context.set_input_shape(tensor.name, tuple(value.shape)):
+                raise PnPError(f"the {graph} engine refuses {tensor.name} of shape {tuple(value.shape)}; rebuild: "
+                               f"`{build_command(self.directory, self.entries[graph].shapes)}`")
+            _bind(context, tensor.name, value)
+        unresolved = context.infer_shapes()
+        if unresolved:
+            raise PnPError(f"the {graph} engine cannot resolve the shapes of {', '.join(unresolved)}")
         outputs = {}
         for tensor in spec.outputs:
-            dims = context.get_tensor_shape(tensor.name)
-            shape = tuple(int(dims[i]) for i in range(len(dims)))
+            shape = _dims(context.get_tensor_shape(tensor.name))
             if tensor.name == "noise_pred":  # consumed before the next call: reuse one buffer per shape
                 out = self._buffer(graph, tensor, shape)
             else:  # captured tensors outlive the call (they are fed back later): fresh memory
                 out = torch.empty(shape, dtype=self._dtype(tensor), device=self.device)
-            context.set_tensor_address(tensor.name, out.data_ptr())
+            _bind(context, tensor.name, out)
             outputs[tensor.name] = out
         if not context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
             raise RuntimeError(f"TensorRT failed to run the {graph} engine")
@@ -138,6 +162,15 @@ class TensorRTBackend:
 
     def free_memory(self) -> int | None:
         return int(torch.cuda.mem_get_info(self.device)[0])
+
+
+def _dims(dims: trt.Dims) -> tuple[int, ...]:
+    return tuple(int(dims[i]) for i in range(len(dims)))
+
+
+def _bind(context: trt.IExecutionContext, name: str, tensor: torch.Tensor) -> None:
+    if not context.set_tensor_address(name, tensor.data_ptr()):
+        raise PnPError(f"TensorRT refused the address of {name} (shape {tuple(tensor.shape)}, {tensor.dtype})")
 
 
 def load_tensorrt(directory: Path, cuda_graphs: bool = True) -> LoadedModel:

@@ -27,6 +27,8 @@ class TorchBackend:
     """
 
     name = "torch"
+    concurrent_calls: bool = True
+    max_prompt_batch: int | None = None
 
     def __init__(self, model: TorchModel, cuda_graphs: bool = True):
         self.device, self.dtype = model.device, model.dtype

@@ -80,7 +80,7 @@ def sample_targets(sampler: Sampler, source: Source, prompts: Sequence[str],
     stats, images, latents = sampler.stats, list[Image.Image](), list[np.ndarray]()
     with stats.stage("text"):
         negative = sampler.encode_prompts([config.negative_prompt])
-    per_batch = config.prompt_batch_size or prompt_batch(sampler.model, source)
+    per_batch = prompt_batch(sampler.model, source, config.prompt_batch_size)
     for first in range(0, len(prompts), per_batch):
         batch = list(prompts[first:first + per_batch])
         with stats.stage("text"):
@@ -93,8 +93,16 @@ def sample_targets(sampler: Sampler, source: Source, prompts: Sequence[str],
     return images, np.concatenate(latents)
 
 
-def prompt_batch(model: LoadedModel, source: Source) -> int:
-    """The default prompt batch: what the backend's free memory holds at this size."""
+def prompt_batch(model: LoadedModel, source: Source, requested: int | None = None) -> int:
+    """Prompts per injection batch: as requested, else what the backend's free memory holds at this size;
+    never more than the backend runs (a TensorRT engine's profile). Results do not depend on it."""
+    chosen = requested or memory_prompt_batch(model, source)
+    limit = model.backend.max_prompt_batch
+    return min(chosen, limit) if limit else chosen
+
+
+def memory_prompt_batch(model: LoadedModel, source: Source) -> int:
+    """What half the backend's free memory holds at this size (`auto_prompt_batch`)."""
     _, _, latent_h, latent_w = source.start.shape
     factor = model.dims.vae_factor
     precision = "float16" if str(source.start.dtype).endswith("float16") else "float32"

@@ -32,13 +32,14 @@ class Translation:
 
 
 class Translator:
-    """Thread-safe: torch and ONNX Runtime calls run concurrently (all per-call state is local); a TensorRT
-    backend owns one execution context and activation region, so its calls take turns."""
+    """Thread-safe: calls run concurrently where the backend allows it (torch, ONNX Runtime: all per-call
+    state is local); a TensorRT backend owns one execution context and activation region, so its calls
+    take turns."""
 
     def __init__(self, model: LoadedModel, cache: SourceCache | None = None):
         self.model = model
         self.cache = cache if cache is not None else SourceCache()
-        self._turns = threading.Lock() if model.backend.name == "tensorrt" else None
+        self._turns = None if model.backend.concurrent_calls else threading.Lock()
 
     @classmethod
     def open(cls, backend: str = "torch", model: str | None = None, engines: Path | str | None = None,
