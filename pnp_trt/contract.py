@@ -12,6 +12,13 @@ from typing import Any
 
 FLOAT = "float"
 """Placeholder dtype: the graph's precision (float32, or float16 in mixed-precision exports)."""
+PRECISIONS = {"fp32": "float32", "fp16": "float16"}
+"""Export precision (as `--precision` and manifests spell it) → the dtype FLOAT tensors have."""
+
+
+def array_precision(array: Any) -> str:
+    """float16 or float32: the floating dtype of a numpy array or torch tensor, as the contract spells it."""
+    return "float16" if str(array.dtype).endswith("float16") else "float32"
 
 
 @dataclass(frozen=True)

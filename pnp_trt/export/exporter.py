@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..contract import INJECTION_POINTS, axis_sizes, graph_specs, random_feeds
+from ..contract import INJECTION_POINTS, PRECISIONS, axis_sizes, graph_specs, random_feeds
 from ..errors import PnPError
 from ..fileio import staging_directory
 from ..manifest import FORMAT_VERSION, GRAPHS, MANIFEST, file_entries
@@ -73,7 +73,7 @@ def export_one(name: str, module: torch.nn.Module, model: TorchModel, out: Path,
     check_graph(path)
     feeds = random_feeds(spec, axis_sizes(model.dims, *VALIDATE_SIZE), "float32", 1, vocab)
     reference = _torch_outputs(module, spec, feeds)
-    onnx_feeds = {t.name: feeds[t.name].astype(t.numpy_dtype(_np(precision))) for t in spec.inputs}
+    onnx_feeds = {t.name: feeds[t.name].astype(t.numpy_dtype(PRECISIONS[precision])) for t in spec.inputs}
     report = GraphReport(name, relative_errors(run_onnxruntime(path, onnx_feeds), reference))
     if report.worst > TOLERANCE[precision]:
         worst = max(report.errors, key=report.errors.__getitem__)
@@ -81,9 +81,6 @@ def export_one(name: str, module: torch.nn.Module, model: TorchModel, out: Path,
                        f"(tolerance {TOLERANCE[precision]:.0e}); the export is not trustworthy, nothing was written")
     return report
 
-
-def _np(precision: str) -> str:
-    return "float16" if precision == "fp16" else "float32"
 
 
 def write_side_files(model: TorchModel, out: Path, precision: str, opset: int,

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..config import TranslateConfig
+from ..contract import array_precision
 from ..fileio import atomic_write
 from .backend import Array, Backend
 from .sampler import Source
@@ -122,7 +123,7 @@ class SourceCache:
 
 def _host(backend: Backend, array: Array) -> np.ndarray:
     host = backend.to_numpy(array)
-    return host.astype(np.float16) if str(array.dtype).endswith("float16") else host
+    return host.astype(array_precision(array))
 
 
 def _checksum(tensors: dict[str, np.ndarray]) -> str:

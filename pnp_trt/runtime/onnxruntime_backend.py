@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..contract import INJECTION_POINTS, ModelDims, call_sizes, graph_specs
+from ..contract import INJECTION_POINTS, PRECISIONS, ModelDims, call_sizes, graph_specs
 from ..errors import PnPError
 from ..manifest import read_manifest
 from ..schedule import Schedule
@@ -58,7 +58,7 @@ class OnnxRuntimeSessions:
         self.directory, self.provider = directory, check_provider(provider)
         self.dims = ModelDims.from_dict(manifest["dims"])
         self.specs = graph_specs(self.dims)
-        self.precision = "float16" if manifest["precision"] == "fp16" else "float32"
+        self.precision = PRECISIONS[manifest["precision"]]
         self._sessions: dict[str, Any] = {}
 
     def session(self, graph: str) -> Any:

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..contract import FLOAT, TensorSpec, call_sizes
+from ..contract import TensorSpec, call_sizes
 from ..errors import PnPError
 from .onnxruntime_backend import OnnxRuntimeSessions, session_options
+from .torch_arrays import TORCH_DTYPES, TorchArrays
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "bool": torch.bool}
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
 
 
@@ -59,7 +59,7 @@ class GraphedSession:
             return {name: out.clone() for name, out in self.outputs.items()}
 
 
-class OnnxRuntimeDeviceBackend(OnnxRuntimeSessions):
+class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
     """`run(graph, feeds)` with torch tensors on `device` bound in place; absent inputs are zeros, gates off."""
 
     def __init__(self, directory: Path, manifest: dict[str, Any], provider: str = "cuda", cuda_graphs: bool = True,
@@ -81,19 +81,15 @@ class OnnxRuntimeDeviceBackend(OnnxRuntimeSessions):
             options["enable_cuda_graph"] = "1"
         return [(self.provider, options)]
 
-    def _dtype(self, tensor: TensorSpec) -> torch.dtype:
-        return self.dtype if tensor.dtype == FLOAT else TORCH_DTYPES[tensor.dtype]
-
     def _zero_tensor(self, tensor: TensorSpec, shape: tuple[int, ...]) -> torch.Tensor:
         key = (tensor.name, shape)
         if key not in self._zero_tensors:
-            self._zero_tensors[key] = torch.zeros(shape, dtype=self._dtype(tensor), device=self.device)
+            self._zero_tensors[key] = self.allocate(tensor, shape, zero=True)
         return self._zero_tensors[key]
 
     def run(self, graph: str, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         spec = self.specs[graph]
-        given = {t.name: torch.as_tensor(feeds[t.name]).to(self.device, self._dtype(t)).contiguous()
-                 for t in spec.inputs if feeds.get(t.name) is not None}
+        given = {t.name: self.tensor(feeds[t.name], t) for t in spec.inputs if feeds.get(t.name) is not None}
         sizes = call_sizes(self.dims, graph, tuple(given[spec.inputs[0].name].shape))
         if graph == "unet" and self.cuda_graphs:
             return self._graphed_session(sizes)(given, self.synchronize)
@@ -102,7 +98,7 @@ class OnnxRuntimeDeviceBackend(OnnxRuntimeSessions):
             value = given.get(tensor.name)
             bind(binding.bind_input, tensor.name, value if value is not None else
                  self._zero_tensor(tensor, tensor.shape(sizes)))
-        outputs = {t.name: torch.empty(t.shape(sizes), dtype=self._dtype(t), device=self.device) for t in spec.outputs}
+        outputs = {t.name: self.allocate(t, t.shape(sizes)) for t in spec.outputs}
         for name, out in outputs.items():
             bind(binding.bind_output, name, out)
         self.synchronize()  # inputs written on torch's stream are complete before ORT's stream reads them
@@ -124,24 +120,6 @@ class OnnxRuntimeDeviceBackend(OnnxRuntimeSessions):
             options.add_free_dimension_override_by_name(axis, size)
         spec = self.specs["unet"]
         session = self.open_session("unet", options, self.providers(cuda_graph=True))
-        inputs = {t.name: torch.zeros(t.shape(sizes), dtype=self._dtype(t), device=self.device) for t in spec.inputs}
-        outputs = {t.name: torch.empty(t.shape(sizes), dtype=self._dtype(t), device=self.device) for t in spec.outputs}
+        inputs = {t.name: self.allocate(t, t.shape(sizes), zero=True) for t in spec.inputs}
+        outputs = {t.name: self.allocate(t, t.shape(sizes)) for t in spec.outputs}
         return GraphedSession(session, inputs, outputs)
-
-    def asarray(self, host: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(host)).to(self.device)
-        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
-
-    def to_numpy(self, array: torch.Tensor) -> np.ndarray:
-        array = array.detach().float() if array.is_floating_point() else array.detach()
-        return array.cpu().numpy()
-
-    def concat(self, arrays: Any) -> torch.Tensor:
-        return torch.cat(list(arrays))
-
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-
-    def free_memory(self) -> int | None:
-        return int(torch.cuda.mem_get_info(self.device)[0]) if self.device.type == "cuda" else None

@@ -9,15 +9,14 @@ injection state (`cuda_graphs.py`, on the graphs' own stream) unless switched of
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tensorrt as trt
 import torch
 
-from ..contract import FLOAT, ModelDims, TensorSpec, call_sizes, graph_specs
+from ..contract import PRECISIONS, ModelDims, TensorSpec, call_sizes, graph_specs
 from ..engines.buffers import shared_activation_bytes
 from ..engines.compat import ENGINES_MANIFEST, EngineEntry, build_command, check_entry, read_entries
 from ..engines.profiles import check_request, profile_shapes
@@ -27,13 +26,13 @@ from ..schedule import Schedule
 from ..tokenizer import PromptTokenizer
 from .backend import LoadedModel
 from .cuda_graphs import CudaGraphs
+from .torch_arrays import TORCH_DTYPES, TorchArrays
 
-_TORCH = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "bool": torch.bool}
 _TRT_DTYPES = {"float32": trt.DataType.FLOAT, "float16": trt.DataType.HALF, "int64": trt.DataType.INT64,
                "bool": trt.DataType.BOOL}
 
 
-class TensorRTBackend:
+class TensorRTBackend(TorchArrays):
     name = "tensorrt"
     concurrent_calls: bool = False
     """One execution context per engine and one activation region: calls take turns."""
@@ -46,7 +45,7 @@ class TensorRTBackend:
         self.max_prompt_batch: int | None = entries["unet"].shapes.max_batch
         self.dims = ModelDims.from_dict(manifest["dims"])
         self.specs = graph_specs(self.dims)
-        self.dtype = torch.float16 if manifest["precision"] == "fp16" else torch.float32
+        self.dtype = TORCH_DTYPES[PRECISIONS[manifest["precision"]]]
         self.device = torch.device("cuda")
         runtime = trt.Runtime(LOGGER)
         here = current_platform()
@@ -77,22 +76,19 @@ class TensorRTBackend:
         rebuild = build_command(self.directory, entry.shapes)
         profile = profile_shapes(self.specs[graph], self.dims, entry.shapes)
         for tensor in self.specs[graph].inputs + self.specs[graph].outputs:
-            if engine.get_tensor_dtype(tensor.name) != _TRT_DTYPES[str(self._dtype(tensor)).removeprefix("torch.")]:
+            if engine.get_tensor_dtype(tensor.name) != _TRT_DTYPES[str(self.dtype_of(tensor)).removeprefix("torch.")]:
                 raise PnPError(f"{entry.file}: {tensor.name} is {engine.get_tensor_dtype(tensor.name)}, the contract "
-                               f"says {self._dtype(tensor)}; rebuild: `{rebuild}`")
+                               f"says {self.dtype_of(tensor)}; rebuild: `{rebuild}`")
             if tensor.name in profile:
                 built = tuple(_dims(dims) for dims in engine.get_tensor_profile_shape(tensor.name, 0))
                 if built != profile[tensor.name]:
                     raise PnPError(f"{entry.file} was built for {tensor.name} shapes {built}, {ENGINES_MANIFEST} says "
                                    f"{profile[tensor.name]}; rebuild: `{rebuild}`")
 
-    def _dtype(self, tensor: TensorSpec) -> torch.dtype:
-        return self.dtype if tensor.dtype == FLOAT else _TORCH[tensor.dtype]
-
     def _buffer(self, graph: str, tensor: TensorSpec, shape: tuple[int, ...]) -> torch.Tensor:
         key = (graph, tensor.name, shape)
         if key not in self._reused:
-            self._reused[key] = torch.zeros(shape, dtype=self._dtype(tensor), device=self.device)
+            self._reused[key] = self.allocate(tensor, shape, zero=True)
         return self._reused[key]
 
     def _check_profile(self, graph: str, feeds: Mapping[str, Any]) -> None:
@@ -108,7 +104,7 @@ class TensorRTBackend:
     def run(self, graph: str, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         self._check_profile(graph, feeds)
         inputs = {t.name: None if feeds.get(t.name) is None else
-                  torch.as_tensor(feeds[t.name]).to(self.device, self._dtype(t)).contiguous()
+                  self.tensor(feeds[t.name], t)
                   for t in self.specs[graph].inputs}
         if graph == "unet" and self.unet_graphs is not None:
             return self.unet_graphs(inputs)
@@ -139,29 +135,13 @@ class TensorRTBackend:
             if tensor.name == "noise_pred":  # consumed before the next call: reuse one buffer per shape
                 out = self._buffer(graph, tensor, shape)
             else:  # captured tensors outlive the call (they are fed back later): fresh memory
-                out = torch.empty(shape, dtype=self._dtype(tensor), device=self.device)
+                out = self.allocate(tensor, shape)
             _bind(context, tensor.name, out)
             outputs[tensor.name] = out
         if not context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
             raise RuntimeError(f"TensorRT failed to run the {graph} engine")
         return outputs
 
-    def asarray(self, host: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(host).to(self.device)
-        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
-
-    def to_numpy(self, array: torch.Tensor) -> np.ndarray:
-        array = array.detach().float() if array.is_floating_point() else array.detach()
-        return array.cpu().numpy()
-
-    def concat(self, arrays: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(list(arrays))
-
-    def synchronize(self) -> None:
-        torch.cuda.current_stream().synchronize()
-
-    def free_memory(self) -> int | None:
-        return int(torch.cuda.mem_get_info(self.device)[0])
 
 
 def _dims(dims: trt.Dims) -> tuple[int, ...]:

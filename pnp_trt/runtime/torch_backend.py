@@ -3,23 +3,21 @@ graphs on CUDA (`cuda_graphs.py`; eager elsewhere or when switched off)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..contract import FLOAT, graph_specs
+from ..contract import graph_specs
 from ..models import TorchModel, load_model
 from ..schedule import Schedule
 from ..torch_graphs import PnPUNetGraph, TextEncoderGraph, VaeDecoderGraph, VaeEncoderGraph
 from .backend import LoadedModel
 from .cuda_graphs import CudaGraphs
+from .torch_arrays import TorchArrays
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "bool": torch.bool}
 
-
-class TorchBackend:
+class TorchBackend(TorchArrays):
     """`run(graph, feeds)` over torch modules; inputs absent from feeds are `None` (no injection).
 
     With `cuda_graphs` (on CUDA) the UNet, called ~100 times an edit at a few fixed shapes, replays a
@@ -46,35 +44,13 @@ class TorchBackend:
         spec = self.specs["unet"]
         return dict(zip(spec.output_names, self.graphs["unet"](*inputs.values()), strict=True))
 
-    def _tensor(self, value: Any, dtype: str) -> torch.Tensor:
-        target = self.dtype if dtype == FLOAT else _TORCH_DTYPES[dtype]
-        return torch.as_tensor(value).to(self.device, target)
-
     @torch.inference_mode()
     def run(self, graph: str, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         spec = self.specs[graph]
-        args = {t.name: None if t.name not in feeds else self._tensor(feeds[t.name], t.dtype) for t in spec.inputs}
+        args = {t.name: None if t.name not in feeds else self.tensor(feeds[t.name], t) for t in spec.inputs}
         if graph == "unet":
             return self.unet_graphs(args) if self.unet_graphs is not None else self._run_unet(args)
         return dict(zip(spec.output_names, self.graphs[graph](*args.values()), strict=True))
-
-    def asarray(self, host: np.ndarray) -> torch.Tensor:
-        dtype = FLOAT if np.issubdtype(host.dtype, np.floating) else str(host.dtype)
-        return self._tensor(host, dtype)
-
-    def to_numpy(self, array: torch.Tensor) -> np.ndarray:
-        array = array.detach().cpu()
-        return (array.float() if array.dtype in (torch.float16, torch.bfloat16) else array).numpy()
-
-    def concat(self, arrays: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(list(arrays))
-
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def free_memory(self) -> int | None:
-        return int(torch.cuda.mem_get_info(self.device)[0]) if self.device.type == "cuda" else None
 
 
 def load_torch(model: str, device: torch.device | None = None, dtype: torch.dtype | None = None,

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from ..config import TranslateConfig
+from ..contract import array_precision
 from ..engines.buffers import auto_prompt_batch
 from ..errors import PnPError
 from ..images import normalize_guidance, output_size, to_array, to_pil
@@ -105,7 +106,7 @@ def memory_prompt_batch(model: LoadedModel, source: Source) -> int:
     """What half the backend's free memory holds at this size (`auto_prompt_batch`)."""
     _, _, latent_h, latent_w = source.start.shape
     factor = model.dims.vae_factor
-    precision = "float16" if str(source.start.dtype).endswith("float16") else "float32"
+    precision = array_precision(source.start)
     return auto_prompt_batch(model.backend.free_memory(), model.dims, latent_h * factor, latent_w * factor,
                              precision)
 

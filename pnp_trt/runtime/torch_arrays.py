@@ -1,0 +1,52 @@
+"""The array side of every backend whose arrays are torch tensors (torch, TensorRT, ONNX Runtime on a GPU):
+one dtype map, one way to move arrays, one notion of the device's free memory."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..contract import FLOAT, TensorSpec
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "bool": torch.bool}
+
+
+class TorchArrays:
+    """`Backend`'s array operations over tensors on `device`; floats in `dtype` (the graphs' precision)."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    def dtype_of(self, tensor: TensorSpec) -> torch.dtype:
+        """The torch dtype of a contract tensor in this backend's precision."""
+        return self.dtype if tensor.dtype == FLOAT else TORCH_DTYPES[tensor.dtype]
+
+    def allocate(self, tensor: TensorSpec, shape: tuple[int, ...], zero: bool = False) -> torch.Tensor:
+        """Device memory for a contract tensor of this shape (zero-filled if asked)."""
+        return (torch.zeros if zero else torch.empty)(shape, dtype=self.dtype_of(tensor), device=self.device)
+
+    def tensor(self, value: Any, tensor: TensorSpec) -> torch.Tensor:
+        """A feed (numpy or torch) as a contiguous tensor of the contract's dtype on the device."""
+        return torch.as_tensor(value).to(self.device, self.dtype_of(tensor)).contiguous()
+
+    def asarray(self, host: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(host)).to(self.device)
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+    def to_numpy(self, array: torch.Tensor) -> np.ndarray:
+        """On the host; half precision widened to float32 (numpy has no bfloat16), float64 kept."""
+        array = array.detach()
+        return (array.float() if array.dtype in (torch.float16, torch.bfloat16) else array).cpu().numpy()
+
+    def concat(self, arrays: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(arrays))
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def free_memory(self) -> int | None:
+        return int(torch.cuda.mem_get_info(self.device)[0]) if self.device.type == "cuda" else None
