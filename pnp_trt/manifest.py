@@ -50,11 +50,16 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise PnPError(f"{path} is not valid JSON; rebuild with `{rebuild_hint(None, directory)}`") from None
+    if not isinstance(manifest, dict):
+        raise PnPError(f"{path} is not a manifest (a JSON object); rebuild with `{rebuild_hint(None, directory)}`")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise PnPError(f"{directory} has manifest format {version}, this pnp-trt reads format {FORMAT_VERSION}; "
                        f"rebuild with `{rebuild_hint(manifest, directory)}`")
-    for name, entry in manifest.get("files", {}).items():
+    problem = schema_problem(manifest, directory)
+    if problem:
+        raise PnPError(f"{path} is malformed ({problem}); rebuild with `{rebuild_hint(manifest, directory)}`")
+    for name, entry in manifest["files"].items():
         file = directory / name
         if not file.is_file():
             raise PnPError(f"{file} is missing; rebuild with `{rebuild_hint(manifest, directory)}`")
@@ -62,6 +67,36 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             raise PnPError(f"{file} is {file.stat().st_size} bytes, the manifest says {entry['bytes']} "
                            f"(truncated or replaced); rebuild with `{rebuild_hint(manifest, directory)}`")
     return manifest
+
+
+SCHEMA: dict[str, type | tuple[type, ...]] = {
+    "model_id": str, "weights_sha256": str, "dims": dict, "precision": str, "injection_points": list,
+    "tokenizer": dict, "files": dict,
+}
+"""Top-level keys a backend reads, with their JSON types."""
+DIMS = {"text_length": int, "text_dim": int, "latent_channels": int, "vae_factor": int, "unet_channels": list}
+
+
+def schema_problem(manifest: dict[str, Any], directory: Path) -> str | None:
+    """What is wrong with a manifest's structure (None when nothing): missing or mistyped keys, file entries
+    without sha256/bytes, and file names that would lead outside `directory`."""
+    for key, kind in SCHEMA.items():
+        if not isinstance(manifest.get(key), kind):
+            return f"`{key}` is missing or not a {getattr(kind, '__name__', kind)}"
+    for key, kind in DIMS.items():
+        if not isinstance(manifest["dims"].get(key), kind):
+            return f"`dims.{key}` is missing or not a {kind.__name__}"
+    if manifest["precision"] not in ("fp32", "fp16"):
+        return f"`precision` is {manifest['precision']!r}"
+    root = directory.resolve()
+    for name, entry in manifest["files"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) \
+                or not isinstance(entry.get("bytes"), int):
+            return f"the entry of {name!r} needs `sha256` and `bytes`"
+        if Path(name).is_absolute() or not (root / name).resolve().is_relative_to(root):
+            return f"file name {name!r} leads outside the directory"
+    missing = [f"{graph}.onnx" for graph in GRAPHS if f"{graph}.onnx" not in manifest["files"]]
+    return f"no entry for {', '.join(missing)}" if missing else None
 
 
 def verify(directory: Path) -> list[str]:

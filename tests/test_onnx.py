@@ -216,3 +216,48 @@ def test_repeated_casts_of_old_converters_are_dropped() -> None:
     _drop_repeated_casts(model)
     onnx.checker.check_model(model)
     assert [n.op_type for n in model.graph.node] == ["Cast", "Relu", "Sigmoid"]
+
+
+@pytest.mark.parametrize("change,fragment", [
+    (lambda m: [m], "not a manifest"),
+    (lambda m: {**m, "files": list(m["files"])}, "`files` is missing or not a dict"),
+    (lambda m: {**m, "dims": None}, "`dims` is missing"),
+    (lambda m: {**m, "dims": {**m["dims"], "text_dim": "wide"}}, "`dims.text_dim`"),
+    (lambda m: {**m, "precision": "int8"}, "`precision` is 'int8'"),
+    (lambda m: {**m, "files": {**m["files"], "unet.onnx": {"sha256": "0" * 64}}}, "needs `sha256` and `bytes`"),
+    (lambda m: {**m, "files": {**m["files"], "../../etc/passwd": {"sha256": "0" * 64, "bytes": 1}}},
+     "leads outside the directory"),
+    (lambda m: {**m, "files": {**m["files"], "/etc/hostname": {"sha256": "0" * 64, "bytes": 1}}},
+     "leads outside the directory"),
+    (lambda m: {k: v for k, v in m.items() if k != "model_id"}, "`model_id` is missing"),
+])
+def test_malformed_manifest_is_one_clear_line(exported: Path, tmp_path: Path, change, fragment: str) -> None:
+    """Every structural fault (and any path that would read outside the directory) before anything is read."""
+    copy = _copy(exported, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps(change(manifest)))
+    with pytest.raises(PnPError, match=fragment) as error:
+        load_onnxruntime(copy)
+    assert "\n" not in str(error.value)
+    result = runner.invoke(app, ["verify", str(copy)])
+    assert result.exit_code == 2 and fragment.split("`")[0] in result.output
+
+
+def test_damaged_scheduler_config_is_one_clear_line(exported: Path, tmp_path: Path) -> None:
+    copy = _copy(exported, tmp_path)
+    config = copy / "scheduler_config.json"
+    config.write_text("x" * config.stat().st_size)  # same size: only parsing can tell
+    with pytest.raises(PnPError, match="incomplete or damaged .*rebuild with `pnp-trt export"):
+        load_onnxruntime(copy)
+
+
+def test_export_leaves_the_callers_model_as_it_was(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from pnp_trt.export.exporter import export_loaded
+    from pnp_trt.export.stable_norm import TwoPassGroupNorm
+
+    model = load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    norms = sum(isinstance(m, torch.nn.GroupNorm) for part in (model.unet, model.vae) for m in part.modules())
+    export_loaded(model, tmp_path / "out")
+    after = [m for part in (model.unet, model.vae) for m in part.modules()]
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in after) == norms > 0
+    assert not any(isinstance(m, TwoPassGroupNorm) for m in after)

@@ -26,7 +26,7 @@ from .onnx_graph import (
     relative_errors,
     run_onnxruntime,
 )
-from .stable_norm import use_two_pass_group_norms
+from .stable_norm import two_pass_group_norms
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 """Largest accepted error of a graph against PyTorch, relative to each output's magnitude."""
@@ -125,9 +125,7 @@ def export_loaded(model: TorchModel, out: Path, precision: str = "fp32", opset: 
     """Export every graph of a loaded fp32 CPU model into a temporary directory beside `out`, then rename
     it into place: an interrupted or failed export leaves nothing behind."""
     _check_destination(out, precision)
-    for part in (model.unet, model.vae):
-        use_two_pass_group_norms(part)
-    with staging_directory(out) as tmp:
+    with two_pass_group_norms(model.unet, model.vae), staging_directory(out) as tmp:
         graphs = torch_graphs(model)
         reports = []
         for name in GRAPHS:

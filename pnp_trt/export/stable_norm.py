@@ -5,6 +5,9 @@ mean is a mean of row means (rows of the last axis), and the variance is taken o
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 
@@ -27,12 +30,16 @@ class TwoPassGroupNorm(torch.nn.Module):
         return y * self.weight.reshape(per_channel) + self.bias.reshape(per_channel)
 
 
-def use_two_pass_group_norms(module: torch.nn.Module) -> int:
-    """Replace every GroupNorm under `module` (in place); returns how many were replaced."""
-    replaced = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.GroupNorm):
-                setattr(parent, name, TwoPassGroupNorm(child))
-                replaced += 1
-    return replaced
+@contextlib.contextmanager
+def two_pass_group_norms(*modules: torch.nn.Module) -> Iterator[int]:
+    """Every GroupNorm under `modules` swapped for `TwoPassGroupNorm` inside the block (yields how many),
+    the originals put back after it: the caller's model is left as it was."""
+    swapped = [(parent, name, child) for module in modules for parent in list(module.modules())
+               for name, child in list(parent.named_children()) if isinstance(child, torch.nn.GroupNorm)]
+    for parent, name, child in swapped:
+        setattr(parent, name, TwoPassGroupNorm(child))
+    try:
+        yield len(swapped)
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)

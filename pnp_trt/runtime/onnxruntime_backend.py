@@ -3,7 +3,6 @@ no torch, diffusers or transformers (a test enforces it)."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,12 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from ..contract import INJECTION_POINTS, PRECISIONS, ModelDims, call_sizes, graph_specs
+from ..contract import PRECISIONS, ModelDims, call_sizes, graph_specs
 from ..errors import PnPError
-from ..manifest import read_manifest
-from ..schedule import Schedule
-from ..tokenizer import PromptTokenizer
 from .backend import LoadedModel
+from .exported import open_exported
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
@@ -132,20 +129,11 @@ class OnnxRuntimeBackend(OnnxRuntimeSessions):
 def load_onnxruntime(directory: Path, provider: str = "cpu", cuda_graphs: bool = True) -> LoadedModel:
     """An exported directory (`pnp-trt export`) on ONNX Runtime: numpy on the CPU provider; on a GPU
     provider torch tensors kept on the device through IO binding (with CUDA graphs unless switched off)."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    if [p.name for p in INJECTION_POINTS] != manifest.get("injection_points"):
-        raise PnPError(f"{directory} was exported with other injection points; re-run `pnp-trt export`")
+    exported = open_exported(directory)
     backend: OnnxRuntimeSessions
     if provider == "cpu":
-        backend = OnnxRuntimeBackend(directory, manifest, provider)
+        backend = OnnxRuntimeBackend(exported.directory, exported.manifest, provider)
     else:
         from .onnxruntime_device import OnnxRuntimeDeviceBackend
-        backend = OnnxRuntimeDeviceBackend(directory, manifest, provider, cuda_graphs=cuda_graphs)
-    try:
-        tokenizer = PromptTokenizer.from_file(directory / "tokenizer.json", manifest["tokenizer"])
-        scheduler = json.loads((directory / "scheduler_config.json").read_text())
-    except (OSError, KeyError, json.JSONDecodeError) as exc:
-        raise PnPError(f"{directory} is incomplete ({exc}); re-run `pnp-trt export`") from None
-    identity = f"{manifest['model_id']} (onnx {manifest['precision']}, weights {manifest['weights_sha256'][:12]})"
-    return LoadedModel(backend, tokenizer, Schedule.from_config(scheduler), backend.dims, identity)
+        backend = OnnxRuntimeDeviceBackend(exported.directory, exported.manifest, provider, cuda_graphs=cuda_graphs)
+    return LoadedModel(backend, exported.tokenizer, exported.schedule, exported.dims, exported.identity("onnx"))

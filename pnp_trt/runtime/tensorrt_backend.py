@@ -21,11 +21,10 @@ from ..engines.buffers import shared_activation_bytes
 from ..engines.compat import ENGINES_MANIFEST, EngineEntry, build_command, check_entry, read_entries
 from ..engines.profiles import check_request, profile_shapes
 from ..errors import PnPError
-from ..manifest import GRAPHS, read_manifest
-from ..schedule import Schedule
-from ..tokenizer import PromptTokenizer
+from ..manifest import GRAPHS
 from .backend import LoadedModel
 from .cuda_graphs import CudaGraphs
+from .exported import open_exported
 from .torch_arrays import TORCH_DTYPES, TorchArrays
 
 _TRT_DTYPES = {"float32": trt.DataType.FLOAT, "float16": trt.DataType.HALF, "int64": trt.DataType.INT64,
@@ -156,12 +155,6 @@ def _bind(context: trt.IExecutionContext, name: str, tensor: torch.Tensor) -> No
 def load_tensorrt(directory: Path, cuda_graphs: bool = True) -> LoadedModel:
     """An exported directory with engines built by `pnp-trt build`, on TensorRT (UNet CUDA graphs unless
     switched off)."""
-    import json
-
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    backend = TensorRTBackend(directory, manifest, read_entries(directory), cuda_graphs)
-    tokenizer = PromptTokenizer.from_file(directory / "tokenizer.json", manifest["tokenizer"])
-    schedule = Schedule.from_config(json.loads((directory / "scheduler_config.json").read_text()))
-    identity = f"{manifest['model_id']} (tensorrt {manifest['precision']}, weights {manifest['weights_sha256'][:12]})"
-    return LoadedModel(backend, tokenizer, schedule, backend.dims, identity)
+    exported = open_exported(directory)
+    backend = TensorRTBackend(exported.directory, exported.manifest, read_entries(exported.directory), cuda_graphs)
+    return LoadedModel(backend, exported.tokenizer, exported.schedule, exported.dims, exported.identity("tensorrt"))

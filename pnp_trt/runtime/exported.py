@@ -1,0 +1,48 @@
+"""An exported directory opened once for every backend: manifest (schema-checked), injection points,
+tokenizer and scheduler, each missing or malformed part a one-line error with the command that rebuilds."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..contract import INJECTION_POINTS, ModelDims
+from ..errors import PnPError
+from ..manifest import read_manifest, rebuild_hint
+from ..schedule import Schedule
+from ..tokenizer import PromptTokenizer
+
+
+@dataclass(frozen=True)
+class Exported:
+    directory: Path
+    manifest: dict[str, Any]
+    dims: ModelDims
+    tokenizer: PromptTokenizer
+    schedule: Schedule
+
+    def identity(self, runtime: str) -> str:
+        """What the model is, for outputs and cache keys: id, runtime, precision and weights hash."""
+        m = self.manifest
+        return f"{m['model_id']} ({runtime} {m['precision']}, weights {m['weights_sha256'][:12]})"
+
+
+def open_exported(directory: Path | str) -> Exported:
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    rebuild = rebuild_hint(manifest, directory)
+    if [p.name for p in INJECTION_POINTS] != manifest["injection_points"]:
+        raise PnPError(f"{directory} was exported with other injection points; rebuild with `{rebuild}`")
+    try:
+        tokenizer = PromptTokenizer.from_file(directory / "tokenizer.json", manifest["tokenizer"])
+        scheduler = json.loads((directory / "scheduler_config.json").read_text())
+        schedule = Schedule.from_config(scheduler)
+        dims = ModelDims.from_dict(manifest["dims"])
+    except PnPError:
+        raise
+    except Exception as exc:  # tokenizers, json and the config readers raise their own types
+        raise PnPError(f"{directory} is incomplete or damaged ({type(exc).__name__}: {str(exc)[:120]}); "
+                       f"rebuild with `{rebuild}`") from None
+    return Exported(directory, manifest, dims, tokenizer, schedule)
