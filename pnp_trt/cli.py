@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import functools
-import json
-import re
-import tempfile
+import warnings
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -18,10 +16,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .config import DEFAULT_NEGATIVE_PROMPT, TranslateConfig
 from .errors import PnPError
+from .results import check_destination, write_results
 
 app = typer.Typer(help="Plug-and-Play Diffusion Features image translation: PyTorch, ONNX Runtime, TensorRT.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 err = Console(stderr=True)
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Our own warnings (e.g. a cache that cannot be written) as one line, like errors."""
+    err.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 def user_errors(command: Callable[..., None]) -> Callable[..., None]:
@@ -29,7 +33,9 @@ def user_errors(command: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> None:
         try:
-            command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _one_line_warning
+                command(*args, **kwargs)
         except PnPError as exc:
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
@@ -59,47 +65,6 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return found
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "prompt"
-
-
-def _check_output(out: Path, several: bool) -> None:
-    """Fail before any work if the output cannot be written."""
-    parent = out.parent if out.parent != Path("") else Path(".")
-    if not parent.is_dir():
-        raise PnPError(f"cannot write {out}: directory {parent} does not exist")
-    if several and out.exists() and not out.is_dir():
-        raise PnPError(f"--out {out} is a file; with several --prompt it must be a directory")
-    if not several and out.is_dir():
-        raise PnPError(f"--out {out} is a directory; with one --prompt it is the output image file")
-    probe_dir = out if several and out.is_dir() else parent
-    try:
-        tempfile.TemporaryFile(dir=probe_dir).close()
-    except OSError:
-        raise PnPError(f"cannot write to {probe_dir}: permission denied; choose another --out") from None
-
-
-def _write_outputs(out: Path, prompts: list[str], images: list[Any], record: dict[str, Any]) -> list[Path]:
-    """One prompt: the image file. Several: a directory of NN_slug.png + translate.json (all or nothing)."""
-    from .images import save_png
-
-    if len(prompts) == 1:
-        save_png(images[0], out)
-        return [out]
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as staging_name:
-        staging = Path(staging_name)
-        width = len(str(len(prompts) - 1))
-        names = [f"{i:0{width}d}_{_slug(p)}.png" for i, p in enumerate(prompts)]
-        for name, image in zip(names, images, strict=True):
-            image.save(staging / name, format="PNG")
-        record["outputs"] = names
-        (staging / "translate.json").write_text(json.dumps(record, indent=2))
-        out.mkdir(exist_ok=True)
-        for path in sorted(staging.iterdir()):
-            path.replace(out / path.name)
-    return [out / n for n in names]
 
 
 @app.command()
@@ -148,7 +113,7 @@ def translate(
                              feature_injection=feature_injection, attention_injection=attention_injection,
                              seed=seed, height=height, width=width, source_guidance_scale=source_guidance_scale,
                              prompt_batch_size=prompt_batch_size)
-    _check_output(out, len(prompt) > 1)
+    check_destination(out, len(prompt) > 1)
     guidance = load_guidance(image) if image is not None else None
     from .runtime.cache import SourceCache
     from .runtime.loading import open_model
@@ -167,7 +132,7 @@ def translate(
               "unet_calls": result.stats.unet_calls,
               "source_cache_hit": result.cache_hit,
               "versions": versions()}
-    written = _write_outputs(out, prompt, result.images, record)
+    written = write_results(out, prompt, result.images, record)
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.stats.timings.items())
     total = sum(result.stats.timings.values())
     cached = "; source from cache" if result.cache_hit else ""

@@ -59,6 +59,26 @@ def test_several_prompts_square(tiny_model_dir: Path, tmp_path: Path) -> None:
     # 2 inversion + 1 capture (only step 0 injects: int(2·0.8) = int(2·0.5) = 1) + 2 branches × 2 steps × 11
     assert record["unet_evaluations"] == 2 + 1 + 2 * 2 * 11
     assert "torch" in record["versions"]
+    assert record["unet_calls"] == 2 + 1 + 2 * 3  # step 0 captures the last inversion latent: a call of its own
+
+
+def test_rerun_into_the_same_directory_replaces_the_results_as_a_set(tiny_model_dir: Path, tmp_path: Path) -> None:
+    guide = random_image(tmp_path / "in.png", 64, 64)
+    for prompts in (["a cat", "a dog", "a fox"], ["an owl", "a bat"]):
+        args = [a for p in prompts for a in ("-p", p)]
+        result = run("translate", guide, "--model", tiny_model_dir, *args, "--out", tmp_path / "out", "--steps", "1")
+        assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0_an-owl.png", "1_a-bat.png", "translate.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_directory_with_other_files_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    guide = random_image(tmp_path / "in.png", 64, 64)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "holiday.jpg").write_bytes(b"mine")
+    result = run("translate", guide, "--model", tiny_model_dir, "-p", "a", "-p", "b", "--out", tmp_path / "out")
+    assert_user_error(result, "holds files pnp-trt did not write (holiday.jpg)")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["holiday.jpg"]
 
 
 def test_generated_guidance_non_square(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -188,3 +208,24 @@ def test_cache_dir_reuses_the_source_across_runs(tiny_model_dir: Path, tmp_path:
     assert "source from cache" not in first.output and "source from cache" in second.output
     assert "UNet evaluations" in second.output and " 6 UNet evaluations" in second.output  # 2 branches × 3 steps
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+
+
+def test_a_cache_that_cannot_be_written_only_warns(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The cache is best effort: a cache path that is a file, or a directory planted under an entry's name,
+    costs one warning line, never the finished images."""
+    guide = random_image(tmp_path / "in.png", 64, 64)
+    (tmp_path / "file").write_text("not a directory")
+    result = run("translate", guide, "--model", tiny_model_dir, "-p", "a cat", "--out", tmp_path / "a.png",
+                 "--steps", "1", "--cache-dir", tmp_path / "file")
+    assert result.exit_code == 0 and (tmp_path / "a.png").exists()
+    assert result.stderr.count("warning: source cache") == 1 and "Traceback" not in result.stderr
+    cache = tmp_path / "cache"
+    run("translate", guide, "--model", tiny_model_dir, "-p", "a cat", "--out", tmp_path / "b.png", "--steps", "1",
+        "--cache-dir", cache)
+    [entry] = cache.glob("*.safetensors")
+    entry.unlink()
+    entry.mkdir()
+    result = run("translate", guide, "--model", tiny_model_dir, "-p", "a dog", "--out", tmp_path / "c.png",
+                 "--steps", "1", "--cache-dir", cache)
+    assert result.exit_code == 0 and (tmp_path / "c.png").exists()
+    assert "warning: source cache" in result.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -61,8 +62,12 @@ class SourceCache:
         self._bytes = 0
         self._lock = threading.Lock()
         self._building: dict[str, threading.Lock] = {}
+        self._warned = False
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                self._disk_failed(exc)
 
     @property
     def bytes_used(self) -> int:
@@ -103,9 +108,21 @@ class SourceCache:
                 self._building.pop(key, None)
 
     def put(self, key: str, source: Source, backend: Backend) -> None:
+        """Keep `source` in memory, and on disk when a directory is set. The disk is best effort: a cache
+        that cannot be written (read-only, full, a directory in the way) warns once and is then skipped,
+        never costing the translation it was meant to speed up."""
         self._remember(key, source)
         if self.directory is not None:
-            write_source(self.directory, key, source, backend)
+            try:
+                write_source(self.directory, key, source, backend)
+            except Exception as exc:  # OSError, or safetensors' own error types on a full disk
+                self._disk_failed(exc)
+
+    def _disk_failed(self, exc: Exception) -> None:
+        if not self._warned:
+            warnings.warn(f"source cache {self.directory} cannot be written ({type(exc).__name__}: "
+                          f"{str(exc)[:120]}); going on without it", RuntimeWarning, stacklevel=3)
+        self._warned, self.directory = True, None
 
     def _remember(self, key: str, source: Source) -> None:
         size = source_bytes(source)
@@ -123,7 +140,7 @@ class SourceCache:
 
 def _host(backend: Backend, array: Array) -> np.ndarray:
     host = backend.to_numpy(array)
-    return host.astype(array_precision(array))
+    return host.astype(np.float16) if array_precision(array) == "float16" else host
 
 
 def _checksum(tensors: dict[str, np.ndarray]) -> str:

@@ -1,0 +1,84 @@
+"""Where a translation's results go: one image file, or a directory of one PNG per prompt plus the
+`translate.json` record, written all or nothing and replacing a previous run's results as one set."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .errors import PnPError
+from .images import save_png
+
+RECORD = "translate.json"
+
+
+def check_destination(out: Path, several: bool) -> None:
+    """Fail before any work if the results cannot be written there, or would mix with files we did not write."""
+    out = Path(out)
+    parent = out.parent if out.parent != Path("") else Path(".")
+    if not parent.is_dir():
+        raise PnPError(f"cannot write {out}: directory {parent} does not exist")
+    if several and out.exists() and not out.is_dir():
+        raise PnPError(f"--out {out} is a file; with several --prompt it must be a directory")
+    if not several and out.is_dir():
+        raise PnPError(f"--out {out} is a directory; with one --prompt it is the output image file")
+    if several and out.is_dir():
+        foreign = sorted(set(p.name for p in out.iterdir()) - set(_previous_results(out)))
+        if foreign:
+            raise PnPError(f"--out {out} holds files pnp-trt did not write ({', '.join(foreign[:3])}); "
+                           "choose a new or empty directory")
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError:
+        raise PnPError(f"cannot write to {parent}: permission denied; choose another --out") from None
+
+
+def _previous_results(out: Path) -> list[str]:
+    """The files a previous run recorded in `out` (its PNGs and the record), if it left a readable record."""
+    try:
+        outputs = json.loads((out / RECORD).read_text())["outputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [RECORD, *outputs] if isinstance(outputs, list) else []
+
+
+def output_names(prompts: Sequence[str]) -> list[str]:
+    """NN_slug.png, zero-padded so they sort in prompt order."""
+    width = len(str(len(prompts) - 1))
+    return [f"{i:0{width}d}_{_slug(p)}.png" for i, p in enumerate(prompts)]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "prompt"
+
+
+def write_results(out: Path, prompts: Sequence[str], images: Sequence[Image.Image],
+                  record: dict[str, Any]) -> list[Path]:
+    """One prompt: the image file. Several: the directory, built beside `out` and swapped in whole (a
+    previous run's results there are replaced as one set, never mixed with the new ones)."""
+    out = Path(out)
+    if len(prompts) == 1:
+        save_png(images[0], out)
+        return [out]
+    names = output_names(prompts)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    try:
+        for name, image in zip(names, images, strict=True):
+            image.save(staging / name, format="PNG")
+        (staging / RECORD).write_text(json.dumps({**record, "outputs": names}, indent=2))
+        staging.chmod(0o755)
+        if out.exists():
+            out.rename(retired / out.name)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)
+    return [out / n for n in names]
