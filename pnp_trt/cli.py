@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import warnings
 from collections.abc import Callable
 from importlib import metadata
@@ -39,9 +40,9 @@ def user_errors(command: Callable[..., None]) -> Callable[..., None]:
         except PnPError as exc:
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             err.print("interrupted; nothing was written")
-            raise typer.Exit(130) from None
+            raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
     return wrapper
 
 
@@ -227,16 +228,22 @@ def verify(directory: Path = typer.Argument(..., help="An exported directory."))
 @app.command("make-tiny-model")
 @user_errors
 def make_tiny_model(
-    directory: Path = typer.Argument(..., help="Where to write the model (must not exist)."),
+    directory: Path = typer.Argument(..., help="Where to write the model (must not exist, or hold this very "
+                                                "model: then it is reused)."),
     seed: int = typer.Option(0, help="Seed of the random weights."),
     full_size: bool = typer.Option(False, help="Full SD 2.1-base widths (~5 GB; honest speed tests offline)."),
 ) -> None:
     """Write a random-weight model with the SD 2.1 topology and tiny widths (offline demos and tests)."""
     from .models import quiet_loading
+    from .tiny_model import made_with
     from .tiny_model import make_tiny_model as make
 
+    if made_with(directory, seed, full_size):
+        err.print(f"{directory} already holds this model (seed {seed}); reusing it")
+        return
     if directory.exists():
-        raise PnPError(f"{directory} already exists; choose a new directory")
+        raise PnPError(f"{directory} already exists and is not a model made with these settings; "
+                       "choose a new directory")
     if not directory.parent.is_dir():
         raise PnPError(f"cannot write {directory}: directory {directory.parent} does not exist")
     quiet_loading()
@@ -245,7 +252,28 @@ def make_tiny_model(
     err.print(f"wrote a {kind} random-weight SD 2.1-topology model to {directory}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: every staging file and directory is cleaned up on the way out."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"pnp-trt {versions().get('pnp-trt', 'unknown')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Plug-and-Play Diffusion Features image translation: PyTorch, ONNX Runtime, TensorRT."""
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     app(prog_name="pnp-trt")
 
 

@@ -116,7 +116,24 @@ def make_tiny_model(out: Path, seed: int = 0, full_size: bool = False) -> Path:
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD21_SCHEDULER, indent=2))
         (tmp / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
+        (tmp / MARKER).write_text(json.dumps(recipe(seed, full_size)))
     return out
+
+
+MARKER = "pnp_trt_random_model.json"
+"""Written into every model `make_tiny_model` makes: how it was made, so a rerun can reuse it."""
+
+
+def recipe(seed: int, full_size: bool) -> dict[str, Any]:
+    return {"seed": seed, "full_size": full_size, "format": 1}
+
+
+def made_with(directory: Path, seed: int, full_size: bool) -> bool:
+    """Whether `directory` is a model this function made with these settings (then it can be reused)."""
+    try:
+        return json.loads((Path(directory) / MARKER).read_text()) == recipe(seed, full_size)
+    except (OSError, ValueError):
+        return False
 
 
 def _model_index() -> dict[str, Any]:

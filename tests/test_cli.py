@@ -176,6 +176,30 @@ def test_console_script_user_error_has_no_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_version() -> None:
+    result = run("--version")
+    assert result.exit_code == 0 and result.stdout.startswith("pnp-trt ")
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM mid-translation: exit 143, "nothing was written", no staging leftovers in the output's folder."""
+    import signal
+    import time
+
+    guide = random_image(tmp_path / "in.png", 256, 256)
+    out = tmp_path / "results"
+    out.mkdir()
+    process = subprocess.Popen([sys.executable, "-m", "pnp_trt.cli", "translate", str(guide), "--model",
+                                str(tiny_model_dir), "-p", "a", "-p", "b", "--out", str(out / "set"), "--steps",
+                                "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert "interrupted; nothing was written" in stderr and "Traceback" not in stderr
+    assert list(out.iterdir()) == []
+
+
 def test_sdxl_like_unet_is_refused(tmp_path: Path) -> None:
     """A UNet without up_blocks[3] (SDXL has three up blocks) is refused, naming what is missing."""
     from diffusers import UNet2DConditionModel
@@ -196,7 +220,9 @@ def test_make_tiny_model_is_small_and_offline(tiny_model_dir: Path) -> None:
     assert size < 20 * 2**20
     assert (tiny_model_dir / "tokenizer" / "vocab.json").exists()
     assert (tiny_model_dir / "tokenizer" / "merges.txt").exists()
-    assert run("make-tiny-model", tiny_model_dir).exit_code == 2
+    again = run("make-tiny-model", tiny_model_dir)  # the README's command chain can run twice
+    assert again.exit_code == 0 and "reusing it" in again.stderr
+    assert run("make-tiny-model", tiny_model_dir, "--seed", "1").exit_code == 2
 
 
 def test_cache_dir_reuses_the_source_across_runs(tiny_model_dir: Path, tmp_path: Path) -> None:
