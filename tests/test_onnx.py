@@ -261,3 +261,21 @@ def test_export_leaves_the_callers_model_as_it_was(tiny_model_dir: Path, tmp_pat
     after = [m for part in (model.unet, model.vae) for m in part.modules()]
     assert sum(isinstance(m, torch.nn.GroupNorm) for m in after) == norms > 0
     assert not any(isinstance(m, TwoPassGroupNorm) for m in after)
+
+
+def test_external_data_outside_the_directory_is_refused(exported: Path, tmp_path: Path) -> None:
+    """A graph whose weights point at ../anything is refused before ONNX Runtime (< 1.32 follows it) opens it."""
+    copy = _copy(exported, tmp_path)
+    model = onnx.load(str(copy / "unet.onnx"))
+    weight = next(t for t in model.graph.initializer if t.raw_data)
+    length = len(weight.raw_data)
+    weight.ClearField("raw_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "../outside.bin"), ("offset", "0"), ("length", str(length))):
+        weight.external_data.add(key=key, value=value)
+    onnx.save(model, str(copy / "unet.onnx"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["unet.onnx"]["bytes"] = (copy / "unet.onnx").stat().st_size
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PnPError, match=r"keeps weights outside its directory \(../outside.bin\)"):
+        load_onnxruntime(copy)

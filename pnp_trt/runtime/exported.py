@@ -10,7 +10,7 @@ from typing import Any
 
 from ..contract import INJECTION_POINTS, ModelDims
 from ..errors import PnPError
-from ..manifest import read_manifest, rebuild_hint
+from ..manifest import GRAPHS, read_manifest, rebuild_hint
 from ..schedule import Schedule
 from ..tokenizer import PromptTokenizer
 
@@ -45,4 +45,33 @@ def open_exported(directory: Path | str) -> Exported:
     except Exception as exc:  # tokenizers, json and the config readers raise their own types
         raise PnPError(f"{directory} is incomplete or damaged ({type(exc).__name__}: {str(exc)[:120]}); "
                        f"rebuild with `{rebuild}`") from None
+    for graph in GRAPHS:
+        outside = external_data_outside(directory / f"{graph}.onnx")
+        if outside:
+            raise PnPError(f"{directory / graph}.onnx keeps weights outside its directory ({outside}); refusing "
+                           f"to read them: rebuild with `{rebuild}`")
     return Exported(directory, manifest, dims, tokenizer, schedule)
+
+
+EXTERNAL_LOCATION = b"\x0a\x08location"
+"""How a protobuf-encoded external-data entry's key starts (field 1, 8 bytes, "location")."""
+
+
+def external_data_outside(path: Path) -> str | None:
+    """The first external-data location of an ONNX file that leads outside its directory (ONNX Runtime
+    before 1.32 follows such paths), or None."""
+    import mmap
+
+    import onnx
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data.find(EXTERNAL_LOCATION) < 0:  # no external data: no need to parse a multi-GB graph
+            return None
+    root = path.parent.resolve()
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and (Path(entry.value).is_absolute()
+                                            or not (root / entry.value).resolve().is_relative_to(root)):
+                return entry.value
+    return None
