@@ -6,7 +6,7 @@ tensor name. Torch-free, so the lean ONNX Runtime path can import it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,6 +182,21 @@ def call_sizes(dims: ModelDims, graph: str, first_input: tuple[int, ...]) -> dic
         return axis_sizes(dims, batch, 0, 0)
     scale = 1 if graph == "vae_encoder" else dims.vae_factor
     return axis_sizes(dims, batch, first_input[-2] * scale, first_input[-1] * scale)
+
+
+class ZeroBuffers:
+    """Zero-filled arrays per (tensor, shape), made once by `allocate` and reused: the stand-ins for inputs a
+    call leaves out (nothing injected, gates false), in whatever array type the backend uses."""
+
+    def __init__(self, allocate: Callable[[TensorSpec, tuple[int, ...]], Any]):
+        self.allocate = allocate
+        self._made: dict[tuple[str, tuple[int, ...]], Any] = {}
+
+    def get(self, tensor: TensorSpec, shape: tuple[int, ...]) -> Any:
+        key = (tensor.name, shape)
+        if key not in self._made:
+            self._made[key] = self.allocate(tensor, shape)
+        return self._made[key]
 
 
 def random_feeds(spec: GraphSpec, sizes: Mapping[str, int], precision: str, seed: int = 0,

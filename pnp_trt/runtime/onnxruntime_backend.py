@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..contract import PRECISIONS, ModelDims, call_sizes, graph_specs
+from ..contract import PRECISIONS, ModelDims, ZeroBuffers, call_sizes, graph_specs
 from ..errors import PnPError
 from .backend import LoadedModel
 from .exported import open_exported
@@ -87,13 +87,7 @@ class OnnxRuntimeBackend(OnnxRuntimeSessions):
 
     def __init__(self, directory: Path, manifest: dict[str, Any], provider: str = "cpu"):
         super().__init__(directory, manifest, provider)
-        self._zeros: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
-
-    def _zero(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        key = (name, shape)
-        if key not in self._zeros:
-            self._zeros[key] = np.zeros(shape, dtype=self.precision)
-        return self._zeros[key]
+        self.zeros = ZeroBuffers(lambda tensor, shape: np.zeros(shape, tensor.numpy_dtype(self.precision)))
 
     def _feeds(self, graph: str, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         spec, full = self.specs[graph], {}
@@ -101,7 +95,7 @@ class OnnxRuntimeBackend(OnnxRuntimeSessions):
         for tensor in spec.inputs:
             value = feeds.get(tensor.name)
             if value is None:
-                value = np.array(False) if tensor.dtype == "bool" else self._zero(tensor.name, tensor.shape(sizes))
+                value = self.zeros.get(tensor, tensor.shape(sizes))
             full[tensor.name] = np.asarray(value, dtype=tensor.numpy_dtype(self.precision))
         return full
 

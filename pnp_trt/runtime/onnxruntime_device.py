@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..contract import TensorSpec, call_sizes
+from ..contract import ZeroBuffers, call_sizes
 from ..errors import PnPError
 from .onnxruntime_backend import OnnxRuntimeSessions, session_options
 from .torch_arrays import TORCH_DTYPES, TorchArrays
@@ -70,7 +70,7 @@ class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
         self.cuda_graphs = cuda_graphs and self.provider == "CUDAExecutionProvider"
         self._graphed: dict[tuple[int, int, int], GraphedSession] = {}
         self._opening = threading.Lock()
-        self._zero_tensors: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+        self.zeros = ZeroBuffers(lambda tensor, shape: self.allocate(tensor, shape, zero=True))
 
     def providers(self, cuda_graph: bool = False) -> list[Any]:
         """CUDA provider options: an fp32 export computes in fp32 (no TF32 matmuls), fp16 ones as exported."""
@@ -80,12 +80,6 @@ class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
         if cuda_graph:
             options["enable_cuda_graph"] = "1"
         return [(self.provider, options)]
-
-    def _zero_tensor(self, tensor: TensorSpec, shape: tuple[int, ...]) -> torch.Tensor:
-        key = (tensor.name, shape)
-        if key not in self._zero_tensors:
-            self._zero_tensors[key] = self.allocate(tensor, shape, zero=True)
-        return self._zero_tensors[key]
 
     def run(self, graph: str, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         spec = self.specs[graph]
@@ -97,7 +91,7 @@ class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
         for tensor in spec.inputs:
             value = given.get(tensor.name)
             bind(binding.bind_input, tensor.name, value if value is not None else
-                 self._zero_tensor(tensor, tensor.shape(sizes)))
+                 self.zeros.get(tensor, tensor.shape(sizes)))
         outputs = {t.name: self.allocate(t, t.shape(sizes)) for t in spec.outputs}
         for name, out in outputs.items():
             bind(binding.bind_output, name, out)

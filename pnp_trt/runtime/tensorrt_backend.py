@@ -16,7 +16,7 @@ from typing import Any
 import tensorrt as trt
 import torch
 
-from ..contract import PRECISIONS, ModelDims, TensorSpec, call_sizes, graph_specs
+from ..contract import PRECISIONS, ModelDims, ZeroBuffers, call_sizes, graph_specs
 from ..engines.buffers import shared_activation_bytes
 from ..engines.compat import ENGINES_MANIFEST, EngineEntry, build_command, check_entry, read_entries
 from ..engines.profiles import check_request, profile_shapes
@@ -65,7 +65,8 @@ class TensorRTBackend(TorchArrays):
             context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             context.set_device_memory(self.activations.data_ptr(), self.activations.numel())
             self.contexts[graph] = context
-        self._reused: dict[tuple[str, str, tuple[int, ...]], torch.Tensor] = {}
+        self.zeros = ZeroBuffers(lambda tensor, shape: self.allocate(tensor, shape, zero=True))
+        """Stand-ins for absent inputs, and each graph's `noise_pred` buffer (consumed before the next call)."""
         self.unet_graphs = CudaGraphs(lambda inputs: self._execute("unet", inputs), self.device) if cuda_graphs \
             else None
 
@@ -83,12 +84,6 @@ class TensorRTBackend(TorchArrays):
                 if built != profile[tensor.name]:
                     raise PnPError(f"{entry.file} was built for {tensor.name} shapes {built}, {ENGINES_MANIFEST} says "
                                    f"{profile[tensor.name]}; rebuild: `{rebuild}`")
-
-    def _buffer(self, graph: str, tensor: TensorSpec, shape: tuple[int, ...]) -> torch.Tensor:
-        key = (graph, tensor.name, shape)
-        if key not in self._reused:
-            self._reused[key] = self.allocate(tensor, shape, zero=True)
-        return self._reused[key]
 
     def _check_profile(self, graph: str, feeds: Mapping[str, Any]) -> None:
         """The call's batch and size must lie inside the engine's optimization profile."""
@@ -120,7 +115,7 @@ class TensorRTBackend(TorchArrays):
         for tensor in spec.inputs:  # torch's allocator reuses freed memory in stream order: no keep-alive needed
             value = inputs[tensor.name]
             if value is None:  # not injected: a zero buffer (or a false gate), allocated once per shape
-                value = self._buffer(graph, tensor, tensor.shape(sizes))
+                value = self.zeros.get(tensor, tensor.shape(sizes))
             if not context.set_input_shape(tensor.name, tuple(value.shape)):
                 raise PnPError(f"the {graph} engine refuses {tensor.name} of shape {tuple(value.shape)}; rebuild: "
                                f"`{build_command(self.directory, self.entries[graph].shapes)}`")
@@ -132,7 +127,7 @@ class TensorRTBackend(TorchArrays):
         for tensor in spec.outputs:
             shape = _dims(context.get_tensor_shape(tensor.name))
             if tensor.name == "noise_pred":  # consumed before the next call: reuse one buffer per shape
-                out = self._buffer(graph, tensor, shape)
+                out = self.zeros.get(tensor, shape)
             else:  # captured tensors outlive the call (they are fed back later): fresh memory
                 out = self.allocate(tensor, shape)
             _bind(context, tensor.name, out)
