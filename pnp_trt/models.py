@@ -108,6 +108,24 @@ def load_model(model: str = DEFAULT_MODEL, device: torch.device | None = None,
     return TorchModel(model, unet, vae, text_encoder, tokenizer, scheduler_config, dims, device, dtype)
 
 
+def model_identity(model_id: str) -> str:
+    """What keys a torch model's cached sources: a hub id as given (a revision's files do not change); a
+    local directory with a fingerprint of its weight files (name, size, modification time and the
+    safetensors header with every tensor's dtype, shape and offsets), so re-saved weights never meet the
+    old ones' cache entries. Reads a few KB per file, not the weights."""
+    directory = Path(model_id)
+    if not directory.is_dir():
+        return model_id
+    digest = hashlib.sha256()
+    for path in sorted(directory.rglob("*.safetensors")):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(directory)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(min(header_size, 1 << 24)))
+    return f"{model_id} (weights files {digest.hexdigest()[:16]})"
+
+
 def weights_hash(model: TorchModel) -> str:
     """sha256 over every parameter's name, shape, dtype and bytes: identifies the weights, not the path."""
     digest = hashlib.sha256()

@@ -134,3 +134,30 @@ def test_prompt_batch_never_exceeds_what_the_backend_runs(tiny_model_dir: Path, 
     config = TranslateConfig(**SETTINGS, prompt_batch_size=requested)
     stats = translate(model, [f"prompt {i}" for i in range(5)], config, image=guide).stats
     assert stats.unet_calls == 4 + 1 + 3 * 4  # inversion (2 captures ride along), 1 capture alone, 3 batches
+
+
+def test_resaved_weights_in_the_same_directory_miss_the_cache(tiny_model_dir: Path, tmp_path: Path, guide) -> None:
+    """The cache keys a local model by its weight files, not its path: re-saving other weights there must not
+    bring back the old model's features."""
+    import shutil
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from pnp_trt.runtime.torch_backend import load_torch
+
+    model_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    cache = tmp_path / "cache"
+    first = Translator(load_torch(str(model_dir)), SourceCache(directory=cache)).translate(["a cat"], guide,
+                                                                                          **SETTINGS)
+    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", use_safetensors=True)
+    with torch.no_grad():
+        unet.conv_in.weight.mul_(1.5)
+    unet.save_pretrained(model_dir / "unet", safe_serialization=True)
+    second = Translator(load_torch(str(model_dir)), SourceCache(directory=cache)).translate(["a cat"], guide,
+                                                                                           **SETTINGS)
+    assert not second.cache_hit
+    assert not np.array_equal(np.asarray(first.images[0]), np.asarray(second.images[0]))
+    again = Translator(load_torch(str(model_dir)), SourceCache(directory=cache)).translate(["a cat"], guide,
+                                                                                          **SETTINGS)
+    assert again.cache_hit

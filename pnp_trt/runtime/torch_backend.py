@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..contract import graph_specs
-from ..models import TorchModel, load_model
+from ..models import TorchModel, load_model, model_identity
 from ..schedule import Schedule
 from ..torch_graphs import PnPUNetGraph, TextEncoderGraph, VaeDecoderGraph, VaeEncoderGraph
 from .backend import LoadedModel
@@ -62,4 +62,5 @@ def load_torch(model: str, device: torch.device | None = None, dtype: torch.dtyp
 def on_torch(model: TorchModel, cuda_graphs: bool = True) -> LoadedModel:
     """An already loaded model on the torch backend (UNet CUDA graphs on CUDA unless switched off)."""
     return LoadedModel(TorchBackend(model, cuda_graphs), model.tokenizer,
-                       Schedule.from_config(model.scheduler_config), model.dims, identity=model.model_id)
+                       Schedule.from_config(model.scheduler_config), model.dims,
+                       identity=model_identity(model.model_id))
