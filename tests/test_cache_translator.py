@@ -161,3 +161,22 @@ def test_resaved_weights_in_the_same_directory_miss_the_cache(tiny_model_dir: Pa
     again = Translator(load_torch(str(model_dir)), SourceCache(directory=cache)).translate(["a cat"], guide,
                                                                                           **SETTINGS)
     assert again.cache_hit
+
+
+def test_a_well_formed_entry_with_wrong_shapes_is_rebuilt(tiny_torch, guide, tmp_path: Path) -> None:
+    """An entry under the right key, checksummed, but with tensors of other shapes (forged or from a bug) is
+    not used: the source is rebuilt and the result equals an uncached run."""
+    from pnp_trt.runtime.cache import read_source, write_source
+    from pnp_trt.runtime.sampler import Source
+
+    store = tmp_path / "store"
+    first = Translator(tiny_torch, SourceCache(directory=store)).translate(["a cat"], guide, **SETTINGS)
+    [entry] = store.glob("*.safetensors")
+    key = entry.stem
+    real = read_source(store, key, tiny_torch.backend)
+    forged = Source(real.start[:, :, :4, :4], [{name: a[..., :3] for name, a in step.items()}
+                                               for step in real.captured])
+    write_source(store, key, forged, tiny_torch.backend)
+    again = Translator(tiny_torch, SourceCache(directory=store)).translate(["a cat"], guide, **SETTINGS)
+    assert not again.cache_hit
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(first.images[0]))

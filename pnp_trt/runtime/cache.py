@@ -76,28 +76,37 @@ class SourceCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: str, backend: Backend) -> Source | None:
+    def get(self, key: str, backend: Backend, fits: Callable[[Source], bool] = lambda source: True) -> Source | None:
+        """The source stored under `key`; one read from disk must also `fit` (the shapes and steps its user
+        expects), else it is removed: a cache entry is data, never trusted beyond its checks."""
         with self._lock:
             source = self._entries.get(key)
             if source is not None:
                 self._entries.move_to_end(key)
                 return source
-        source = read_source(self.directory, key, backend) if self.directory else None
-        if source is not None:
-            self._remember(key, source)
+        if self.directory is None:
+            return None
+        source = read_source(self.directory, key, backend)
+        if source is None:
+            return None
+        if not fits(source):
+            (self.directory / f"{key}.safetensors").unlink(missing_ok=True)
+            return None
+        self._remember(key, source)
         return source
 
-    def get_or_build(self, key: str, backend: Backend, build: Callable[[], Source]) -> tuple[Source, bool]:
+    def get_or_build(self, key: str, backend: Backend, build: Callable[[], Source],
+                     fits: Callable[[Source], bool] = lambda source: True) -> tuple[Source, bool]:
         """The cached source and True, or `build()`'s result (then cached) and False. Concurrent misses on
         one key build it once: the others wait for that build and then hit."""
-        source = self.get(key, backend)
+        source = self.get(key, backend, fits)
         if source is not None:
             return source, True
         with self._lock:
             building = self._building.setdefault(key, threading.Lock())
         try:
             with building:
-                source = self.get(key, backend)
+                source = self.get(key, backend, fits)
                 if source is not None:
                     return source, True
                 source = build()

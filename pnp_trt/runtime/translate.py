@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from ..config import TranslateConfig
-from ..contract import array_precision
+from ..contract import INJECTION_POINTS, array_precision, axis_sizes, captured_name, graph_specs
 from ..engines.buffers import auto_prompt_batch
 from ..errors import PnPError
 from ..images import normalize_guidance, output_size, to_array, to_pil
@@ -64,6 +64,25 @@ def prepare_source(sampler: Sampler, config: TranslateConfig, size: tuple[int, i
     with stats.stage("capture"):
         captured = sampler.capture(src, empty, ts, plan, done)
     return Source(src[ts[0]], captured)
+
+
+def source_fits(model: LoadedModel, config: TranslateConfig, size: tuple[int, int]) -> Callable[[Source], bool]:
+    """Whether a stored source has exactly what this translation injects: the start latent's shape, one
+    entry per capture step with that step's points, each of the contract's shape."""
+    spec = graph_specs(model.dims)["unet"]
+    sizes = axis_sizes(model.dims, 1, *size)
+    start = spec.inputs[0].shape(sizes)
+    shapes = {p.name: tensor.shape(sizes) for p in INJECTION_POINTS for tensor in spec.outputs
+              if tensor.name == captured_name(p)}
+    plan = InjectionPlan.of(config)
+
+    def fits(source: Source) -> bool:
+        if tuple(source.start.shape) != start or len(source.captured) != plan.capture_steps:
+            return False
+        return all(set(step) == {p.name for p in plan.points_at(i)}
+                   and all(tuple(a.shape) == shapes[name] for name, a in step.items())
+                   for i, step in enumerate(source.captured))
+    return fits
 
 
 def start_noise(model: LoadedModel, size: tuple[int, int], seed: int) -> np.ndarray:
@@ -137,6 +156,6 @@ def translate(model: LoadedModel, prompts: Sequence[str] | str, config: Translat
         source, hit = build(), False
     else:
         key = source_key(model.identity, config, size, pixels, source_prompt)
-        source, hit = cache.get_or_build(key, model.backend, build)
+        source, hit = cache.get_or_build(key, model.backend, build, source_fits(model, config, size))
     images, latents = sample_targets(sampler, source, prompts, config)
     return TranslateResult(images, latents, sampler.stats, size, cache_hit=hit)
