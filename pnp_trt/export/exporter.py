@@ -82,7 +82,6 @@ def export_one(name: str, module: torch.nn.Module, model: TorchModel, out: Path,
     return report
 
 
-
 def write_side_files(model: TorchModel, out: Path, precision: str, opset: int,
                      reports: list[GraphReport], versions: dict[str, str]) -> None:
     """Tokenizer, scheduler config and the manifest (written last, over every other file)."""

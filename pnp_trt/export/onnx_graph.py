@@ -14,6 +14,8 @@ import torch
 from ..contract import GraphSpec
 
 TWO_GB = 2**31
+
+
 def dynamic_axes(spec: GraphSpec) -> dict[str, dict[int, str]]:
     return {t.name: {i: a for i, a in enumerate(t.axes) if isinstance(a, str)} for t in spec.inputs + spec.outputs}
 

@@ -14,20 +14,17 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..contract import ZeroBuffers, call_sizes
 from ..errors import PnPError
 from .onnxruntime_backend import OnnxRuntimeSessions, session_options
-from .torch_arrays import TORCH_DTYPES, TorchArrays
-
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
+from .torch_arrays import NUMPY_DTYPES, TORCH_DTYPES, TorchArrays
 
 
 def bind(bind_method: Callable[..., None], name: str, tensor: torch.Tensor) -> None:
     """Bind a contiguous torch tensor's memory to an ORT input or output (`IOBinding.bind_input/_output`)."""
-    bind_method(name, tensor.device.type, tensor.device.index or 0, _NUMPY_DTYPES[tensor.dtype],
+    bind_method(name, tensor.device.type, tensor.device.index or 0, NUMPY_DTYPES[tensor.dtype],
                 list(tensor.shape), tensor.data_ptr())
 
 

@@ -87,13 +87,10 @@ class TensorRTBackend(TorchArrays):
 
     def _check_profile(self, graph: str, feeds: Mapping[str, Any]) -> None:
         """The call's batch and size must lie inside the engine's optimization profile."""
-        first = feeds[self.specs[graph].inputs[0].name]
-        batch, shapes = int(first.shape[0]), self.entries[graph].shapes
-        size = None
-        if graph != "text_encoder":
-            scale = 1 if graph == "vae_encoder" else self.dims.vae_factor
-            size = (int(first.shape[-2]) * scale, int(first.shape[-1]) * scale)
-        check_request(graph, shapes, batch, size, build_command(self.directory, shapes))
+        sizes = call_sizes(self.dims, graph, tuple(feeds[self.specs[graph].inputs[0].name].shape))
+        size = None if graph == "text_encoder" else (sizes["height"], sizes["width"])
+        shapes = self.entries[graph].shapes
+        check_request(graph, shapes, sizes["batch"], size, build_command(self.directory, shapes))
 
     def run(self, graph: str, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         self._check_profile(graph, feeds)
@@ -135,7 +132,6 @@ class TensorRTBackend(TorchArrays):
         if not context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
             raise RuntimeError(f"TensorRT failed to run the {graph} engine")
         return outputs
-
 
 
 def _dims(dims: trt.Dims) -> tuple[int, ...]:

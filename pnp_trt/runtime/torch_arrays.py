@@ -12,6 +12,8 @@ import torch
 from ..contract import FLOAT, TensorSpec
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "bool": torch.bool}
+NUMPY_DTYPES = {dtype: np.dtype(name).type for name, dtype in TORCH_DTYPES.items()}
+"""torch dtype → numpy scalar type (e.g. ONNX Runtime's IO binding names element types this way)."""
 
 
 class TorchArrays:
