@@ -9,9 +9,9 @@ from .config import TranslateConfig
 from .errors import PnPError
 from .runtime.cache import SourceCache
 from .runtime.loading import open_model
-from .runtime.translate import TranslateResult, translate
-from .runtime.translator import Translation, Translator
+from .runtime.translate import Translation, translate
+from .runtime.translator import Translator
 
-__all__ = ["PnPError", "SourceCache", "TranslateConfig", "TranslateResult", "Translation", "Translator", "open_model",
+__all__ = ["PnPError", "SourceCache", "TranslateConfig", "Translation", "Translator", "open_model",
            "translate"]
 __version__ = "0.1.0"

@@ -6,7 +6,6 @@ import functools
 import signal
 import warnings
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .config import DEFAULT_NEGATIVE_PROMPT, TranslateConfig
 from .errors import PnPError
-from .results import check_destination, write_results
+from .results import check_destination, versions
 
 app = typer.Typer(help="Plug-and-Play Diffusion Features image translation: PyTorch, ONNX Runtime, TensorRT.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -58,16 +57,6 @@ def _progress() -> Progress:
                     console=err, transient=False, disable=not err.is_terminal)
 
 
-def versions() -> dict[str, str]:
-    found = {}
-    for package in ("pnp-trt", "torch", "diffusers", "transformers", "onnxruntime", "onnx", "tensorrt"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
-
-
 @app.command()
 @user_errors
 def translate(
@@ -90,8 +79,10 @@ def translate(
     attention_injection: float = typer.Option(0.5, help="τ_A: fraction of steps injecting self-attention q/k."),
     seed: int = typer.Option(0, help="Seed of the noise a generated guidance starts from."),
     height: int | None = typer.Option(None, help="Output height, a multiple of 64 (default: keep the "
-                                                    "aspect ratio, short side 512)."),
-    width: int | None = typer.Option(None, help="Output width (multiple of 64)."),
+                                                    "aspect ratio, short side 512). With --width too, the "
+                                                    "guidance is resized to exactly that size (stretched if "
+                                                    "its aspect ratio differs)."),
+    width: int | None = typer.Option(None, help="Output width (multiple of 64); see --height."),
     source_prompt: str | None = typer.Option(None, help="Generate the guidance from this prompt instead of "
                                                            "an IMAGE."),
     source_guidance_scale: float = typer.Option(7.5, help="Guidance scale for --source-prompt generation."),
@@ -104,7 +95,7 @@ def translate(
 ) -> None:
     """Translate a guidance image (or a generated one) into each --prompt, keeping its layout."""
     from .config import check_backend
-    from .images import load_guidance
+    from .images import load_guidance, save_png
 
     if (image is None) == (source_prompt is None):
         raise PnPError("give a guidance IMAGE or --source-prompt TEXT (exactly one)")
@@ -127,13 +118,12 @@ def translate(
     with _progress() as progress:
         cache = SourceCache(directory=cache_dir) if cache_dir else None
         result = run_translation(loaded, prompt, config, guidance, source_prompt, rich_progress(progress), cache)
-    record = {"prompts": prompt, "image": str(image) if image else None, "source_prompt": source_prompt,
-              "backend": backend, "model": loaded.identity, "size": list(result.size), "settings": config.to_dict(),
-              "timings_s": result.stats.timings, "unet_evaluations": result.stats.unet_evals,
-              "unet_calls": result.stats.unet_calls,
-              "source_cache_hit": result.cache_hit,
-              "versions": versions()}
-    written = write_results(out, prompt, result.images, record)
+    result.guidance_file = str(image) if image else None
+    if len(prompt) > 1:
+        written = result.save(out)
+    else:
+        save_png(result.images[0], out)
+        written = [out]
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.stats.timings.items())
     total = sum(result.stats.timings.values())
     cached = "; source from cache" if result.cache_hit else ""
@@ -150,7 +140,8 @@ def export(
     opset: int = typer.Option(17, help="ONNX opset."),
 ) -> None:
     """Export text encoder, VAE encoder/decoder and the PnP UNet to ONNX, validated against PyTorch."""
-    from .export.exporter import TOLERANCE, export_model
+    from .contract import TOLERANCE
+    from .export.exporter import export_model
     from .models import quiet_loading
 
     quiet_loading()
@@ -193,14 +184,14 @@ def build(
                              parse_size(max_size))
     require_tensorrt("pnp-trt build")
     from .engines.build import build_all
+    from .manifest import GRAPHS
 
     with _progress() as progress:
-        graph_task = progress.add_task("engines", total=4)
+        graph_task = progress.add_task("engines", total=len(GRAPHS))
         phase_task = progress.add_task("", total=None)
 
         def on_graph(graph: str) -> None:
-            progress.update(graph_task, description=graph, completed=["text_encoder", "vae_encoder", "vae_decoder",
-                                                                      "unet"].index(graph))
+            progress.update(graph_task, description=graph, completed=GRAPHS.index(graph))
 
         def on_step(phase: str, step: int, total: int) -> None:
             progress.update(phase_task, description=phase[:24], completed=step, total=total)

@@ -6,7 +6,7 @@ tensor name. Torch-free, so the lean ONNX Runtime path can import it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +14,9 @@ FLOAT = "float"
 """Placeholder dtype: the graph's precision (float32, or float16 in mixed-precision exports)."""
 PRECISIONS = {"fp32": "float32", "fp16": "float16"}
 """Export precision (as `--precision` and manifests spell it) → the dtype FLOAT tensors have."""
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+"""Largest accepted error of any graph output against a reference run (the PyTorch model at export, ONNX Runtime
+for an engine), relative to that output's magnitude."""
 
 
 def array_precision(array: Any) -> str:
@@ -122,6 +125,15 @@ class GraphSpec:
     @property
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
+
+    def read_outputs(self, wanted: Collection[str] | None) -> list[str]:
+        """The outputs a call returns, in contract order: those `wanted` (None: all of them)."""
+        if wanted is None:
+            return self.output_names
+        unknown = set(wanted) - set(self.output_names)
+        if unknown:
+            raise ValueError(f"{self.name} has no output(s) {', '.join(sorted(unknown))}")
+        return [name for name in self.output_names if name in wanted]
 
 
 def captured_name(point: InjectionPoint) -> str:

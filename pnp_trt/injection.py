@@ -27,6 +27,8 @@ class PnPCall:
     injected: dict[str, torch.Tensor]
     gates: dict[str, torch.Tensor]
     """Bool scalars keyed by `InjectionPoint.gate`: where true, that point's injected tensor is used."""
+    keep: frozenset[str] | None = None
+    """The points whose outputs this call records (None: all); the rest are not held."""
     captured: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -48,7 +50,8 @@ def _make_hook(point: InjectionPoint) -> Any:
         call = _ACTIVE.get()
         if call is None:
             return None
-        call.captured[point.name] = output
+        if call.keep is None or point.name in call.keep:
+            call.captured[point.name] = output
         injected = call.injected.get(point.name)
         if injected is None:
             return None

@@ -66,6 +66,9 @@ def _check_layout(model: str) -> None:
             raise PnPError(f"model directory {model} does not exist; pass a diffusers directory or a hub id")
         return
     missing = [p for p in _PARTS if not (path / p).is_dir()]
+    if missing and (path / "manifest.json").is_file():
+        raise PnPError(f"{model} is an exported directory (`pnp-trt export`), not a diffusers model; run it with "
+                       f"--backend onnxruntime --engines {model}")
     if missing:
         raise PnPError(f"{model} is not a Stable Diffusion diffusers directory (missing {', '.join(missing)}); "
                        "pass a directory written by `save_pretrained` or `pnp-trt make-tiny-model`")

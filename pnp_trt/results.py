@@ -1,5 +1,6 @@
-"""Where a translation's results go: one image file, or a directory of one PNG per prompt plus the
-`translate.json` record, written all or nothing and replacing a previous run's results as one set."""
+"""Where a translation's results go: one image file (the CLI with one prompt), or a directory of one PNG per
+prompt plus the `translate.json` record, written all or nothing and replacing a previous run's results as one
+set."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import re
 import shutil
 import tempfile
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from .errors import PnPError
-from .images import save_png
 
 RECORD = "translate.json"
 
@@ -59,14 +60,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "prompt"
 
 
-def write_results(out: Path, prompts: Sequence[str], images: Sequence[Image.Image],
-                  record: dict[str, Any]) -> list[Path]:
-    """One prompt: the image file. Several: the directory, built beside `out` and swapped in whole (a
-    previous run's results there are replaced as one set, never mixed with the new ones)."""
+def save_directory(out: Path, prompts: Sequence[str], images: Sequence[Image.Image],
+                   record: dict[str, Any]) -> list[Path]:
+    """One PNG per prompt plus the record, built beside `out` and swapped in whole (a previous run's results
+    there are replaced as one set, never mixed with the new ones)."""
     out = Path(out)
-    if len(prompts) == 1:
-        save_png(images[0], out)
-        return [out]
+    check_destination(out, several=True)
     names = output_names(prompts)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
@@ -82,3 +81,14 @@ def write_results(out: Path, prompts: Sequence[str], images: Sequence[Image.Imag
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(retired, ignore_errors=True)
     return [out / n for n in names]
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages a result depends on (those installed)."""
+    found = {}
+    for package in ("pnp-trt", "torch", "diffusers", "transformers", "onnxruntime", "onnx", "tensorrt"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return found

@@ -15,8 +15,8 @@ import numpy as np
 
 from .errors import PnPError
 
-A = Any
-"""An array: numpy.ndarray or torch.Tensor (only arithmetic operators are used on it)."""
+Array = Any
+"""An array: numpy.ndarray or a torch.Tensor on some device (here only arithmetic operators are used on it)."""
 
 _SPACINGS = ("leading", "trailing", "linspace")
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -134,7 +134,7 @@ def inversion_timesteps(schedule: Schedule, steps: int, inversion_steps: int) ->
     return inv
 
 
-def to_epsilon(schedule: Schedule, model_output: A, sample: A, t: int) -> A:
+def to_epsilon(schedule: Schedule, model_output: Array, sample: Array, t: int) -> Array:
     """The noise ε the model predicts at timestep t (converting v-prediction: ε = √ᾱ_t·v + √(1-ᾱ_t)·x_t)."""
     if schedule.prediction_type == "epsilon":
         return model_output
@@ -142,7 +142,7 @@ def to_epsilon(schedule: Schedule, model_output: A, sample: A, t: int) -> A:
     return math.sqrt(a_t) * model_output + math.sqrt(1 - a_t) * sample
 
 
-def invert_step(schedule: Schedule, z: A, model_output: A, t: int, t_prev: int | None) -> A:
+def invert_step(schedule: Schedule, z: Array, model_output: Array, t: int, t_prev: int | None) -> Array:
     """One DDIM inversion update from the previous inversion timestep to t (DESIGN §1, step 2)."""
     a_t = schedule.alphas_cumprod[t]
     a_prev = schedule.alphas_cumprod[t_prev] if t_prev is not None else schedule.final_alpha_cumprod
@@ -151,7 +151,7 @@ def invert_step(schedule: Schedule, z: A, model_output: A, t: int, t_prev: int |
     return math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * eps
 
 
-def ddim_step(schedule: Schedule, model_output: A, sample: A, t: int, steps: int) -> A:
+def ddim_step(schedule: Schedule, model_output: Array, sample: Array, t: int, steps: int) -> Array:
     """x_{t-Δ} from x_t with eta 0, exactly as diffusers' `DDIMScheduler.step`."""
     t_prev = t - schedule.num_train_timesteps // steps
     a_t = schedule.alphas_cumprod[t]
@@ -167,7 +167,7 @@ def ddim_step(schedule: Schedule, model_output: A, sample: A, t: int, steps: int
     return math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
 
 
-def classifier_free_guidance(uncond: A, cond: A, scale: float) -> A:
+def classifier_free_guidance(uncond: Array, cond: Array, scale: float) -> Array:
     """ε = ε_uncond + s·(ε_cond − ε_uncond)."""
     return uncond + scale * (cond - uncond)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .contract import GATES, INJECTION_POINTS
+from .contract import GATES, INJECTION_POINTS, captured_name
 from .injection import PnPCall, install_hooks, pnp_call
 
 
@@ -59,13 +59,16 @@ class PnPUNetGraph(torch.nn.Module):
         self._hooks = install_hooks(unet)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                *rest: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+                *rest: torch.Tensor | None, keep: frozenset[str] | None = None) -> tuple[torch.Tensor | None, ...]:
+        """`keep`: the captured outputs (by contract name) the caller reads; None (export): all. The others
+        come back as None, never held past the layer that made them."""
         injected, gates = rest[:len(INJECTION_POINTS)], rest[len(INJECTION_POINTS):]
         call = PnPCall(
             injected={p.name: t for p, t in zip(INJECTION_POINTS, injected, strict=True) if t is not None},
             gates=dict(zip(GATES, gates, strict=True)),  # type: ignore[arg-type]
+            keep=None if keep is None else frozenset(p.name for p in INJECTION_POINTS if captured_name(p) in keep),
         )
         with pnp_call(call):
             noise_pred = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
-        return (noise_pred, *(call.captured[p.name] for p in INJECTION_POINTS))
+        return (noise_pred, *(call.captured.get(p.name) for p in INJECTION_POINTS))
 

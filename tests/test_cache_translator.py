@@ -180,3 +180,24 @@ def test_a_well_formed_entry_with_wrong_shapes_is_rebuilt(tiny_torch, guide, tmp
     again = Translator(tiny_torch, SourceCache(directory=store)).translate(["a cat"], guide, **SETTINGS)
     assert not again.cache_hit
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(first.images[0]))
+
+
+def test_a_translation_saves_its_images_and_record(tiny_torch, tmp_path: Path) -> None:
+    """`Translator(...).translate(...).save(directory)`: one PNG per prompt in order plus translate.json, and a
+    second save there replaces the first as one set."""
+    import json
+
+    from PIL import Image
+
+    guide_file = random_image(tmp_path / "g.png", 128, 64)
+    result = Translator(tiny_torch).translate(["a cat", "a dog"], str(guide_file), **SETTINGS)
+    written = result.save(tmp_path / "out")
+    assert [p.name for p in written] == ["0_a-cat.png", "1_a-dog.png"]
+    for path, image in zip(written, result.images, strict=True):
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(image))
+    record = json.loads((tmp_path / "out" / "translate.json").read_text())
+    assert record["prompts"] == ["a cat", "a dog"] and record["image"] == str(guide_file)
+    assert record["unet_evaluations"] == result.unet_evals and record["settings"]["steps"] == 4
+    assert record["model"] == tiny_torch.identity and record["backend"] == "torch"
+    Translator(tiny_torch).translate(["a bird"], str(guide_file), **SETTINGS).save(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0_a-bird.png", "translate.json"]

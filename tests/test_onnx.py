@@ -170,9 +170,19 @@ def test_export_refuses_existing_out_and_leaves_nothing_on_failure(tiny_model_di
         export_model(str(tiny_model_dir), tmp_path)
     with pytest.raises(PnPError, match="--precision must be fp32 or fp16"):
         export_model(str(tiny_model_dir), tmp_path / "x", precision="int8")
+    result = runner.invoke(app, ["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "z"),
+                                 "--opset", "99"])
+    assert result.exit_code == 2 and "--opset must be 17 to 20, got 99" in result.output
     with pytest.raises(PnPError, match="not a Stable Diffusion diffusers directory"):
         export_model(str(tmp_path), tmp_path / "y")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_exported_directory_given_as_model_says_how_to_run_it(exported: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["translate", "--source-prompt", "a cat", "-p", "a dog", "--model", str(exported),
+                                 "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 2
+    assert f"--backend onnxruntime --engines {exported}" in result.output and "Traceback" not in result.output
 
 
 def test_unavailable_provider_is_a_clear_error(exported: Path) -> None:

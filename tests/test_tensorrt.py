@@ -21,7 +21,7 @@ from pnp_trt.engines.buffers import (
     tensor_bytes,
 )
 from pnp_trt.engines.compat import EngineEntry, Platform, check_entry, entries_json, read_entries
-from pnp_trt.engines.profiles import BuildShapes, check_request, parse_size, profile_shapes
+from pnp_trt.engines.profiles import BuildShapes, check_request, parse_size, profile_index, profile_shapes
 from pnp_trt.errors import PnPError
 
 SD21 = ModelDims(text_length=77, text_dim=1024, latent_channels=4, vae_factor=8, unet_channels=(320, 640, 1280, 1280))
@@ -31,23 +31,28 @@ runner = CliRunner()
 
 def test_unet_profile_from_the_contract() -> None:
     shapes = BuildShapes(2, 4, (256, 256), (512, 512), (512, 768))
-    profile = profile_shapes(graph_specs(SD21)["unet"], SD21, shapes)
-    assert profile["sample"] == ((1, 4, 32, 32), (4, 4, 64, 64), (8, 4, 64, 96))
-    assert profile["encoder_hidden_states"] == ((1, 77, 1024), (4, 77, 1024), (8, 77, 1024))
-    assert profile["injected_feature_up1_res1"] == ((1, 1280, 8, 8), (1, 1280, 16, 16), (1, 1280, 16, 24))
-    assert profile["injected_q_up3_attn0"] == ((1, 1024, 320), (1, 4096, 320), (1, 6144, 320))
-    assert profile["timestep"] == ((1,), (4,), (8,))  # one per sample
-    assert "inject_features" not in profile  # static shapes need no profile
-    text = profile_shapes(graph_specs(SD21)["text_encoder"], SD21, shapes)
+    single, batched = profile_shapes(graph_specs(SD21)["unet"], SD21, shapes)
+    assert single["sample"] == ((1, 4, 32, 32), (1, 4, 64, 64), (1, 4, 64, 96))  # inversion, last capture
+    assert batched["sample"] == ((2, 4, 32, 32), (4, 4, 64, 64), (8, 4, 64, 96))  # ride-along capture, injection
+    assert batched["encoder_hidden_states"] == ((2, 77, 1024), (4, 77, 1024), (8, 77, 1024))
+    for profile in (single, batched):  # injected tensors are batch 1 in both
+        assert profile["injected_feature_up1_res1"] == ((1, 1280, 8, 8), (1, 1280, 16, 16), (1, 1280, 16, 24))
+        assert profile["injected_q_up3_attn0"] == ((1, 1024, 320), (1, 4096, 320), (1, 6144, 320))
+    assert batched["timestep"] == ((2,), (4,), (8,)) and single["timestep"] == ((1,), (1,), (1,))
+    assert "inject_features" not in batched  # static shapes need no profile
+    [text] = profile_shapes(graph_specs(SD21)["text_encoder"], SD21, shapes)
     assert text["input_ids"] == ((1, 77), (2, 77), (4, 77))
-    decoder = profile_shapes(graph_specs(SD21)["vae_decoder"], SD21, shapes)
+    [decoder] = profile_shapes(graph_specs(SD21)["vae_decoder"], SD21, shapes)
     assert decoder["latent"] == ((1, 4, 32, 32), (2, 4, 64, 64), (4, 4, 64, 96))  # a last batch may be partial
+    assert [profile_index("unet", b) for b in (1, 2, 8)] == [0, 1, 1]
+    assert profile_index("vae_decoder", 4) == 0
 
 
 def test_static_shapes_and_validation() -> None:
     static = BuildShapes.static((512, 512), batch=2)
-    low, opt, high = profile_shapes(graph_specs(TINY)["unet"], TINY, static)["sample"]
-    assert opt == high == (4, 4, 64, 64) and low == (1, 4, 64, 64)
+    single, batched = (profile["sample"] for profile in profile_shapes(graph_specs(TINY)["unet"], TINY, static))
+    assert single == ((1, 4, 64, 64),) * 3  # static: each profile at one size; batch as tight as the calls allow
+    assert batched == ((2, 4, 64, 64), (4, 4, 64, 64), (4, 4, 64, 64))
     assert parse_size("512x768") == (512, 768)
     with pytest.raises(PnPError, match="not HEIGHTxWIDTH"):
         parse_size("512")
@@ -178,3 +183,29 @@ def test_tensorrt_refuses_sizes_outside_the_profile(tiny_engines: Path, tmp_path
     image = load_guidance(random_image(tmp_path / "g.png", 512, 512))
     with pytest.raises(PnPError, match="built for 64x64 to 256x256, asked 512x512"):
         translate(load_tensorrt(tiny_engines), ["a"], TranslateConfig(steps=2, height=512, width=512), image=image)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("graph", ["text_encoder", "vae_encoder", "vae_decoder", "unet"])
+def test_engines_match_onnxruntime_in_polygraphy_comparator(tiny_engines: Path, graph: str) -> None:
+    """Polygraphy's ONNX Runtime and TensorRT runners on the same exported graph and random contract inputs, on
+    every optimization profile: each output within the contract's fp16 tolerance of ONNX Runtime's."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    from polygraphy.comparator import Comparator, CompareFunc
+
+    from pnp_trt.contract import TOLERANCE, axis_sizes, random_feeds
+    from pnp_trt.engines.compat import read_entries
+    from pnp_trt.engines.profiles import profile_batches
+
+    spec, dims = graph_specs(TINY)[graph], TINY
+    engine = EngineFromBytes((tiny_engines / read_entries(tiny_engines)[graph].file).read_bytes())
+    for index, (_, batch, _) in enumerate(profile_batches(graph, BuildShapes(2, 2))):
+        feeds = random_feeds(spec, axis_sizes(dims, batch, 128, 128), "float16", seed=index, vocab_size=256)
+        results = Comparator.run([OnnxrtRunner(SessionFromOnnx(str(tiny_engines / f"{graph}.onnx"))),
+                                  TrtRunner(engine, optimization_profile=index)], data_loader=[feeds])
+        reference = results[0][1][0]
+        atol = {name: TOLERANCE["fp16"] * float(np.abs(reference[name].astype(np.float32)).max())
+                for name in spec.output_names}
+        assert bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(rtol={"": 0.0}, atol=atol)))

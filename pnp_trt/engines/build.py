@@ -12,6 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import tensorrt as trt
+from polygraphy.backend.trt import CreateConfig, PostprocessConfig, engine_bytes_from_network, network_from_onnx_path
+from polygraphy.backend.trt import Profile as PolygraphyProfile
+from polygraphy.backend.trt.util import get_trt_logger
+from polygraphy.exception import PolygraphyException
+from polygraphy.logger import G_LOGGER
 
 from ..contract import ModelDims, graph_specs
 from ..errors import PnPError
@@ -21,7 +26,15 @@ from .availability import require_tensorrt
 from .compat import ENGINES_MANIFEST, EngineEntry, Platform, entries_json
 from .profiles import BuildShapes, Profile, profile_shapes
 
-LOGGER = trt.Logger(trt.Logger.WARNING)
+
+def _polygraphy_logger() -> trt.ILogger:
+    """Polygraphy's TensorRT logger, quieted to warnings: TensorRT wants one logger per process, and the
+    builds go through Polygraphy, so the runtimes use the same one."""
+    G_LOGGER.module_severity = G_LOGGER.WARNING
+    return get_trt_logger()
+
+
+LOGGER = _polygraphy_logger()
 """One TensorRT logger for the process (builds and runtimes alike)."""
 PhaseCallback = Callable[[str, int, int], None]
 """on_step(phase, step, total) during a build."""
@@ -60,36 +73,36 @@ def _write_atomic(path: Path, data: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(memoryview(data)))
 
 
-def _parse(builder: trt.Builder, onnx_path: Path, logger: trt.ILogger) -> trt.INetworkDefinition:
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
-        raise PnPError(f"TensorRT cannot parse {onnx_path.name}: {errors[:300]}; re-export with `pnp-trt export`")
-    return network
-
-
-def build_engine(onnx_path: Path, engine_path: Path, shapes: Profile,
+def build_engine(onnx_path: Path, engine_path: Path, profiles: list[Profile],
                  optimization_level: int, timing_cache: Path | None, on_step: PhaseCallback) -> None:
-    """Build one engine with one optimization profile; reuse and update the timing cache."""
-    builder = trt.Builder(LOGGER)
-    network = _parse(builder, onnx_path, LOGGER)
-    config = builder.create_builder_config()
-    config.builder_optimization_level = optimization_level
-    profile = builder.create_optimization_profile()
-    for name, (low, opt, high) in shapes.items():
-        profile.set_shape(name, trt.Dims(list(low)), trt.Dims(list(opt)), trt.Dims(list(high)))
-    config.add_optimization_profile(profile)
-    _use_timing_cache(config, timing_cache)
-    monitor = BuildProgress(on_step)
-    config.progress_monitor = monitor
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise PnPError(f"TensorRT could not build {onnx_path.name} (see its log above); try a smaller "
-                       "--max-size/--max-batch or a lower --optimization-level")
+    """Build one engine with these optimization profiles through Polygraphy's loaders; reuse the timing cache
+    and update it once the plan is written (best effort: a cache that cannot be saved only warns)."""
+    used: list[trt.IBuilderConfig] = []
+
+    def with_timing_cache(builder: trt.Builder, network: trt.INetworkDefinition, config: trt.IBuilderConfig) -> None:
+        _use_timing_cache(config, timing_cache)
+        used.append(config)
+
+    config = CreateConfig(profiles=[polygraphy_profile(p) for p in profiles], progress_monitor=BuildProgress(on_step),
+                          builder_optimization_level=optimization_level)
+    network = network_from_onnx_path(str(onnx_path), strongly_typed=True)
+    try:
+        serialized = engine_bytes_from_network(network, PostprocessConfig(config, with_timing_cache))
+    except PolygraphyException as exc:
+        raise PnPError(f"TensorRT could not build {onnx_path.name} ({str(exc).splitlines()[0][:200]}); re-export "
+                       "it with `pnp-trt export`, or try a smaller --max-size/--max-batch or a lower "
+                       "--optimization-level") from None
     _write_atomic(engine_path, serialized)
-    if timing_cache:
-        _save_timing_cache(config, timing_cache)
+    if timing_cache and used:
+        _save_timing_cache(used[0], timing_cache)
+
+
+def polygraphy_profile(profile: Profile) -> Any:
+    """One of our (min, opt, max) profiles as Polygraphy's `Profile`."""
+    converted = PolygraphyProfile()
+    for name, (low, opt, high) in profile.items():
+        converted.add(name, min=low, opt=opt, max=high)
+    return converted
 
 
 def _use_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> None:

@@ -3,7 +3,8 @@
 The user gives the prompt batch (target prompts per injection batch) to optimize for and the largest, and a
 range of image sizes; each graph's batch follows from how the sampler calls it: the text encoder sees 1..N
 prompts, the VAE encoder one image, the decoder 1..N latents (the last batch may be partial), the UNet 1
-(inversion, capture) to 2N samples (negative + target branches). So every profile starts at batch 1.
+(inversion, the last capture) or 2 to 2N samples (a capture riding along the inversion; negative + target
+branches) — two UNet profiles, so batch-1 calls run on kernels tuned for batch 1.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class BuildShapes:
 
     @classmethod
     def static(cls, size: tuple[int, int], batch: int = 1) -> BuildShapes:
-        """One size and batch: the fastest engines (and the only ones CUDA graphs can replay)."""
+        """One size and prompt batch: each profile static in size, its batch range as tight as the sampler's
+        calls allow (the UNet: 1, and 2 to 2·batch)."""
         return cls(batch, batch, size, size, size)
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,13 +79,31 @@ def graph_batch(graph: str, prompt_batch: int) -> int:
             "unet": 2 * prompt_batch}[graph]
 
 
-def profile_shapes(spec: GraphSpec, dims: ModelDims, shapes: BuildShapes) -> Profile:
-    """(min, opt, max) shape of every input whose shape can vary, for one optimization profile."""
-    low = axis_sizes(dims, 1, *shapes.min_size)
-    opt = axis_sizes(dims, graph_batch(spec.name, shapes.opt_batch), *shapes.opt_size)
-    high = axis_sizes(dims, graph_batch(spec.name, shapes.max_batch), *shapes.max_size)
-    return {t.name: (t.shape(low), t.shape(opt), t.shape(high))
-            for t in spec.inputs if any(isinstance(a, str) for a in t.axes)}
+def profile_batches(graph: str, shapes: BuildShapes) -> list[tuple[int, int, int]]:
+    """(min, opt, max) batch of each optimization profile. The UNet has two: batch 1 (the inversion calls
+    that carry no capture, the last capture) on kernels tuned for it, and 2..2N (captures riding along the
+    inversion, injection); every other graph one, from batch 1."""
+    opt, high = graph_batch(graph, shapes.opt_batch), graph_batch(graph, shapes.max_batch)
+    if graph == "unet":
+        return [(1, 1, 1), (2, opt, high)]
+    return [(1, opt, high)]
+
+
+def profile_index(graph: str, batch: int) -> int:
+    """Which of `profile_batches` a call of this batch runs on."""
+    return 1 if graph == "unet" and batch > 1 else 0
+
+
+def profile_shapes(spec: GraphSpec, dims: ModelDims, shapes: BuildShapes) -> list[Profile]:
+    """(min, opt, max) shape of every input whose shape can vary, for each optimization profile."""
+    profiles = []
+    for low_batch, opt_batch, high_batch in profile_batches(spec.name, shapes):
+        low = axis_sizes(dims, low_batch, *shapes.min_size)
+        opt = axis_sizes(dims, opt_batch, *shapes.opt_size)
+        high = axis_sizes(dims, high_batch, *shapes.max_size)
+        profiles.append({t.name: (t.shape(low), t.shape(opt), t.shape(high))
+                         for t in spec.inputs if any(isinstance(a, str) for a in t.axes)})
+    return profiles
 
 
 def check_request(graph: str, shapes: BuildShapes, batch: int, size: tuple[int, int] | None, rebuild: str) -> None:

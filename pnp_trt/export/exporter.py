@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..contract import INJECTION_POINTS, PRECISIONS, axis_sizes, graph_specs, random_feeds
+from ..contract import INJECTION_POINTS, PRECISIONS, TOLERANCE, axis_sizes, graph_specs, random_feeds
 from ..errors import PnPError
 from ..fileio import staging_directory
 from ..manifest import FORMAT_VERSION, GRAPHS, MANIFEST, file_entries
@@ -28,8 +28,6 @@ from .onnx_graph import (
 )
 from .stable_norm import two_pass_group_norms
 
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
-"""Largest accepted error of a graph against PyTorch, relative to each output's magnitude."""
 TRACE_SIZE, VALIDATE_SIZE = (2, 128, 128), (1, 64, 128)
 """(batch, height, width) traced, and checked afterwards at a different shape to prove the axes dynamic."""
 
@@ -104,14 +102,20 @@ def export_model(model_id: str, out: Path, precision: str = "fp32", opset: int =
                  on_graph: Callable[[str], None] = lambda name: None,
                  versions: dict[str, str] | None = None) -> list[GraphReport]:
     """Load a diffusers model (hub id or directory) on the CPU in fp32 and export it."""
-    _check_destination(out, precision)
+    _check_destination(out, precision, opset)
     return export_loaded(load_model(model_id, torch.device("cpu"), torch.float32), out, precision, opset,
                          on_graph, versions)
 
 
-def _check_destination(out: Path, precision: str) -> None:
+OPSETS = range(17, 21)
+"""17: LayerNormalization is one op (older opsets decompose it); 20: the newest the TorchScript exporter writes."""
+
+
+def _check_destination(out: Path, precision: str, opset: int) -> None:
     if precision not in TOLERANCE:
         raise PnPError(f"--precision must be fp32 or fp16, got {precision!r}")
+    if opset not in OPSETS:
+        raise PnPError(f"--opset must be {OPSETS.start} to {OPSETS.stop - 1}, got {opset}")
     if out.exists():
         raise PnPError(f"{out} already exists; choose a new --out directory (or remove it)")
     if not out.parent.is_dir():
@@ -123,7 +127,7 @@ def export_loaded(model: TorchModel, out: Path, precision: str = "fp32", opset: 
                   versions: dict[str, str] | None = None) -> list[GraphReport]:
     """Export every graph of a loaded fp32 CPU model into a temporary directory beside `out`, then rename
     it into place: an interrupted or failed export leaves nothing behind."""
-    _check_destination(out, precision)
+    _check_destination(out, precision, opset)
     with two_pass_group_norms(model.unet, model.vae), staging_directory(out) as tmp:
         graphs = torch_graphs(model)
         reports = []

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from ..contract import ModelDims
-from ..schedule import Schedule
+from ..schedule import Array, Schedule
 from ..tokenizer import PromptTokenizer
-
-Array = Any
-"""An array in the backend's own type (numpy.ndarray, torch.Tensor on some device)."""
 
 
 class Backend(Protocol):
@@ -25,8 +23,14 @@ class Backend(Protocol):
     max_prompt_batch: int | None
     """The most target prompts one injection batch may hold (2 UNet samples each); None: no limit."""
 
-    def run(self, graph: str, feeds: Mapping[str, Array]) -> dict[str, Array]:
-        """Run one of the graphs of `contract.graph_specs`; feeds and outputs keyed by tensor name."""
+    def run(self, graph: str, feeds: Mapping[str, Array], outputs: Collection[str] | None = None) -> dict[str, Array]:
+        """Run one of the graphs of `contract.graph_specs`; feeds and outputs keyed by tensor name.
+
+        `outputs`: the ones the caller reads (None: all). The rest are never copied out or kept."""
+
+    def worker_stream(self) -> AbstractContextManager[None]:
+        """Run the calling thread's work inside this block on a stream of its own (GPU backends: not the
+        legacy default stream, which synchronizes with everything); a no-op on the CPU."""
 
     def asarray(self, host: np.ndarray) -> Array:
         """A host array as the backend's array (floats in the backend's precision)."""

@@ -3,13 +3,13 @@
 A UNet call at fixed shapes launches the same ~1,000 kernels every time; on a datacenter GPU launching
 them costs more than running them. A captured graph replays them with one launch. The torch and TensorRT
 backends share this one mechanism: static input buffers per signature (names, shapes, dtypes, which
-optional inputs are present), warm-up, capture on the owner's stream, replay, outputs copied out.
+optional inputs are present), warm-up, capture on the owner's stream, replay, the outputs read copied out.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +51,9 @@ class CudaGraphs:
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def __call__(self, inputs: Tensors) -> dict[str, torch.Tensor]:
+    def __call__(self, inputs: Tensors, read: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+        """Replay the graph of this signature (capturing it first if new); copies out the outputs named in
+        `read` (None: all) — the others stay in the graph's static buffers."""
         caller = torch.cuda.current_stream(self.device)
         with self._lock:
             entry = self._graphs.get(signature(inputs))
@@ -64,7 +66,7 @@ class CudaGraphs:
                         static.copy_(inputs[name])  # type: ignore[arg-type]
                 entry.graph.replay()
             caller.wait_stream(self.stream)
-            return {name: out.clone() for name, out in entry.outputs.items()}
+            return {name: out.clone() for name, out in entry.outputs.items() if read is None or name in read}
 
     def _capture(self, inputs: Tensors) -> _Captured:
         """Static copies of the inputs, warm-up runs, then one captured run whose outputs stay static."""

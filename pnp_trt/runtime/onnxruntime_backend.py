@@ -3,8 +3,9 @@ no torch, diffusers or transformers (a test enforces it)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +100,14 @@ class OnnxRuntimeBackend(OnnxRuntimeSessions):
             full[tensor.name] = np.asarray(value, dtype=tensor.numpy_dtype(self.precision))
         return full
 
-    def run(self, graph: str, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        names = self.specs[graph].output_names
-        outputs = self.session(graph).run(names, self._feeds(graph, feeds))
-        return dict(zip(names, outputs, strict=True))
+    def run(self, graph: str, feeds: Mapping[str, Any], outputs: Collection[str] | None = None,
+            ) -> dict[str, np.ndarray]:
+        names = self.specs[graph].read_outputs(outputs)
+        arrays = self.session(graph).run(names, self._feeds(graph, feeds))
+        return dict(zip(names, arrays, strict=True))
+
+    def worker_stream(self) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
 
     def asarray(self, host: np.ndarray) -> np.ndarray:
         return host.astype(self.precision) if np.issubdtype(host.dtype, np.floating) else host

@@ -10,7 +10,7 @@ dimensions pinned from the contract's axis sizes, with static input/output buffe
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,9 @@ class GraphedSession:
             bind(self.binding.bind_output, name, tensor)
         self._lock = threading.Lock()
 
-    def __call__(self, feeds: Mapping[str, torch.Tensor], synchronize: Callable[[], None]) -> dict[str, torch.Tensor]:
+    def __call__(self, feeds: Mapping[str, torch.Tensor], synchronize: Callable[[], None],
+                 read: list[str]) -> dict[str, torch.Tensor]:
+        """Replay with `feeds` in the static inputs; copies out only the outputs named in `read`."""
         with self._lock:
             for name, static in self.inputs.items():
                 if name in feeds:
@@ -53,7 +55,7 @@ class GraphedSession:
             except Exception as exc:  # ORT's own types: capture refused (a node outside the GPU provider)
                 raise PnPError(f"ONNX Runtime cannot run the UNet as a CUDA graph ({str(exc).splitlines()[0][:200]})"
                                "; run without CUDA graphs (--no-cuda-graphs)") from None
-            return {name: out.clone() for name, out in self.outputs.items()}
+            return {name: self.outputs[name].clone() for name in read}
 
 
 class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
@@ -78,23 +80,24 @@ class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
             options["enable_cuda_graph"] = "1"
         return [(self.provider, options)]
 
-    def run(self, graph: str, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        spec = self.specs[graph]
+    def run(self, graph: str, feeds: Mapping[str, Any], outputs: Collection[str] | None = None,
+            ) -> dict[str, torch.Tensor]:
+        spec, read = self.specs[graph], self.specs[graph].read_outputs(outputs)
         given = {t.name: self.tensor(feeds[t.name], t) for t in spec.inputs if feeds.get(t.name) is not None}
         sizes = call_sizes(self.dims, graph, tuple(given[spec.inputs[0].name].shape))
         if graph == "unet" and self.cuda_graphs:
-            return self._graphed_session(sizes)(given, self.synchronize)
+            return self._graphed_session(sizes)(given, self.synchronize, read)
         binding = self.session(graph).io_binding()
         for tensor in spec.inputs:
             value = given.get(tensor.name)
             bind(binding.bind_input, tensor.name, value if value is not None else
                  self.zeros.get(tensor, tensor.shape(sizes)))
-        outputs = {t.name: self.allocate(t, t.shape(sizes)) for t in spec.outputs}
-        for name, out in outputs.items():
+        results = {t.name: self.allocate(t, t.shape(sizes)) for t in spec.outputs if t.name in read}
+        for name, out in results.items():  # outputs left unbound are not copied out by ORT
             bind(binding.bind_output, name, out)
         self.synchronize()  # inputs written on torch's stream are complete before ORT's stream reads them
         self.session(graph).run_with_iobinding(binding)  # returns once ORT's stream is done
-        return outputs
+        return results
 
     def _graphed_session(self, sizes: Mapping[str, int]) -> GraphedSession:
         key = (sizes["batch"], sizes["height"], sizes["width"])

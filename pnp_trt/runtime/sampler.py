@@ -1,14 +1,16 @@
 """The PnP sampler (DESIGN §1) over any `Backend`: it never asks which backend it runs on.
 
 Stages: encode → invert (or generate the guidance) → capture → inject → decode. Each loop is a short
-function over `run(graph, feeds)`; `Sampler` only adds UNet-evaluation counting and progress.
+function over `run(graph, feeds, outputs)`; `Sampler` only adds UNet-evaluation counting and progress.
+Inside the loops nothing waits on the device: each pass uploads its timesteps once, the gates are device
+scalars made once, every call asks only for the outputs it reads, and the DDIM arithmetic stays on the device.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +24,9 @@ from ..schedule import (
     invert_step,
 )
 from .backend import Array, LoadedModel
+
+NOISE = ("noise_pred",)
+"""What the UNet calls that capture nothing read."""
 
 Progress = Callable[[str, int], Callable[[], None]]
 """progress(stage, total) → advance(): called once per step of that stage."""
@@ -105,14 +110,19 @@ class Sampler:
         self.model, self.backend, self.schedule = model, model.backend, model.schedule
         self.stats = stats or Stats(sync=self.backend.synchronize)
         self.progress = progress
+        self.gates = {flag: self.backend.asarray(np.array(flag)) for flag in (False, True)}
 
-    def unet(self, sample: Array, timesteps: Sequence[int], embeddings: Array, **extra: Array) -> dict[str, Array]:
-        """One UNet call: `timesteps` holds one timestep per sample of the batch."""
+    def timesteps(self, rows: Sequence[Sequence[int]]) -> Array:
+        """A pass's timesteps, uploaded once: row i holds call i's timestep for each sample."""
+        return self.backend.asarray(np.asarray(rows, dtype=np.int64))
+
+    def unet(self, sample: Array, timesteps: Array, embeddings: Array, outputs: Collection[str],
+             **extra: Array) -> dict[str, Array]:
+        """One UNet call: `timesteps` holds one timestep per sample; returns just the `outputs` named."""
         self.stats.unet_evals += int(sample.shape[0])
         self.stats.unet_calls += 1
-        feeds = {"sample": sample, "timestep": np.asarray(timesteps, dtype=np.float32),
-                 "encoder_hidden_states": embeddings, **extra}
-        return self.backend.run("unet", feeds)
+        feeds = {"sample": sample, "timestep": timesteps, "encoder_hidden_states": embeddings, **extra}
+        return self.backend.run("unet", feeds, outputs)
 
     def encode_prompts(self, prompts: Sequence[str]) -> Array:
         ids = self.model.tokenizer.encode(prompts)
@@ -138,12 +148,14 @@ class Sampler:
         captured: dict[int, dict[str, Array]] = {}
         pending = None
         pair = self.backend.concat([embedding, ride_along.empty]) if ride_along else embedding
+        previous = [inversion_ts[0], *inversion_ts[:-1]]
+        table = self.timesteps([[t, prev] for t, prev in zip(inversion_ts, previous, strict=True)])
         advance = self.progress("invert", len(inversion_ts))
-        for t in inversion_ts:
+        for i, t in enumerate(inversion_ts):
             if pending is None:
-                eps = self.unet(z, [t], embedding)["noise_pred"]
-            else:
-                outputs = self.unet(self.backend.concat([z, z]), [t, pending], pair)
+                eps = self.unet(z, table[i, :1], embedding, NOISE)["noise_pred"]
+            else:  # pending is the previous timestep: row i is [t, pending]
+                outputs = self.unet(self.backend.concat([z, z]), table[i], pair, NOISE + read(wanted[pending]))
                 eps, captured[pending] = outputs["noise_pred"][:1], self._row(outputs, 1, wanted[pending])
             z = invert_step(self.schedule, z, eps, t, t_prev)
             if t in keep:
@@ -161,10 +173,12 @@ class Sampler:
         timestep and embedding): the points of `captures` are kept from it, for free."""
         src, captured, x, steps = {}, {}, noise, len(sampling_ts)
         embeddings = self.backend.concat([empty, cond])
+        table = self.timesteps([[t, t] for t in sampling_ts])
         advance = self.progress("generate", steps)
-        for t in sampling_ts:
+        for i, t in enumerate(sampling_ts):
             src[t] = x
-            outputs = self.unet(self.backend.concat([x, x]), [t, t], embeddings)
+            kept = read(captures[t]) if captures and t in captures else ()
+            outputs = self.unet(self.backend.concat([x, x]), table[i], embeddings, NOISE + kept)
             if captures and t in captures:
                 captured[t] = self._row(outputs, 0, captures[t])
             eps = outputs["noise_pred"]
@@ -177,9 +191,10 @@ class Sampler:
         """Run the capture pass on the source latents not captured yet; keep only what each step injects."""
         captures = plan.captures(sampling_ts)
         missing = [t for t in captures if t not in done]
+        table = self.timesteps([[t] for t in missing])
         advance = self.progress("capture", len(missing))
-        for t in missing:
-            done[t] = self._row(self.unet(src[t], [t], empty), 0, captures[t])
+        for i, t in enumerate(missing):
+            done[t] = self._row(self.unet(src[t], table[i], empty, read(captures[t])), 0, captures[t])
             advance()
         return [done[t] for t in captures]
 
@@ -193,21 +208,27 @@ class Sampler:
         n, steps = int(targets.shape[0]), len(sampling_ts)
         embeddings = self.backend.concat([negative] * n + [targets])
         x = self.backend.concat([x] * n)
+        table = self.timesteps([[t] * (2 * n) for t in sampling_ts])
         advance = self.progress("inject", steps)
         for i, t in enumerate(sampling_ts):
-            eps = self.unet(self.backend.concat([x, x]), [t] * (2 * n), embeddings,
-                            **injection_feeds(captured, i, plan))
-            eps = eps["noise_pred"]
+            eps = self.unet(self.backend.concat([x, x]), table[i], embeddings, NOISE,
+                            **injection_feeds(captured, i, plan, self.gates))["noise_pred"]
             x = ddim_step(self.schedule, classifier_free_guidance(eps[:n], eps[n:], scale), x, t, steps)
             advance()
         return x
 
 
-def injection_feeds(captured: Captured, step: int, plan: InjectionPlan) -> dict[str, Array]:
-    """Injected tensors and gates for one injection step; absent inputs mean "not injected"."""
+def read(points: Sequence[InjectionPoint]) -> tuple[str, ...]:
+    """The UNet outputs holding these points' captured tensors."""
+    return tuple(captured_name(p) for p in points)
+
+
+def injection_feeds(captured: Captured, step: int, plan: InjectionPlan, gates: dict[bool, Array]) -> dict[str, Array]:
+    """Injected tensors and gates (`gates[flag]`: the backend's bool scalars) for one injection step;
+    absent inputs mean "not injected"."""
     if step >= plan.capture_steps:
         return {}
     feeds: dict[str, Array] = {injected_name(p): captured[step][p.name] for p in plan.points_at(step)}
-    feeds["inject_features"] = np.array(step < plan.feature_steps)
-    feeds["inject_attention"] = np.array(step < plan.attention_steps)
+    feeds["inject_features"] = gates[step < plan.feature_steps]
+    feeds["inject_attention"] = gates[step < plan.attention_steps]
     return feeds

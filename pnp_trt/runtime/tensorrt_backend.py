@@ -1,6 +1,6 @@
 """TensorRT backend: deserialized engines behind the same `run(graph, feeds)` as every backend.
 
-Per worker (one `TensorRTBackend`): one execution context per engine, all sharing one user-managed
+Per worker (one `TensorRTBackend`): one execution context per engine profile, all sharing one user-managed
 activation region sized to the largest engine (they run one at a time on one stream); torch CUDA tensors
 as I/O buffers; captured outputs bound directly as the next pass's inputs (no copies). The UNet, called
 ~100 times an edit at a few shapes, replays a CUDA graph captured around `execute_async_v3` per shape and
@@ -9,7 +9,7 @@ injection state (`cuda_graphs.py`, on the graphs' own stream) unless switched of
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 from ..contract import PRECISIONS, ModelDims, ZeroBuffers, call_sizes, graph_specs
 from ..engines.buffers import shared_activation_bytes
 from ..engines.compat import ENGINES_MANIFEST, EngineEntry, build_command, check_entry, read_entries
-from ..engines.profiles import check_request, profile_shapes
+from ..engines.profiles import check_request, profile_index, profile_shapes
 from ..errors import PnPError
 from ..manifest import GRAPHS
 from .backend import LoadedModel
@@ -60,30 +60,44 @@ class TensorRTBackend(TorchArrays):
             self.engines[graph] = engine
         size = shared_activation_bytes({g: e.device_memory_size_v2 for g, e in self.engines.items()})
         self.activations = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
-        self.contexts: dict[str, trt.IExecutionContext] = {}
-        for graph, engine in self.engines.items():
-            context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-            context.set_device_memory(self.activations.data_ptr(), self.activations.numel())
-            self.contexts[graph] = context
+        self.contexts = {graph: [self._context(graph, engine, profile) for profile in range(
+            engine.num_optimization_profiles)] for graph, engine in self.engines.items()}
+        """Per graph, one execution context per optimization profile (`profile_index` picks one per call)."""
+        torch.cuda.current_stream().synchronize()  # the profiles are set before any worker stream uses them
         self.zeros = ZeroBuffers(lambda tensor, shape: self.allocate(tensor, shape, zero=True))
-        """Stand-ins for absent inputs, and each graph's `noise_pred` buffer (consumed before the next call)."""
+        """Stand-ins for absent inputs; also the `noise_pred` buffer (consumed before the next call) and scratch
+        for outputs no caller reads, one per shape (their names never collide with an input's)."""
         self.unet_graphs = CudaGraphs(lambda inputs: self._execute("unet", inputs), self.device) if cuda_graphs \
             else None
 
+    def _context(self, graph: str, engine: trt.ICudaEngine, profile: int) -> trt.IExecutionContext:
+        """An execution context on the shared activation region, set to one optimization profile."""
+        context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        context.set_device_memory(self.activations.data_ptr(), self.activations.numel())
+        if not context.set_optimization_profile_async(profile, torch.cuda.current_stream().cuda_stream):
+            raise PnPError(f"TensorRT refused optimization profile {profile} of the {graph} engine; rebuild: "
+                           f"`{build_command(self.directory, self.entries[graph].shapes)}`")
+        return context
+
     def _check_engine(self, graph: str, engine: trt.ICudaEngine, entry: EngineEntry) -> None:
         """The plan itself must match the contract's dtypes and engines.json's limits (a plan rebuilt with other
-        limits beside an old record, say)."""
+        limits beside an old record, say), profile by profile."""
         rebuild = build_command(self.directory, entry.shapes)
-        profile = profile_shapes(self.specs[graph], self.dims, entry.shapes)
+        profiles = profile_shapes(self.specs[graph], self.dims, entry.shapes)
+        if engine.num_optimization_profiles != len(profiles):
+            raise PnPError(f"{entry.file} has {engine.num_optimization_profiles} optimization profile(s), this "
+                           f"version of pnp-trt builds {len(profiles)}; rebuild: `{rebuild}`")
         for tensor in self.specs[graph].inputs + self.specs[graph].outputs:
             if engine.get_tensor_dtype(tensor.name) != _TRT_DTYPES[str(self.dtype_of(tensor)).removeprefix("torch.")]:
                 raise PnPError(f"{entry.file}: {tensor.name} is {engine.get_tensor_dtype(tensor.name)}, the contract "
                                f"says {self.dtype_of(tensor)}; rebuild: `{rebuild}`")
-            if tensor.name in profile:
-                built = tuple(_dims(dims) for dims in engine.get_tensor_profile_shape(tensor.name, 0))
+            for index, profile in enumerate(profiles):
+                if tensor.name not in profile:
+                    continue
+                built = tuple(_dims(dims) for dims in engine.get_tensor_profile_shape(tensor.name, index))
                 if built != profile[tensor.name]:
-                    raise PnPError(f"{entry.file} was built for {tensor.name} shapes {built}, {ENGINES_MANIFEST} says "
-                                   f"{profile[tensor.name]}; rebuild: `{rebuild}`")
+                    raise PnPError(f"{entry.file} was built for {tensor.name} shapes {built} (profile {index}), "
+                                   f"{ENGINES_MANIFEST} says {profile[tensor.name]}; rebuild: `{rebuild}`")
 
     def _check_profile(self, graph: str, feeds: Mapping[str, Any]) -> None:
         """The call's batch and size must lie inside the engine's optimization profile."""
@@ -92,23 +106,28 @@ class TensorRTBackend(TorchArrays):
         shapes = self.entries[graph].shapes
         check_request(graph, shapes, sizes["batch"], size, build_command(self.directory, shapes))
 
-    def run(self, graph: str, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def run(self, graph: str, feeds: Mapping[str, Any], outputs: Collection[str] | None = None,
+            ) -> dict[str, torch.Tensor]:
         self._check_profile(graph, feeds)
+        read = self.specs[graph].read_outputs(outputs)
         inputs = {t.name: None if feeds.get(t.name) is None else
                   self.tensor(feeds[t.name], t)
                   for t in self.specs[graph].inputs}
         if graph == "unet" and self.unet_graphs is not None:
-            return self.unet_graphs(inputs)
-        return self._execute(graph, inputs)
+            return self.unet_graphs(inputs, read)
+        return self._execute(graph, inputs, read)
 
-    def _execute(self, graph: str, inputs: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    def _execute(self, graph: str, inputs: Mapping[str, torch.Tensor | None],
+                 read: Collection[str] | None = None) -> dict[str, torch.Tensor]:
         """Bind every input (absent: a zero buffer or a false gate) and output, and enqueue the engine on the
-        current stream (inside a CUDA graph capture: the capture stream)."""
-        spec, context = self.specs[graph], self.contexts[graph]
+        current stream (inside a CUDA graph capture: the capture stream). Returns the outputs named in
+        `read` (None: all); the others are written to reused scratch buffers."""
+        spec = self.specs[graph]
         first = inputs[spec.inputs[0].name]
         if first is None:
             raise PnPError(f"the {graph} engine needs its {spec.inputs[0].name} input")
         sizes = call_sizes(self.dims, graph, tuple(first.shape))
+        context = self.contexts[graph][profile_index(graph, sizes["batch"])]
         for tensor in spec.inputs:  # torch's allocator reuses freed memory in stream order: no keep-alive needed
             value = inputs[tensor.name]
             if value is None:  # not injected: a zero buffer (or a false gate), allocated once per shape
@@ -123,12 +142,14 @@ class TensorRTBackend(TorchArrays):
         outputs = {}
         for tensor in spec.outputs:
             shape = _dims(context.get_tensor_shape(tensor.name))
-            if tensor.name == "noise_pred":  # consumed before the next call: reuse one buffer per shape
-                out = self.zeros.get(tensor, shape)
+            kept = read is None or tensor.name in read
+            if tensor.name == "noise_pred" or not kept:  # consumed before the next call, or never read:
+                out = self.zeros.get(tensor, shape)  # one reused buffer per shape
             else:  # captured tensors outlive the call (they are fed back later): fresh memory
                 out = self.allocate(tensor, shape)
             _bind(context, tensor.name, out)
-            outputs[tensor.name] = out
+            if kept:
+                outputs[tensor.name] = out
         if not context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
             raise RuntimeError(f"TensorRT failed to run the {graph} engine")
         return outputs

@@ -3,7 +3,10 @@ one dtype map, one way to move arrays, one notion of the device's free memory.""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -14,6 +17,17 @@ from ..contract import FLOAT, TensorSpec
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "bool": torch.bool}
 NUMPY_DTYPES = {dtype: np.dtype(name).type for name, dtype in TORCH_DTYPES.items()}
 """torch dtype → numpy scalar type (e.g. ONNX Runtime's IO binding names element types this way)."""
+
+_WORKER = threading.local()
+"""Per thread: its own CUDA stream per device (`TorchArrays.worker_stream`)."""
+
+
+def worker_cuda_stream(device: torch.device) -> torch.cuda.Stream:
+    """The calling thread's own stream on `device`, made on first use (never the legacy default stream)."""
+    streams = _WORKER.__dict__.setdefault("streams", {})
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return streams[device]
 
 
 class TorchArrays:
@@ -32,10 +46,19 @@ class TorchArrays:
 
     def tensor(self, value: Any, tensor: TensorSpec) -> torch.Tensor:
         """A feed (numpy or torch) as a contiguous tensor of the contract's dtype on the device."""
-        return torch.as_tensor(value).to(self.device, self.dtype_of(tensor)).contiguous()
+        value = self.upload(value) if isinstance(value, np.ndarray) else torch.as_tensor(value)
+        return value.to(self.device, self.dtype_of(tensor)).contiguous()
+
+    def upload(self, host: np.ndarray) -> torch.Tensor:
+        """A host array on the device as is. To a GPU through pinned memory without blocking: the host
+        never waits for the GPU to copy (a pageable copy would synchronize)."""
+        tensor = torch.from_numpy(np.ascontiguousarray(host))
+        if self.device.type != "cuda":
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def asarray(self, host: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(host)).to(self.device)
+        tensor = self.upload(host)
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
     def to_numpy(self, array: torch.Tensor) -> np.ndarray:
@@ -45,6 +68,11 @@ class TorchArrays:
 
     def concat(self, arrays: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.cat(list(arrays))
+
+    def worker_stream(self) -> AbstractContextManager[None]:
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.cuda.stream(worker_cuda_stream(self.device))
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

@@ -3,7 +3,7 @@ graphs on CUDA (`cuda_graphs.py`; eager elsewhere or when switched off)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -40,16 +40,21 @@ class TorchBackend(TorchArrays):
         self.unet_graphs = CudaGraphs(self._run_unet, self.device) if cuda_graphs and self.device.type == "cuda" \
             else None
 
-    def _run_unet(self, inputs: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    def _run_unet(self, inputs: Mapping[str, torch.Tensor | None],
+                  read: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+        """The UNet's outputs named in `read` (None: all); the hooks keep no other captured tensor."""
         spec = self.specs["unet"]
-        return dict(zip(spec.output_names, self.graphs["unet"](*inputs.values()), strict=True))
+        outputs = self.graphs["unet"](*inputs.values(), keep=None if read is None else frozenset(read))
+        return {name: out for name, out in zip(spec.output_names, outputs, strict=True)
+                if read is None or name in read}
 
     @torch.inference_mode()
-    def run(self, graph: str, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        spec = self.specs[graph]
+    def run(self, graph: str, feeds: Mapping[str, Any], outputs: Collection[str] | None = None,
+            ) -> dict[str, torch.Tensor]:
+        spec, read = self.specs[graph], self.specs[graph].read_outputs(outputs)
         args = {t.name: None if t.name not in feeds else self.tensor(feeds[t.name], t) for t in spec.inputs}
         if graph == "unet":
-            return self.unet_graphs(args) if self.unet_graphs is not None else self._run_unet(args)
+            return self.unet_graphs(args, read) if self.unet_graphs is not None else self._run_unet(args, read)
         return dict(zip(spec.output_names, self.graphs[graph](*args.values()), strict=True))
 
 

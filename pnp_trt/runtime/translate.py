@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -13,6 +15,7 @@ from ..contract import INJECTION_POINTS, array_precision, axis_sizes, captured_n
 from ..engines.buffers import auto_prompt_batch
 from ..errors import PnPError
 from ..images import normalize_guidance, output_size, to_array, to_pil
+from ..results import save_directory, versions
 from ..schedule import inversion_timesteps, sampling_timesteps
 from .backend import LoadedModel
 from .cache import SourceCache, source_key
@@ -20,14 +23,50 @@ from .sampler import InjectionPlan, Progress, RideAlong, Sampler, Source, Stats,
 
 
 @dataclass
-class TranslateResult:
+class Translation:
+    """What one translation returns: the images (one per prompt, in order), the final latents, how the work
+    went, and `save(directory)` for the PNGs plus a `translate.json` record."""
+
     images: list[Image.Image]
     latents: np.ndarray
     """Final latents [N,4,h,w] before decoding (what the parity tests compare)."""
     stats: Stats
     size: tuple[int, int]
-    cache_hit: bool = False
+    cache_hit: bool
     """The source branch (inversion/generation + capture) came from the cache: no UNet calls for it."""
+    prompts: list[str]
+    settings: TranslateConfig
+    backend: str
+    model: str
+    source_prompt: str | None = None
+    guidance_file: str | None = None
+    """The guidance image's path, when it came from a file (recorded, never read again)."""
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds per stage."""
+        return self.stats.timings
+
+    @property
+    def unet_evals(self) -> int:
+        return self.stats.unet_evals
+
+    @property
+    def unet_calls(self) -> int:
+        """Sequential UNet invocations (the critical path on a GPU)."""
+        return self.stats.unet_calls
+
+    def record(self) -> dict[str, Any]:
+        """What `translate.json` holds: inputs, settings, model, timings and the software that made it."""
+        return {"prompts": self.prompts, "image": self.guidance_file, "source_prompt": self.source_prompt,
+                "backend": self.backend, "model": self.model, "size": list(self.size),
+                "settings": self.settings.to_dict(), "timings_s": self.timings, "unet_evaluations": self.unet_evals,
+                "unet_calls": self.unet_calls, "source_cache_hit": self.cache_hit, "versions": versions()}
+
+    def save(self, directory: Path | str) -> list[Path]:
+        """One PNG per prompt plus `translate.json` in `directory`, all or nothing (a previous run's results
+        there are replaced as one set); returns the image paths."""
+        return save_directory(Path(directory), self.prompts, self.images, self.record())
 
 
 def plan_size(model: LoadedModel, config: TranslateConfig, image: Image.Image | None) -> tuple[int, int]:
@@ -132,11 +171,12 @@ def memory_prompt_batch(model: LoadedModel, source: Source) -> int:
 
 def translate(model: LoadedModel, prompts: Sequence[str] | str, config: TranslateConfig | None = None,
               image: Image.Image | None = None, source_prompt: str | None = None,
-              progress: Progress = no_progress, cache: SourceCache | None = None) -> TranslateResult:
+              progress: Progress = no_progress, cache: SourceCache | None = None) -> Translation:
     """Translate a guidance image (or one generated from `source_prompt`) into each target prompt.
 
     With a `cache`, the source branch is looked up first and stored after: later calls on the same
-    guidance and settings run only the injection passes, whatever their prompts.
+    guidance and settings run only the injection passes, whatever their prompts. On a GPU the whole call
+    runs on the calling thread's own stream.
     """
     if (image is None) == (source_prompt is None):
         raise PnPError("give exactly one guidance: an image or a source prompt")
@@ -146,16 +186,20 @@ def translate(model: LoadedModel, prompts: Sequence[str] | str, config: Translat
     config = config or TranslateConfig()
     image = normalize_guidance(image) if image is not None else None
     size = plan_size(model, config, image)
-    sampler = Sampler(model, progress=progress)
     pixels = to_array(image, size) if image is not None else None
+    with model.backend.worker_stream():  # every array of this call is made and used on this stream
+        sampler = Sampler(model, progress=progress)
 
-    def build() -> Source:
-        return prepare_source(sampler, config, size, pixels, source_prompt)
+        def build() -> Source:
+            source = prepare_source(sampler, config, size, pixels, source_prompt)
+            model.backend.synchronize()  # complete before another thread's stream reads it from the cache
+            return source
 
-    if cache is None:
-        source, hit = build(), False
-    else:
-        key = source_key(model.identity, config, size, pixels, source_prompt)
-        source, hit = cache.get_or_build(key, model.backend, build, source_fits(model, config, size))
-    images, latents = sample_targets(sampler, source, prompts, config)
-    return TranslateResult(images, latents, sampler.stats, size, cache_hit=hit)
+        if cache is None:
+            source, hit = build(), False
+        else:
+            key = source_key(model.identity, config, size, pixels, source_prompt)
+            source, hit = cache.get_or_build(key, model.backend, build, source_fits(model, config, size))
+        images, latents = sample_targets(sampler, source, prompts, config)
+    return Translation(images, latents, sampler.stats, size, hit, prompts, config, model.backend.name,
+                       model.identity, source_prompt)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +15,7 @@ from ..images import load_guidance
 from .backend import LoadedModel
 from .cache import DEFAULT_CACHE_BYTES, SourceCache
 from .loading import open_model
-from .translate import translate
-
-
-@dataclass
-class Translation:
-    images: list[Image.Image]
-    timings: dict[str, float]
-    """Seconds per stage of this call."""
-    unet_evals: int
-    unet_calls: int
-    """Sequential UNet invocations (the critical path on a GPU)."""
-    cache_hit: bool
-    size: tuple[int, int]
+from .translate import Translation, translate
 
 
 class Translator:
@@ -54,10 +41,10 @@ class Translator:
 
         `settings` are `TranslateConfig` fields (steps, guidance_scale, feature_injection, ...)."""
         config = TranslateConfig(**settings)
-        if isinstance(image, (str, Path)):
-            image = load_guidance(Path(image))
+        from_file = isinstance(image, (str, Path))
+        guidance = load_guidance(Path(image)) if isinstance(image, (str, Path)) else image
         with self._turns or contextlib.nullcontext():
-            result = translate(self.model, prompts, config, image=image, source_prompt=source_prompt,
+            result = translate(self.model, prompts, config, image=guidance, source_prompt=source_prompt,
                                cache=self.cache)
-        return Translation(result.images, result.stats.timings, result.stats.unet_evals, result.stats.unet_calls,
-                           result.cache_hit, result.size)
+        result.guidance_file = str(image) if from_file else None
+        return result

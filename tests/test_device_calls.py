@@ -1,0 +1,157 @@
+"""What each UNet call moves (issue 8 §2.2, §4, §5): only the outputs the sampler reads come back, no host
+array reaches a call inside the loops, and on a GPU the loops never wait for the device and run on the
+worker's own stream."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import in_threads, random_image
+
+from pnp_trt.config import TranslateConfig
+from pnp_trt.contract import INJECTION_POINTS, axis_sizes, captured_name, graph_specs, random_feeds
+from pnp_trt.images import load_guidance, to_array
+from pnp_trt.runtime.backend import LoadedModel
+from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
+from pnp_trt.runtime.sampler import InjectionPlan, Sampler, Stats
+from pnp_trt.runtime.torch_backend import load_torch
+from pnp_trt.runtime.translate import prepare_source, translate
+from pnp_trt.schedule import sampling_timesteps
+
+SIZE = (64, 64)
+CONFIG = TranslateConfig(steps=4, feature_injection=0.25, attention_injection=0.5, height=SIZE[0], width=SIZE[1])
+PARTIAL = ("noise_pred", captured_name(INJECTION_POINTS[0]), captured_name(INJECTION_POINTS[-1]))
+
+
+class CallLog:
+    """Wraps a real backend; records what each UNet call was fed and asked for."""
+
+    def __init__(self, backend: Any, read_all: bool = False):
+        self.backend, self.read_all, self.calls = backend, read_all, list[dict[str, Any]]()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    def run(self, graph: str, feeds: Mapping[str, Any], outputs: Collection[str] | None = None) -> dict[str, Any]:
+        if graph != "unet":
+            return self.backend.run(graph, feeds, outputs)
+        self.calls.append({"outputs": outputs, "feeds": dict(feeds),
+                           "stream": torch.cuda.current_stream() if torch.cuda.is_available() else None})
+        result = self.backend.run(graph, feeds, None if self.read_all else outputs)
+        if outputs is not None and not self.read_all:
+            assert set(result) == set(outputs), "a backend returned other outputs than asked"
+        return result
+
+
+def logged(model: LoadedModel, read_all: bool = False) -> LoadedModel:
+    return dataclasses.replace(model, backend=CallLog(model.backend, read_all))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def tiny32(tiny_model_dir: Path) -> LoadedModel:
+    return load_torch(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_a_unet_call_returns_just_the_outputs_asked(backend: str, tiny32: LoadedModel, exported: Path) -> None:
+    model = tiny32 if backend == "torch" else load_onnxruntime(exported)
+    feeds = random_feeds(graph_specs(model.dims)["unet"], axis_sizes(model.dims, 2, *SIZE), "float32")
+    everything = model.backend.run("unet", feeds)
+    partial = model.backend.run("unet", feeds, PARTIAL)
+    assert list(partial) == list(PARTIAL)
+    for name in PARTIAL:
+        np.testing.assert_array_equal(model.backend.to_numpy(partial[name]), model.backend.to_numpy(everything[name]))
+    with pytest.raises(ValueError, match="no output"):
+        model.backend.run("unet", feeds, ["captured_nowhere"])
+
+
+def test_hooks_keep_only_what_is_read(tiny32: LoadedModel) -> None:
+    """The torch UNet graph does not hold captured tensors nobody reads (they are freed layer by layer)."""
+    spec = graph_specs(tiny32.dims)["unet"]
+    feeds = random_feeds(spec, axis_sizes(tiny32.dims, 1, *SIZE), "float32")
+    with torch.inference_mode():
+        outputs = tiny32.backend.graphs["unet"](*(torch.as_tensor(feeds[t.name]) for t in spec.inputs),  # type: ignore[attr-defined]
+                                                keep=frozenset(PARTIAL[1:]))
+    kept = [name for name, out in zip(spec.output_names, outputs, strict=True) if out is not None]
+    assert kept == list(PARTIAL)
+
+
+def test_the_sampler_asks_only_for_what_it_reads(tiny32: LoadedModel, tmp_path: Path) -> None:
+    """Inversion and injection read noise_pred alone; capture calls read only the points their step injects;
+    results equal those of a backend returning every output. No numpy array is fed to a UNet call: the
+    timesteps are uploaded once per pass and the gates are the backend's own scalars."""
+    image = load_guidance(random_image(tmp_path / "g.png", *SIZE))
+    lean, full = logged(tiny32), logged(tiny32, read_all=True)
+    a = translate(lean, ["a cat", "a dog"], CONFIG, image=image)
+    b = translate(full, ["a cat", "a dog"], CONFIG, image=image)
+    np.testing.assert_array_equal(a.latents, b.latents)
+    calls = lean.backend.calls  # type: ignore[attr-defined]
+    assert all(call["outputs"] is not None for call in calls)
+    captures = [call for call in calls if set(call["outputs"]) != {"noise_pred"}]
+    injecting = [call for call in calls if "inject_features" in call["feeds"]]
+    assert captures and injecting and len(calls) == a.stats.unet_calls
+    assert all(set(call["outputs"]) == {"noise_pred"} for call in injecting)
+    plan = InjectionPlan.of(CONFIG)
+    captured_per_call = sorted(len(set(call["outputs"]) - {"noise_pred"}) for call in captures)
+    assert captured_per_call == sorted(len(plan.points_at(i)) for i in range(plan.capture_steps))
+    for call in calls:
+        hosted = [name for name, value in call["feeds"].items() if isinstance(value, np.ndarray)]
+        assert not hosted, f"host arrays fed to a UNet call: {hosted}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_sampling_loops_never_wait_for_the_gpu(tiny_model_dir: Path, tmp_path: Path, cuda_graphs: bool) -> None:
+    """Under `set_sync_debug_mode("error")` any host–device synchronization raises: encode, invert, capture
+    and inject run without one (after a warm-up that captures the CUDA graphs); only decoding syncs."""
+    model = load_torch(str(tiny_model_dir), torch.device("cuda"), torch.float32, cuda_graphs=cuda_graphs)
+    image = load_guidance(random_image(tmp_path / "g.png", *SIZE))
+    translate(model, ["a cat"], CONFIG, image=image)
+    pixels = to_array(image, SIZE)
+    with model.backend.worker_stream():
+        sampler = Sampler(model, Stats())  # no per-stage timing syncs
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            source = prepare_source(sampler, CONFIG, SIZE, pixels, None)
+            sampler.inject(source.start, source.captured, sampler.encode_prompts([""]),
+                           sampler.encode_prompts(["a cat"]), CONFIG.guidance_scale,
+                           sampling_timesteps(model.schedule, CONFIG.steps), InjectionPlan.of(CONFIG))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        model.backend.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_each_worker_runs_on_its_own_stream(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """No UNet call of a translate is enqueued on the legacy default stream (which synchronizes with all)."""
+    model = logged(load_torch(str(tiny_model_dir), torch.device("cuda"), torch.float32))
+    image = load_guidance(random_image(tmp_path / "g.png", *SIZE))
+    in_threads([lambda: translate(model, ["a cat"], CONFIG, image=image)] * 2)
+    streams = {call["stream"] for call in model.backend.calls}  # type: ignore[attr-defined]
+    assert torch.cuda.default_stream() not in streams and len(streams) == 2
+
+
+def test_the_callers_model_is_left_as_it_was(tiny_model_dir: Path) -> None:
+    """One loaded model behind two torch backends gets one set of (inert) hooks; the export's GroupNorm swap
+    is undone, even when the block fails."""
+    from pnp_trt.export.stable_norm import TwoPassGroupNorm, two_pass_group_norms
+    from pnp_trt.models import load_model
+    from pnp_trt.runtime.torch_backend import on_torch
+
+    model = load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    on_torch(model), on_torch(model)
+    point = dict(model.unet.named_modules())[INJECTION_POINTS[0].module]
+    assert len(point._forward_hooks) == 1
+    before = list(model.unet.named_modules()) + list(model.vae.named_modules())
+    with pytest.raises(RuntimeError), two_pass_group_norms(model.unet, model.vae) as swapped:
+        assert swapped > 0 and any(isinstance(m, TwoPassGroupNorm) for m in model.unet.modules())
+        raise RuntimeError("export failed")
+    assert list(model.unet.named_modules()) + list(model.vae.named_modules()) == before
