@@ -12,9 +12,9 @@ from conftest import random_image, rel_err
 
 from pnp_trt.config import TranslateConfig
 from pnp_trt.images import load_guidance, to_array
-from pnp_trt.runtime.sampler import InjectionPlan, Sampler, Source
+from pnp_trt.runtime.sampler import InjectionPlan, Sampler, Source, prepare_source, sample_targets, start_noise
 from pnp_trt.runtime.torch_backend import load_torch
-from pnp_trt.runtime.translate import prepare_source, sample_targets, start_noise, translate
+from pnp_trt.runtime.translate import translate
 from pnp_trt.schedule import inversion_timesteps, sampling_timesteps
 
 SIZE = (64, 128)
@@ -58,8 +58,8 @@ def test_fused_capture_equals_one_at_a_time(tiny64, tmp_path: Path, guidance: st
     fused_sampler, plain_sampler = Sampler(tiny64), Sampler(tiny64)
     fused = prepare_source(fused_sampler, config, SIZE, pixels, source_prompt)
     plain = one_at_a_time(plain_sampler, config, pixels, source_prompt)
-    fused_latents = sample_targets(fused_sampler, fused, PROMPTS, config)[1]
-    plain_latents = sample_targets(plain_sampler, plain, PROMPTS, config)[1]
+    fused_latents = sample_targets(fused_sampler, fused, PROMPTS, config, 2)[1]
+    plain_latents = sample_targets(plain_sampler, plain, PROMPTS, config, 2)[1]
     assert rel_err(fused_latents, plain_latents) <= 1e-12
     capture_steps = InjectionPlan.of(config).capture_steps
     # the latent of the last inversion step has no later call to ride along: with inversion steps = sampling

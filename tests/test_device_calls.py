@@ -19,9 +19,9 @@ from pnp_trt.contract import INJECTION_POINTS, axis_sizes, captured_name, graph_
 from pnp_trt.images import load_guidance, to_array
 from pnp_trt.runtime.backend import LoadedModel
 from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
-from pnp_trt.runtime.sampler import InjectionPlan, Sampler, Stats
+from pnp_trt.runtime.sampler import InjectionPlan, Sampler, Stats, prepare_source
 from pnp_trt.runtime.torch_backend import load_torch
-from pnp_trt.runtime.translate import prepare_source, translate
+from pnp_trt.runtime.translate import translate
 from pnp_trt.schedule import sampling_timesteps
 
 SIZE = (64, 64)

@@ -13,8 +13,9 @@ from reference_pnp import PaperPnP
 
 from pnp_trt.config import TranslateConfig
 from pnp_trt.images import load_guidance, to_array
+from pnp_trt.runtime.sampler import start_noise
 from pnp_trt.runtime.torch_backend import load_torch
-from pnp_trt.runtime.translate import start_noise, translate
+from pnp_trt.runtime.translate import translate
 
 STEPS, SIZE = 6, (64, 128)
 

@@ -1,6 +1,8 @@
 """The PnP sampler (DESIGN §1) over any `Backend`: it never asks which backend it runs on.
 
-Stages: encode → invert (or generate the guidance) → capture → inject → decode. Each loop is a short
+The whole algorithm in one file: the four loops (invert, generate, capture, inject) as `Sampler` methods, then
+the stages in the order a translation runs them (`prepare_source`, `sample_targets`): encode → invert (or
+generate the guidance) → capture → inject → decode. Each loop is a short
 function over `run(graph, feeds, outputs)`; `Sampler` only adds UNet-evaluation counting and progress.
 Inside the loops nothing waits on the device: each pass uploads its timesteps once, the gates are device
 scalars made once, every call asks only for the outputs it reads, and the DDIM arithmetic stays on the device.
@@ -21,7 +23,9 @@ from ..schedule import (
     classifier_free_guidance,
     ddim_step,
     injection_steps,
+    inversion_timesteps,
     invert_step,
+    sampling_timesteps,
 )
 from .backend import Array, LoadedModel
 
@@ -216,6 +220,64 @@ class Sampler:
             x = ddim_step(self.schedule, classifier_free_guidance(eps[:n], eps[n:], scale), x, t, steps)
             advance()
         return x
+
+
+# The stages in the order one translation runs them (DESIGN §1–2).
+
+def prepare_source(sampler: Sampler, config: TranslateConfig, size: tuple[int, int],
+                   image: np.ndarray | None, source_prompt: str | None) -> Source:
+    """Invert the image (or generate from the source prompt) and capture what injection needs: the capture
+    passes ride along the inversion's calls, or are the generation's unconditional half (DESIGN §2)."""
+    model, stats = sampler.model, sampler.stats
+    ts = sampling_timesteps(model.schedule, config.steps)
+    plan = InjectionPlan.of(config)
+    with stats.stage("text"):
+        empty = sampler.encode_prompts([""])
+    captures = plan.captures(ts)
+    if image is not None:
+        inv_ts = inversion_timesteps(model.schedule, config.steps, config.effective_inversion_steps)
+        with stats.stage("encode"):
+            z0 = sampler.encode_image(image)
+        with stats.stage("text"):
+            inv_emb = empty if not config.inversion_prompt else sampler.encode_prompts([config.inversion_prompt])
+        with stats.stage("invert"):
+            src, done = sampler.invert(z0, inv_emb, inv_ts, ts, RideAlong(empty, captures))
+    else:
+        noise = sampler.backend.asarray(start_noise(model, size, config.seed))
+        with stats.stage("text"):
+            cond = sampler.encode_prompts([source_prompt or ""])
+        with stats.stage("generate"):
+            src, done = sampler.generate_source(noise, cond, empty, config.source_guidance_scale, ts, captures)
+    with stats.stage("capture"):
+        captured = sampler.capture(src, empty, ts, plan, done)
+    return Source(src[ts[0]], captured)
+
+
+def start_noise(model: LoadedModel, size: tuple[int, int], seed: int) -> np.ndarray:
+    """Seeded N(0, I) latent [1,C,h,w] (numpy, so every backend starts from the same noise)."""
+    f = model.dims.vae_factor
+    shape = (1, model.dims.latent_channels, size[0] // f, size[1] // f)
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def sample_targets(sampler: Sampler, source: Source, prompts: Sequence[str], config: TranslateConfig,
+                   per_batch: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Inject into the target prompts, `per_batch` at a time, and decode: images [3,H,W] in [0,1] and the
+    final latents [N,C,h,w], one per prompt in order."""
+    ts = sampling_timesteps(sampler.model.schedule, config.steps)
+    plan = InjectionPlan.of(config)
+    stats, images, latents = sampler.stats, list[np.ndarray](), list[np.ndarray]()
+    with stats.stage("text"):
+        negative = sampler.encode_prompts([config.negative_prompt])
+    for first in range(0, len(prompts), per_batch):
+        with stats.stage("text"):
+            targets = sampler.encode_prompts(list(prompts[first:first + per_batch]))
+        with stats.stage("inject"):
+            x = sampler.inject(source.start, source.captured, negative, targets, config.guidance_scale, ts, plan)
+        latents.append(sampler.backend.to_numpy(x))
+        with stats.stage("decode"):
+            images.extend(sampler.decode(x))
+    return images, np.concatenate(latents)
 
 
 def read(points: Sequence[InjectionPoint]) -> tuple[str, ...]:

@@ -16,10 +16,9 @@ from ..engines.buffers import auto_prompt_batch
 from ..errors import PnPError
 from ..images import normalize_guidance, output_size, to_array, to_pil
 from ..results import save_directory, versions
-from ..schedule import inversion_timesteps, sampling_timesteps
 from .backend import LoadedModel
 from .cache import SourceCache, source_key
-from .sampler import InjectionPlan, Progress, RideAlong, Sampler, Source, Stats, no_progress
+from .sampler import InjectionPlan, Progress, Sampler, Source, Stats, no_progress, prepare_source, sample_targets
 
 
 @dataclass
@@ -76,35 +75,6 @@ def plan_size(model: LoadedModel, config: TranslateConfig, image: Image.Image | 
     return output_size(image.width, image.height, config.height, config.width, multiple)
 
 
-def prepare_source(sampler: Sampler, config: TranslateConfig, size: tuple[int, int],
-                   image: np.ndarray | None, source_prompt: str | None) -> Source:
-    """Invert the image (or generate from the source prompt) and capture what injection needs: the capture
-    passes ride along the inversion's calls, or are the generation's unconditional half (DESIGN §2)."""
-    model, stats = sampler.model, sampler.stats
-    ts = sampling_timesteps(model.schedule, config.steps)
-    plan = InjectionPlan.of(config)
-    with stats.stage("text"):
-        empty = sampler.encode_prompts([""])
-    captures = plan.captures(ts)
-    if image is not None:
-        inv_ts = inversion_timesteps(model.schedule, config.steps, config.effective_inversion_steps)
-        with stats.stage("encode"):
-            z0 = sampler.encode_image(image)
-        with stats.stage("text"):
-            inv_emb = empty if not config.inversion_prompt else sampler.encode_prompts([config.inversion_prompt])
-        with stats.stage("invert"):
-            src, done = sampler.invert(z0, inv_emb, inv_ts, ts, RideAlong(empty, captures))
-    else:
-        noise = sampler.backend.asarray(start_noise(model, size, config.seed))
-        with stats.stage("text"):
-            cond = sampler.encode_prompts([source_prompt or ""])
-        with stats.stage("generate"):
-            src, done = sampler.generate_source(noise, cond, empty, config.source_guidance_scale, ts, captures)
-    with stats.stage("capture"):
-        captured = sampler.capture(src, empty, ts, plan, done)
-    return Source(src[ts[0]], captured)
-
-
 def source_fits(model: LoadedModel, config: TranslateConfig, size: tuple[int, int]) -> Callable[[Source], bool]:
     """Whether a stored source has exactly what this translation injects: the start latent's shape, one
     entry per capture step with that step's points, each of the contract's shape."""
@@ -122,34 +92,6 @@ def source_fits(model: LoadedModel, config: TranslateConfig, size: tuple[int, in
                    and all(tuple(a.shape) == shapes[name] for name, a in step.items())
                    for i, step in enumerate(source.captured))
     return fits
-
-
-def start_noise(model: LoadedModel, size: tuple[int, int], seed: int) -> np.ndarray:
-    """Seeded N(0, I) latent [1,C,h,w] (numpy, so every backend starts from the same noise)."""
-    f = model.dims.vae_factor
-    shape = (1, model.dims.latent_channels, size[0] // f, size[1] // f)
-    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-
-
-def sample_targets(sampler: Sampler, source: Source, prompts: Sequence[str],
-                   config: TranslateConfig) -> tuple[list[Image.Image], np.ndarray]:
-    """Inject into the target prompts, `prompt_batch_size` at a time, and decode."""
-    ts = sampling_timesteps(sampler.model.schedule, config.steps)
-    plan = InjectionPlan.of(config)
-    stats, images, latents = sampler.stats, list[Image.Image](), list[np.ndarray]()
-    with stats.stage("text"):
-        negative = sampler.encode_prompts([config.negative_prompt])
-    per_batch = prompt_batch(sampler.model, source, config.prompt_batch_size)
-    for first in range(0, len(prompts), per_batch):
-        batch = list(prompts[first:first + per_batch])
-        with stats.stage("text"):
-            targets = sampler.encode_prompts(batch)
-        with stats.stage("inject"):
-            x = sampler.inject(source.start, source.captured, negative, targets, config.guidance_scale, ts, plan)
-        latents.append(sampler.backend.to_numpy(x))
-        with stats.stage("decode"):
-            images.extend(to_pil(img) for img in sampler.decode(x))
-    return images, np.concatenate(latents)
 
 
 def prompt_batch(model: LoadedModel, source: Source, requested: int | None = None) -> int:
@@ -200,6 +142,8 @@ def translate(model: LoadedModel, prompts: Sequence[str] | str, config: Translat
         else:
             key = source_key(model.identity, config, size, pixels, source_prompt)
             source, hit = cache.get_or_build(key, model.backend, build, source_fits(model, config, size))
-        images, latents = sample_targets(sampler, source, prompts, config)
+        per_batch = prompt_batch(model, source, config.prompt_batch_size)
+        decoded, latents = sample_targets(sampler, source, prompts, config, per_batch)
+        images = [to_pil(image) for image in decoded]
     return Translation(images, latents, sampler.stats, size, hit, prompts, config, model.backend.name,
                        model.identity, source_prompt)
