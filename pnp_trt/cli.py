@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import signal
 import warnings
 from collections.abc import Callable
@@ -90,6 +91,8 @@ def translate(
                                                             "free GPU memory; 4 on the CPU)."),
     cache_dir: Path | None = typer.Option(None, help="Keep inverted latents + captured features here (safetensors) "
                                                      "and reuse them for later prompts on the same image/settings."),
+    cache_dir_gib: float = typer.Option(16.0, help="Most GiB --cache-dir may hold; the least recently used "
+                                                   "sources are deleted beyond it."),
     cuda_graphs: bool = typer.Option(True, help="On CUDA, replay the UNet as CUDA graphs (captured once per "
                                                 "shape; the torch, onnxruntime-cuda and tensorrt backends)."),
 ) -> None:
@@ -105,6 +108,8 @@ def translate(
                              feature_injection=feature_injection, attention_injection=attention_injection,
                              seed=seed, height=height, width=width, source_guidance_scale=source_guidance_scale,
                              prompt_batch_size=prompt_batch_size)
+    if not (math.isfinite(cache_dir_gib) and cache_dir_gib > 0):
+        raise PnPError(f"--cache-dir-gib must be a positive number of GiB, got {cache_dir_gib}")
     check_destination(out, len(prompt) > 1)
     guidance = load_guidance(image) if image is not None else None
     from .runtime.cache import SourceCache
@@ -116,7 +121,8 @@ def translate(
         quiet_loading()
     loaded = open_model(backend, model, engines, provider, cuda_graphs)
     with _progress() as progress:
-        cache = SourceCache(directory=cache_dir) if cache_dir else None
+        cache = SourceCache(directory=cache_dir, disk_budget_bytes=int(cache_dir_gib * 2**30)) if cache_dir \
+            else None
         result = run_translation(loaded, prompt, config, guidance, source_prompt, rich_progress(progress), cache)
     result.guidance_file = str(image) if image else None
     if len(prompt) > 1:

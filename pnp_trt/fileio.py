@@ -6,15 +6,64 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+STAGING = ".pnp-trt-staging"
+STALE_AFTER_S = 600
+"""A staging leftover is swept once its process is gone and it has not changed for this long."""
+
+
+def staging_prefix(name: str) -> str:
+    """Hidden, recognisably ours, and this process's: `.pnp-trt-staging.<pid>.<name>.` (the name cut so that
+    the staging name stays within the file system's 255-byte limit)."""
+    return f"{STAGING}.{os.getpid()}.{name[:64]}."
+
+
+def new_staging(parent: Path, name: str, directory: bool = False, suffix: str = "") -> Path:
+    """A fresh staging file or directory in `parent`, after sweeping what killed runs left there."""
+    sweep_stale_staging(parent)
+    if directory:
+        return Path(tempfile.mkdtemp(prefix=staging_prefix(name), dir=parent))
+    fd, tmp = tempfile.mkstemp(prefix=staging_prefix(name), suffix=suffix, dir=parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def sweep_stale_staging(directory: Path) -> None:
+    """Remove staging leftovers of pnp-trt processes that were killed (SIGKILL, power loss): only entries
+    named by `staging_prefix` whose process no longer runs and that are older than `STALE_AFTER_S`."""
+    try:
+        entries = [e for e in Path(directory).iterdir() if e.name.startswith(STAGING + ".")]
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry.name.split(".")[2]
+        try:
+            stale = pid.isdigit() and not _running(int(pid)) and time.time() - entry.lstat().st_mtime > STALE_AFTER_S
+        except OSError:
+            continue
+        if stale and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif stale:
+            entry.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it into place."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    tmp = new_staging(path.parent, path.name, suffix=path.suffix)
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o644)
@@ -27,7 +76,7 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
 @contextlib.contextmanager
 def staging_directory(out: Path) -> Iterator[Path]:
     """A temporary directory beside `out`, renamed to `out` when the block completes, removed otherwise."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = new_staging(out.parent, out.name, directory=True)
     try:
         yield tmp
         tmp.chmod(0o755)

@@ -16,6 +16,7 @@ from typing import Any
 from PIL import Image
 
 from .errors import PnPError
+from .fileio import new_staging
 
 RECORD = "translate.json"
 
@@ -67,8 +68,8 @@ def save_directory(out: Path, prompts: Sequence[str], images: Sequence[Image.Ima
     out = Path(out)
     check_destination(out, several=True)
     names = output_names(prompts)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    staging = new_staging(out.parent, out.name, directory=True)
+    retired = new_staging(out.parent, f"{out.name}.old", directory=True)
     try:
         for name, image in zip(names, images, strict=True):
             image.save(staging / name, format="PNG")

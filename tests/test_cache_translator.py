@@ -201,3 +201,31 @@ def test_a_translation_saves_its_images_and_record(tiny_torch, tmp_path: Path) -
     assert record["model"] == tiny_torch.identity and record["backend"] == "torch"
     Translator(tiny_torch).translate(["a bird"], str(guide_file), **SETTINGS).save(tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0_a-bird.png", "translate.json"]
+
+
+def test_the_disk_store_keeps_within_its_byte_budget(tiny_torch, guide, tmp_path: Path) -> None:
+    """Past the directory's budget the least recently used source goes (a hit counts as a use); files that are
+    not cache entries stay."""
+    import os
+
+    store = tmp_path / "cache"
+    (tmp_path / "cache").mkdir()
+    (store / "notes.txt").write_text("mine")
+
+    def run(steps: int) -> bool:
+        config = TranslateConfig(**{**SETTINGS, "steps": steps})
+        return translate(tiny_torch, ["a cat"], config, image=guide, cache=cache).cache_hit
+
+    cache = SourceCache(directory=store, disk_budget_bytes=10 * 2**30)
+    run(4)
+    (entry_a,) = store.glob("*.safetensors")
+    one_entry = entry_a.stat().st_size
+    cache = SourceCache(budget_bytes=0, directory=store, disk_budget_bytes=int(2.5 * one_entry))
+    os.utime(entry_a, (1, 1))  # long unused
+    run(5)
+    run(6)  # a third entry would pass the budget: the least recently used (A) goes
+    assert not entry_a.exists() and len(list(store.glob("*.safetensors"))) == 2
+    assert (store / "notes.txt").read_text() == "mine"
+    assert run(5)  # still there, and now the most recently used
+    run(4)
+    assert run(5) and len(list(store.glob("*.safetensors"))) == 2

@@ -3,12 +3,16 @@ it depends on — never by the target prompt, negative prompt or guidance scale.
 
 In memory: an LRU bounded by bytes. On disk (optional): one safetensors file per source, written
 atomically, its checksum verified on read; a corrupt or foreign file is ignored and rebuilt, never trusted.
+The directory is bounded by bytes too: least recently used entries (by modification time, refreshed on
+each hit) go first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import threading
 import warnings
 from collections import OrderedDict
@@ -25,6 +29,7 @@ from .backend import Array, Backend
 from .sampler import Source
 
 DEFAULT_CACHE_BYTES = 2 << 30
+DEFAULT_DISK_CACHE_BYTES = 16 << 30
 DISK_FORMAT = "pnp-trt-source-1"
 
 
@@ -55,8 +60,9 @@ def source_bytes(source: Source) -> int:
 class SourceCache:
     """Thread-safe LRU of sources bounded by `budget_bytes`, optionally backed by a directory."""
 
-    def __init__(self, budget_bytes: int = DEFAULT_CACHE_BYTES, directory: Path | str | None = None):
-        self.budget_bytes = budget_bytes
+    def __init__(self, budget_bytes: int = DEFAULT_CACHE_BYTES, directory: Path | str | None = None,
+                 disk_budget_bytes: int = DEFAULT_DISK_CACHE_BYTES):
+        self.budget_bytes, self.disk_budget_bytes = budget_bytes, disk_budget_bytes
         self.directory = Path(directory) if directory is not None else None
         self._entries: OrderedDict[str, Source] = OrderedDict()
         self._bytes = 0
@@ -92,6 +98,8 @@ class SourceCache:
         if not fits(source):
             (self.directory / f"{key}.safetensors").unlink(missing_ok=True)
             return None
+        with contextlib.suppress(OSError):  # recently used: the last to be trimmed
+            os.utime(self.directory / f"{key}.safetensors")
         self._remember(key, source)
         return source
 
@@ -124,6 +132,7 @@ class SourceCache:
         if self.directory is not None:
             try:
                 write_source(self.directory, key, source, backend)
+                trim_directory(self.directory, self.disk_budget_bytes, keep=key)
             except Exception as exc:  # OSError, or safetensors' own error types on a full disk
                 self._disk_failed(exc)
 
@@ -145,6 +154,24 @@ class SourceCache:
             while self._bytes > self.budget_bytes:
                 _, evicted = self._entries.popitem(last=False)
                 self._bytes -= source_bytes(evicted)
+
+
+def trim_directory(directory: Path, budget_bytes: int, keep: str) -> None:
+    """Delete the least recently used entries until the directory's sources fit `budget_bytes` (never `keep`,
+    the one just written); other files there are not ours and stay."""
+    entries = []
+    for path in directory.glob("*.safetensors"):
+        if len(path.stem) == 64 and path.stem != keep:
+            with contextlib.suppress(OSError):
+                stat = path.stat()
+                entries.append((stat.st_mtime, stat.st_size, path))
+    kept = directory / f"{keep}.safetensors"
+    total = sum(size for _, size, _ in entries) + (kept.stat().st_size if kept.exists() else 0)
+    for _, size, path in sorted(entries):
+        if total <= budget_bytes:
+            break
+        path.unlink(missing_ok=True)
+        total -= size
 
 
 def _host(backend: Backend, array: Array) -> np.ndarray:

@@ -13,7 +13,7 @@ from PIL import Image
 from ..config import TranslateConfig
 from ..images import load_guidance
 from .backend import LoadedModel
-from .cache import DEFAULT_CACHE_BYTES, SourceCache
+from .cache import DEFAULT_CACHE_BYTES, DEFAULT_DISK_CACHE_BYTES, SourceCache
 from .loading import open_model
 from .translate import Translation, translate
 
@@ -31,9 +31,11 @@ class Translator:
     @classmethod
     def open(cls, backend: str = "torch", model: str | None = None, engines: Path | str | None = None,
              provider: str = "cpu", cache_bytes: int = DEFAULT_CACHE_BYTES,
-             cache_dir: Path | str | None = None, cuda_graphs: bool = True) -> Translator:
+             cache_dir: Path | str | None = None, cuda_graphs: bool = True,
+             cache_dir_bytes: int = DEFAULT_DISK_CACHE_BYTES) -> Translator:
         """Load a model (torch: hub id or diffusers dir; onnxruntime/tensorrt: an exported directory)."""
-        return cls(open_model(backend, model, engines, provider, cuda_graphs), SourceCache(cache_bytes, cache_dir))
+        cache = SourceCache(cache_bytes, cache_dir, cache_dir_bytes)
+        return cls(open_model(backend, model, engines, provider, cuda_graphs), cache)
 
     def translate(self, prompts: Sequence[str] | str, image: Image.Image | str | Path | None = None,
                   source_prompt: str | None = None, **settings: Any) -> Translation:
