@@ -20,14 +20,23 @@ MAX_PIXELS = 50_000_000
 def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB from any mode: 16/32-bit greyscale rescaled, transparency composited over white."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
-        image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        image = Image.fromarray(_to_8bit(np.asarray(image), 65535.0 if image.mode.startswith("I;16") else None), "L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return image.convert("RGB")
+
+
+def _to_8bit(values: np.ndarray, top: float | None) -> np.ndarray:
+    """Greyscale of any depth → uint8, `top` (default: the image's maximum) mapped to 255; in float32 row
+    bands of 256 rows, so the conversion needs about twice the image's size, not twelve times."""
+    top = top or max(float(values.max()), 1.0)
+    out = np.empty(values.shape, np.uint8)
+    for row in range(0, values.shape[0], 256):
+        band = values[row:row + 256].astype(np.float32)
+        out[row:row + 256] = np.clip(band * np.float32(255.0 / top) + np.float32(0.5), 0, 255)
+    return out
 
 
 def load_guidance(path: Path | str) -> Image.Image:

@@ -64,3 +64,21 @@ def test_paths_may_be_strings(tiny_model_dir: Path, tmp_path: Path) -> None:
     translator = Translator.open("torch", model=str(tiny_model_dir), cache_dir=str(tmp_path / "cache"))
     translator.translate(["a cat"], Image.new("RGB", (128, 64), (40, 90, 200)), **SETTINGS)
     assert list((tmp_path / "cache").glob("*.safetensors"))
+
+
+def test_16_bit_images_convert_exactly_without_float64_copies() -> None:
+    """16-bit greyscale maps 0..65535 onto 0..255 (rounded); the conversion's peak allocation stays near the
+    image's own size (tracemalloc counts numpy's buffers): 36 MiB for 16 MiB of pixels, where float64 took 192."""
+    import tracemalloc
+
+    values = np.array([[0, 257, 32768, 65535] * 16] * 64, dtype=np.uint16)
+    converted = normalize_guidance(Image.fromarray(values))
+    assert np.asarray(converted)[0, :4, 0].tolist() == [0, 1, 128, 255]
+    big = Image.fromarray(np.full((2048, 4096), 40000, np.uint16))  # 16 MiB of pixels
+    tracemalloc.start()
+    try:
+        normalize_guidance(big)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * 16 * 2**20, f"peak {peak / 2**20:.0f} MiB"
