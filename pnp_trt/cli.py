@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .config import DEFAULT_NEGATIVE_PROMPT, TranslateConfig
+from .config import DEFAULT_NEGATIVE_PROMPT, Limits, TranslateConfig
 from .errors import PnPError
 from .results import check_destination, versions
 
@@ -91,6 +91,8 @@ def translate(
                                                             "free GPU memory; 4 on the CPU)."),
     cache_dir: Path | None = typer.Option(None, help="Keep inverted latents + captured features here (safetensors) "
                                                      "and reuse them for later prompts on the same image/settings."),
+    max_output_mpx: float = typer.Option(1.05, help="Largest output in megapixels (height × width; 1024² is "
+                                                    "1.05). Memory grows fast with size: see the README."),
     cache_dir_gib: float = typer.Option(16.0, help="Most GiB --cache-dir may hold; the least recently used "
                                                    "sources are deleted beyond it."),
     cuda_graphs: bool = typer.Option(True, help="On CUDA, replay the UNet as CUDA graphs (captured once per "
@@ -110,6 +112,9 @@ def translate(
                              prompt_batch_size=prompt_batch_size)
     if not (math.isfinite(cache_dir_gib) and cache_dir_gib > 0):
         raise PnPError(f"--cache-dir-gib must be a positive number of GiB, got {cache_dir_gib}")
+    if not (math.isfinite(max_output_mpx) and max_output_mpx > 0):
+        raise PnPError(f"--max-output-mpx must be a positive number, got {max_output_mpx}")
+    limits = Limits(max_output_pixels=int(max_output_mpx * 1e6))
     check_destination(out, len(prompt) > 1)
     guidance = load_guidance(image) if image is not None else None
     from .runtime.cache import SourceCache
@@ -123,7 +128,8 @@ def translate(
     with _progress() as progress:
         cache = SourceCache(directory=cache_dir, disk_budget_bytes=int(cache_dir_gib * 2**30)) if cache_dir \
             else None
-        result = run_translation(loaded, prompt, config, guidance, source_prompt, rich_progress(progress), cache)
+        result = run_translation(loaded, prompt, config, guidance, source_prompt, rich_progress(progress), cache,
+                                 limits)
     result.guidance_file = str(image) if image else None
     if len(prompt) > 1:
         written = result.save(out)
@@ -247,6 +253,57 @@ def make_tiny_model(
     make(directory, seed, full_size)
     kind = "full-size" if full_size else "tiny"
     err.print(f"wrote a {kind} random-weight SD 2.1-topology model to {directory}")
+
+
+@app.command()
+@user_errors
+def serve(
+    backend: str = typer.Option("onnxruntime", help="torch | onnxruntime | tensorrt."),
+    model: str | None = typer.Option(None, help="Hub id or diffusers directory (torch backend)."),
+    engines: Path | None = typer.Option(None, help="Exported/built directory (onnxruntime, tensorrt)."),
+    provider: str = typer.Option("cpu", help="onnxruntime execution provider: cpu | cuda | tensorrt."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    cache_dir: Path | None = typer.Option(None, help="Keep sources on disk too (see translate --cache-dir)."),
+    cuda_graphs: bool = typer.Option(True, help="On CUDA, replay the UNet as CUDA graphs."),
+    max_upload_mb: float = typer.Option(20.0, help="Largest image upload, MiB (413 beyond)."),
+    max_input_mpx: float = typer.Option(16.0, help="Largest guidance image, megapixels (413 beyond)."),
+    max_output_mpx: float = typer.Option(1.05, help="Largest output, megapixels (422 beyond)."),
+    max_prompts: int = typer.Option(8, help="Prompts per request (422 beyond)."),
+    max_steps: int = typer.Option(100, help="Sampling or inversion steps per request (422 beyond)."),
+    queue: int = typer.Option(16, help="Requests waiting or running at once (429 with Retry-After beyond)."),
+    deadline_s: float = typer.Option(120.0, help="Seconds before an unanswered request gets 504."),
+    coalesce_ms: float = typer.Option(10.0, help="Window in which requests on the same image and settings "
+                                                 "join one translation (one capture, one injection batch)."),
+    workers: int = typer.Option(1, help="Translations run at once (1 suits one GPU: its calls queue anyway)."),
+) -> None:
+    """Serve translations over HTTP: POST /v1/translate, GET /healthz, /metrics, / (a page to try it), /docs."""
+    from .config import check_backend
+
+    check_backend(backend)
+    for name, value in (("--max-upload-mb", max_upload_mb), ("--max-input-mpx", max_input_mpx),
+                        ("--max-output-mpx", max_output_mpx), ("--deadline-s", deadline_s),
+                        ("--max-prompts", max_prompts), ("--max-steps", max_steps), ("--queue", queue),
+                        ("--workers", workers)):
+        if not (math.isfinite(value) and value > 0):
+            raise PnPError(f"{name} must be a positive number, got {value}")
+    try:
+        import uvicorn
+
+        from .serve.app import create_app
+        from .serve.limits import ServeLimits
+    except ImportError as exc:
+        raise PnPError(f"serving needs the serve extra ({exc.name} is missing): pip install 'pnp-trt[serve]'") \
+            from None
+    from .runtime.translator import Translator
+
+    limits = ServeLimits(int(max_upload_mb * 2**20), int(max_input_mpx * 1e6), max_prompts, max_steps, queue,
+                         deadline_s, Limits(int(max_output_mpx * 1e6)))
+    application = create_app(lambda: Translator.open(backend, model, engines, provider, cache_dir=cache_dir,
+                                                     cuda_graphs=cuda_graphs, limits=limits.output),
+                             limits, coalesce_ms, workers)
+    err.print(f"serving {backend} on http://{host}:{port} (docs at /docs; Ctrl-C stops)", highlight=False)
+    uvicorn.run(application, host=host, port=port, log_level="warning")
 
 
 class Terminated(KeyboardInterrupt):

@@ -69,6 +69,22 @@ class TranslateConfig:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one translation may ask for, whatever its settings: the CLI's flags, the API's and a server's
+    guard against requests that would exhaust memory (DESIGN §1 sizes: activations grow with pixels²
+    in attention)."""
+
+    max_output_pixels: int = 1024 * 1024
+    """Largest output image (height × width); 512² is Stable Diffusion 2.1-base's native size."""
+
+    def check_output(self, height: int, width: int) -> None:
+        if height * width > self.max_output_pixels:
+            raise PnPError(f"output {height}x{width} is {height * width / 1e6:.2f} Mpx, over the "
+                           f"{self.max_output_pixels / 1e6:.2f} Mpx limit; pass a smaller --height/--width "
+                           "(or raise --max-output-mpx if the machine has the memory)")
+
+
 def check_backend(name: str) -> str:
     if name not in BACKENDS:
         raise PnPError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -155,3 +155,11 @@ def test_the_callers_model_is_left_as_it_was(tiny_model_dir: Path) -> None:
         assert swapped > 0 and any(isinstance(m, TwoPassGroupNorm) for m in model.unet.modules())
         raise RuntimeError("export failed")
     assert list(model.unet.named_modules()) + list(model.vae.named_modules()) == before
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_uploaded_scalars_keep_their_shape(backend: str, tiny32: LoadedModel, exported: Path) -> None:
+    """The gates are 0-d in the contract: a TensorRT input or a CUDA-graph buffer of shape () refuses (1,)."""
+    model = tiny32 if backend == "torch" else load_onnxruntime(exported)
+    assert tuple(model.backend.asarray(np.array(True)).shape) == ()
+    assert tuple(model.backend.asarray(np.zeros((2, 3), np.float32)).shape) == (2, 3)

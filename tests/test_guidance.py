@@ -82,3 +82,20 @@ def test_16_bit_images_convert_exactly_without_float64_copies() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 3 * 16 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_outputs_over_the_pixel_limit_are_refused(tiny_torch, exported: Path, tmp_path: Path) -> None:
+    """The output size is bounded (memory grows with it): the API and the CLI refuse before any UNet call."""
+    from typer.testing import CliRunner
+
+    from pnp_trt.cli import app
+    from pnp_trt.config import Limits
+
+    image = Image.fromarray(np.zeros((64, 128, 3), np.uint8))
+    with pytest.raises(PnPError, match=r"output 64x128 is 0.01 Mpx, over the 0.00 Mpx limit"):
+        Translator(tiny_torch, limits=Limits(max_output_pixels=64 * 64)).translate("a cat", image, **SETTINGS)
+    result = CliRunner().invoke(app, ["translate", "--source-prompt", "a cat", "-p", "a dog", "--height", "2048",
+                                      "--width", "2048", "--out", str(tmp_path / "x.png"), "--backend",
+                                      "onnxruntime", "--engines", str(exported)])
+    assert result.exit_code == 2 and "is 4.19 Mpx, over the 1.05 Mpx limit" in result.output
+    assert list(tmp_path.iterdir()) == []

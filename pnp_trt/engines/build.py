@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import tensorrt as trt
-from polygraphy.backend.trt import CreateConfig, PostprocessConfig, engine_bytes_from_network, network_from_onnx_path
+from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, PostprocessConfig, engine_bytes_from_network
 from polygraphy.backend.trt import Profile as PolygraphyProfile
 from polygraphy.backend.trt.util import get_trt_logger
 from polygraphy.exception import PolygraphyException
@@ -26,16 +26,9 @@ from .availability import require_tensorrt
 from .compat import ENGINES_MANIFEST, EngineEntry, Platform, entries_json
 from .profiles import BuildShapes, Profile, profile_shapes
 
-
-def _polygraphy_logger() -> trt.ILogger:
-    """Polygraphy's TensorRT logger, quieted to warnings: TensorRT wants one logger per process, and the
-    builds go through Polygraphy, so the runtimes use the same one."""
-    G_LOGGER.module_severity = G_LOGGER.WARNING
-    return get_trt_logger()
-
-
-LOGGER = _polygraphy_logger()
-"""One TensorRT logger for the process (builds and runtimes alike)."""
+LOGGER = get_trt_logger()
+"""One TensorRT logger for the process, Polygraphy's: TensorRT wants one per process and the builds go
+through Polygraphy, so the runtimes use the same."""
 PhaseCallback = Callable[[str, int, int], None]
 """on_step(phase, step, total) during a build."""
 
@@ -76,7 +69,8 @@ def _write_atomic(path: Path, data: Any) -> None:
 def build_engine(onnx_path: Path, engine_path: Path, profiles: list[Profile],
                  optimization_level: int, timing_cache: Path | None, on_step: PhaseCallback) -> None:
     """Build one engine with these optimization profiles through Polygraphy's loaders; reuse the timing cache
-    and update it once the plan is written (best effort: a cache that cannot be saved only warns)."""
+    and update it once the plan is written (best effort: a cache that cannot be saved only warns). fp32
+    layers (the fp16 graphs' fp32 islands, fp32 exports) build without TF32, as ONNX Runtime runs them."""
     used: list[trt.IBuilderConfig] = []
 
     def with_timing_cache(builder: trt.Builder, network: trt.INetworkDefinition, config: trt.IBuilderConfig) -> None:
@@ -84,10 +78,12 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[Profile],
         used.append(config)
 
     config = CreateConfig(profiles=[polygraphy_profile(p) for p in profiles], progress_monitor=BuildProgress(on_step),
-                          builder_optimization_level=optimization_level)
-    network = network_from_onnx_path(str(onnx_path), strongly_typed=True)
+                          builder_optimization_level=optimization_level, tf32=False,
+                          profiling_verbosity=trt.ProfilingVerbosity.LAYER_NAMES_ONLY)
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)  # lazy: parse errors land below
     try:
-        serialized = engine_bytes_from_network(network, PostprocessConfig(config, with_timing_cache))
+        with G_LOGGER.verbosity(G_LOGGER.WARNING):  # Polygraphy's own progress lines would break the bars
+            serialized = engine_bytes_from_network(network, PostprocessConfig(config, with_timing_cache))
     except PolygraphyException as exc:
         raise PnPError(f"TensorRT could not build {onnx_path.name} ({str(exc).splitlines()[0][:200]}); re-export "
                        "it with `pnp-trt export`, or try a smaller --max-size/--max-batch or a lower "

@@ -95,6 +95,7 @@ class SourceCache:
         source = read_source(self.directory, key, backend)
         if source is None:
             return None
+        backend.synchronize()  # uploaded before any other thread's stream reads it
         if not fits(source):
             (self.directory / f"{key}.safetensors").unlink(missing_ok=True)
             return None

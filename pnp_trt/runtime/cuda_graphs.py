@@ -66,7 +66,9 @@ class CudaGraphs:
                         static.copy_(inputs[name])  # type: ignore[arg-type]
                 entry.graph.replay()
             caller.wait_stream(self.stream)
-            return {name: out.clone() for name, out in entry.outputs.items() if read is None or name in read}
+            copies = {name: out.clone() for name, out in entry.outputs.items() if read is None or name in read}
+            self.stream.wait_stream(caller)  # the next replay, from any thread, waits for these copies
+            return copies
 
     def _capture(self, inputs: Tensors) -> _Captured:
         """Static copies of the inputs, warm-up runs, then one captured run whose outputs stay static."""

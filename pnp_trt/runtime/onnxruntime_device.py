@@ -55,7 +55,9 @@ class GraphedSession:
             except Exception as exc:  # ORT's own types: capture refused (a node outside the GPU provider)
                 raise PnPError(f"ONNX Runtime cannot run the UNet as a CUDA graph ({str(exc).splitlines()[0][:200]})"
                                "; run without CUDA graphs (--no-cuda-graphs)") from None
-            return {name: self.outputs[name].clone() for name in read}
+            copies = {name: self.outputs[name].clone() for name in read}
+            synchronize()  # copied out before the next replay (perhaps from another stream) overwrites them
+            return copies
 
 
 class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
@@ -69,7 +71,7 @@ class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
         self.cuda_graphs = cuda_graphs and self.provider == "CUDAExecutionProvider"
         self._graphed: dict[tuple[int, int, int], GraphedSession] = {}
         self._opening = threading.Lock()
-        self.zeros = ZeroBuffers(lambda tensor, shape: self.allocate(tensor, shape, zero=True))
+        self.zeros = ZeroBuffers(self.shared_zeros)
 
     def providers(self, cuda_graph: bool = False) -> list[Any]:
         """CUDA provider options: an fp32 export computes in fp32 (no TF32 matmuls), fp16 ones as exported."""

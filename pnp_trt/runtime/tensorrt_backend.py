@@ -1,10 +1,10 @@
 """TensorRT backend: deserialized engines behind the same `run(graph, feeds)` as every backend.
 
 Per worker (one `TensorRTBackend`): one execution context per engine profile, all sharing one user-managed
-activation region sized to the largest engine (they run one at a time on one stream); torch CUDA tensors
-as I/O buffers; captured outputs bound directly as the next pass's inputs (no copies). The UNet, called
-~100 times an edit at a few shapes, replays a CUDA graph captured around `execute_async_v3` per shape and
-injection state (`cuda_graphs.py`, on the graphs' own stream) unless switched off.
+activation region sized to the largest engine (calls take turns); torch CUDA tensors as I/O buffers;
+captured outputs bound directly as the next pass's inputs (no copies). The UNet, called ~100 times an edit
+at a few shapes, replays a CUDA graph captured around `execute_async_v3` per shape and injection state
+(`cuda_graphs.py`, on the graphs' own stream, each graph on a context of its own) unless switched off.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ..engines.profiles import check_request, profile_index, profile_shapes
 from ..errors import PnPError
 from ..manifest import GRAPHS
 from .backend import LoadedModel
-from .cuda_graphs import CudaGraphs
+from .cuda_graphs import CudaGraphs, signature
 from .exported import open_exported
 from .torch_arrays import TORCH_DTYPES, TorchArrays
 
@@ -63,12 +63,11 @@ class TensorRTBackend(TorchArrays):
         self.contexts = {graph: [self._context(graph, engine, profile) for profile in range(
             engine.num_optimization_profiles)] for graph, engine in self.engines.items()}
         """Per graph, one execution context per optimization profile (`profile_index` picks one per call)."""
-        torch.cuda.current_stream().synchronize()  # the profiles are set before any worker stream uses them
-        self.zeros = ZeroBuffers(lambda tensor, shape: self.allocate(tensor, shape, zero=True))
+        self.zeros = ZeroBuffers(self.shared_zeros)
         """Stand-ins for absent inputs; also the `noise_pred` buffer (consumed before the next call) and scratch
         for outputs no caller reads, one per shape (their names never collide with an input's)."""
-        self.unet_graphs = CudaGraphs(lambda inputs: self._execute("unet", inputs), self.device) if cuda_graphs \
-            else None
+        self.unet_graphs = CudaGraphs(self._execute_graphed, self.device) if cuda_graphs else None
+        self._graph_contexts: dict[tuple, trt.IExecutionContext] = {}
 
     def _context(self, graph: str, engine: trt.ICudaEngine, profile: int) -> trt.IExecutionContext:
         """An execution context on the shared activation region, set to one optimization profile."""
@@ -77,7 +76,17 @@ class TensorRTBackend(TorchArrays):
         if not context.set_optimization_profile_async(profile, torch.cuda.current_stream().cuda_stream):
             raise PnPError(f"TensorRT refused optimization profile {profile} of the {graph} engine; rebuild: "
                            f"`{build_command(self.directory, self.entries[graph].shapes)}`")
+        torch.cuda.current_stream().synchronize()  # set before any other stream enqueues on it
         return context
+
+    def _execute_graphed(self, inputs: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """The UNet for `CudaGraphs`: a context of its own per captured graph (a graph keeps the state its
+        context had at capture), made at the first, uncaptured warm-up run."""
+        key, sample = signature(inputs), inputs["sample"]
+        if key not in self._graph_contexts and sample is not None:
+            profile = profile_index("unet", int(sample.shape[0]))
+            self._graph_contexts[key] = self._context("unet", self.engines["unet"], profile)
+        return self._execute("unet", inputs, context=self._graph_contexts.get(key))
 
     def _check_engine(self, graph: str, engine: trt.ICudaEngine, entry: EngineEntry) -> None:
         """The plan itself must match the contract's dtypes and engines.json's limits (a plan rebuilt with other
@@ -117,8 +126,8 @@ class TensorRTBackend(TorchArrays):
             return self.unet_graphs(inputs, read)
         return self._execute(graph, inputs, read)
 
-    def _execute(self, graph: str, inputs: Mapping[str, torch.Tensor | None],
-                 read: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    def _execute(self, graph: str, inputs: Mapping[str, torch.Tensor | None], read: Collection[str] | None = None,
+                 context: trt.IExecutionContext | None = None) -> dict[str, torch.Tensor]:
         """Bind every input (absent: a zero buffer or a false gate) and output, and enqueue the engine on the
         current stream (inside a CUDA graph capture: the capture stream). Returns the outputs named in
         `read` (None: all); the others are written to reused scratch buffers."""
@@ -127,7 +136,7 @@ class TensorRTBackend(TorchArrays):
         if first is None:
             raise PnPError(f"the {graph} engine needs its {spec.inputs[0].name} input")
         sizes = call_sizes(self.dims, graph, tuple(first.shape))
-        context = self.contexts[graph][profile_index(graph, sizes["batch"])]
+        context = context or self.contexts[graph][profile_index(graph, sizes["batch"])]
         for tensor in spec.inputs:  # torch's allocator reuses freed memory in stream order: no keep-alive needed
             value = inputs[tensor.name]
             if value is None:  # not injected: a zero buffer (or a false gate), allocated once per shape

@@ -44,6 +44,12 @@ class TorchArrays:
         """Device memory for a contract tensor of this shape (zero-filled if asked)."""
         return (torch.zeros if zero else torch.empty)(shape, dtype=self.dtype_of(tensor), device=self.device)
 
+    def shared_zeros(self, tensor: TensorSpec, shape: tuple[int, ...]) -> torch.Tensor:
+        """A zero buffer that every worker's stream may read: filled, then the filling stream synchronized."""
+        zeros = self.allocate(tensor, shape, zero=True)
+        self.synchronize()
+        return zeros
+
     def tensor(self, value: Any, tensor: TensorSpec) -> torch.Tensor:
         """A feed (numpy or torch) as a contiguous tensor of the contract's dtype on the device."""
         value = self.upload(value) if isinstance(value, np.ndarray) else torch.as_tensor(value)
@@ -52,7 +58,7 @@ class TorchArrays:
     def upload(self, host: np.ndarray) -> torch.Tensor:
         """A host array on the device as is. To a GPU through pinned memory without blocking: the host
         never waits for the GPU to copy (a pageable copy would synchronize)."""
-        tensor = torch.from_numpy(np.ascontiguousarray(host))
+        tensor = torch.from_numpy(np.ascontiguousarray(host).reshape(host.shape))  # 0-d stays 0-d (the gates)
         if self.device.type != "cuda":
             return tensor.to(self.device)
         return tensor.pin_memory().to(self.device, non_blocking=True)

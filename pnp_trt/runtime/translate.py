@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..config import TranslateConfig
+from ..config import Limits, TranslateConfig
 from ..contract import INJECTION_POINTS, array_precision, axis_sizes, captured_name, graph_specs
 from ..engines.buffers import auto_prompt_batch
 from ..errors import PnPError
@@ -113,7 +113,8 @@ def memory_prompt_batch(model: LoadedModel, source: Source) -> int:
 
 def translate(model: LoadedModel, prompts: Sequence[str] | str, config: TranslateConfig | None = None,
               image: Image.Image | None = None, source_prompt: str | None = None,
-              progress: Progress = no_progress, cache: SourceCache | None = None) -> Translation:
+              progress: Progress = no_progress, cache: SourceCache | None = None,
+              limits: Limits | None = None) -> Translation:
     """Translate a guidance image (or one generated from `source_prompt`) into each target prompt.
 
     With a `cache`, the source branch is looked up first and stored after: later calls on the same
@@ -128,6 +129,7 @@ def translate(model: LoadedModel, prompts: Sequence[str] | str, config: Translat
     config = config or TranslateConfig()
     image = normalize_guidance(image) if image is not None else None
     size = plan_size(model, config, image)
+    (limits or Limits()).check_output(*size)
     pixels = to_array(image, size) if image is not None else None
     with model.backend.worker_stream():  # every array of this call is made and used on this stream
         sampler = Sampler(model, progress=progress)

@@ -10,11 +10,12 @@ from typing import Any
 
 from PIL import Image
 
-from ..config import TranslateConfig
+from ..config import Limits, TranslateConfig
 from ..images import load_guidance
 from .backend import LoadedModel
 from .cache import DEFAULT_CACHE_BYTES, DEFAULT_DISK_CACHE_BYTES, SourceCache
 from .loading import open_model
+from .sampler import Progress, no_progress
 from .translate import Translation, translate
 
 
@@ -23,8 +24,8 @@ class Translator:
     state is local); a TensorRT backend owns one execution context and activation region, so its calls
     take turns."""
 
-    def __init__(self, model: LoadedModel, cache: SourceCache | None = None):
-        self.model = model
+    def __init__(self, model: LoadedModel, cache: SourceCache | None = None, limits: Limits | None = None):
+        self.model, self.limits = model, limits or Limits()
         self.cache = cache if cache is not None else SourceCache()
         self._turns = None if model.backend.concurrent_calls else threading.Lock()
 
@@ -32,21 +33,23 @@ class Translator:
     def open(cls, backend: str = "torch", model: str | None = None, engines: Path | str | None = None,
              provider: str = "cpu", cache_bytes: int = DEFAULT_CACHE_BYTES,
              cache_dir: Path | str | None = None, cuda_graphs: bool = True,
-             cache_dir_bytes: int = DEFAULT_DISK_CACHE_BYTES) -> Translator:
+             cache_dir_bytes: int = DEFAULT_DISK_CACHE_BYTES, limits: Limits | None = None) -> Translator:
         """Load a model (torch: hub id or diffusers dir; onnxruntime/tensorrt: an exported directory)."""
         cache = SourceCache(cache_bytes, cache_dir, cache_dir_bytes)
-        return cls(open_model(backend, model, engines, provider, cuda_graphs), cache)
+        return cls(open_model(backend, model, engines, provider, cuda_graphs), cache, limits)
 
     def translate(self, prompts: Sequence[str] | str, image: Image.Image | str | Path | None = None,
-                  source_prompt: str | None = None, **settings: Any) -> Translation:
+                  source_prompt: str | None = None, progress: Progress = no_progress,
+                  **settings: Any) -> Translation:
         """Translate `image` (or a guidance generated from `source_prompt`) into every prompt.
 
-        `settings` are `TranslateConfig` fields (steps, guidance_scale, feature_injection, ...)."""
+        `settings` are `TranslateConfig` fields (steps, guidance_scale, feature_injection, ...); `progress` is
+        called per stage and step (an exception raised there stops the translation)."""
         config = TranslateConfig(**settings)
         from_file = isinstance(image, (str, Path))
         guidance = load_guidance(Path(image)) if isinstance(image, (str, Path)) else image
         with self._turns or contextlib.nullcontext():
             result = translate(self.model, prompts, config, image=guidance, source_prompt=source_prompt,
-                               cache=self.cache)
+                               progress=progress, cache=self.cache, limits=self.limits)
         result.guidance_file = str(image) if from_file else None
         return result

@@ -1,0 +1,93 @@
+"""Peak memory (resident set) of one translation per output size, each case in a fresh process, so the
+README can say what a size costs and `--max-output-mpx` has a measured default.
+
+    python bench/peak_memory.py [--sizes 256 512 768 1024] [--steps 2] [--sd21-sizes 256 512]
+
+Cases: the tiny model on ONNX Runtime (CPU) and torch (CPU); the SD 2.1-base shape (random weights) on torch.
+Reported: peak RSS of the process (includes the weights), and its growth over the same process loaded but
+idle, i.e. what the translation itself took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import guide_image
+
+
+def measure(backend: str, source: str, size: int, steps: int) -> dict:
+    """In this process: load, note RSS, translate once, return the peak."""
+    import torch
+
+    from pnp_trt.config import Limits, TranslateConfig
+    from pnp_trt.models import quiet_loading
+    from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
+    from pnp_trt.runtime.torch_backend import load_torch, on_torch
+    from pnp_trt.runtime.translate import translate
+    from pnp_trt.tiny_model import random_sd21_model
+
+    quiet_loading()
+    if backend == "onnxruntime":
+        model = load_onnxruntime(Path(source))
+    elif source == "random-sd21":
+        model = on_torch(random_sd21_model(0))
+    else:
+        model = load_torch(source, torch.device("cpu"), torch.float32)
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    translate(model, ["a castle"], TranslateConfig(steps=steps, height=size, width=size), image=guide_image(size),
+              limits=Limits(max_output_pixels=size * size))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"loaded": loaded, "peak": peak}
+
+
+def in_child(backend: str, source: str, size: int, steps: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", backend, source, str(size), str(steps)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def report(name: str, backend: str, source: str, sizes: list[int], steps: int) -> None:
+    for size in sizes:
+        m = in_child(backend, source, size, steps)
+        peak, grown = m["peak"] / 2**30, (m["peak"] - m["loaded"]) / 2**30
+        print(f"    {name:<28} {backend:<12} {size:>5}² {peak:>8.2f} GiB {grown:>8.2f} GiB", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 768, 1024])
+    parser.add_argument("--sd21-sizes", type=int, nargs="*", default=[256, 512])
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        backend, source, size, steps = args.child
+        print(json.dumps(measure(backend, source, int(size), int(steps))))
+        return
+    import onnxruntime
+    import torch
+
+    from pnp_trt.tiny_model import make_tiny_model
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, onnxruntime "
+          f"{onnxruntime.__version__} CPU; fp32; {args.steps} steps, one prompt, one fresh process per case")
+    print(f"    {'model':<28} {'backend':<12} {'size':>6} {'peak RSS':>12} {'translation':>12}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny, tiny_onnx = make_tiny_model(Path(tmp) / "tiny"), Path(tmp) / "tiny-onnx"
+        subprocess.run([sys.executable, "-m", "pnp_trt.cli", "export", "--model", str(tiny), "--out",
+                        str(tiny_onnx)], check=True, capture_output=True)
+        report("tiny", "onnxruntime", str(tiny_onnx), args.sizes, args.steps)
+        report("tiny", "torch", str(tiny), args.sizes, args.steps)
+        report("SD 2.1-base shape (random)", "torch", "random-sd21", args.sd21_sizes, args.steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""The HTTP server: `POST /v1/translate` (multipart: an image or a source prompt, one or more prompts, any
+`TranslateConfig` setting), `GET /healthz`, `GET /metrics` (Prometheus), `GET /` (a page to try it), OpenAPI
+at `/docs`. Every error is JSON `{"error": "<one line>"}`; a bad request never disturbs the others."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image, UnidentifiedImageError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import PnPError
+from ..images import normalize_guidance
+from ..runtime.translate import Translation
+from ..runtime.translator import Translator
+from .batching import Coalescer, DeadlineExceeded, Group
+from .limits import RequestError, ServeLimits, check_prompts, settings_from_form
+from .metrics import ServerMetrics
+
+SERVED_BY = f"{socket.gethostname()}:{os.getpid()}"
+PAGE = Path(__file__).with_name("page.html")
+
+
+class Server:
+    """The model (loaded in the background), the request queue's bookkeeping and the coalescer."""
+
+    def __init__(self, load: Callable[[], Translator], limits: ServeLimits, coalesce_ms: float, workers: int):
+        self.limits, self.metrics = limits, ServerMetrics()
+        self.translator: Translator | None = None
+        self.load_error: str | None = None
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pnp-translate")
+        self.coalescer = Coalescer(self._run, self.executor, coalesce_ms / 1000)
+        self.in_flight = 0
+        self._loader = threading.Thread(target=self._load, args=(load,), daemon=True)
+
+    def _load(self, load: Callable[[], Translator]) -> None:
+        try:
+            self.translator = load()
+        except Exception as exc:  # reported by /healthz; the process stays up to say so
+            self.load_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+    def _run(self, group: Group, progress: Callable[[str, int], Callable[[], None]]) -> Translation:
+        assert self.translator is not None
+        result = self.translator.translate(group.prompts, group.image, group.source_prompt, progress=progress,
+                                           **group.config.to_dict())
+        self.metrics.record_translation(result)
+        return result
+
+    async def translate(self, fields: dict[str, str], prompts: list[str], upload: UploadFile | None) -> Translation:
+        """Validate, queue (or refuse when full) and wait for this request's share of a translation."""
+        if self.translator is None:
+            raise RequestError(503, self.load_error or "the model is still loading; retry shortly")
+        source_prompt = fields.pop("source_prompt", None)
+        config = settings_from_form(fields, self.limits)
+        check_prompts(prompts, self.limits)
+        if (upload is None) == (source_prompt is None):
+            raise RequestError(422, "give exactly one guidance: an image file field or a source_prompt field")
+        data = await _read_upload(upload, self.limits) if upload is not None else b""
+        image = _decode_image(data, self.limits) if upload is not None else None
+        size = _output_size(self.translator, image, config)
+        self.limits.output.check_output(*size)
+        if self.in_flight >= self.limits.queue_length:
+            raise RequestError(429, f"the server is busy ({self.in_flight} requests queued); retry shortly")
+        key = hashlib.sha256(data + json.dumps([source_prompt, config.to_dict()]).encode()).hexdigest()
+        self.in_flight += 1
+        self.metrics.queue_depth.set(self.in_flight)
+        try:
+            return await self._wait(key, image, source_prompt, config, prompts)
+        finally:
+            self.in_flight -= 1
+            self.metrics.queue_depth.set(self.in_flight)
+
+    async def _wait(self, key: str, image: Image.Image | None, source_prompt: str | None, config: Any,
+                    prompts: list[str]) -> Translation:
+        deadline = time.monotonic() + self.limits.deadline_s
+        share = self.coalescer.submit(key, image, source_prompt, config, prompts, deadline)
+        try:
+            result, part = await asyncio.wait_for(share, self.limits.deadline_s)
+        except (asyncio.TimeoutError, DeadlineExceeded):
+            raise RequestError(504, f"no result within this server's {self.limits.deadline_s:g} s deadline; "
+                                    "try fewer steps or prompts") from None
+        return _share(result, part)
+
+
+def _share(result: Translation, part: slice) -> Translation:
+    """One request's images out of a coalesced translation (the rest of the record is the group's)."""
+    import dataclasses
+
+    return dataclasses.replace(result, images=result.images[part], prompts=result.prompts[part],
+                               latents=result.latents[part])
+
+
+async def _read_upload(upload: UploadFile, limits: ServeLimits) -> bytes:
+    data = await upload.read(limits.max_upload_bytes + 1)
+    if len(data) > limits.max_upload_bytes:
+        raise RequestError(413, f"the image is over this server's {limits.max_upload_bytes / 2**20:g} MiB upload "
+                                "limit; send a smaller file")
+    return data
+
+
+def _decode_image(data: bytes, limits: ServeLimits) -> Image.Image:
+    """The upload as upright RGB; not an image → 415, too many pixels (read from the header) → 413."""
+    try:
+        opened = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise RequestError(415, "the image field is not an image this server reads; send a PNG, JPEG or WebP "
+                                "file") from None
+    width, height = opened.size
+    if width * height > limits.max_input_pixels:
+        raise RequestError(413, f"the image is {width}x{height}, over this server's "
+                                f"{limits.max_input_pixels / 1e6:g} Mpx limit; downscale it first")
+    try:
+        opened.load()
+    except (OSError, ValueError, SyntaxError):
+        raise RequestError(415, "the image file is truncated or corrupt; send a valid PNG, JPEG or WebP file") \
+            from None
+    return normalize_guidance(opened, "upload")
+
+
+def _output_size(translator: Translator, image: Image.Image | None, config: Any) -> tuple[int, int]:
+    from ..runtime.translate import plan_size
+
+    return plan_size(translator.model, config, image)
+
+
+def _png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def create_app(load: Callable[[], Translator], limits: ServeLimits | None = None, coalesce_ms: float = 10.0,
+               workers: int = 1) -> FastAPI:
+    """The FastAPI application; `load` runs once in the background at start-up (`/healthz` is 503 until it
+    has finished)."""
+    server = Server(load, limits or ServeLimits(), coalesce_ms, workers)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        server._loader.start()
+        yield
+        server.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="pnp-trt", summary="Plug-and-Play diffusion image translation", lifespan=lifespan)
+    app.state.server = server
+    _add_error_handlers(app, server)
+    _add_routes(app, server)
+    return app
+
+
+def _add_error_handlers(app: FastAPI, server: Server) -> None:
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, exc: RequestError) -> JSONResponse:
+        server.metrics.requests.labels(status=str(exc.status)).inc()
+        retry = {"Retry-After": str(max(1, math.ceil(server.metrics.typical_latency())))} if exc.status == 429 \
+            else None
+        return _error(exc.status, str(exc), retry)
+
+    @app.exception_handler(PnPError)
+    async def invalid(request: Request, exc: PnPError) -> JSONResponse:
+        server.metrics.requests.labels(status="422").inc()
+        return _error(422, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
+        server.metrics.requests.labels(status="422").inc()
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(422, f"{where or 'request'}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        server.metrics.requests.labels(status="500").inc()
+        return _error(500, f"internal error ({type(exc).__name__}); the server goes on serving")
+
+
+def _add_routes(app: FastAPI, server: Server) -> None:
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        if server.translator is None:
+            return JSONResponse({"status": "error" if server.load_error else "loading",
+                                 "error": server.load_error}, status_code=503)
+        model = server.translator.model
+        return JSONResponse({"status": "ok", "backend": model.backend.name, "model": model.identity,
+                             "served_by": SERVED_BY})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text())
+
+    @app.post("/v1/translate", responses={200: {"content": {"image/png": {}}}})
+    async def translate(request: Request) -> Response:
+        """multipart/form-data: `image` (file) or `source_prompt`; `prompt` (repeat for several); any
+        TranslateConfig setting (steps, guidance_scale, feature_injection, ...) as a field."""
+        started = time.monotonic()
+        fields, prompts, upload = await _form(request, server.limits)
+        result = await server.translate(fields, prompts, upload)
+        server.metrics.finished(time.monotonic() - started)
+        if "image/png" in request.headers.get("accept", "") and len(result.images) == 1:
+            buffer = io.BytesIO()
+            result.images[0].save(buffer, format="PNG")
+            return Response(buffer.getvalue(), media_type="image/png")
+        return JSONResponse({"images": [_png_base64(image) for image in result.images],
+                             "unet_evaluations": result.unet_evals, "cache_hit": result.cache_hit,
+                             "timings_s": result.timings, "size": list(result.size), "served_by": SERVED_BY})
+
+
+async def _form(request: Request, limits: ServeLimits) -> tuple[dict[str, str], list[str], UploadFile | None]:
+    """The multipart form: settings as strings, the prompts, the image upload (if any)."""
+    if not request.headers.get("content-type", "").startswith(("multipart/form-data",
+                                                                "application/x-www-form-urlencoded")):
+        raise RequestError(415, "send multipart/form-data (e.g. curl -F image=@photo.jpg -F prompt=\"a lego model\")")
+    try:
+        form = await request.form(max_files=1, max_fields=64, max_part_size=limits.max_upload_bytes + 1)
+    except Exception as exc:  # the multipart parser's own errors: over a limit, malformed
+        raise RequestError(413 if "exceed" in str(exc).lower() else 422, f"malformed form: {exc}") from None
+    fields: dict[str, str] = {}
+    prompts: list[str] = []
+    upload: UploadFile | None = None
+    for name, value in form.multi_items():
+        if isinstance(value, str):
+            if name == "prompt":
+                prompts.append(value)
+            else:
+                fields[name] = value
+        elif name == "image":
+            upload = value
+        else:
+            raise RequestError(422, f"unexpected file field {name!r}; the guidance image goes in the image field")
+    if "image" in fields:
+        raise RequestError(415, "the image field must be a file upload (curl -F image=@photo.jpg)")
+    return fields, prompts, upload

@@ -1,0 +1,97 @@
+"""PnP-aware request batching: requests on the same guidance and settings that arrive within a short window
+share one translation — one inversion and capture (the source) and one injection batch of all their prompts —
+and each gets its own images back.
+
+Runs on the server's event loop; the translations themselves run on a small thread pool (the `Translator`
+is thread-safe). A group stops at its next sampling step once every request in it is past its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from ..config import TranslateConfig
+from ..runtime.translate import Translation
+
+
+class DeadlineExceeded(Exception):
+    """Raised from the progress callback: nobody waits for this translation any more."""
+
+
+@dataclass
+class Group:
+    """Requests that share one translation: the guidance, the settings and, per request, its prompts."""
+
+    image: Image.Image | None
+    source_prompt: str | None
+    config: TranslateConfig
+    members: list[tuple[list[str], asyncio.Future[tuple[Translation, slice]]]] = field(default_factory=list)
+    deadline: float = 0.0
+    """time.monotonic() after which no member waits any more."""
+
+    def join(self, prompts: list[str], deadline: float) -> asyncio.Future[tuple[Translation, slice]]:
+        future: asyncio.Future[tuple[Translation, slice]] = asyncio.get_running_loop().create_future()
+        self.members.append((list(prompts), future))
+        self.deadline = max(self.deadline, deadline)
+        return future
+
+    @property
+    def prompts(self) -> list[str]:
+        return [p for prompts, _ in self.members for p in prompts]
+
+
+Run = Callable[[Group, Callable[[str, int], Callable[[], None]]], Translation]
+"""run(group, progress) → one translation of all the group's prompts (on a worker thread)."""
+
+
+class Coalescer:
+    """Collects requests by key for `window_s` after the first of a key arrives, then runs them as one."""
+
+    def __init__(self, run: Run, executor: Executor, window_s: float):
+        self.run, self.executor, self.window_s = run, executor, window_s
+        self._open: dict[str, Group] = {}
+
+    async def submit(self, key: str, image: Image.Image | None, source_prompt: str | None, config: TranslateConfig,
+                     prompts: list[str], deadline: float) -> tuple[Translation, slice]:
+        """This request's share of its group's translation: the translation and the slice of its images."""
+        group = self._open.get(key)
+        if group is None:
+            group = self._open[key] = Group(image, source_prompt, config)
+            asyncio.get_running_loop().call_later(self.window_s, self._start, key)
+        return await group.join(prompts, deadline)
+
+    def _start(self, key: str) -> None:
+        group = self._open.pop(key)
+        task = asyncio.get_running_loop().run_in_executor(self.executor, self.run, group, _deadline_check(group))
+        task.add_done_callback(lambda done: _deliver(group, done))
+
+
+def _deadline_check(group: Group) -> Callable[[str, int], Callable[[], None]]:
+    """A progress callback that stops the translation once every member of `group` has given up."""
+    def progress(stage: str, total: int) -> Callable[[], None]:
+        def advance() -> None:
+            if time.monotonic() > group.deadline:
+                raise DeadlineExceeded(f"past the deadline in {stage}")
+        advance()
+        return advance
+    return progress
+
+
+def _deliver(group: Group, done: asyncio.Future[Translation]) -> None:
+    """Each member's slice of the images, or the group's error, to every member still waiting."""
+    error = done.exception()
+    first = 0
+    for prompts, future in group.members:
+        share, first = slice(first, first + len(prompts)), first + len(prompts)
+        if future.done():  # cancelled: its request timed out or its client left
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result((done.result(), share))
