@@ -1,0 +1,263 @@
+"""`pnp-trt serve`: every endpoint and error status through FastAPI's TestClient, request coalescing, a real
+uvicorn process, and the page in headless Chromium (Debian's, driven by Playwright). Tiny model, ONNX Runtime,
+loopback only."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import in_threads, random_image
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from pnp_trt.runtime.translator import Translator
+from pnp_trt.serve.app import create_app
+from pnp_trt.serve.limits import ServeLimits
+
+SETTINGS = {"steps": "2", "height": "64", "width": "128"}
+
+
+@pytest.fixture(scope="module")
+def guide_png(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return random_image(tmp_path_factory.mktemp("guide") / "g.png", 128, 64).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def translator(exported: Path) -> Translator:
+    return Translator.open("onnxruntime", engines=exported)
+
+
+def ready(client: TestClient) -> TestClient:
+    for _ in range(200):
+        if client.get("/healthz").status_code == 200:
+            return client
+        time.sleep(0.05)
+    raise AssertionError(client.get("/healthz").json())
+
+
+@pytest.fixture()
+def client(translator: Translator) -> Iterator[TestClient]:
+    with TestClient(create_app(lambda: translator, ServeLimits(), coalesce_ms=1)) as test_client:
+        yield ready(test_client)
+
+
+def post(client: TestClient, png: bytes | None, prompts: list[str], **fields: str) -> httpx.Response:
+    files = {"image": ("g.png", png, "image/png")} if png is not None else None
+    return client.post("/v1/translate", files=files, data={"prompt": prompts, **SETTINGS, **fields})
+
+
+def decoded(response: httpx.Response) -> list[np.ndarray]:
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in response.json()["images"]]
+
+
+def test_healthz_is_503_until_the_model_is_loaded(translator: Translator) -> None:
+    loaded = threading.Event()
+
+    def load() -> Translator:
+        loaded.wait(10)
+        return translator
+
+    with TestClient(create_app(load)) as client:
+        waiting = client.get("/healthz")
+        assert waiting.status_code == 503 and waiting.json()["status"] == "loading"
+        assert client.post("/v1/translate", data={"prompt": "a", "source_prompt": "b"}).status_code == 503
+        loaded.set()
+        assert ready(client).get("/healthz").json()["status"] == "ok"
+
+
+def test_a_failed_load_is_reported_by_healthz(tmp_path: Path) -> None:
+    with TestClient(create_app(lambda: Translator.open("onnxruntime", engines=tmp_path))) as client:
+        for _ in range(100):
+            answer = client.get("/healthz")
+            if answer.json()["status"] != "loading":
+                break
+            time.sleep(0.05)
+        assert answer.status_code == 503 and "no manifest.json" in answer.json()["error"]
+
+
+def test_translate_returns_one_png_per_prompt_as_the_library_does(client: TestClient, translator: Translator,
+                                                                  guide_png: bytes) -> None:
+    response = post(client, guide_png, ["a cat", "a dog"])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["size"] == [64, 128] and body["unet_evaluations"] > 0 and ":" in body["served_by"]
+    direct = translator.translate(["a cat", "a dog"], Image.open(io.BytesIO(guide_png)), steps=2, height=64,
+                                  width=128)
+    for served, image in zip(decoded(response), direct.images, strict=True):
+        np.testing.assert_array_equal(served, np.asarray(image))
+    png = post(client, guide_png, ["a cat"], source_prompt="")
+    assert png.status_code == 422  # an empty source_prompt is still a second guidance
+    single = client.post("/v1/translate", files={"image": ("g.png", guide_png)}, headers={"accept": "image/png"},
+                         data={"prompt": "a cat", **SETTINGS})
+    assert single.headers["content-type"] == "image/png" and Image.open(io.BytesIO(single.content)).size == (128, 64)
+    generated = post(client, None, ["a dog"], source_prompt="a cat")
+    assert generated.status_code == 200 and len(decoded(generated)) == 1
+
+
+@pytest.mark.parametrize(("fields", "files", "status", "message"), [
+    ({"prompt": "a", "steps": "x"}, True, 422, "steps must be int, got 'x'"),
+    ({"prompt": "a", "stepz": "2"}, True, 422, "unknown field(s) stepz"),
+    ({"prompt": "a", "guidance_scale": "nan"}, True, 422, "must be a finite number"),
+    ({"prompt": "a", "feature_injection": "2"}, True, 422, "between 0 and 1"),
+    ({"prompt": "a", "steps": "1000"}, True, 422, "over this server's limit of 100"),
+    ({"steps": "2"}, True, 422, "at least one non-empty prompt"),
+    ({"prompt": ["a"] * 9}, True, 422, "9 prompts is over this server's limit of 8"),
+    ({"prompt": "a", "source_prompt": "b"}, True, 422, "exactly one guidance"),
+    ({"prompt": "a"}, False, 422, "exactly one guidance"),
+    ({"prompt": "a", "height": "2048", "width": "2048"}, True, 422, "over the 1.05 Mpx limit"),
+    ({"prompt": "a", "image": "not a file"}, False, 415, "must be a file upload"),
+])
+def test_bad_requests_get_one_json_line(client: TestClient, guide_png: bytes, fields: dict, files: bool,
+                                        status: int, message: str) -> None:
+    response = client.post("/v1/translate", data=fields, files={"image": ("g.png", guide_png)} if files else None)
+    assert response.status_code == status and message in response.json()["error"]
+    assert "\n" not in response.json()["error"] and set(response.json()) == {"error"}
+
+
+def test_uploads_that_are_not_images_or_too_large(translator: Translator, guide_png: bytes) -> None:
+    limits = ServeLimits(max_upload_bytes=len(guide_png) + 10, max_input_pixels=100 * 100)
+    with TestClient(create_app(lambda: translator, limits)) as client:
+        ready(client)
+        cases = [(b"plain text", 415, "not an image"), (guide_png[:200], 415, "truncated or corrupt"),
+                 (guide_png + bytes(100), 413, "upload limit"),
+                 (_png(Image.new("RGB", (200, 100))), 413, "200x100, over this server's 0.01 Mpx limit"),
+                 (_png(Image.new("RGB", (32, 32))), 422, "at least 64 px")]
+        for data, status, message in cases:
+            response = client.post("/v1/translate", files={"image": ("x", data)}, data={"prompt": "a", **SETTINGS})
+            assert response.status_code == status and message in response.json()["error"], response.text
+        assert client.post("/v1/translate", json={"prompt": "a"}).status_code == 415
+        assert post(client, guide_png, ["a cat"]).status_code == 200  # none of that disturbed the server
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_full_queue_is_429_with_retry_after(client: TestClient, guide_png: bytes) -> None:
+    server = client.app.state.server  # type: ignore[attr-defined]
+    server.in_flight = server.limits.queue_length  # as if that many requests were waiting
+    try:
+        response = post(client, guide_png, ["a cat"])
+    finally:
+        server.in_flight = 0
+    assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
+    assert "busy" in response.json()["error"]
+
+
+def test_past_the_deadline_is_504_and_the_server_goes_on(translator: Translator, guide_png: bytes) -> None:
+    with TestClient(create_app(lambda: translator, ServeLimits(deadline_s=0.05))) as client:
+        ready(client)
+        response = post(client, guide_png, ["a cat"], steps="20", height="256", width="256")
+        assert response.status_code == 504 and "deadline" in response.json()["error"]
+    with TestClient(create_app(lambda: translator)) as client:
+        assert post(ready(client), guide_png, ["a cat"]).status_code == 200
+
+
+def test_metrics_count_requests_cache_and_unet_evaluations(client: TestClient, guide_png: bytes) -> None:
+    first = post(client, guide_png, ["a cat"], inversion_prompt="a fresh source")
+    post(client, guide_png, ["a dog"], inversion_prompt="a fresh source")
+    post(client, guide_png, ["a"], steps="x")
+    text = client.get("/metrics").text
+    assert 'pnp_requests_total{status="200"} 2.0' in text and 'pnp_requests_total{status="422"} 1.0' in text
+    assert 'pnp_source_cache_total{result="hit"} 1.0' in text and 'pnp_source_cache_total{result="miss"} 1.0' in text
+    assert "pnp_request_seconds_count 2.0" in text
+    evaluations = float(text.split("\npnp_unet_evaluations_total ")[1].split()[0])
+    assert evaluations == first.json()["unet_evaluations"] + 2 * 2  # the second: injection only (cache hit)
+
+
+def test_concurrent_requests_on_one_source_share_one_translation(translator: Translator, guide_png: bytes) -> None:
+    """Four requests on the same image and settings within the window: one translation, one injection batch
+    of their four prompts, each request gets exactly its own images (equal to one call with all four)."""
+    prompts = ["a cat", "a dog", "a bird", "a fish"]
+    with TestClient(create_app(lambda: translator, coalesce_ms=300)) as client:
+        ready(client)
+        answers = in_threads([lambda p=p: post(client, guide_png, [p], seed="5") for p in prompts])
+        metrics = client.get("/metrics").text
+    assert all(a.status_code == 200 for a in answers)
+    assert "pnp_translations_total 1.0" in metrics
+    together = translator.translate(prompts, Image.open(io.BytesIO(guide_png)), steps=2, height=64, width=128,
+                                    seed=5)
+    for answer, image in zip(answers, together.images, strict=True):
+        (served,) = decoded(answer)
+        np.testing.assert_array_equal(served, np.asarray(image))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def served(exported: Path) -> Iterator[str]:
+    """`pnp-trt serve` as a real process on a loopback port; stopped with SIGTERM."""
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "pnp_trt.cli", "serve", "--engines", str(exported),
+                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def test_a_real_server_process(served: str, guide_png: bytes) -> None:
+    response = httpx.post(f"{served}/v1/translate", files={"image": ("g.png", guide_png)},
+                          data={"prompt": ["a cat", "a dog"], **SETTINGS}, timeout=60)
+    assert response.status_code == 200 and len(response.json()["images"]) == 2
+    assert httpx.get(f"{served}/docs").status_code == 200
+    assert "pnp_requests_total" in httpx.get(f"{served}/metrics").text
+    missing = httpx.get(f"{served}/nowhere")
+    assert missing.status_code == 404 and set(missing.json()) == {"error"}
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None and os.environ.get("CI") != "true", reason="Debian's chromium not installed")
+def test_the_page_translates_in_headless_chromium(served: str, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    image = random_image(tmp_path / "guide.png", 128, 64)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page()
+            page.goto(served)
+            page.set_input_files("#image", str(image))
+            page.fill("#prompts", "a photo of a cat\na painting of a dog")
+            page.fill("#steps", "2")
+            page.click("#go")
+            page.wait_for_selector("#results img.result >> nth=1", timeout=60_000)
+            assert "UNet evaluations" in page.inner_text("#status")
+            assert page.eval_on_selector("#guidance", "img => img.naturalWidth") == 128
+            page.screenshot(path=str(tmp_path / "page.png"))
+        finally:
+            browser.close()
