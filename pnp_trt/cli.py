@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import signal
 import warnings
@@ -276,6 +277,9 @@ def serve(
     coalesce_ms: float = typer.Option(10.0, help="Window in which requests on the same image and settings "
                                                  "join one translation (one capture, one injection batch)."),
     workers: int = typer.Option(1, help="Translations run at once (1 suits one GPU: its calls queue anyway)."),
+    use_ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve (replicas across GPUs and nodes)."),
+    replicas: int = typer.Option(1, help="With --ray: model replicas (each loads the model)."),
+    gpus_per_replica: float = typer.Option(0.0, help="With --ray: GPUs each replica reserves (1 on GPU nodes)."),
 ) -> None:
     """Serve translations over HTTP: POST /v1/translate, GET /healthz, /metrics, / (a page to try it), /docs."""
     from .config import check_backend
@@ -284,26 +288,42 @@ def serve(
     for name, value in (("--max-upload-mb", max_upload_mb), ("--max-input-mpx", max_input_mpx),
                         ("--max-output-mpx", max_output_mpx), ("--deadline-s", deadline_s),
                         ("--max-prompts", max_prompts), ("--max-steps", max_steps), ("--queue", queue),
-                        ("--workers", workers)):
+                        ("--workers", workers), ("--replicas", replicas)):
         if not (math.isfinite(value) and value > 0):
             raise PnPError(f"{name} must be a positive number, got {value}")
     try:
         import uvicorn
 
         from .serve.app import create_app
-        from .serve.limits import ServeLimits
+        from .serve.limits import ServeOptions
     except ImportError as exc:
         raise PnPError(f"serving needs the serve extra ({exc.name} is missing): pip install 'pnp-trt[serve]'") \
             from None
-    from .runtime.translator import Translator
-
-    limits = ServeLimits(int(max_upload_mb * 2**20), int(max_input_mpx * 1e6), max_prompts, max_steps, queue,
-                         deadline_s, Limits(int(max_output_mpx * 1e6)))
-    application = create_app(lambda: Translator.open(backend, model, engines, provider, cache_dir=cache_dir,
-                                                     cuda_graphs=cuda_graphs, limits=limits.output),
-                             limits, coalesce_ms, workers)
+    options = ServeOptions(backend, model, str(engines) if engines else None, provider, cuda_graphs,
+                           str(cache_dir) if cache_dir else None, replicas, gpus_per_replica, coalesce_ms, workers,
+                           max_upload_mb, max_input_mpx, max_output_mpx, max_prompts, max_steps, queue, deadline_s)
+    if use_ray:
+        _serve_on_ray(options, host, port)
+        return
+    application = create_app(options.load, options.limits(), coalesce_ms, workers)
     err.print(f"serving {backend} on http://{host}:{port} (docs at /docs; Ctrl-C stops)", highlight=False)
     uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+def _serve_on_ray(options: Any, host: str, port: int) -> None:
+    """The same app on Ray Serve (a local Ray unless RAY_ADDRESS names a cluster), until interrupted."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise PnPError("--ray needs Ray Serve: pip install 'pnp-trt[ray]'") from None
+    from .serve.ray_app import build_application
+
+    ray.init(logging_level=logging.ERROR, log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    err.print(f"serving {options.backend} on Ray Serve, {options.replicas} replica(s), http://{host}:{port} "
+              "(Ctrl-C stops)", highlight=False)
+    serve.run(build_application(options), blocking=True)
 
 
 class Terminated(KeyboardInterrupt):

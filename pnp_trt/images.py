@@ -55,7 +55,10 @@ def load_guidance(path: Path | str) -> Image.Image:
             _check_size(opened, str(path))
             opened.load()
             return normalize_guidance(opened, str(path))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:  # Pillow's own refusal, from the header, past ~179 Mpx
+        raise PnPError(f"guidance image {path} has more than 179 Mpx (its header says so); the limit is "
+                       f"{MAX_PIXELS / 1e6:.0f} Mpx: downscale it first") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise PnPError(f"cannot read {path} as an image ({type(exc).__name__}); "
                        "pass a valid PNG/JPEG/WebP file") from None
 

@@ -261,3 +261,98 @@ def test_the_page_translates_in_headless_chromium(served: str, tmp_path: Path) -
             page.screenshot(path=str(tmp_path / "page.png"))
         finally:
             browser.close()
+
+
+def _huge_header_png() -> bytes:
+    """A valid 64×64 PNG whose header claims 20,000 × 20,000 pixels (a few hundred bytes in all)."""
+    import struct
+    import zlib
+
+    data = bytearray(_png(Image.new("RGB", (64, 64))))
+    ihdr = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def corpus(guide: bytes) -> list[tuple[str, dict, int, str]]:
+    """(name, request kwargs for httpx, expected status, text in the error)."""
+    image = {"image": ("g.png", guide, "image/png")}
+    ok = {"prompt": "a cat", **SETTINGS}
+
+    def form(**changes: object) -> dict:
+        return {"files": image, "data": {**ok, **changes}}
+
+    return [
+        ("truncated image", {"files": {"image": ("g.png", guide[:300])}, "data": ok}, 415, "truncated or corrupt"),
+        ("text as image", {"files": {"image": ("g.png", b"hello world")}, "data": ok}, 415, "not an image"),
+        ("empty file", {"files": {"image": ("g.png", b"")}, "data": ok}, 415, "not an image"),
+        ("huge dimensions, small file", {"files": {"image": ("g.png", _huge_header_png())}, "data": ok}, 413,
+         "16 Mpx limit"),
+        ("tiny image", {"files": {"image": ("g.png", _png(Image.new("RGB", (8, 8))))}, "data": ok}, 422,
+         "at least 64 px"),
+        ("upload over the limit", {"files": {"image": ("g.png", guide + bytes(21 * 2**20))}, "data": ok}, 413,
+         "upload limit"),
+        ("steps 0", form(steps="0"), 422, "at least 1"),
+        ("steps negative", form(steps="-3"), 422, "at least 1"),
+        ("steps NaN", form(steps="nan"), 422, "must be int"),
+        ("steps over the limit", form(steps="5000"), 422, "limit of 100"),
+        ("guidance scale NaN", form(guidance_scale="nan"), 422, "finite"),
+        ("guidance scale inf", form(guidance_scale="inf"), 422, "finite"),
+        ("source guidance scale -inf", form(source_guidance_scale="-inf"), 422, "finite"),
+        ("feature injection negative", form(feature_injection="-0.1"), 422, "between 0 and 1"),
+        ("attention injection 1.5", form(attention_injection="1.5"), 422, "between 0 and 1"),
+        ("seed negative", form(seed="-1"), 422, "0 or more"),
+        ("height not a multiple of 64", form(height="100"), 422, "multiple of 64"),
+        ("width zero", form(width="0"), 422, "multiple of 64"),
+        ("output too large", form(height="4096", width="4096"), 422, "Mpx limit"),
+        ("prompt batch size 0", form(prompt_batch_size="0"), 422, "at least 1"),
+        ("inversion steps that miss timesteps", form(inversion_steps="3"), 422, "never visits"),
+        ("unknown field", form(strength="0.5"), 422, "unknown field(s) strength"),
+        ("empty prompt", form(prompt=""), 422, "non-empty prompt"),
+        ("no prompt", {"files": image, "data": SETTINGS}, 422, "non-empty prompt"),
+        ("10,000 prompts", {"files": image, "data": {**SETTINGS, "prompt": ["a"] * 10_000}}, 413, "too many"),
+        ("9 prompts", {"files": image, "data": {**SETTINGS, "prompt": ["a"] * 9}}, 422, "limit of 8"),
+        ("1 MB prompt", form(prompt="x" * 2**20), 422, "characters"),
+        ("1 MB negative prompt", form(negative_prompt="x" * 2**20), 422, "characters"),
+        ("no guidance", {"data": ok}, 422, "exactly one guidance"),
+        ("two guidances", form(source_prompt="a castle"), 422, "exactly one guidance"),
+        ("image as a text field", {"data": {**ok, "image": "photo.jpg"}}, 415, "file upload"),
+        ("file under another name", {"files": {"photo": ("g.png", guide)}, "data": ok}, 422, "unexpected file"),
+        ("JSON body", {"json": {"prompt": "a cat"}}, 415, "multipart/form-data"),
+        ("plain text body", {"content": b"prompt=a", "headers": {"content-type": "text/plain"}}, 415, "multipart"),
+        ("broken multipart", {"content": b"--x\r\nnonsense", "headers": {"content-type": "multipart/form-data; "
+                                                                          "boundary=x"}}, 422, "prompt"),
+    ]
+
+
+def test_a_bad_request_corpus_against_the_running_server(served: str, guide_png: bytes) -> None:
+    """Every case answered with its documented status and a one-line JSON error; healthy afterwards."""
+    cases = corpus(guide_png)
+    assert len(cases) >= 25
+    with httpx.Client(base_url=served, timeout=60) as client:
+        for name, request, status, message in cases:
+            response = client.post("/v1/translate", **request)
+            assert response.status_code == status, (name, response.text[:200])
+            error = response.json()["error"]
+            assert message.lower() in error.lower() and "\n" not in error, (name, error)
+        wrong_method = client.get("/v1/translate")
+        assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+        assert client.get("/healthz").json()["status"] == "ok"
+        assert client.post("/v1/translate", files={"image": ("g.png", guide_png)},
+                           data={"prompt": "a cat", **SETTINGS}).status_code == 200
+
+
+def test_a_slow_upload_does_not_hold_up_other_requests(served: str, guide_png: bytes) -> None:
+    """A client trickling its body (slow-loris) while another request is served in full."""
+    host, port = served.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as slow:
+        slow.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 100000\r\n\r\n--b\r\n")
+        for _ in range(5):
+            slow.sendall(b"x")
+            time.sleep(0.1)
+        started = time.monotonic()
+        answer = httpx.post(f"{served}/v1/translate", files={"image": ("g.png", guide_png)},
+                            data={"prompt": "a dog", **SETTINGS}, timeout=60)
+        assert answer.status_code == 200 and time.monotonic() - started < 30

@@ -32,7 +32,7 @@ from ..images import normalize_guidance
 from ..runtime.translate import Translation
 from ..runtime.translator import Translator
 from .batching import Coalescer, DeadlineExceeded, Group
-from .limits import RequestError, ServeLimits, check_prompts, settings_from_form
+from .limits import RequestError, ServeLimits, check_prompts, check_text, settings_from_form
 from .metrics import ServerMetrics
 
 SERVED_BY = f"{socket.gethostname()}:{os.getpid()}"
@@ -69,6 +69,7 @@ class Server:
         if self.translator is None:
             raise RequestError(503, self.load_error or "the model is still loading; retry shortly")
         source_prompt = fields.pop("source_prompt", None)
+        check_text({"source_prompt": source_prompt or ""}, self.limits)
         config = settings_from_form(fields, self.limits)
         check_prompts(prompts, self.limits)
         if (upload is None) == (source_prompt is None):
@@ -120,7 +121,10 @@ def _decode_image(data: bytes, limits: ServeLimits) -> Image.Image:
     """The upload as upright RGB; not an image → 415, too many pixels (read from the header) → 413."""
     try:
         opened = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # Pillow's own refusal, from the header, past ~179 Mpx
+        raise RequestError(413, f"the image is over this server's {limits.max_input_pixels / 1e6:g} Mpx limit "
+                                "(its header says more than 179 Mpx); downscale it first") from None
+    except (UnidentifiedImageError, OSError, ValueError):
         raise RequestError(415, "the image field is not an image this server reads; send a PNG, JPEG or WebP "
                                 "file") from None
     width, height = opened.size
@@ -243,7 +247,9 @@ async def _form(request: Request, limits: ServeLimits) -> tuple[dict[str, str], 
     try:
         form = await request.form(max_files=1, max_fields=64, max_part_size=limits.max_upload_bytes + 1)
     except Exception as exc:  # the multipart parser's own errors: over a limit, malformed
-        raise RequestError(413 if "exceed" in str(exc).lower() else 422, f"malformed form: {exc}") from None
+        over = any(word in str(exc).lower() for word in ("exceed", "too many", "too large"))
+        raise RequestError(413 if over else 422, f"{'form over a limit' if over else 'malformed form'}: "
+                                                 f"{str(exc).splitlines()[0][:160]}") from None
     fields: dict[str, str] = {}
     prompts: list[str] = []
     upload: UploadFile | None = None

@@ -1,5 +1,5 @@
-"""What a server accepts per request, and the form fields of a translation request turned into settings with
-the same validation and wording as the CLI (`TranslateConfig`)."""
+"""How a server is configured (`ServeOptions`), what it accepts per request (`ServeLimits`), and the form
+fields of a request turned into settings with the CLI's validation and wording (`TranslateConfig`)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Limits, TranslateConfig
 from ..errors import PnPError
+
+if TYPE_CHECKING:
+    from ..runtime.translator import Translator
 
 
 @dataclass(frozen=True)
@@ -21,11 +24,67 @@ class ServeLimits:
     max_input_pixels: int = 16_000_000
     max_prompts: int = 8
     max_steps: int = 100
+    max_text_chars: int = 2000
+    """Longest prompt or other text field (CLIP reads 77 tokens: a few hundred characters)."""
     queue_length: int = 16
     """Requests waiting or running at once; more are answered 429 with Retry-After."""
     deadline_s: float = 120.0
     """A request still unanswered after this long is answered 504 (its work stops at the next step)."""
     output: Limits = Limits()
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What a server (each replica, on Ray) loads and how it serves: `pnp-trt serve`'s flags, and the keys
+    of the Ray Serve application (`ray_app.application`)."""
+
+    backend: str = "onnxruntime"
+    model: str | None = None
+    engines: str | None = None
+    provider: str = "cpu"
+    cuda_graphs: bool = True
+    cache_dir: str | None = None
+    """A directory every replica can reach (a shared file system): replicas then share captured sources."""
+    replicas: int = 1
+    gpus_per_replica: float = 0.0
+    coalesce_ms: float = 10.0
+    workers: int = 1
+    max_upload_mb: float = 20.0
+    max_input_mpx: float = 16.0
+    max_output_mpx: float = 1.05
+    max_prompts: int = 8
+    max_steps: int = 100
+    queue: int = 16
+    deadline_s: float = 120.0
+
+    @classmethod
+    def parse(cls, args: Mapping[str, Any]) -> ServeOptions:
+        """From `serve run`'s key=value strings (or a config file's values)."""
+        types_ = value_types(cls)
+        unknown = sorted(set(args) - set(types_))
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(types_)}")
+        return cls(**{name: _parse(types_[name], value) for name, value in args.items()})
+
+    def limits(self) -> ServeLimits:
+        return ServeLimits(max_upload_bytes=int(self.max_upload_mb * 2**20),
+                           max_input_pixels=int(self.max_input_mpx * 1e6), max_prompts=self.max_prompts,
+                           max_steps=self.max_steps, queue_length=self.queue, deadline_s=self.deadline_s,
+                           output=Limits(int(self.max_output_mpx * 1e6)))
+
+    def load(self) -> Translator:
+        from ..runtime.translator import Translator
+
+        return Translator.open(self.backend, self.model, self.engines, self.provider, cache_dir=self.cache_dir,
+                               cuda_graphs=self.cuda_graphs, limits=self.limits().output)
+
+
+def _parse(kind: type, value: Any) -> Any:
+    if value is None or isinstance(value, kind):
+        return value
+    if kind is bool:
+        return str(value).lower() in ("1", "true", "yes", "on")
+    return kind(value)
 
 
 class RequestError(PnPError):
@@ -36,22 +95,24 @@ class RequestError(PnPError):
         self.status = status
 
 
-def _field_types() -> dict[str, type]:
-    """Each `TranslateConfig` field's value type (`int | None` → int)."""
-    types_ = {}
-    for name, hint in typing.get_type_hints(TranslateConfig).items():
+def value_types(cls: Any) -> dict[str, type]:
+    """Each field of a dataclass with its value type (`int | None` → int): how form and key=value strings
+    are parsed."""
+    found = {}
+    for name, hint in typing.get_type_hints(cls).items():
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        types_[name] = args[0] if isinstance(hint, types.UnionType) else hint
-    return types_
+        found[name] = args[0] if isinstance(hint, types.UnionType) else hint
+    return found
 
 
-FIELD_TYPES = _field_types()
+FIELD_TYPES = value_types(TranslateConfig)
 
 
 def settings_from_form(fields: Mapping[str, str], limits: ServeLimits) -> TranslateConfig:
     """A `TranslateConfig` from form fields (strings), validated as the CLI validates its flags; unknown fields,
     unparsable values and values past the server's limits are 422s naming the field."""
     unknown = sorted(set(fields) - set(FIELD_TYPES))
+    check_text(fields, limits)
     if unknown:
         raise RequestError(422, f"unknown field(s) {', '.join(unknown)}; settings are {', '.join(FIELD_TYPES)}")
     values: dict[str, Any] = {}
@@ -73,7 +134,16 @@ def settings_from_form(fields: Mapping[str, str], limits: ServeLimits) -> Transl
     return config
 
 
+def check_text(fields: Mapping[str, str], limits: ServeLimits) -> None:
+    for name, text in fields.items():
+        if len(text) > limits.max_text_chars:
+            raise RequestError(422, f"{name} is {len(text)} characters, over this server's limit of "
+                                    f"{limits.max_text_chars} (the text encoder reads 77 tokens)")
+
+
 def check_prompts(prompts: list[str], limits: ServeLimits) -> list[str]:
+    for prompt in prompts:
+        check_text({"prompt": prompt}, limits)
     if not prompts or not all(p.strip() for p in prompts):
         raise RequestError(422, "give at least one non-empty prompt field")
     if len(prompts) > limits.max_prompts:
