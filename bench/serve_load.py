@@ -35,7 +35,7 @@ def png(seed: int) -> bytes:
     buffer = io.BytesIO()
     image = guide_image(128).resize((128, 64))
     pixels = np.asarray(image).copy()
-    pixels[:, :, seed % 3] = (pixels[:, :, seed % 3] + 40 * seed) % 256  # another picture per seed
+    pixels[:, :, seed % 3] = (pixels[:, :, seed % 3].astype(np.int64) + 40 * seed) % 256  # another picture
     from PIL import Image
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -100,6 +100,7 @@ def metric(text: str, name: str) -> float:
 
 async def coalescing(url: str) -> None:
     async with httpx.AsyncClient() as client:
+        await one(client, url, png(99), "warm-up")  # sessions are created at first use
         for label, images in (("one image", [png(100)] * 8), ("eight images", [png(200 + i) for i in range(8)])):
             before = (await client.get(f"{url}/metrics")).text
             start = time.perf_counter()

@@ -356,3 +356,61 @@ def test_a_slow_upload_does_not_hold_up_other_requests(served: str, guide_png: b
         answer = httpx.post(f"{served}/v1/translate", files={"image": ("g.png", guide_png)},
                             data={"prompt": "a dog", **SETTINGS}, timeout=60)
         assert answer.status_code == 200 and time.monotonic() - started < 30
+
+
+def _ray_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None and importlib.util.find_spec("ray.serve") is not None
+
+
+@pytest.mark.skipif(not _ray_available(), reason="Ray Serve not installed (pip install -e '.[ray]')")
+def test_ray_serve_spreads_requests_and_restarts_a_killed_replica(exported: Path, guide_png: bytes) -> None:
+    """`pnp-trt serve --ray --replicas 2`: both replicas answer; after one replica's process is killed every
+    request still gets an answer (none hangs) and Ray brings a new replica up."""
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "pnp_trt.cli", "serve", "--engines", str(exported), "--port",
+                                str(port), "--ray", "--replicas", "2"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, process, 180)
+
+        def ask(prompt: str) -> httpx.Response:
+            return httpx.post(f"{url}/v1/translate", files={"image": ("g.png", guide_png)},
+                              data={"prompt": prompt, **SETTINGS}, timeout=120)
+
+        served = set()
+        for _ in range(5):
+            served |= {r.json()["served_by"] for r in in_threads([lambda i=i: ask(f"p{i}") for i in range(8)])}
+            if len(served) == 2:
+                break
+        assert len(served) == 2, served
+        victim = sorted(served)[0]
+        os.kill(int(victim.split(":")[1]), signal.SIGKILL)
+        after, deadline = set(), time.monotonic() + 120
+        while time.monotonic() < deadline and not after - served:
+            answers = in_threads([lambda i=i: ask(f"q{i}") for i in range(4)])
+            assert all(a.status_code == 200 or a.status_code >= 500 for a in answers)
+            after |= {a.json()["served_by"] for a in answers if a.status_code == 200}
+        assert after - served, f"no restarted replica answered within 120 s: {after}"
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None, "the server process exited"
+        time.sleep(0.2)
+    raise AssertionError(f"{url} not healthy within {seconds} s")
