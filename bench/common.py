@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 from PIL import Image
 
@@ -10,3 +16,28 @@ def guide_image(size: int) -> Image.Image:
     """A smooth random square picture: blobs rather than pixel noise, like a photo's layout."""
     pixels = np.random.default_rng(0).integers(0, 256, (size // 16, size // 16, 3), dtype=np.uint8)
     return Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def load_cpu_model(backend: str, source: str) -> Any:
+    """A model on the CPU: an exported directory on ONNX Runtime, "random-sd21" (the SD 2.1-base shape, random
+    weights, built in memory) or a diffusers directory on torch, fp32."""
+    import torch
+
+    from pnp_trt.models import quiet_loading
+    from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
+    from pnp_trt.runtime.torch_backend import load_torch, on_torch
+    from pnp_trt.tiny_model import random_sd21_model
+
+    quiet_loading()
+    if backend.startswith("onnxruntime"):
+        return load_onnxruntime(Path(source))
+    if source == "random-sd21":
+        return on_torch(random_sd21_model(0))
+    return load_torch(source, torch.device("cpu"), torch.float32)
+
+
+def in_child(script: str, *args: object) -> dict:
+    """`script --child ARGS` in a fresh process; its last stdout line as JSON (one measurement, alone)."""
+    out = subprocess.run([sys.executable, script, "--child", *map(str, args)], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import guide_image
+from common import guide_image, in_child, load_cpu_model
 
 
 class EveryOutput:
@@ -62,24 +62,12 @@ print(first[0])
 
 def measure(backend: str, source: str, size: int, steps: int) -> dict:
     """In this process: one warm-up, then one timed translation; returns stage timings."""
-    import torch
-
     from pnp_trt.config import TranslateConfig
-    from pnp_trt.models import quiet_loading
-    from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
-    from pnp_trt.runtime.torch_backend import load_torch, on_torch
     from pnp_trt.runtime.translate import translate
-    from pnp_trt.tiny_model import random_sd21_model
 
-    quiet_loading()
-    if backend.startswith("onnxruntime"):
-        model = load_onnxruntime(Path(source))
-        if backend == "onnxruntime-every-output":
-            model = dataclasses.replace(model, backend=EveryOutput(model.backend))
-    elif source == "random-sd21":
-        model = on_torch(random_sd21_model(0))
-    else:
-        model = load_torch(source, torch.device("cpu"), torch.float32)
+    model = load_cpu_model(backend, source)
+    if backend == "onnxruntime-every-output":
+        model = dataclasses.replace(model, backend=EveryOutput(model.backend))
     translate(model, ["warm up"], TranslateConfig(steps=1, height=size, width=size), image=guide_image(size))
     start = time.perf_counter()
     config = TranslateConfig(steps=steps, height=size, width=size)
@@ -87,15 +75,10 @@ def measure(backend: str, source: str, size: int, steps: int) -> dict:
     return {"total": time.perf_counter() - start, "timings": result.stats.timings, "evals": result.stats.unet_evals}
 
 
-def in_child(backend: str, source: str, size: int, steps: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", backend, source, str(size), str(steps)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def compare(name: str, torch_source: str, onnx_dir: Path, size: int, steps: int) -> None:
-    eager, ort = in_child("torch", torch_source, size, steps), in_child("onnxruntime", str(onnx_dir), size, steps)
-    every = in_child("onnxruntime-every-output", str(onnx_dir), size, steps)
+    eager = in_child(__file__, "torch", torch_source, size, steps)
+    ort = in_child(__file__, "onnxruntime", onnx_dir, size, steps)
+    every = in_child(__file__, "onnxruntime-every-output", onnx_dir, size, steps)
     print(f"{name}, {size}x{size}, {steps} steps, {eager['evals']} UNet evaluations:")
     print(f"    {'stage':>9} {'torch':>9} {'onnxrt':>9} {'speed-up':>9} {'onnxrt, every output':>21} {'gain':>7}")
     for stage, t in eager["timings"].items():

@@ -20,27 +20,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import guide_image
+from common import guide_image, in_child, load_cpu_model
 
 
 def measure(backend: str, source: str, size: int, steps: int) -> dict:
     """In this process: load, note RSS, translate once, return the peak."""
-    import torch
-
     from pnp_trt.config import Limits, TranslateConfig
-    from pnp_trt.models import quiet_loading
-    from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
-    from pnp_trt.runtime.torch_backend import load_torch, on_torch
     from pnp_trt.runtime.translate import translate
-    from pnp_trt.tiny_model import random_sd21_model
 
-    quiet_loading()
-    if backend == "onnxruntime":
-        model = load_onnxruntime(Path(source))
-    elif source == "random-sd21":
-        model = on_torch(random_sd21_model(0))
-    else:
-        model = load_torch(source, torch.device("cpu"), torch.float32)
+    model = load_cpu_model(backend, source)
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     translate(model, ["a castle"], TranslateConfig(steps=steps, height=size, width=size), image=guide_image(size),
               limits=Limits(max_output_pixels=size * size))
@@ -48,15 +36,9 @@ def measure(backend: str, source: str, size: int, steps: int) -> dict:
     return {"loaded": loaded, "peak": peak}
 
 
-def in_child(backend: str, source: str, size: int, steps: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", backend, source, str(size), str(steps)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def report(name: str, backend: str, source: str, sizes: list[int], steps: int) -> None:
     for size in sizes:
-        m = in_child(backend, source, size, steps)
+        m = in_child(__file__, backend, source, size, steps)
         peak, grown = m["peak"] / 2**30, (m["peak"] - m["loaded"]) / 2**30
         print(f"    {name:<28} {backend:<12} {size:>5}² {peak:>8.2f} GiB {grown:>8.2f} GiB", flush=True)
 

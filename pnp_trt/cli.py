@@ -18,7 +18,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .config import DEFAULT_NEGATIVE_PROMPT, Limits, TranslateConfig
 from .errors import PnPError
+from .fileio import writing
 from .results import check_destination, versions
+from .serve.limits import ServeOptions
+
+SERVE = ServeOptions()
+"""`pnp-trt serve`'s defaults."""
 
 app = typer.Typer(help="Plug-and-Play Diffusion Features image translation: PyTorch, ONNX Runtime, TensorRT.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -92,8 +97,11 @@ def translate(
                                                             "free GPU memory; 4 on the CPU)."),
     cache_dir: Path | None = typer.Option(None, help="Keep inverted latents + captured features here (safetensors) "
                                                      "and reuse them for later prompts on the same image/settings."),
-    max_output_mpx: float = typer.Option(1.05, help="Largest output in megapixels (height × width; 1024² is "
-                                                    "1.05). Memory grows fast with size: see the README."),
+    max_output_mpx: float = typer.Option(Limits.max_output_pixels / 1e6, help="Largest output in megapixels "
+                                         "(height × width: 1024²). Memory grows fast with size: see the README."),
+    save_guidance: bool = typer.Option(False, help="With --source-prompt: also write the generated guidance "
+                                                   "(guidance.png in the --out directory; with one prompt "
+                                                   "NAME.guidance.png beside --out)."),
     cache_dir_gib: float = typer.Option(16.0, help="Most GiB --cache-dir may hold; the least recently used "
                                                    "sources are deleted beyond it."),
     cuda_graphs: bool = typer.Option(True, help="On CUDA, replay the UNet as CUDA graphs (captured once per "
@@ -105,6 +113,8 @@ def translate(
 
     if (image is None) == (source_prompt is None):
         raise PnPError("give a guidance IMAGE or --source-prompt TEXT (exactly one)")
+    if save_guidance and source_prompt is None:
+        raise PnPError("--save-guidance saves a guidance generated from --source-prompt; an IMAGE is already saved")
     check_backend(backend)
     config = TranslateConfig(steps=steps, inversion_steps=inversion_steps, inversion_prompt=inversion_prompt,
                              guidance_scale=guidance_scale, negative_prompt=negative_prompt,
@@ -130,13 +140,16 @@ def translate(
         cache = SourceCache(directory=cache_dir, disk_budget_bytes=int(cache_dir_gib * 2**30)) if cache_dir \
             else None
         result = run_translation(loaded, prompt, config, guidance, source_prompt, rich_progress(progress), cache,
-                                 limits)
+                                 limits, decode_guidance=save_guidance)
     result.guidance_file = str(image) if image else None
-    if len(prompt) > 1:
-        written = result.save(out)
-    else:
-        save_png(result.images[0], out)
-        written = [out]
+    with writing(out):
+        if len(prompt) > 1:
+            written = result.save(out)
+        else:
+            save_png(result.images[0], out)
+            written = [out]
+            if result.guidance_image is not None:
+                save_png(result.guidance_image, out.with_name(f"{out.stem}.guidance.png"))
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.stats.timings.items())
     total = sum(result.stats.timings.values())
     cached = "; source from cache" if result.cache_hit else ""
@@ -267,19 +280,24 @@ def serve(
     port: int = typer.Option(8000, help="TCP port."),
     cache_dir: Path | None = typer.Option(None, help="Keep sources on disk too (see translate --cache-dir)."),
     cuda_graphs: bool = typer.Option(True, help="On CUDA, replay the UNet as CUDA graphs."),
-    max_upload_mb: float = typer.Option(20.0, help="Largest image upload, MiB (413 beyond)."),
-    max_input_mpx: float = typer.Option(16.0, help="Largest guidance image, megapixels (413 beyond)."),
-    max_output_mpx: float = typer.Option(1.05, help="Largest output, megapixels (422 beyond)."),
-    max_prompts: int = typer.Option(8, help="Prompts per request (422 beyond)."),
-    max_steps: int = typer.Option(100, help="Sampling or inversion steps per request (422 beyond)."),
-    queue: int = typer.Option(16, help="Requests waiting or running at once (429 with Retry-After beyond)."),
-    deadline_s: float = typer.Option(120.0, help="Seconds before an unanswered request gets 504."),
-    coalesce_ms: float = typer.Option(10.0, help="Window in which requests on the same image and settings "
-                                                 "join one translation (one capture, one injection batch)."),
-    workers: int = typer.Option(1, help="Translations run at once (1 suits one GPU: its calls queue anyway)."),
+    max_upload_mb: float = typer.Option(SERVE.max_upload_mb, help="Largest image upload, MiB (413 beyond)."),
+    max_input_mpx: float = typer.Option(SERVE.max_input_mpx, help="Largest guidance image, megapixels (413 "
+                                                                   "beyond)."),
+    max_output_mpx: float = typer.Option(SERVE.max_output_mpx, help="Largest output, megapixels (422 beyond)."),
+    max_prompts: int = typer.Option(SERVE.max_prompts, help="Prompts per request (422 beyond)."),
+    max_steps: int = typer.Option(SERVE.max_steps, help="Sampling or inversion steps per request (422 beyond)."),
+    queue: int = typer.Option(SERVE.queue, help="Requests waiting or running at once (429 with Retry-After "
+                                                "beyond)."),
+    deadline_s: float = typer.Option(SERVE.deadline_s, help="Seconds before an unanswered request gets 504."),
+    coalesce_ms: float = typer.Option(SERVE.coalesce_ms, help="Window in which requests on the same image and "
+                                                              "settings join one translation (one capture, one "
+                                                              "injection batch)."),
+    workers: int = typer.Option(SERVE.workers, help="Translations run at once (1 suits one GPU: its calls queue "
+                                                    "anyway)."),
     use_ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve (replicas across GPUs and nodes)."),
-    replicas: int = typer.Option(1, help="With --ray: model replicas (each loads the model)."),
-    gpus_per_replica: float = typer.Option(0.0, help="With --ray: GPUs each replica reserves (1 on GPU nodes)."),
+    replicas: int = typer.Option(SERVE.replicas, help="With --ray: model replicas (each loads the model)."),
+    gpus_per_replica: float = typer.Option(SERVE.gpus_per_replica, help="With --ray: GPUs each replica reserves "
+                                                                        "(1 on GPU nodes)."),
 ) -> None:
     """Serve translations over HTTP: POST /v1/translate, GET /healthz, /metrics, / (a page to try it), /docs."""
     from .config import check_backend
@@ -295,7 +313,6 @@ def serve(
         import uvicorn
 
         from .serve.app import create_app
-        from .serve.limits import ServeOptions
     except ImportError as exc:
         raise PnPError(f"serving needs the serve extra ({exc.name} is missing): pip install 'pnp-trt[serve]'") \
             from None

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .errors import PnPError
+
 STAGING = ".pnp-trt-staging"
 STALE_AFTER_S = 600
 """A staging leftover is swept once its process is gone and it has not changed for this long."""
@@ -58,6 +60,17 @@ def _running(pid: int) -> bool:
     except (PermissionError, OverflowError):
         return True
     return True
+
+
+@contextlib.contextmanager
+def writing(destination: Path) -> Iterator[None]:
+    """An OSError while writing `destination` (disk full, permissions, a name the file system refuses) as one
+    clear line; the staged writes inside have already removed what they started."""
+    try:
+        yield
+    except OSError as exc:
+        raise PnPError(f"cannot write {destination} ({exc.strerror or exc}); free some space or choose another "
+                       "place; nothing was written") from None
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:

@@ -8,7 +8,7 @@ import json
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -61,19 +61,20 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "prompt"
 
 
-def save_directory(out: Path, prompts: Sequence[str], images: Sequence[Image.Image],
-                   record: dict[str, Any]) -> list[Path]:
-    """One PNG per prompt plus the record, built beside `out` and swapped in whole (a previous run's results
-    there are replaced as one set, never mixed with the new ones)."""
+def save_directory(out: Path, prompts: Sequence[str], images: Sequence[Image.Image], record: dict[str, Any],
+                   extra: Mapping[str, Image.Image] | None = None) -> list[Path]:
+    """One PNG per prompt (plus `extra` PNGs by file name) and the record, built beside `out` and swapped in
+    whole (a previous run's results there are replaced as one set, never mixed with the new ones)."""
     out = Path(out)
     check_destination(out, several=True)
+    extra = dict(extra or {})
     names = output_names(prompts)
     staging = new_staging(out.parent, out.name, directory=True)
     retired = new_staging(out.parent, f"{out.name}.old", directory=True)
     try:
-        for name, image in zip(names, images, strict=True):
+        for name, image in [*zip(names, images, strict=True), *extra.items()]:
             image.save(staging / name, format="PNG")
-        (staging / RECORD).write_text(json.dumps({**record, "outputs": names}, indent=2))
+        (staging / RECORD).write_text(json.dumps({**record, "outputs": [*names, *extra]}, indent=2))
         staging.chmod(0o755)
         if out.exists():
             out.rename(retired / out.name)

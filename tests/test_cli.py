@@ -255,3 +255,45 @@ def test_a_cache_that_cannot_be_written_only_warns(tiny_model_dir: Path, tmp_pat
                  "--steps", "1", "--cache-dir", cache)
     assert result.exit_code == 0 and (tmp_path / "c.png").exists()
     assert "warning: source cache" in result.stderr
+
+
+@pytest.mark.parametrize("prompts", [["a cat"], ["a cat", "a dog"]])
+def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tiny_model_dir: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  prompts: list[str]) -> None:
+    """ENOSPC in the middle of writing the results (injected into PIL's PNG writer): exit 2, one line, no
+    partial file or staging directory."""
+    import errno
+
+    guide = random_image(tmp_path / "in.png", 64, 64)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+
+    def full(self: Image.Image, fp: object, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    args = [a for p in prompts for a in ("-p", p)]
+    out = out_dir / ("x.png" if len(prompts) == 1 else "results")
+    result = run("translate", guide, "--model", tiny_model_dir, *args, "--out", out, "--steps", "1")
+    assert result.exit_code == 2 and "No space left on device" in result.stderr and "Traceback" not in result.output
+    assert list(out_dir.iterdir()) == []
+
+
+def test_a_generated_guidance_can_be_saved_beside_the_results(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """--save-guidance writes the image the source prompt generated: in the results directory (and its record),
+    or NAME.guidance.png beside a single output; from the disk cache too."""
+    common = ["--source-prompt", "a castle", "--model", tiny_model_dir, "--steps", "2", "--height", "64",
+              "--width", "128", "--save-guidance", "--cache-dir", tmp_path / "cache"]
+    several = run("translate", *common, "-p", "a cat", "-p", "a dog", "--out", tmp_path / "out")
+    assert several.exit_code == 0, several.output
+    record = json.loads((tmp_path / "out" / "translate.json").read_text())
+    assert record["outputs"][-1] == "guidance.png"
+    guidance = np.asarray(Image.open(tmp_path / "out" / "guidance.png"))
+    assert guidance.shape == (64, 128, 3) and guidance.std() > 0
+    single = run("translate", *common, "-p", "a bird", "--out", tmp_path / "bird.png")  # source from the cache
+    assert single.exit_code == 0 and "source from cache" in single.stderr
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "bird.guidance.png")), guidance)
+    refused = run("translate", random_image(tmp_path / "in.png", 64, 64), "--model", tiny_model_dir, "-p", "a",
+                  "--out", tmp_path / "x.png", "--save-guidance")
+    assert refused.exit_code == 2 and "--save-guidance saves a guidance generated" in refused.stderr

@@ -37,8 +37,8 @@ def one_at_a_time(sampler: Sampler, config: TranslateConfig, pixels: np.ndarray 
         src, done = sampler.invert(sampler.encode_image(pixels), empty, inv_ts, ts)
     else:
         noise = sampler.backend.asarray(start_noise(model, SIZE, config.seed))
-        src, done = sampler.generate_source(noise, sampler.encode_prompts([source_prompt or ""]), empty,
-                                            config.source_guidance_scale, ts)
+        src, done, _ = sampler.generate_source(noise, sampler.encode_prompts([source_prompt or ""]), empty,
+                                               config.source_guidance_scale, ts)
     assert done == {}
     return Source(src[ts[0]], sampler.capture(src, empty, ts, plan, done))
 

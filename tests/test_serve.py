@@ -209,17 +209,10 @@ def served(exported: Path) -> Iterator[str]:
     """`pnp-trt serve` as a real process on a loopback port; stopped with SIGTERM."""
     port = _free_port()
     process = subprocess.Popen([sys.executable, "-m", "pnp_trt.cli", "serve", "--engines", str(exported),
-                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.stdout.read() if process.stdout else ""
-            time.sleep(0.1)
+        _wait_healthy(url, process, 60)
         yield url
     finally:
         process.send_signal(signal.SIGTERM)

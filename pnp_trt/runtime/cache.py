@@ -194,6 +194,8 @@ def write_source(directory: Path, key: str, source: Source, backend: Backend) ->
     tensors = {"start": _host(backend, source.start)}
     for step, captured in enumerate(source.captured):
         tensors.update({f"step{step}.{name}": _host(backend, a) for name, a in captured.items()})
+    if source.guidance is not None:
+        tensors["guidance"] = _host(backend, source.guidance)
     metadata = {"format": DISK_FORMAT, "key": key, "steps": str(len(source.captured)),
                 "sha256": _checksum(tensors)}
     atomic_write(directory / f"{key}.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata))
@@ -220,4 +222,5 @@ def read_source(directory: Path, key: str, backend: Backend) -> Source | None:
         return None
     captured = [{name.split(".", 1)[1]: backend.asarray(a) for name, a in tensors.items()
                  if name.startswith(f"step{i}.")} for i in range(steps)]
-    return Source(backend.asarray(tensors["start"]), captured)
+    guidance = backend.asarray(tensors["guidance"]) if "guidance" in tensors else None
+    return Source(backend.asarray(tensors["start"]), captured, guidance)

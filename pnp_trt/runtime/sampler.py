@@ -107,6 +107,8 @@ class Source:
 
     start: Array
     captured: Captured
+    guidance: Array | None = None
+    """A generated guidance's own final latent x_0 (decoded only if asked for); None for a real image."""
 
 
 class Sampler:
@@ -171,10 +173,11 @@ class Sampler:
 
     def generate_source(self, noise: Array, cond: Array, empty: Array, scale: float, sampling_ts: Sequence[int],
                         captures: dict[int, list[InjectionPoint]] | None = None,
-                        ) -> tuple[dict[int, Array], dict[int, dict[str, Array]]]:
+                        ) -> tuple[dict[int, Array], dict[int, dict[str, Array]], Array]:
         """Sample the guidance from `noise` with CFG against the empty prompt, keeping the latent entering
         each timestep. The unconditional half of a call is the capture pass of that latent (same latent,
-        timestep and embedding): the points of `captures` are kept from it, for free."""
+        timestep and embedding): the points of `captures` are kept from it, for free. Returns those latents,
+        the captures and the guidance's final latent."""
         src, captured, x, steps = {}, {}, noise, len(sampling_ts)
         embeddings = self.backend.concat([empty, cond])
         table = self.timesteps([[t, t] for t in sampling_ts])
@@ -188,7 +191,7 @@ class Sampler:
             eps = outputs["noise_pred"]
             x = ddim_step(self.schedule, classifier_free_guidance(eps[:1], eps[1:], scale), x, t, steps)
             advance()
-        return src, captured
+        return src, captured, x
 
     def capture(self, src: dict[int, Array], empty: Array, sampling_ts: Sequence[int], plan: InjectionPlan,
                 done: dict[int, dict[str, Array]]) -> Captured:
@@ -233,7 +236,7 @@ def prepare_source(sampler: Sampler, config: TranslateConfig, size: tuple[int, i
     plan = InjectionPlan.of(config)
     with stats.stage("text"):
         empty = sampler.encode_prompts([""])
-    captures = plan.captures(ts)
+    captures, guidance = plan.captures(ts), None
     if image is not None:
         inv_ts = inversion_timesteps(model.schedule, config.steps, config.effective_inversion_steps)
         with stats.stage("encode"):
@@ -247,10 +250,11 @@ def prepare_source(sampler: Sampler, config: TranslateConfig, size: tuple[int, i
         with stats.stage("text"):
             cond = sampler.encode_prompts([source_prompt or ""])
         with stats.stage("generate"):
-            src, done = sampler.generate_source(noise, cond, empty, config.source_guidance_scale, ts, captures)
+            src, done, guidance = sampler.generate_source(noise, cond, empty, config.source_guidance_scale, ts,
+                                                          captures)
     with stats.stage("capture"):
         captured = sampler.capture(src, empty, ts, plan, done)
-    return Source(src[ts[0]], captured)
+    return Source(src[ts[0]], captured, guidance)
 
 
 def start_noise(model: LoadedModel, size: tuple[int, int], seed: int) -> np.ndarray:

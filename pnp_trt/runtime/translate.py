@@ -14,11 +14,15 @@ from ..config import Limits, TranslateConfig
 from ..contract import INJECTION_POINTS, array_precision, axis_sizes, captured_name, graph_specs
 from ..engines.buffers import auto_prompt_batch
 from ..errors import PnPError
+from ..fileio import writing
 from ..images import normalize_guidance, output_size, to_array, to_pil
 from ..results import save_directory, versions
 from .backend import LoadedModel
 from .cache import SourceCache, source_key
 from .sampler import InjectionPlan, Progress, Sampler, Source, Stats, no_progress, prepare_source, sample_targets
+
+GUIDANCE_FILE = "guidance.png"
+"""Where `Translation.save` puts a generated guidance it decoded."""
 
 
 @dataclass
@@ -40,6 +44,8 @@ class Translation:
     source_prompt: str | None = None
     guidance_file: str | None = None
     """The guidance image's path, when it came from a file (recorded, never read again)."""
+    guidance_image: Image.Image | None = None
+    """A generated guidance, decoded when asked for (`decode_guidance`)."""
 
     @property
     def timings(self) -> dict[str, float]:
@@ -65,7 +71,9 @@ class Translation:
     def save(self, directory: Path | str) -> list[Path]:
         """One PNG per prompt plus `translate.json` in `directory`, all or nothing (a previous run's results
         there are replaced as one set); returns the image paths."""
-        return save_directory(Path(directory), self.prompts, self.images, self.record())
+        extra = {GUIDANCE_FILE: self.guidance_image} if self.guidance_image is not None else {}
+        with writing(Path(directory)):
+            return save_directory(Path(directory), self.prompts, self.images, self.record(), extra)
 
 
 def plan_size(model: LoadedModel, config: TranslateConfig, image: Image.Image | None) -> tuple[int, int]:
@@ -114,7 +122,7 @@ def memory_prompt_batch(model: LoadedModel, source: Source) -> int:
 def translate(model: LoadedModel, prompts: Sequence[str] | str, config: TranslateConfig | None = None,
               image: Image.Image | None = None, source_prompt: str | None = None,
               progress: Progress = no_progress, cache: SourceCache | None = None,
-              limits: Limits | None = None) -> Translation:
+              limits: Limits | None = None, decode_guidance: bool = False) -> Translation:
     """Translate a guidance image (or one generated from `source_prompt`) into each target prompt.
 
     With a `cache`, the source branch is looked up first and stored after: later calls on the same
@@ -147,5 +155,9 @@ def translate(model: LoadedModel, prompts: Sequence[str] | str, config: Translat
         per_batch = prompt_batch(model, source, config.prompt_batch_size)
         decoded, latents = sample_targets(sampler, source, prompts, config, per_batch)
         images = [to_pil(image) for image in decoded]
+        guidance_image = None
+        if decode_guidance and source.guidance is not None:
+            with sampler.stats.stage("decode"):
+                guidance_image = to_pil(sampler.decode(source.guidance)[0])
     return Translation(images, latents, sampler.stats, size, hit, prompts, config, model.backend.name,
-                       model.identity, source_prompt)
+                       model.identity, source_prompt, guidance_image=guidance_image)

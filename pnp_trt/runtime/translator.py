@@ -40,16 +40,18 @@ class Translator:
 
     def translate(self, prompts: Sequence[str] | str, image: Image.Image | str | Path | None = None,
                   source_prompt: str | None = None, progress: Progress = no_progress,
-                  **settings: Any) -> Translation:
+                  decode_guidance: bool = False, **settings: Any) -> Translation:
         """Translate `image` (or a guidance generated from `source_prompt`) into every prompt.
 
         `settings` are `TranslateConfig` fields (steps, guidance_scale, feature_injection, ...); `progress` is
-        called per stage and step (an exception raised there stops the translation)."""
+        called per stage and step (an exception raised there stops the translation); `decode_guidance` also
+        decodes a generated guidance (`Translation.guidance_image`)."""
         config = TranslateConfig(**settings)
         from_file = isinstance(image, (str, Path))
         guidance = load_guidance(Path(image)) if isinstance(image, (str, Path)) else image
         with self._turns or contextlib.nullcontext():
             result = translate(self.model, prompts, config, image=guidance, source_prompt=source_prompt,
-                               progress=progress, cache=self.cache, limits=self.limits)
+                               progress=progress, cache=self.cache, limits=self.limits,
+                               decode_guidance=decode_guidance)
         result.guidance_file = str(image) if from_file else None
         return result

@@ -49,13 +49,13 @@ class ServeOptions:
     gpus_per_replica: float = 0.0
     coalesce_ms: float = 10.0
     workers: int = 1
-    max_upload_mb: float = 20.0
-    max_input_mpx: float = 16.0
-    max_output_mpx: float = 1.05
-    max_prompts: int = 8
-    max_steps: int = 100
-    queue: int = 16
-    deadline_s: float = 120.0
+    max_upload_mb: float = ServeLimits.max_upload_bytes / 2**20
+    max_input_mpx: float = ServeLimits.max_input_pixels / 1e6
+    max_output_mpx: float = Limits.max_output_pixels / 1e6
+    max_prompts: int = ServeLimits.max_prompts
+    max_steps: int = ServeLimits.max_steps
+    queue: int = ServeLimits.queue_length
+    deadline_s: float = ServeLimits.deadline_s
 
     @classmethod
     def parse(cls, args: Mapping[str, Any]) -> ServeOptions:
