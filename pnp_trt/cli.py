@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .config import DEFAULT_NEGATIVE_PROMPT, Limits, TranslateConfig
 from .errors import PnPError
+from .extras import require
 from .fileio import writing
 from .results import check_destination, versions
 from .serve.limits import ServeOptions
@@ -133,6 +134,7 @@ def translate(
     from .runtime.translate import translate as run_translation
 
     if backend == "torch":
+        require("torch", "the torch backend")
         from .models import quiet_loading
         quiet_loading()
     loaded = open_model(backend, model, engines, provider, cuda_graphs)
@@ -166,6 +168,7 @@ def export(
     opset: int = typer.Option(17, help="ONNX opset."),
 ) -> None:
     """Export text encoder, VAE encoder/decoder and the PnP UNet to ONNX, validated against PyTorch."""
+    require("torch", "pnp-trt export")
     from .contract import TOLERANCE
     from .export.exporter import export_model
     from .models import quiet_loading
@@ -251,6 +254,7 @@ def make_tiny_model(
     full_size: bool = typer.Option(False, help="Full SD 2.1-base widths (~5 GB; honest speed tests offline)."),
 ) -> None:
     """Write a random-weight model with the SD 2.1 topology and tiny widths (offline demos and tests)."""
+    require("torch", "pnp-trt make-tiny-model")
     from .models import quiet_loading
     from .tiny_model import made_with
     from .tiny_model import make_tiny_model as make
@@ -309,13 +313,10 @@ def serve(
                         ("--workers", workers), ("--replicas", replicas)):
         if not (math.isfinite(value) and value > 0):
             raise PnPError(f"{name} must be a positive number, got {value}")
-    try:
-        import uvicorn
+    require("serve", "pnp-trt serve")
+    import uvicorn
 
-        from .serve.app import create_app
-    except ImportError as exc:
-        raise PnPError(f"serving needs the serve extra ({exc.name} is missing): pip install 'pnp-trt[serve]'") \
-            from None
+    from .serve.app import create_app
     options = ServeOptions(backend, model, str(engines) if engines else None, provider, cuda_graphs,
                            str(cache_dir) if cache_dir else None, replicas, gpus_per_replica, coalesce_ms, workers,
                            max_upload_mb, max_input_mpx, max_output_mpx, max_prompts, max_steps, queue, deadline_s)
@@ -329,11 +330,10 @@ def serve(
 
 def _serve_on_ray(options: Any, host: str, port: int) -> None:
     """The same app on Ray Serve (a local Ray unless RAY_ADDRESS names a cluster), until interrupted."""
-    try:
-        import ray
-        from ray import serve
-    except ImportError:
-        raise PnPError("--ray needs Ray Serve: pip install 'pnp-trt[ray]'") from None
+    require("ray", "--ray")
+    import ray
+    from ray import serve
+
     from .serve.ray_app import build_application
 
     ray.init(logging_level=logging.ERROR, log_to_driver=False)

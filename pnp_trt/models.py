@@ -42,12 +42,15 @@ class TorchModel:
 
 
 def quiet_loading() -> None:
-    """Silence diffusers'/transformers' per-file progress bars and advice logs (the CLI shows its own)."""
+    """Silence diffusers'/transformers' per-file progress bars and logs (the CLI shows its own progress and
+    turns their failures into one line)."""
+    import logging
+
     import diffusers
     import transformers
 
     for library in (diffusers, transformers):
-        library.utils.logging.set_verbosity_error()
+        library.utils.logging.set_verbosity(logging.CRITICAL)
         library.utils.logging.disable_progress_bar()
 
 
@@ -100,6 +103,9 @@ def load_model(model: str = DEFAULT_MODEL, device: torch.device | None = None,
     except (OSError, ValueError) as exc:
         hint = "" if Path(model).exists() else (" (a hub id: is the model hub reachable? Otherwise pass a local "
                                                 "diffusers directory)")
+        if "safetensors" in str(exc) and Path(model).exists():
+            hint = (" (pnp-trt loads only safetensors weights, never pickled .bin/.ckpt files: convert them with "
+                    "diffusers' save_pretrained(safe_serialization=True) in a trusted environment)")
         raise PnPError(f"cannot load model {model}: {str(exc).splitlines()[0]}{hint}") from None
     tokenizer = PromptTokenizer(hf_tokenizer.backend_tokenizer, int(hf_tokenizer.model_max_length),
                                 int(hf_tokenizer.pad_token_id), str(hf_tokenizer.pad_token))

@@ -297,3 +297,15 @@ def test_a_generated_guidance_can_be_saved_beside_the_results(tiny_model_dir: Pa
     refused = run("translate", random_image(tmp_path / "in.png", 64, 64), "--model", tiny_model_dir, "-p", "a",
                   "--out", tmp_path / "x.png", "--save-guidance")
     assert refused.exit_code == 2 and "--save-guidance saves a guidance generated" in refused.stderr
+
+
+def test_a_pickle_only_model_is_one_line_saying_why(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    model = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(".bin"))
+    result = run("translate", "--source-prompt", "a", "-p", "b", "--model", model, "--out", tmp_path / "x.png")
+    assert result.exit_code == 2 and "loads only safetensors weights" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -209,6 +209,17 @@ def test_onnxruntime_path_imports_no_torch_diffusers_transformers(exported: Path
     assert len(list((tmp_path / "out").glob("*.png"))) == 2
 
 
+@pytest.mark.parametrize("command", [["export", "--model", "m", "--out", "x"], ["make-tiny-model", "x"],
+                                     ["translate", "--source-prompt", "a", "-p", "b", "--out", "x.png"]])
+def test_without_the_torch_extra_the_torch_commands_say_what_to_install(command: list[str], tmp_path: Path) -> None:
+    """An install without torch/diffusers/transformers (ONNX Runtime only) runs `translate --backend onnxruntime`
+    (above); what needs torch exits 2 naming the extra."""
+    result = subprocess.run([sys.executable, "-c", LEAN_CHECK, *command], capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert result.returncode == 2 and "pip install 'pnp-trt[torch]'" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
+
+
 def test_repeated_casts_of_old_converters_are_dropped() -> None:
     """onnxruntime < 1.32's fp16 converter writes one Cast per fp32 consumer, all to one tensor name (seen on
     the H100 with onnxruntime-gpu 1.31.1: the checker refused every fp16 export)."""

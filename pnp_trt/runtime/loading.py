@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..config import check_backend
 from ..errors import PnPError
+from ..extras import require
 from .backend import LoadedModel
 
 
@@ -15,6 +16,7 @@ def open_model(backend: str, model: str | None, engines: Path | str | None, prov
     `cuda_graphs`: replay the UNet as CUDA graphs where the backend runs on CUDA."""
     check_backend(backend)
     if backend == "torch":
+        require("torch", "the torch backend")
         from ..models import DEFAULT_MODEL
         from .torch_backend import load_torch
         return load_torch(model or DEFAULT_MODEL, cuda_graphs=cuda_graphs)
