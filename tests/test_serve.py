@@ -359,8 +359,9 @@ def _ray_available() -> bool:
 
 @pytest.mark.skipif(not _ray_available(), reason="Ray Serve not installed (pip install -e '.[ray]')")
 def test_ray_serve_spreads_requests_and_restarts_a_killed_replica(exported: Path, guide_png: bytes) -> None:
-    """`pnp-trt serve --ray --replicas 2`: both replicas answer; after one replica's process is killed every
-    request still gets an answer (none hangs) and Ray brings a new replica up."""
+    """`pnp-trt serve --ray --replicas 2`: both model replicas answer (a second image goes to the other replica,
+    the same image back to the one holding its source); after one replica's process is killed every request
+    gets an answer — its images or a JSON 503 — none hangs, and Ray brings a new replica up."""
     port = _free_port()
     process = subprocess.Popen([sys.executable, "-m", "pnp_trt.cli", "serve", "--engines", str(exported), "--port",
                                 str(port), "--ray", "--replicas", "2"], stdout=subprocess.DEVNULL,
@@ -369,22 +370,27 @@ def test_ray_serve_spreads_requests_and_restarts_a_killed_replica(exported: Path
     try:
         _wait_healthy(url, process, 180)
 
-        def ask(prompt: str) -> httpx.Response:
+        def ask(prompt: str, seed: int) -> httpx.Response:  # the seed is part of a source's key: any replica
             return httpx.post(f"{url}/v1/translate", files={"image": ("g.png", guide_png)},
-                              data={"prompt": prompt, **SETTINGS}, timeout=120)
+                              data={"prompt": prompt, "seed": str(seed), **SETTINGS}, timeout=120)
 
-        served = set()
-        for _ in range(5):
-            served |= {r.json()["served_by"] for r in in_threads([lambda i=i: ask(f"p{i}") for i in range(8)])}
+        served: set[str] = set()
+        for round_ in range(5):
+            answers = in_threads([lambda i=10 * round_ + i: ask(f"p{i}", i) for i in range(8)])
+            served |= {r.json()["served_by"] for r in answers}
             if len(served) == 2:
                 break
         assert len(served) == 2, served
+        holder = ask("again", 0).json()["served_by"]
+        assert all(ask(f"again {i}", 0).json()["served_by"] == holder for i in range(3))  # affinity
         victim = sorted(served)[0]
         os.kill(int(victim.split(":")[1]), signal.SIGKILL)
-        after, deadline = set(), time.monotonic() + 120
+        after, deadline, first = set(), time.monotonic() + 120, 1000
         while time.monotonic() < deadline and not after - served:
-            answers = in_threads([lambda i=i: ask(f"q{i}") for i in range(4)])
-            assert all(a.status_code == 200 or a.status_code >= 500 for a in answers)
+            answers = in_threads([lambda seed=first + i: ask("q", seed) for i in range(4)])
+            first += 4
+            assert all(a.status_code == 200 or (a.status_code == 503 and "stopped" in a.json()["error"])
+                       for a in answers), [a.text[:200] for a in answers]
             after |= {a.json()["served_by"] for a in answers if a.status_code == 200}
         assert after - served, f"no restarted replica answered within 120 s: {after}"
     finally:

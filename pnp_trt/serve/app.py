@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,7 +30,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import PnPError
 from ..images import normalize_guidance
 from ..runtime.translate import Translation
-from ..runtime.translator import Translator
 from .batching import Coalescer, DeadlineExceeded, Group
 from .limits import RequestError, ServeLimits, check_prompts, check_text, settings_from_form
 from .metrics import ServerMetrics
@@ -39,19 +38,28 @@ SERVED_BY = f"{socket.gethostname()}:{os.getpid()}"
 PAGE = Path(__file__).with_name("page.html")
 
 
+class Translates(Protocol):
+    """What the server needs of a translator: a `Translator` here, or the Ray gateway's remote one."""
+
+    model: Any
+
+    def translate(self, prompts: list[str], image: Image.Image | None, source_prompt: str | None,
+                  progress: Callable[[str, int], Callable[[], None]], **settings: Any) -> Translation: ...
+
+
 class Server:
     """The model (loaded in the background), the request queue's bookkeeping and the coalescer."""
 
-    def __init__(self, load: Callable[[], Translator], limits: ServeLimits, coalesce_ms: float, workers: int):
+    def __init__(self, load: Callable[[], Translates], limits: ServeLimits, coalesce_ms: float, workers: int):
         self.limits, self.metrics = limits, ServerMetrics()
-        self.translator: Translator | None = None
+        self.translator: Translates | None = None
         self.load_error: str | None = None
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pnp-translate")
         self.coalescer = Coalescer(self._run, self.executor, coalesce_ms / 1000)
         self.in_flight = 0
         self._loader = threading.Thread(target=self._load, args=(load,), daemon=True)
 
-    def _load(self, load: Callable[[], Translator]) -> None:
+    def _load(self, load: Callable[[], Translates]) -> None:
         try:
             self.translator = load()
         except Exception as exc:  # reported by /healthz; the process stays up to say so
@@ -139,7 +147,7 @@ def _decode_image(data: bytes, limits: ServeLimits) -> Image.Image:
     return normalize_guidance(opened, "upload")
 
 
-def _output_size(translator: Translator, image: Image.Image | None, config: Any) -> tuple[int, int]:
+def _output_size(translator: Translates, image: Image.Image | None, config: Any) -> tuple[int, int]:
     from ..runtime.translate import plan_size
 
     return plan_size(translator.model, config, image)
@@ -155,7 +163,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def create_app(load: Callable[[], Translator], limits: ServeLimits | None = None, coalesce_ms: float = 10.0,
+def create_app(load: Callable[[], Translates], limits: ServeLimits | None = None, coalesce_ms: float = 10.0,
                workers: int = 1) -> FastAPI:
     """The FastAPI application; `load` runs once in the background at start-up (`/healthz` is 503 until it
     has finished)."""
@@ -185,7 +193,7 @@ def _add_error_handlers(app: FastAPI, server: Server) -> None:
     @app.exception_handler(PnPError)
     async def invalid(request: Request, exc: PnPError) -> JSONResponse:
         server.metrics.requests.labels(status="422").inc()
-        return _error(422, str(exc))
+        return _error(422, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -236,7 +244,8 @@ def _add_routes(app: FastAPI, server: Server) -> None:
             return Response(buffer.getvalue(), media_type="image/png")
         return JSONResponse({"images": [_png_base64(image) for image in result.images],
                              "unet_evaluations": result.unet_evals, "cache_hit": result.cache_hit,
-                             "timings_s": result.timings, "size": list(result.size), "served_by": SERVED_BY})
+                             "timings_s": result.timings, "size": list(result.size),
+                             "served_by": getattr(result, "served_by", SERVED_BY)})  # Ray: the model replica
 
 
 async def _form(request: Request, limits: ServeLimits) -> tuple[dict[str, str], list[str], UploadFile | None]:
