@@ -4,8 +4,9 @@ count, then it stops by itself.
     python bench/serve_load.py [--requests 1000] [--concurrency 8] [--ray]
 
 Phases: (1) coalescing — 8 concurrent requests on one image vs 8 on eight images (wall time, translations
-and UNet evaluations from /metrics); (2) N requests at concurrency C over 4 images, 1 prompt each (status
-counts, p50/p99 latency, requests/s, server RSS before/after); with --ray the same on `--ray --replicas 2`,
+and UNet evaluations from /metrics); (2) N requests at concurrency C (status
+counts, p50/p99 latency, requests/s, server RSS before/after; 16 images in turn by default, 1 prompt each);
+with --ray the same on `--ray --replicas 2`,
 killing one replica's process a third of the way in (failures, their bodies, time until a new replica serves).
 """
 
@@ -114,8 +115,8 @@ async def coalescing(url: str) -> None:
                   f"{evals:.0f} UNet evaluations")
 
 
-async def load(url: str, requests: int, concurrency: int, kill_at: int | None = None) -> None:
-    images = [png(i) for i in range(4)]
+async def load(url: str, requests: int, concurrency: int, images_n: int, kill_at: int | None = None) -> None:
+    images = [png(i) for i in range(images_n)]
     gate, results, served = asyncio.Semaphore(concurrency), [], set()
     killed: dict[str, float] = {}
 
@@ -125,7 +126,7 @@ async def load(url: str, requests: int, concurrency: int, kill_at: int | None = 
                 victim = sorted(served)[0]
                 os.kill(int(victim.split(":")[1]), signal.SIGKILL)
                 killed.update(by=victim, at=time.perf_counter(), before=set(served))
-            status, seconds, body = await one(client, url, images[i % 4], f"prompt {i % 16}")
+            status, seconds, body = await one(client, url, images[i % images_n], f"prompt {i % 16}")
             results.append((status, seconds, body, time.perf_counter()))
             if status == 200:
                 served.add(body["served_by"])
@@ -161,7 +162,7 @@ def run(engines: Path, args: argparse.Namespace, ray: bool) -> None:
         print(f"{'Ray Serve, 2 replicas' if ray else 'one uvicorn process'} ({url}):")
         before = rss_mib(process.pid)
         asyncio.run(coalescing(url))
-        asyncio.run(load(url, args.requests, args.concurrency, args.requests // 3 if ray else None))
+        asyncio.run(load(url, args.requests, args.concurrency, args.images, args.requests // 3 if ray else None))
         if not ray:
             print(f"    server RSS: {before:.0f} MiB before, {rss_mib(process.pid):.0f} MiB after")
         print(f"    healthy afterwards: {httpx.get(f'{url}/healthz', timeout=5).status_code == 200}")
@@ -173,10 +174,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--images", type=int, default=16, help="guidance images the requests take in turn")
     parser.add_argument("--ray", action="store_true", help="also run against --ray --replicas 2")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; tiny model, ONNX Runtime CPU, 64x128, 2 steps, "
-          "1 prompt per request, loopback")
+          f"1 prompt per request, {args.images} guidance images in turn, loopback")
     with tempfile.TemporaryDirectory() as tmp:
         model, engines = Path(tmp) / "tiny", Path(tmp) / "tiny-onnx"
         subprocess.run([sys.executable, "-m", "pnp_trt.cli", "make-tiny-model", str(model)], check=True,
