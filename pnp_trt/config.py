@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .contract import SIZE_MULTIPLE
 from .errors import PnPError
 
 DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, black, low res, unrealistic"
@@ -50,8 +51,9 @@ class TranslateConfig:
             if not 0.0 <= tau <= 1.0:
                 raise PnPError(f"{flag} must be between 0 and 1 (a fraction of the steps), got {tau}")
         for flag, size in (("--height", self.height), ("--width", self.width)):
-            if size is not None and (size < 64 or size % 64):
-                raise PnPError(f"{flag} must be a multiple of 64 and at least 64, got {size}")
+            if size is not None and (size < SIZE_MULTIPLE or size % SIZE_MULTIPLE):
+                raise PnPError(f"{flag} must be a multiple of {SIZE_MULTIPLE} and at least {SIZE_MULTIPLE}, "
+                               f"got {size}")
         for flag, scale in (("--guidance-scale", self.guidance_scale),
                             ("--source-guidance-scale", self.source_guidance_scale)):
             if not math.isfinite(scale):

@@ -14,6 +14,9 @@ FLOAT = "float"
 """Placeholder dtype: the graph's precision (float32, or float16 in mixed-precision exports)."""
 PRECISIONS = {"fp32": "float32", "fp16": "float16"}
 """Export precision (as `--precision` and manifests spell it) → the dtype FLOAT tensors have."""
+SIZE_MULTIPLE = 64
+"""Image sides of every Stable Diffusion 1.x/2.x model are multiples of this (VAE factor 8 × the UNet's 3
+downsamplings); `ModelDims.size_multiple` computes it for a loaded model."""
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 """Largest accepted error of any graph output against a reference run (the PyTorch model at export, ONNX Runtime
 for an engine), relative to that output's magnitude."""

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .contract import SIZE_MULTIPLE
 from .errors import PnPError
 from .fileio import atomic_write
 
-MIN_SIDE = 64
+MIN_SIDE = SIZE_MULTIPLE
 SHORT_SIDE = 512
 MAX_PIXELS = 50_000_000
 """Largest guidance image read (an 8K photo is 33 Mpx): a larger header is refused before decoding."""
@@ -80,8 +81,9 @@ def _check_size(image: Image.Image, name: str) -> None:
 
 
 def output_size(width: int, height: int, out_height: int | None, out_width: int | None,
-                multiple: int = 64) -> tuple[int, int]:
-    """(height, width): the given sides, else the aspect ratio kept, short side 512, multiples of 64."""
+                multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
+    """(height, width): the given sides, else the aspect ratio kept, short side 512, multiples of `multiple`
+    (the model's; 64 for every SD 1.x/2.x)."""
     if out_height and out_width:
         return out_height, out_width
     if out_height or out_width:
