@@ -24,9 +24,9 @@ def load_cpu_model(backend: str, source: str) -> Any:
     import torch
 
     from pnp_trt.models import quiet_loading
+    from pnp_trt.random_models import random_sd21_model
     from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
     from pnp_trt.runtime.torch_backend import load_torch, on_torch
-    from pnp_trt.tiny_model import random_sd21_model
 
     quiet_loading()
     if backend.startswith("onnxruntime"):

@@ -39,7 +39,7 @@ PATHS = ("torch-eager", "torch-cuda-graphs", "onnxruntime-cuda", "onnxruntime-cu
 EXPORT = """
 import sys, torch
 from pathlib import Path
-from pnp_trt.tiny_model import random_sd21_model
+from pnp_trt.random_models import random_sd21_model
 from pnp_trt.export.exporter import export_loaded
 reports = export_loaded(random_sd21_model(0), Path(sys.argv[1]), "fp16")
 print({r.name: r.worst for r in reports})
@@ -128,8 +128,8 @@ class TorchModels:
 
     def open(self, dtype: torch.dtype, cuda_graphs: bool) -> Any:
         from pnp_trt.models import load_model
+        from pnp_trt.random_models import random_sd21_model
         from pnp_trt.runtime.torch_backend import on_torch
-        from pnp_trt.tiny_model import random_sd21_model
 
         if dtype not in self.loaded:
             cuda = torch.device("cuda")

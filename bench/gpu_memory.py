@@ -14,8 +14,8 @@ import torch
 
 from pnp_trt.contract import INJECTION_POINTS, axis_sizes, graph_specs, injected_name, random_feeds
 from pnp_trt.engines.buffers import ACTIVATION_PER_FEATURE_BYTE, feature_bytes
+from pnp_trt.random_models import random_sd21_model
 from pnp_trt.runtime.torch_backend import on_torch
-from pnp_trt.tiny_model import random_sd21_model
 
 
 def main() -> None:

@@ -101,7 +101,7 @@ def startup(backend: str, model: str, engines: str, image: Path) -> float:
 def export_in_child(source: str, out: Path) -> None:
     code = ("import sys; from pathlib import Path; from pnp_trt.models import quiet_loading; quiet_loading()\n"
             "from pnp_trt.export.exporter import export_loaded, export_model\n"
-            "from pnp_trt.tiny_model import random_sd21_model\n"
+            "from pnp_trt.random_models import random_sd21_model\n"
             "src, out = sys.argv[1], Path(sys.argv[2])\n"
             "export_loaded(random_sd21_model(0), out) if src == 'random-sd21' else export_model(src, out)\n")
     subprocess.run([sys.executable, "-c", code, source, str(out)], check=True, capture_output=True)
@@ -123,7 +123,7 @@ def main() -> None:
     import onnxruntime
     import torch
 
-    from pnp_trt.tiny_model import make_tiny_model
+    from pnp_trt.random_models import make_tiny_model
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), fp32; onnxruntime {onnxruntime.__version__} CPUExecutionProvider; "

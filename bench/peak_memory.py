@@ -57,7 +57,7 @@ def main() -> None:
     import onnxruntime
     import torch
 
-    from pnp_trt.tiny_model import make_tiny_model
+    from pnp_trt.random_models import make_tiny_model
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, onnxruntime "
           f"{onnxruntime.__version__} CPU; fp32; {args.steps} steps, one prompt, one fresh process per case")

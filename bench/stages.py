@@ -19,9 +19,9 @@ from common import guide_image
 
 from pnp_trt.config import TranslateConfig
 from pnp_trt.models import quiet_loading
+from pnp_trt.random_models import make_tiny_model, random_sd21_model
 from pnp_trt.runtime.torch_backend import load_torch, on_torch
 from pnp_trt.runtime.translate import translate
-from pnp_trt.tiny_model import make_tiny_model, random_sd21_model
 
 PAPER_PREPROCESS = 999 + 999  # the paper's preprocessing: 999 inversion + 999 reconstruction evaluations
 

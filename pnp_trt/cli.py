@@ -256,8 +256,8 @@ def make_tiny_model(
     """Write a random-weight model with the SD 2.1 topology and tiny widths (offline demos and tests)."""
     require("torch", "pnp-trt make-tiny-model")
     from .models import quiet_loading
-    from .tiny_model import made_with
-    from .tiny_model import make_tiny_model as make
+    from .random_models import made_with
+    from .random_models import make_tiny_model as make
 
     if made_with(directory, seed, full_size):
         err.print(f"{directory} already holds this model (seed {seed}); reusing it")

@@ -15,7 +15,7 @@ GOLDEN = DATA / "golden"
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pnp_trt.tiny_model import make_tiny_model
+    from pnp_trt.random_models import make_tiny_model
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
 

@@ -1,7 +1,6 @@
-"""A random-weight model with the real SD 2.1 topology and tiny widths, saved in diffusers format.
-
-Used by the tests and the offline demo: it loads through exactly the code path a real model takes.
-Speed depends on shapes, not weights, so `sd21_unet_config()` gives honest full-size timings too.
+"""Random-weight models with the real SD 2.1 topology: the tiny one (tiny widths, saved in diffusers format)
+for the tests and the offline demo — it loads through exactly the code path a real model takes — and the
+full-size SD 2.1-base shape (`random_sd21_model`) for benchmarks: speed depends on shapes, not weights.
 """
 
 from __future__ import annotations
