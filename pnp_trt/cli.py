@@ -53,6 +53,13 @@ def user_errors(command: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
+def check_positive(flags: dict[str, float]) -> None:
+    """Sizes, counts and durations given as flags must be finite and above zero."""
+    for name, value in flags.items():
+        if not (math.isfinite(value) and value > 0):
+            raise PnPError(f"{name} must be a positive number, got {value}")
+
+
 def rich_progress(progress: Progress) -> Callable[[str, int], Callable[[], None]]:
     def start(stage: str, total: int) -> Callable[[], None]:
         task = progress.add_task(stage, total=total)
@@ -122,10 +129,7 @@ def translate(
                              feature_injection=feature_injection, attention_injection=attention_injection,
                              seed=seed, height=height, width=width, source_guidance_scale=source_guidance_scale,
                              prompt_batch_size=prompt_batch_size)
-    if not (math.isfinite(cache_dir_gib) and cache_dir_gib > 0):
-        raise PnPError(f"--cache-dir-gib must be a positive number of GiB, got {cache_dir_gib}")
-    if not (math.isfinite(max_output_mpx) and max_output_mpx > 0):
-        raise PnPError(f"--max-output-mpx must be a positive number, got {max_output_mpx}")
+    check_positive({"--cache-dir-gib": cache_dir_gib, "--max-output-mpx": max_output_mpx})
     limits = Limits(max_output_pixels=int(max_output_mpx * 1e6))
     check_destination(out, len(prompt) > 1)
     guidance = load_guidance(image) if image is not None else None
@@ -307,12 +311,9 @@ def serve(
     from .config import check_backend
 
     check_backend(backend)
-    for name, value in (("--max-upload-mb", max_upload_mb), ("--max-input-mpx", max_input_mpx),
-                        ("--max-output-mpx", max_output_mpx), ("--deadline-s", deadline_s),
-                        ("--max-prompts", max_prompts), ("--max-steps", max_steps), ("--queue", queue),
-                        ("--workers", workers), ("--replicas", replicas)):
-        if not (math.isfinite(value) and value > 0):
-            raise PnPError(f"{name} must be a positive number, got {value}")
+    check_positive({"--max-upload-mb": max_upload_mb, "--max-input-mpx": max_input_mpx,
+                    "--max-output-mpx": max_output_mpx, "--deadline-s": deadline_s, "--max-prompts": max_prompts,
+                    "--max-steps": max_steps, "--queue": queue, "--workers": workers, "--replicas": replicas})
     require("serve", "pnp-trt serve")
     import uvicorn
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -107,6 +108,13 @@ def to_pil(array: np.ndarray) -> Image.Image:
     """[3,H,W] in [0,1] → 8-bit RGB (rounded)."""
     pixels = np.clip(np.rint(np.asarray(array, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
     return Image.fromarray(pixels.transpose(1, 2, 0), "RGB")
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """The image encoded as a PNG file, in memory (HTTP answers, Ray messages)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def save_png(image: Image.Image, path: Path) -> None:

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
+import dataclasses
 import io
-import json
 import math
 import os
 import socket
@@ -28,9 +27,9 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import PnPError
-from ..images import normalize_guidance
-from ..runtime.translate import Translation
-from .batching import Coalescer, DeadlineExceeded, Group
+from ..images import normalize_guidance, png_bytes
+from ..runtime.translate import Translation, plan_size
+from .batching import Coalescer, DeadlineExceeded, Group, group_key
 from .limits import RequestError, ServeLimits, check_prompts, check_text, settings_from_form
 from .metrics import ServerMetrics
 
@@ -84,11 +83,10 @@ class Server:
             raise RequestError(422, "give exactly one guidance: an image file field or a source_prompt field")
         data = await _read_upload(upload, self.limits) if upload is not None else b""
         image = _decode_image(data, self.limits) if upload is not None else None
-        size = _output_size(self.translator, image, config)
-        self.limits.output.check_output(*size)
+        self.limits.output.check_output(*plan_size(self.translator.model, config, image))
         if self.in_flight >= self.limits.queue_length:
             raise RequestError(429, f"the server is busy ({self.in_flight} requests queued); retry shortly")
-        key = hashlib.sha256(data + json.dumps([source_prompt, config.to_dict()]).encode()).hexdigest()
+        key = group_key(data, source_prompt, config.to_dict())
         self.in_flight += 1
         self.metrics.queue_depth.set(self.in_flight)
         try:
@@ -111,8 +109,6 @@ class Server:
 
 def _share(result: Translation, part: slice) -> Translation:
     """One request's images out of a coalesced translation (the rest of the record is the group's)."""
-    import dataclasses
-
     return dataclasses.replace(result, images=result.images[part], prompts=result.prompts[part],
                                latents=result.latents[part])
 
@@ -147,16 +143,8 @@ def _decode_image(data: bytes, limits: ServeLimits) -> Image.Image:
     return normalize_guidance(opened, "upload")
 
 
-def _output_size(translator: Translates, image: Image.Image | None, config: Any) -> tuple[int, int]:
-    from ..runtime.translate import plan_size
-
-    return plan_size(translator.model, config, image)
-
-
 def _png_base64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return base64.b64encode(png_bytes(image)).decode()
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -239,9 +227,7 @@ def _add_routes(app: FastAPI, server: Server) -> None:
         result = await server.translate(fields, prompts, upload)
         server.metrics.finished(time.monotonic() - started)
         if "image/png" in request.headers.get("accept", "") and len(result.images) == 1:
-            buffer = io.BytesIO()
-            result.images[0].save(buffer, format="PNG")
-            return Response(buffer.getvalue(), media_type="image/png")
+            return Response(png_bytes(result.images[0]), media_type="image/png")
         return JSONResponse({"images": [_png_base64(image) for image in result.images],
                              "unet_evaluations": result.unet_evals, "cache_hit": result.cache_hit,
                              "timings_s": result.timings, "size": list(result.size),

@@ -9,15 +9,24 @@ is thread-safe). A group stops at its next sampling step once every request in i
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
 from ..config import TranslateConfig
 from ..runtime.translate import Translation
+
+
+def group_key(data: bytes, source_prompt: str | None, settings: dict[str, Any]) -> str:
+    """What requests must share to share a translation: the guidance (image bytes or source prompt) and every
+    setting."""
+    return hashlib.sha256(data + json.dumps([source_prompt, settings], sort_keys=True).encode()).hexdigest()
 
 
 class DeadlineExceeded(Exception):

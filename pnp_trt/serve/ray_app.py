@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import io
-import json
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -32,9 +30,11 @@ from ray.exceptions import RayActorError, RayTaskError
 from ..config import TranslateConfig
 from ..contract import ModelDims
 from ..errors import PnPError
+from ..images import png_bytes
 from ..runtime.sampler import Stats
 from ..runtime.translate import Translation
 from .app import SERVED_BY, create_app
+from .batching import group_key
 from .limits import RequestError, ServeOptions
 
 
@@ -58,7 +58,7 @@ class ModelReplica:
         await self.hold_source(serve.get_multiplexed_model_id())
         image = Image.open(io.BytesIO(png)) if png else None
         result = await asyncio.to_thread(self.translator.translate, prompts, image, source_prompt, **settings)
-        return {"images": [_png(image) for image in result.images], "timings": result.timings,
+        return {"images": [png_bytes(image) for image in result.images], "timings": result.timings,
                 "unet_evals": result.unet_evals, "unet_calls": result.unet_calls, "cache_hit": result.cache_hit,
                 "size": result.size, "served_by": SERVED_BY}
 
@@ -80,8 +80,8 @@ class RemoteTranslator:
 
     def translate(self, prompts: list[str], image: Image.Image | None, source_prompt: str | None,
                   progress: Callable[..., Any] | None = None, **settings: Any) -> Translation:
-        png = _png(image) if image is not None else b""
-        key = hashlib.sha256(png + json.dumps([source_prompt, settings], sort_keys=True).encode()).hexdigest()
+        png = png_bytes(image) if image is not None else b""
+        key = group_key(png, source_prompt, settings)
         try:
             answer = self.handle.options(multiplexed_model_id=key).translate.remote(
                 prompts, png, source_prompt, settings).result()
@@ -125,9 +125,3 @@ def build_application(options: ServeOptions) -> Any:
 def application(args: dict[str, str]) -> Any:
     """Entry point for `serve run pnp_trt.serve.ray_app:application key=value ...` and Serve config files."""
     return build_application(ServeOptions.parse(args))
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
