@@ -25,15 +25,15 @@ def load_cpu_model(backend: str, source: str) -> Any:
 
     from pnp_trt.models import quiet_loading
     from pnp_trt.random_models import random_sd21_model
-    from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
-    from pnp_trt.runtime.torch_backend import load_torch, on_torch
+    from pnp_trt.runtime.onnxruntime_backend import open_onnxruntime
+    from pnp_trt.runtime.torch_backend import open_torch
 
     quiet_loading()
     if backend.startswith("onnxruntime"):
-        return load_onnxruntime(Path(source))
+        return open_onnxruntime(Path(source))
     if source == "random-sd21":
-        return on_torch(random_sd21_model(0))
-    return load_torch(source, torch.device("cpu"), torch.float32)
+        return open_torch(random_sd21_model(0))
+    return open_torch(source, torch.device("cpu"), torch.float32)
 
 
 def in_child(script: str, *args: object) -> dict:

@@ -30,7 +30,7 @@ from common import guide_image
 
 from pnp_trt.config import TranslateConfig
 from pnp_trt.runtime.cache import SourceCache
-from pnp_trt.runtime.translate import translate
+from pnp_trt.runtime.translation import translate
 
 UNET_TFLOP_PER_SAMPLE_512 = 0.804
 UNET_STAGES = ("invert", "generate", "capture", "inject")
@@ -127,15 +127,15 @@ class TorchModels:
         self.loaded: dict[torch.dtype, Any] = {}
 
     def open(self, dtype: torch.dtype, cuda_graphs: bool) -> Any:
-        from pnp_trt.models import load_model
+        from pnp_trt.models import load_diffusers
         from pnp_trt.random_models import random_sd21_model
-        from pnp_trt.runtime.torch_backend import on_torch
+        from pnp_trt.runtime.torch_backend import open_torch
 
         if dtype not in self.loaded:
             cuda = torch.device("cuda")
-            self.loaded[dtype] = load_model(self.model, cuda, dtype) if self.model else \
+            self.loaded[dtype] = load_diffusers(self.model, cuda, dtype) if self.model else \
                 random_sd21_model(0, cuda, dtype)
-        return on_torch(self.loaded[dtype], cuda_graphs)
+        return open_torch(self.loaded[dtype], cuda_graphs)
 
     def drop(self, dtype: torch.dtype) -> None:
         self.loaded.pop(dtype, None)
@@ -242,9 +242,9 @@ def main() -> None:
 
 
 def onnxruntime_model(directory: Path, cuda_graphs: bool) -> Any:
-    from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
+    from pnp_trt.runtime.onnxruntime_backend import open_onnxruntime
 
-    return load_onnxruntime(directory, "cuda", cuda_graphs)
+    return open_onnxruntime(directory, "cuda", cuda_graphs)
 
 
 if __name__ == "__main__":

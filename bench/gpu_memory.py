@@ -15,14 +15,14 @@ import torch
 from pnp_trt.contract import INJECTION_POINTS, axis_sizes, graph_specs, injected_name, random_feeds
 from pnp_trt.engines.buffers import ACTIVATION_PER_FEATURE_BYTE, feature_bytes
 from pnp_trt.random_models import random_sd21_model
-from pnp_trt.runtime.torch_backend import on_torch
+from pnp_trt.runtime.torch_backend import open_torch
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512)
     args = parser.parse_args()
-    model = on_torch(random_sd21_model(0, torch.device("cuda"), torch.float16))
+    model = open_torch(random_sd21_model(0, torch.device("cuda"), torch.float16))
     spec = graph_specs(model.dims)["unet"]
     peaks = {}
     for batch in (2, 4, 8, 16):

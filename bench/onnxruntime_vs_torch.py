@@ -41,7 +41,7 @@ STARTUP = """
 import sys, time
 from pnp_trt.images import load_guidance
 from pnp_trt.runtime.loading import open_model
-from pnp_trt.runtime.translate import translate
+from pnp_trt.runtime.translation import translate
 from pnp_trt.config import TranslateConfig
 backend, model, engines, guide, t0 = sys.argv[1:6]
 first = []
@@ -63,7 +63,7 @@ print(first[0])
 def measure(backend: str, source: str, size: int, steps: int) -> dict:
     """In this process: one warm-up, then one timed translation; returns stage timings."""
     from pnp_trt.config import TranslateConfig
-    from pnp_trt.runtime.translate import translate
+    from pnp_trt.runtime.translation import translate
 
     model = load_cpu_model(backend, source)
     if backend == "onnxruntime-every-output":

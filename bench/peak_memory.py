@@ -26,7 +26,7 @@ from common import guide_image, in_child, load_cpu_model
 def measure(backend: str, source: str, size: int, steps: int) -> dict:
     """In this process: load, note RSS, translate once, return the peak."""
     from pnp_trt.config import Limits, TranslateConfig
-    from pnp_trt.runtime.translate import translate
+    from pnp_trt.runtime.translation import translate
 
     model = load_cpu_model(backend, source)
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

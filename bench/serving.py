@@ -76,7 +76,7 @@ if which == "reference":
 else:
     from pnp_trt.config import TranslateConfig
     from pnp_trt.runtime.loading import open_model
-    from pnp_trt.runtime.translate import translate
+    from pnp_trt.runtime.translation import translate
     loaded = open_model("onnxruntime", None, Path(model))
     def run(n):
         cfg = TranslateConfig(steps=n, height=size[0], width=size[1], negative_prompt="blurry")
@@ -110,11 +110,11 @@ def paper_defaults(tiny: Path, image: Path, size: int) -> None:
 
     from pnp_trt.config import TranslateConfig
     from pnp_trt.images import load_guidance, to_array
-    from pnp_trt.runtime.torch_backend import load_torch
-    from pnp_trt.runtime.translate import translate
+    from pnp_trt.runtime.torch_backend import open_torch
+    from pnp_trt.runtime.translation import translate
 
     picture = load_guidance(image)
-    ours_model = load_torch(str(tiny), torch.device("cpu"), torch.float32)
+    ours_model = open_torch(str(tiny), torch.device("cpu"), torch.float32)
     translate(ours_model, ["warm up"], TranslateConfig(steps=1, height=size, width=size), image=picture)
     start = time.perf_counter()
     ours = translate(ours_model, ["a photo of a cat"], TranslateConfig(height=size, width=size), image=picture)

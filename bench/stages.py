@@ -20,8 +20,8 @@ from common import guide_image
 from pnp_trt.config import TranslateConfig
 from pnp_trt.models import quiet_loading
 from pnp_trt.random_models import make_tiny_model, random_sd21_model
-from pnp_trt.runtime.torch_backend import load_torch, on_torch
-from pnp_trt.runtime.translate import translate
+from pnp_trt.runtime.torch_backend import open_torch
+from pnp_trt.runtime.translation import translate
 
 PAPER_PREPROCESS = 999 + 999  # the paper's preprocessing: 999 inversion + 999 reconstruction evaluations
 
@@ -59,10 +59,10 @@ def main() -> None:
           f"evaluations per edit; ours at 50 steps: 50 + 40 + 2x50 = 190 in 101 sequential UNet calls "
           f"(the 40 captures ride along the inversion's calls)")
     with tempfile.TemporaryDirectory() as tmp:
-        tiny = load_torch(str(make_tiny_model(Path(tmp) / "tiny")), device, dtype)
+        tiny = open_torch(str(make_tiny_model(Path(tmp) / "tiny")), device, dtype)
         report("tiny model", tiny, args.tiny_size, args.tiny_steps)
     if not args.skip_sd21:
-        report("SD 2.1-base shape, random weights", on_torch(random_sd21_model(0, device, dtype)),
+        report("SD 2.1-base shape, random weights", open_torch(random_sd21_model(0, device, dtype)),
                args.sd21_size, args.sd21_steps)
 
 

@@ -9,7 +9,7 @@ from .config import TranslateConfig
 from .errors import PnPError
 from .runtime.cache import SourceCache
 from .runtime.loading import open_model
-from .runtime.translate import Translation, translate
+from .runtime.translation import Translation, translate
 from .runtime.translator import Translator
 
 __all__ = ["PnPError", "SourceCache", "TranslateConfig", "Translation", "Translator", "open_model",

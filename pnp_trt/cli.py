@@ -135,7 +135,7 @@ def translate(
     guidance = load_guidance(image) if image is not None else None
     from .runtime.cache import SourceCache
     from .runtime.loading import open_model
-    from .runtime.translate import translate as run_translation
+    from .runtime.translation import translate as run_translation
 
     if backend == "torch":
         require("torch", "the torch backend")

@@ -212,25 +212,3 @@ class ZeroBuffers:
         if key not in self._made:
             self._made[key] = self.allocate(tensor, shape)
         return self._made[key]
-
-
-def random_feeds(spec: GraphSpec, sizes: Mapping[str, int], precision: str, seed: int = 0,
-                 vocab_size: int = 49408) -> dict[str, Any]:
-    """Random numpy inputs for a graph at the given axis sizes (gates on, timestep mid-schedule)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    feeds: dict[str, Any] = {}
-    for tensor in spec.inputs:
-        shape, dtype = tensor.shape(sizes), tensor.numpy_dtype(precision)
-        if tensor.name == "timestep":
-            feeds[tensor.name] = np.full(shape, 500.0, dtype=dtype)
-        elif dtype == "bool":
-            feeds[tensor.name] = np.array(True)
-        elif dtype == "int64":
-            feeds[tensor.name] = rng.integers(0, vocab_size, shape, dtype=np.int64)
-        elif tensor.name == "image":
-            feeds[tensor.name] = rng.random(shape, dtype=np.float32).astype(dtype)
-        else:
-            feeds[tensor.name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
-    return feeds

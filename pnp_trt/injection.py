@@ -9,6 +9,7 @@ context variable for the duration of that call, so concurrent calls on one modul
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -66,18 +67,38 @@ def missing_layers(unet: torch.nn.Module) -> list[str]:
 
 
 _HOOKS_ATTRIBUTE = "_pnp_trt_hooks"
+_HOOKS_LOCK = threading.Lock()
 
 
-def install_hooks(unet: torch.nn.Module) -> list[Any]:
-    """Attach the capture/inject hooks to every injection point, once per UNet (they hold no state, so
-    every graph over one UNet shares them); returns the removable handles."""
-    if hasattr(unet, _HOOKS_ATTRIBUTE):
-        return getattr(unet, _HOOKS_ATTRIBUTE)
-    missing = missing_layers(unet)
-    if missing:
-        raise PnPError(f"this UNet lacks the layers PnP needs ({', '.join(missing[:3])}"
-                       f"{', …' if len(missing) > 3 else ''}); use a Stable Diffusion 1.x/2.x model")
-    modules = dict(unet.named_modules())
-    handles = [modules[p.module].register_forward_hook(_make_hook(p)) for p in INJECTION_POINTS]
-    setattr(unet, _HOOKS_ATTRIBUTE, handles)
-    return handles
+@dataclass
+class _InstalledHooks:
+    handles: list[Any]
+    users: int = 0
+
+
+def install_hooks(unet: torch.nn.Module) -> None:
+    """Attach the capture/inject hooks to every injection point, once per UNet: they hold no state, so every
+    graph over one UNet shares them. Counted: `release_hooks` by the last user removes them."""
+    with _HOOKS_LOCK:
+        installed = unet.__dict__.get(_HOOKS_ATTRIBUTE)
+        if installed is None:
+            missing = missing_layers(unet)
+            if missing:
+                raise PnPError(f"this UNet lacks the layers PnP needs ({', '.join(missing[:3])}"
+                               f"{', …' if len(missing) > 3 else ''}); use a Stable Diffusion 1.x/2.x model")
+            modules = dict(unet.named_modules())
+            installed = _InstalledHooks([modules[p.module].register_forward_hook(_make_hook(p))
+                                         for p in INJECTION_POINTS])
+            unet.__dict__[_HOOKS_ATTRIBUTE] = installed
+        installed.users += 1
+
+
+def release_hooks(unet: torch.nn.Module) -> None:
+    """One user of `install_hooks` is done; the last one leaves the UNet as it was before."""
+    with _HOOKS_LOCK:
+        installed = unet.__dict__[_HOOKS_ATTRIBUTE]
+        installed.users -= 1
+        if installed.users == 0:
+            for handle in installed.handles:
+                handle.remove()
+            del unet.__dict__[_HOOKS_ATTRIBUTE]

@@ -77,7 +77,7 @@ def _check_layout(model: str) -> None:
                        "pass a directory written by `save_pretrained` or `pnp-trt make-tiny-model`")
 
 
-def load_model(model: str = DEFAULT_MODEL, device: torch.device | None = None,
+def load_diffusers(model: str = DEFAULT_MODEL, device: torch.device | None = None,
                dtype: torch.dtype | None = None) -> TorchModel:
     """Load UNet, VAE, text encoder, tokenizer and scheduler config; refuse non-PnP-capable UNets."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel

@@ -3,12 +3,13 @@ traced by the ONNX export, so both execute the same code."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 
 from .contract import GATES, INJECTION_POINTS, captured_name
-from .injection import PnPCall, install_hooks, pnp_call
+from .injection import PnPCall, install_hooks, pnp_call, release_hooks
 
 
 class TextEncoderGraph(torch.nn.Module):
@@ -56,7 +57,9 @@ class PnPUNetGraph(torch.nn.Module):
     def __init__(self, unet: Any):
         super().__init__()
         self.unet = unet
-        self._hooks = install_hooks(unet)
+        install_hooks(unet)
+        self.release_hooks = weakref.finalize(self, release_hooks, unet)
+        """Removes this graph's claim on the hooks now (else when the graph is collected)."""
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 *rest: torch.Tensor | None, keep: frozenset[str] | None = None) -> tuple[torch.Tensor | None, ...]:

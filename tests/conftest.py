@@ -23,8 +23,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_torch(tiny_model_dir: Path):
     import torch
 
-    from pnp_trt.runtime.torch_backend import load_torch
-    return load_torch(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    from pnp_trt.runtime.torch_backend import open_torch
+    return open_torch(str(tiny_model_dir), torch.device("cpu"), torch.float32)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from conftest import in_threads, psnr, random_image
 from pnp_trt import SourceCache, TranslateConfig, Translator
 from pnp_trt.images import load_guidance
 from pnp_trt.runtime.cache import source_bytes
-from pnp_trt.runtime.translate import translate
+from pnp_trt.runtime.translation import translate
 
 SETTINGS = {"steps": 4, "height": 64, "width": 128}
 
@@ -127,9 +127,9 @@ def test_prompt_batch_never_exceeds_what_the_backend_runs(tiny_model_dir: Path, 
     batch respects it: 5 prompts run as 2 + 2 + 1."""
     import torch
 
-    from pnp_trt.runtime.torch_backend import load_torch
+    from pnp_trt.runtime.torch_backend import open_torch
 
-    model = load_torch(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    model = open_torch(str(tiny_model_dir), torch.device("cpu"), torch.float32)
     model.backend.max_prompt_batch = 2
     config = TranslateConfig(**SETTINGS, prompt_batch_size=requested)
     stats = translate(model, [f"prompt {i}" for i in range(5)], config, image=guide).stats
@@ -144,21 +144,21 @@ def test_resaved_weights_in_the_same_directory_miss_the_cache(tiny_model_dir: Pa
     import torch
     from diffusers import UNet2DConditionModel
 
-    from pnp_trt.runtime.torch_backend import load_torch
+    from pnp_trt.runtime.torch_backend import open_torch
 
     model_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
     cache = tmp_path / "cache"
-    first = Translator(load_torch(str(model_dir)), SourceCache(directory=cache)).translate(["a cat"], guide,
+    first = Translator(open_torch(str(model_dir)), SourceCache(directory=cache)).translate(["a cat"], guide,
                                                                                           **SETTINGS)
     unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", use_safetensors=True)
     with torch.no_grad():
         unet.conv_in.weight.mul_(1.5)
     unet.save_pretrained(model_dir / "unet", safe_serialization=True)
-    second = Translator(load_torch(str(model_dir)), SourceCache(directory=cache)).translate(["a cat"], guide,
+    second = Translator(open_torch(str(model_dir)), SourceCache(directory=cache)).translate(["a cat"], guide,
                                                                                            **SETTINGS)
     assert not second.cache_hit
     assert not np.array_equal(np.asarray(first.images[0]), np.asarray(second.images[0]))
-    again = Translator(load_torch(str(model_dir)), SourceCache(directory=cache)).translate(["a cat"], guide,
+    again = Translator(open_torch(str(model_dir)), SourceCache(directory=cache)).translate(["a cat"], guide,
                                                                                           **SETTINGS)
     assert again.cache_hit
 

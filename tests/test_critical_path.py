@@ -12,9 +12,19 @@ from conftest import random_image, rel_err
 
 from pnp_trt.config import TranslateConfig
 from pnp_trt.images import load_guidance, to_array
-from pnp_trt.runtime.sampler import InjectionPlan, Sampler, Source, prepare_source, sample_targets, start_noise
-from pnp_trt.runtime.torch_backend import load_torch
-from pnp_trt.runtime.translate import translate
+from pnp_trt.runtime.sampler import (
+    InjectionPlan,
+    Sampler,
+    Source,
+    capture,
+    generate_source,
+    invert,
+    prepare_source,
+    sample_targets,
+    start_noise,
+)
+from pnp_trt.runtime.torch_backend import open_torch
+from pnp_trt.runtime.translation import translate
 from pnp_trt.schedule import inversion_timesteps, sampling_timesteps
 
 SIZE = (64, 128)
@@ -23,7 +33,7 @@ PROMPTS = ["a photo of a cat", "a painting of a dog"]
 
 @pytest.fixture(scope="module")
 def tiny64(tiny_model_dir: Path):
-    return load_torch(str(tiny_model_dir), torch.device("cpu"), torch.float64)
+    return open_torch(str(tiny_model_dir), torch.device("cpu"), torch.float64)
 
 
 def one_at_a_time(sampler: Sampler, config: TranslateConfig, pixels: np.ndarray | None,
@@ -34,13 +44,15 @@ def one_at_a_time(sampler: Sampler, config: TranslateConfig, pixels: np.ndarray 
     empty = sampler.encode_prompts([""])
     if pixels is not None:
         inv_ts = inversion_timesteps(model.schedule, config.steps, config.effective_inversion_steps)
-        src, done = sampler.invert(sampler.encode_image(pixels), empty, inv_ts, ts)
+        src, done = invert(sampler.unet, sampler.backend, model.schedule, sampler.encode_image(pixels), empty,
+                           inv_ts, ts)
     else:
         noise = sampler.backend.asarray(start_noise(model, SIZE, config.seed))
-        src, done, _ = sampler.generate_source(noise, sampler.encode_prompts([source_prompt or ""]), empty,
-                                               config.source_guidance_scale, ts)
+        src, done, _ = generate_source(sampler.unet, sampler.backend, model.schedule, noise,
+                                       sampler.encode_prompts([source_prompt or ""]), empty,
+                                       config.source_guidance_scale, ts)
     assert done == {}
-    return Source(src[ts[0]], sampler.capture(src, empty, ts, plan, done))
+    return Source(src[ts[0]], capture(sampler.unet, sampler.backend, src, empty, ts, plan, done))
 
 
 @pytest.mark.parametrize("guidance", ["image", "generated"])

@@ -5,6 +5,7 @@ worker's own stream."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,14 @@ import torch
 from conftest import in_threads, random_image
 
 from pnp_trt.config import TranslateConfig
-from pnp_trt.contract import INJECTION_POINTS, axis_sizes, captured_name, graph_specs, random_feeds
+from pnp_trt.contract import INJECTION_POINTS, axis_sizes, captured_name, graph_specs
+from pnp_trt.export.trace_feeds import random_feeds
 from pnp_trt.images import load_guidance, to_array
 from pnp_trt.runtime.backend import LoadedModel
-from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
-from pnp_trt.runtime.sampler import InjectionPlan, Sampler, Stats, prepare_source
-from pnp_trt.runtime.torch_backend import load_torch
-from pnp_trt.runtime.translate import translate
+from pnp_trt.runtime.onnxruntime_backend import open_onnxruntime
+from pnp_trt.runtime.sampler import InjectionPlan, Sampler, Stats, inject, prepare_source
+from pnp_trt.runtime.torch_backend import open_torch
+from pnp_trt.runtime.translation import translate
 from pnp_trt.schedule import sampling_timesteps
 
 SIZE = (64, 64)
@@ -55,12 +57,12 @@ def logged(model: LoadedModel, read_all: bool = False) -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def tiny32(tiny_model_dir: Path) -> LoadedModel:
-    return load_torch(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    return open_torch(str(tiny_model_dir), torch.device("cpu"), torch.float32)
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 def test_a_unet_call_returns_just_the_outputs_asked(backend: str, tiny32: LoadedModel, exported: Path) -> None:
-    model = tiny32 if backend == "torch" else load_onnxruntime(exported)
+    model = tiny32 if backend == "torch" else open_onnxruntime(exported)
     feeds = random_feeds(graph_specs(model.dims)["unet"], axis_sizes(model.dims, 2, *SIZE), "float32")
     everything = model.backend.run("unet", feeds)
     partial = model.backend.run("unet", feeds, PARTIAL)
@@ -111,7 +113,7 @@ def test_the_sampler_asks_only_for_what_it_reads(tiny32: LoadedModel, tmp_path: 
 def test_sampling_loops_never_wait_for_the_gpu(tiny_model_dir: Path, tmp_path: Path, cuda_graphs: bool) -> None:
     """Under `set_sync_debug_mode("error")` any host–device synchronization raises: encode, invert, capture
     and inject run without one (after a warm-up that captures the CUDA graphs); only decoding syncs."""
-    model = load_torch(str(tiny_model_dir), torch.device("cuda"), torch.float32, cuda_graphs=cuda_graphs)
+    model = open_torch(str(tiny_model_dir), torch.device("cuda"), torch.float32, cuda_graphs=cuda_graphs)
     image = load_guidance(random_image(tmp_path / "g.png", *SIZE))
     translate(model, ["a cat"], CONFIG, image=image)
     pixels = to_array(image, SIZE)
@@ -120,9 +122,9 @@ def test_sampling_loops_never_wait_for_the_gpu(tiny_model_dir: Path, tmp_path: P
         torch.cuda.set_sync_debug_mode("error")
         try:
             source = prepare_source(sampler, CONFIG, SIZE, pixels, None)
-            sampler.inject(source.start, source.captured, sampler.encode_prompts([""]),
-                           sampler.encode_prompts(["a cat"]), CONFIG.guidance_scale,
-                           sampling_timesteps(model.schedule, CONFIG.steps), InjectionPlan.of(CONFIG))
+            inject(sampler.unet, model.backend, model.schedule, source.start, source.captured,
+                   sampler.encode_prompts([""]), sampler.encode_prompts(["a cat"]), CONFIG.guidance_scale,
+                   sampling_timesteps(model.schedule, CONFIG.steps), InjectionPlan.of(CONFIG), sampler.gates)
         finally:
             torch.cuda.set_sync_debug_mode(0)
         model.backend.synchronize()
@@ -132,24 +134,33 @@ def test_sampling_loops_never_wait_for_the_gpu(tiny_model_dir: Path, tmp_path: P
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_each_worker_runs_on_its_own_stream(tiny_model_dir: Path, tmp_path: Path) -> None:
     """No UNet call of a translate is enqueued on the legacy default stream (which synchronizes with all)."""
-    model = logged(load_torch(str(tiny_model_dir), torch.device("cuda"), torch.float32))
+    model = logged(open_torch(str(tiny_model_dir), torch.device("cuda"), torch.float32))
     image = load_guidance(random_image(tmp_path / "g.png", *SIZE))
     in_threads([lambda: translate(model, ["a cat"], CONFIG, image=image)] * 2)
     streams = {call["stream"] for call in model.backend.calls}  # type: ignore[attr-defined]
     assert torch.cuda.default_stream() not in streams and len(streams) == 2
 
 
-def test_the_callers_model_is_left_as_it_was(tiny_model_dir: Path) -> None:
-    """One loaded model behind two torch backends gets one set of (inert) hooks; the export's GroupNorm swap
-    is undone, even when the block fails."""
+def test_the_callers_model_is_left_as_it_was(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """One loaded model behind two torch backends gets one set of hooks, gone with the last backend (and after
+    an export); the export's GroupNorm swap is undone, even when the block fails."""
+    from pnp_trt.export.exporter import export_loaded
     from pnp_trt.export.stable_norm import TwoPassGroupNorm, two_pass_group_norms
-    from pnp_trt.models import load_model
-    from pnp_trt.runtime.torch_backend import on_torch
+    from pnp_trt.models import load_diffusers
+    from pnp_trt.runtime.torch_backend import open_torch
 
-    model = load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
-    on_torch(model), on_torch(model)
-    point = dict(model.unet.named_modules())[INJECTION_POINTS[0].module]
-    assert len(point._forward_hooks) == 1
+    model = load_diffusers(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    points = [dict(model.unet.named_modules())[p.module] for p in INJECTION_POINTS]
+    first, second = open_torch(model), open_torch(model)
+    assert [len(point._forward_hooks) for point in points] == [1] * len(points)
+    del first
+    gc.collect()
+    assert [len(point._forward_hooks) for point in points] == [1] * len(points)
+    del second
+    gc.collect()
+    assert not any(point._forward_hooks for point in points)
+    export_loaded(model, tmp_path / "exported")
+    assert not any(point._forward_hooks for point in points)
     before = list(model.unet.named_modules()) + list(model.vae.named_modules())
     with pytest.raises(RuntimeError), two_pass_group_norms(model.unet, model.vae) as swapped:
         assert swapped > 0 and any(isinstance(m, TwoPassGroupNorm) for m in model.unet.modules())
@@ -160,6 +171,6 @@ def test_the_callers_model_is_left_as_it_was(tiny_model_dir: Path) -> None:
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 def test_uploaded_scalars_keep_their_shape(backend: str, tiny32: LoadedModel, exported: Path) -> None:
     """The gates are 0-d in the contract: a TensorRT input or a CUDA-graph buffer of shape () refuses (1,)."""
-    model = tiny32 if backend == "torch" else load_onnxruntime(exported)
+    model = tiny32 if backend == "torch" else open_onnxruntime(exported)
     assert tuple(model.backend.asarray(np.array(True)).shape) == ()
     assert tuple(model.backend.asarray(np.zeros((2, 3), np.float32)).shape) == (2, 3)

@@ -110,15 +110,15 @@ def test_loud_model_exports_at_fp16_and_translates_close_to_fp32(loud_model_dir:
     from pnp_trt.config import TranslateConfig
     from pnp_trt.export.exporter import export_model
     from pnp_trt.images import load_guidance
-    from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
-    from pnp_trt.runtime.translate import translate
+    from pnp_trt.runtime.onnxruntime_backend import open_onnxruntime
+    from pnp_trt.runtime.translation import translate
 
     config = TranslateConfig(steps=4, height=256, width=256)
     image = load_guidance(random_image(tmp_path / "g.png", 256, 256))
     results = {}
     for precision in ("fp32", "fp16"):
         export_model(str(loud_model_dir), tmp_path / precision, precision)
-        results[precision] = translate(load_onnxruntime(tmp_path / precision), ["a castle"], config, image=image)
+        results[precision] = translate(open_onnxruntime(tmp_path / precision), ["a castle"], config, image=image)
     score = psnr(np.asarray(results["fp16"].images[0]), np.asarray(results["fp32"].images[0]))
     print(f"loud model, ONNX Runtime fp16 vs fp32: {score:.1f} dB")
     assert score >= 30

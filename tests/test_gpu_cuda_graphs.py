@@ -12,9 +12,9 @@ from conftest import psnr, random_image
 
 from pnp_trt import TranslateConfig
 from pnp_trt.images import load_guidance
-from pnp_trt.models import load_model
-from pnp_trt.runtime.torch_backend import load_torch, on_torch
-from pnp_trt.runtime.translate import translate
+from pnp_trt.models import load_diffusers
+from pnp_trt.runtime.torch_backend import open_torch
+from pnp_trt.runtime.translation import translate
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CONFIG = TranslateConfig(steps=8, height=128, width=192, prompt_batch_size=2)
@@ -44,8 +44,8 @@ def image(tmp_path: Path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_torch_cuda_graphs_match_eager(tiny_model_dir: Path, image, dtype: torch.dtype) -> None:
-    model = load_model(str(tiny_model_dir), CUDA, dtype)
-    graphed, eager = on_torch(model), on_torch(model, cuda_graphs=False)
+    model = load_diffusers(str(tiny_model_dir), CUDA, dtype)
+    graphed, eager = open_torch(model), open_torch(model, cuda_graphs=False)
     replayed = translate(graphed, PROMPTS, CONFIG, image=image)
     scores = _psnrs(replayed, translate(eager, PROMPTS, CONFIG, image=image))
     print(f"torch {dtype} CUDA graphs vs eager PSNR: {scores}")
@@ -58,9 +58,9 @@ def test_torch_cuda_graphs_match_eager(tiny_model_dir: Path, image, dtype: torch
 @needs_ort_cuda
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_onnxruntime_cuda_fp32_matches_torch(exported: Path, tiny_torch, image, cuda_graphs: bool) -> None:
-    from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
+    from pnp_trt.runtime.onnxruntime_backend import open_onnxruntime
 
-    model = load_onnxruntime(exported, "cuda", cuda_graphs=cuda_graphs)
+    model = open_onnxruntime(exported, "cuda", cuda_graphs=cuda_graphs)
     ours = translate(model, PROMPTS, CONFIG, image=image)
     scores = _psnrs(ours, translate(tiny_torch, PROMPTS, CONFIG, image=image))
     print(f"onnxruntime CUDA fp32 (CUDA graphs {cuda_graphs}) vs torch fp32 PSNR: {scores}")
@@ -72,12 +72,12 @@ def test_onnxruntime_cuda_fp32_matches_torch(exported: Path, tiny_torch, image, 
 @needs_ort_cuda
 def test_onnxruntime_cuda_fp16_near_torch_fp16(exported_fp16: Path, tiny_model_dir: Path, image) -> None:
     """fp16 against fp16: the same graphs a TensorRT engine would be built from, on a GPU."""
-    from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
+    from pnp_trt.runtime.onnxruntime_backend import open_onnxruntime
 
-    reference = translate(load_torch(str(tiny_model_dir), CUDA, torch.float16, cuda_graphs=False), PROMPTS, CONFIG,
+    reference = translate(open_torch(str(tiny_model_dir), CUDA, torch.float16, cuda_graphs=False), PROMPTS, CONFIG,
                           image=image)
     for cuda_graphs in (False, True):
-        ours = translate(load_onnxruntime(exported_fp16, "cuda", cuda_graphs=cuda_graphs), PROMPTS, CONFIG,
+        ours = translate(open_onnxruntime(exported_fp16, "cuda", cuda_graphs=cuda_graphs), PROMPTS, CONFIG,
                          image=image)
         scores = _psnrs(ours, reference)
         print(f"onnxruntime CUDA fp16 (CUDA graphs {cuda_graphs}) vs torch fp16 PSNR: {scores}")

@@ -11,8 +11,8 @@ from conftest import in_threads, psnr, random_image
 
 from pnp_trt import SourceCache, TranslateConfig, Translator
 from pnp_trt.images import load_guidance
-from pnp_trt.runtime.torch_backend import load_torch
-from pnp_trt.runtime.translate import translate
+from pnp_trt.runtime.torch_backend import open_torch
+from pnp_trt.runtime.translation import translate
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CONFIG = TranslateConfig(steps=8, height=128, width=192, prompt_batch_size=2)
@@ -25,7 +25,7 @@ def _psnrs(a, b) -> list[float]:
 
 def test_cuda_fp32_matches_cpu_fp32(tiny_model_dir: Path, tiny_torch, tmp_path: Path) -> None:
     image = load_guidance(random_image(tmp_path / "g.png", 192, 128))
-    cuda = load_torch(str(tiny_model_dir), torch.device("cuda"), torch.float32)
+    cuda = open_torch(str(tiny_model_dir), torch.device("cuda"), torch.float32)
     scores = _psnrs(translate(cuda, PROMPTS, CONFIG, image=image), translate(tiny_torch, PROMPTS, CONFIG, image=image))
     print(f"CUDA fp32 vs CPU fp32 PSNR: {scores}")
     assert min(scores) >= 45
@@ -35,8 +35,8 @@ def test_cuda_fp16_error_far_below_the_effect_of_injection(tiny_model_dir: Path,
     """fp16 against fp32 on the same GPU: the rounding error must be far smaller than what switching
     injection off changes (DESIGN §3: fp16 is judged against the size of the effect, not a fixed dB)."""
     image = load_guidance(random_image(tmp_path / "g.png", 192, 128))
-    half = load_torch(str(tiny_model_dir), torch.device("cuda"), torch.float16)
-    full = load_torch(str(tiny_model_dir), torch.device("cuda"), torch.float32)
+    half = open_torch(str(tiny_model_dir), torch.device("cuda"), torch.float16)
+    full = open_torch(str(tiny_model_dir), torch.device("cuda"), torch.float32)
     reference = translate(full, PROMPTS, CONFIG, image=image)
     fp16 = _psnrs(translate(half, PROMPTS, CONFIG, image=image), reference)
     no_injection = TranslateConfig(**{**vars(CONFIG), "feature_injection": 0.0, "attention_injection": 0.0})
@@ -47,7 +47,7 @@ def test_cuda_fp16_error_far_below_the_effect_of_injection(tiny_model_dir: Path,
 
 def test_translator_threads_on_cuda(tiny_model_dir: Path, tmp_path: Path) -> None:
     image = load_guidance(random_image(tmp_path / "g.png", 192, 128))
-    cuda = load_torch(str(tiny_model_dir), torch.device("cuda"), torch.float16)
+    cuda = open_torch(str(tiny_model_dir), torch.device("cuda"), torch.float16)
     serial = [Translator(cuda, SourceCache()).translate([p], image, **vars(CONFIG)).images[0] for p in PROMPTS]
     shared = Translator(cuda, SourceCache())
     threaded = in_threads([lambda p=p: shared.translate([p], image, **vars(CONFIG)).images[0] for p in PROMPTS])

@@ -17,14 +17,15 @@ from typer.testing import CliRunner
 
 from pnp_trt.cli import app
 from pnp_trt.config import TranslateConfig
-from pnp_trt.contract import axis_sizes, graph_specs, random_feeds
+from pnp_trt.contract import axis_sizes, graph_specs
 from pnp_trt.errors import PnPError
 from pnp_trt.export.exporter import export_model, torch_graphs
 from pnp_trt.export.onnx_graph import relative_errors, run_onnxruntime
+from pnp_trt.export.trace_feeds import random_feeds
 from pnp_trt.images import load_guidance
-from pnp_trt.models import load_model
-from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
-from pnp_trt.runtime.translate import translate
+from pnp_trt.models import load_diffusers
+from pnp_trt.runtime.onnxruntime_backend import open_onnxruntime
+from pnp_trt.runtime.translation import translate
 
 runner = CliRunner()
 
@@ -37,7 +38,7 @@ def _outputs(module, spec, feeds):
 
 @pytest.mark.parametrize("graph", ["text_encoder", "vae_encoder", "vae_decoder", "unet"])
 def test_graph_matches_pytorch_fp32(exported: Path, tiny_model_dir: Path, graph: str) -> None:
-    model = load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    model = load_diffusers(str(tiny_model_dir), torch.device("cpu"), torch.float32)
     spec = graph_specs(model.dims)[graph]
     feeds = random_feeds(spec, axis_sizes(model.dims, 3, 192, 64), "float32", seed=7, vocab_size=100)
     errors = relative_errors(run_onnxruntime(exported / f"{graph}.onnx", feeds),
@@ -46,7 +47,7 @@ def test_graph_matches_pytorch_fp32(exported: Path, tiny_model_dir: Path, graph:
 
 
 def test_unet_fp16_matches_fp16_reference_and_gates_matter(exported_fp16: Path, tiny_model_dir: Path) -> None:
-    model = load_model(str(tiny_model_dir), torch.device("cpu"), torch.float16)
+    model = load_diffusers(str(tiny_model_dir), torch.device("cpu"), torch.float16)
     spec = graph_specs(model.dims)["unet"]
     feeds = random_feeds(spec, axis_sizes(model.dims, 2, 64, 128), "float16", seed=3)
     reference = _outputs(torch_graphs(model)["unet"], spec, feeds)
@@ -71,7 +72,7 @@ def test_golden_through_onnxruntime(tmp_path: Path) -> None:
                              negative_prompt=settings["negative_prompt"],
                              feature_injection=settings["feature_injection"],
                              attention_injection=settings["attention_injection"])
-    result = translate(load_onnxruntime(tmp_path / "golden"), [settings["prompt"]], config,
+    result = translate(open_onnxruntime(tmp_path / "golden"), [settings["prompt"]], config,
                        image=load_guidance(GOLDEN / "guide.png"))
     assert rel_err(result.latents, np.load(GOLDEN / "final_latent.npy")) <= 2.5e-4
 
@@ -82,7 +83,7 @@ def test_onnxruntime_matches_torch_end_to_end(exported: Path, tiny_torch, tmp_pa
     prompts = ["a photo of a cat", "a painting of a dog", "a castle"]
     kwargs = ({"image": load_guidance(random_image(tmp_path / "g.png", 150, 80))} if guidance == "image"
               else {"source_prompt": "a photo of a castle"})
-    ours = translate(load_onnxruntime(exported), prompts, config, **kwargs)
+    ours = translate(open_onnxruntime(exported), prompts, config, **kwargs)
     reference = translate(tiny_torch, prompts, config, **kwargs)
     assert [im.size for im in ours.images] == [(128, 64)] * 3
     for a, b in zip(ours.images, reference.images, strict=True):
@@ -98,7 +99,7 @@ def test_io_binding_backend_matches_the_numpy_backend(exported: Path, tmp_path: 
     from pnp_trt.manifest import read_manifest
     from pnp_trt.runtime.onnxruntime_device import OnnxRuntimeDeviceBackend
 
-    numpy_model = load_onnxruntime(exported)
+    numpy_model = open_onnxruntime(exported)
     bound = replace(numpy_model, backend=OnnxRuntimeDeviceBackend(exported, read_manifest(exported), "cpu",
                                                                   device=torch.device("cpu")))
     config = TranslateConfig(steps=4, height=64, width=128, prompt_batch_size=2)
@@ -131,7 +132,7 @@ def test_manifest_format_version_checked(exported: Path, tmp_path: Path) -> None
     (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
     with pytest.raises(PnPError, match=r"manifest format 1, this pnp-trt reads format 2; rebuild with `pnp-trt "
                                        r"export --model .* --precision fp32 --out"):
-        load_onnxruntime(copy)
+        open_onnxruntime(copy)
 
 
 def test_truncated_or_missing_graph(exported: Path, tmp_path: Path) -> None:
@@ -140,24 +141,24 @@ def test_truncated_or_missing_graph(exported: Path, tmp_path: Path) -> None:
     (copy / "unet.onnx").write_bytes(data[: len(data) // 2])
     with pytest.raises(PnPError, match=r"unet.onnx is \d+ bytes, the manifest says \d+ \(truncated or replaced\); "
                                        r"rebuild with"):
-        load_onnxruntime(copy)
+        open_onnxruntime(copy)
     (copy / "unet.onnx").unlink()
     with pytest.raises(PnPError, match="unet.onnx is missing"):
-        load_onnxruntime(copy)
+        open_onnxruntime(copy)
 
 
 def test_missing_tokenizer(exported: Path, tmp_path: Path) -> None:
     copy = _copy(exported, tmp_path)
     (copy / "tokenizer.json").unlink()
     with pytest.raises(PnPError, match="tokenizer.json is missing"):
-        load_onnxruntime(copy)
+        open_onnxruntime(copy)
 
 
 def test_corrupt_graph_same_size_is_a_clear_error_and_verify_finds_it(exported: Path, tmp_path: Path) -> None:
     copy = _copy(exported, tmp_path)
     size = (copy / "text_encoder.onnx").stat().st_size
     (copy / "text_encoder.onnx").write_bytes(b"\x00garbage" * (size // 8) + b"\x00" * (size % 8))
-    model = load_onnxruntime(copy)
+    model = open_onnxruntime(copy)
     with pytest.raises(PnPError, match="cannot load .*text_encoder.onnx"):
         model.backend.run("text_encoder", {"input_ids": np.zeros((1, 77), np.int64)})
     result = runner.invoke(app, ["verify", str(copy)])
@@ -187,7 +188,7 @@ def test_an_exported_directory_given_as_model_says_how_to_run_it(exported: Path,
 
 def test_unavailable_provider_is_a_clear_error(exported: Path) -> None:
     with pytest.raises(PnPError, match="no CUDAExecutionProvider .* onnxruntime-gpu"):
-        load_onnxruntime(exported, provider="cuda")
+        open_onnxruntime(exported, provider="cuda")
 
 
 LEAN_CHECK = """
@@ -258,7 +259,7 @@ def test_malformed_manifest_is_one_clear_line(exported: Path, tmp_path: Path, ch
     manifest = json.loads((copy / "manifest.json").read_text())
     (copy / "manifest.json").write_text(json.dumps(change(manifest)))
     with pytest.raises(PnPError, match=fragment) as error:
-        load_onnxruntime(copy)
+        open_onnxruntime(copy)
     assert "\n" not in str(error.value)
     result = runner.invoke(app, ["verify", str(copy)])
     assert result.exit_code == 2 and fragment.split("`")[0] in result.output
@@ -269,14 +270,14 @@ def test_damaged_scheduler_config_is_one_clear_line(exported: Path, tmp_path: Pa
     config = copy / "scheduler_config.json"
     config.write_text("x" * config.stat().st_size)  # same size: only parsing can tell
     with pytest.raises(PnPError, match="incomplete or damaged .*rebuild with `pnp-trt export"):
-        load_onnxruntime(copy)
+        open_onnxruntime(copy)
 
 
 def test_export_leaves_the_callers_model_as_it_was(tiny_model_dir: Path, tmp_path: Path) -> None:
     from pnp_trt.export.exporter import export_loaded
     from pnp_trt.export.stable_norm import TwoPassGroupNorm
 
-    model = load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    model = load_diffusers(str(tiny_model_dir), torch.device("cpu"), torch.float32)
     norms = sum(isinstance(m, torch.nn.GroupNorm) for part in (model.unet, model.vae) for m in part.modules())
     export_loaded(model, tmp_path / "out")
     after = [m for part in (model.unet, model.vae) for m in part.modules()]
@@ -299,4 +300,4 @@ def test_external_data_outside_the_directory_is_refused(exported: Path, tmp_path
     manifest["files"]["unet.onnx"]["bytes"] = (copy / "unet.onnx").stat().st_size
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(PnPError, match=r"keeps weights outside its directory \(../outside.bin\)"):
-        load_onnxruntime(copy)
+        open_onnxruntime(copy)

@@ -14,15 +14,15 @@ from reference_pnp import PaperPnP
 from pnp_trt.config import TranslateConfig
 from pnp_trt.images import load_guidance, to_array
 from pnp_trt.runtime.sampler import start_noise
-from pnp_trt.runtime.torch_backend import load_torch
-from pnp_trt.runtime.translate import translate
+from pnp_trt.runtime.torch_backend import open_torch
+from pnp_trt.runtime.translation import translate
 
 STEPS, SIZE = 6, (64, 128)
 
 
 @pytest.fixture(scope="module")
 def tiny64(tiny_model_dir: Path):
-    return load_torch(str(tiny_model_dir), torch.device("cpu"), torch.float64)
+    return open_torch(str(tiny_model_dir), torch.device("cpu"), torch.float64)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_injection_matters(tiny64, tmp_path: Path) -> None:
 def test_golden_latent_of_the_papers_code() -> None:
     """The paper's own diffusers code, run on the golden tiny model: our float32 final latent within 1e-4."""
     settings = json.loads((GOLDEN / "settings.json").read_text())
-    model = load_torch(str(GOLDEN / "model"), torch.device("cpu"), torch.float32)
+    model = open_torch(str(GOLDEN / "model"), torch.device("cpu"), torch.float32)
     config = TranslateConfig(steps=settings["steps"], inversion_steps=settings["inversion_steps"],
                              guidance_scale=settings["guidance_scale"], negative_prompt=settings["negative_prompt"],
                              feature_injection=settings["feature_injection"],

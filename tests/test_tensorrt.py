@@ -151,22 +151,22 @@ def test_tensorrt_matches_onnxruntime_and_torch(tiny_engines: Path, tiny_model_d
 
     from pnp_trt.config import TranslateConfig
     from pnp_trt.images import load_guidance
-    from pnp_trt.runtime.onnxruntime_backend import load_onnxruntime
-    from pnp_trt.runtime.tensorrt_backend import load_tensorrt
-    from pnp_trt.runtime.torch_backend import load_torch
-    from pnp_trt.runtime.translate import translate
+    from pnp_trt.runtime.onnxruntime_backend import open_onnxruntime
+    from pnp_trt.runtime.tensorrt_backend import open_tensorrt
+    from pnp_trt.runtime.torch_backend import open_torch
+    from pnp_trt.runtime.translation import translate
 
     image = load_guidance(random_image(tmp_path / "g.png", 192, 128))
     config = TranslateConfig(steps=8, height=128, width=192, prompt_batch_size=2)
     prompts = ["a photo of a cat", "a painting of a dog"]
-    trt_result = translate(load_tensorrt(tiny_engines), prompts, config, image=image)
+    trt_result = translate(open_tensorrt(tiny_engines), prompts, config, image=image)
     start = time.perf_counter()
-    trt_result = translate(load_tensorrt(tiny_engines), prompts, config, image=image)
+    trt_result = translate(open_tensorrt(tiny_engines), prompts, config, image=image)
     print(f"tensorrt translate: {time.perf_counter() - start:.3f}s {trt_result.stats.timings}")
     # fp16 against fp16 references: torch fp16 on CUDA and the same fp16 graphs on ONNX Runtime (on the
     # H100, torch fp16 vs fp32 on this model and size measured 33-34 dB: inversion amplifies fp16 rounding)
-    for reference in (translate(load_onnxruntime(tiny_engines), prompts, config, image=image),
-                      translate(load_torch(str(tiny_model_dir), torch.device("cuda"), torch.float16), prompts, config,
+    for reference in (translate(open_onnxruntime(tiny_engines), prompts, config, image=image),
+                      translate(open_torch(str(tiny_model_dir), torch.device("cuda"), torch.float16), prompts, config,
                                 image=image)):
         for a, b in zip(trt_result.images, reference.images, strict=True):
             assert psnr(np.asarray(a), np.asarray(b)) >= 35
@@ -177,12 +177,12 @@ def test_tensorrt_matches_onnxruntime_and_torch(tiny_engines: Path, tiny_model_d
 def test_tensorrt_refuses_sizes_outside_the_profile(tiny_engines: Path, tmp_path: Path) -> None:
     from pnp_trt.config import TranslateConfig
     from pnp_trt.images import load_guidance
-    from pnp_trt.runtime.tensorrt_backend import load_tensorrt
-    from pnp_trt.runtime.translate import translate
+    from pnp_trt.runtime.tensorrt_backend import open_tensorrt
+    from pnp_trt.runtime.translation import translate
 
     image = load_guidance(random_image(tmp_path / "g.png", 512, 512))
     with pytest.raises(PnPError, match="built for 64x64 to 256x256, asked 512x512"):
-        translate(load_tensorrt(tiny_engines), ["a"], TranslateConfig(steps=2, height=512, width=512), image=image)
+        translate(open_tensorrt(tiny_engines), ["a"], TranslateConfig(steps=2, height=512, width=512), image=image)
 
 
 @pytest.mark.gpu
@@ -195,9 +195,10 @@ def test_engines_match_onnxruntime_in_polygraphy_comparator(tiny_engines: Path, 
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
     from polygraphy.comparator import Comparator, CompareFunc
 
-    from pnp_trt.contract import TOLERANCE, axis_sizes, random_feeds
+    from pnp_trt.contract import TOLERANCE, axis_sizes
     from pnp_trt.engines.compat import read_entries
     from pnp_trt.engines.profiles import profile_batches
+    from pnp_trt.export.trace_feeds import random_feeds
 
     spec, dims = graph_specs(TINY)[graph], TINY
     engine = EngineFromBytes((tiny_engines / read_entries(tiny_engines)[graph].file).read_bytes())

@@ -8,15 +8,15 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from ..contract import INJECTION_POINTS, PRECISIONS, TOLERANCE, axis_sizes, graph_specs, random_feeds
+from ..contract import INJECTION_POINTS, PRECISIONS, TOLERANCE, axis_sizes, graph_specs
 from ..errors import PnPError
 from ..fileio import staging_directory
 from ..manifest import FORMAT_VERSION, GRAPHS, MANIFEST, file_entries
-from ..models import TorchModel, load_model, weights_hash
+from ..models import TorchModel, load_diffusers, weights_hash
 from ..torch_graphs import PnPUNetGraph, TextEncoderGraph, VaeDecoderGraph, VaeEncoderGraph
 from .mixed_precision import to_mixed_fp16
 from .onnx_graph import (
@@ -27,6 +27,7 @@ from .onnx_graph import (
     run_onnxruntime,
 )
 from .stable_norm import two_pass_group_norms
+from .trace_feeds import random_feeds
 
 TRACE_SIZE, VALIDATE_SIZE = (2, 128, 128), (1, 64, 128)
 """(batch, height, width) traced, and checked afterwards at a different shape to prove the axes dynamic."""
@@ -103,7 +104,7 @@ def export_model(model_id: str, out: Path, precision: str = "fp32", opset: int =
                  versions: dict[str, str] | None = None) -> list[GraphReport]:
     """Load a diffusers model (hub id or directory) on the CPU in fp32 and export it."""
     _check_destination(out, precision, opset)
-    return export_loaded(load_model(model_id, torch.device("cpu"), torch.float32), out, precision, opset,
+    return export_loaded(load_diffusers(model_id, torch.device("cpu"), torch.float32), out, precision, opset,
                          on_graph, versions)
 
 
@@ -129,10 +130,12 @@ def export_loaded(model: TorchModel, out: Path, precision: str = "fp32", opset: 
     it into place: an interrupted or failed export leaves nothing behind."""
     _check_destination(out, precision, opset)
     with two_pass_group_norms(model.unet, model.vae), staging_directory(out) as tmp:
-        graphs = torch_graphs(model)
-        reports = []
-        for name in GRAPHS:
-            on_graph(name)
-            reports.append(export_one(name, graphs[name], model, tmp, precision, opset))
+        graphs, reports = torch_graphs(model), []
+        try:
+            for name in GRAPHS:
+                on_graph(name)
+                reports.append(export_one(name, graphs[name], model, tmp, precision, opset))
+        finally:
+            cast(PnPUNetGraph, graphs["unet"]).release_hooks()
         write_side_files(model, tmp, precision, opset, reports, versions or {})
     return reports

@@ -18,16 +18,16 @@ def open_model(backend: str, model: str | None, engines: Path | str | None, prov
     if backend == "torch":
         require("torch", "the torch backend")
         from ..models import DEFAULT_MODEL
-        from .torch_backend import load_torch
-        return load_torch(model or DEFAULT_MODEL, cuda_graphs=cuda_graphs)
+        from .torch_backend import open_torch
+        return open_torch(model or DEFAULT_MODEL, cuda_graphs=cuda_graphs)
     if engines is None:
         raise PnPError(f"--backend {backend} runs exported graphs: pass --engines DIR "
                        "(written by `pnp-trt export --model ID_OR_DIR --out DIR`)")
     engines = Path(engines)
     if backend == "onnxruntime":
-        from .onnxruntime_backend import load_onnxruntime
-        return load_onnxruntime(engines, provider, cuda_graphs)
+        from .onnxruntime_backend import open_onnxruntime
+        return open_onnxruntime(engines, provider, cuda_graphs)
     from ..engines.availability import require_tensorrt
     require_tensorrt("--backend tensorrt")
-    from .tensorrt_backend import load_tensorrt
-    return load_tensorrt(engines, cuda_graphs)
+    from .tensorrt_backend import open_tensorrt
+    return open_tensorrt(engines, cuda_graphs)

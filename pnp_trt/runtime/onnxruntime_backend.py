@@ -125,7 +125,7 @@ class OnnxRuntimeBackend(OnnxRuntimeSessions):
         return None
 
 
-def load_onnxruntime(directory: Path, provider: str = "cpu", cuda_graphs: bool = True) -> LoadedModel:
+def open_onnxruntime(directory: Path, provider: str = "cpu", cuda_graphs: bool = True) -> LoadedModel:
     """An exported directory (`pnp-trt export`) on ONNX Runtime: numpy on the CPU provider; on a GPU
     provider torch tensors kept on the device through IO binding (with CUDA graphs unless switched off)."""
     exported = open_exported(directory)

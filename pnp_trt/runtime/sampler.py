@@ -1,11 +1,12 @@
 """The PnP sampler (DESIGN §1) over any `Backend`: it never asks which backend it runs on.
 
-The whole algorithm in one file: the four loops (invert, generate, capture, inject) as `Sampler` methods, then
-the stages in the order a translation runs them (`prepare_source`, `sample_targets`): encode → invert (or
-generate the guidance) → capture → inject → decode. Each loop is a short
-function over `run(graph, feeds, outputs)`; `Sampler` only adds UNet-evaluation counting and progress.
-Inside the loops nothing waits on the device: each pass uploads its timesteps once, the gates are device
-scalars made once, every call asks only for the outputs it reads, and the DDIM arithmetic stays on the device.
+The whole algorithm in one file: the four loops (`invert`, `generate_source`, `capture`, `inject`), each a
+short function over a `unet(x, t, embeddings, outputs, **injected)` callable, with progress as a per-step
+callback; then the stages in the order a translation runs them (`prepare_source`, `sample_targets`):
+encode → invert (or generate the guidance) → capture → inject → decode. `Sampler` binds a model for one
+translation: its UNet callable counts calls. Inside the loops nothing waits on the device: each pass uploads
+its timesteps once, the gates are device scalars made once, every call asks only for the outputs it reads,
+and the DDIM arithmetic stays on the device.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import contextlib
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from ..config import TranslateConfig
 from ..contract import INJECTION_POINTS, InjectionPoint, captured_name, injected_name
 from ..schedule import (
+    Schedule,
     classifier_free_guidance,
     ddim_step,
     injection_steps,
@@ -27,7 +30,7 @@ from ..schedule import (
     invert_step,
     sampling_timesteps,
 )
-from .backend import Array, LoadedModel
+from .backend import Array, Backend, LoadedModel
 
 NOISE = ("noise_pred",)
 """What the UNet calls that capture nothing read."""
@@ -111,23 +114,127 @@ class Source:
     """A generated guidance's own final latent x_0 (decoded only if asked for); None for a real image."""
 
 
+class UNet(Protocol):
+    """unet(x, t, embeddings, outputs, **injected): one UNet call; `t` holds one timestep per sample (a row of
+    the pass's uploaded table); returns just the `outputs` named (the loops' model, as k-diffusion's
+    samplers run over `model(x, sigma)`)."""
+
+    def __call__(self, x: Array, t: Array, embeddings: Array, outputs: Collection[str] = NOISE,
+                 **injected: Array) -> dict[str, Array]: ...
+
+
+Step = Callable[[], None]
+"""Called once per step of a loop (progress)."""
+
+
+def timestep_table(arrays: Backend, rows: Sequence[Sequence[int]]) -> Array:
+    """A pass's timesteps, uploaded once: row i holds call i's timestep for each sample."""
+    return arrays.asarray(np.asarray(rows, dtype=np.int64))
+
+
+def invert(unet: UNet, arrays: Backend, schedule: Schedule, z0: Array, embedding: Array,
+           inversion_ts: Sequence[int], sampling_ts: Sequence[int], ride_along: RideAlong | None = None,
+           step: Step = lambda: None) -> tuple[dict[int, Array], dict[int, dict[str, Array]]]:
+    """DDIM inversion (small → large t); keeps the latent reached at every sampling timestep.
+
+    With `ride_along`, the capture pass of each latent that a later step injects from travels in the
+    next inversion call, which evaluates that same latent (at the next timestep, with the inversion
+    prompt): one call of batch two instead of two calls. Returns the latents and the captures made.
+    """
+    keep, src, z, t_prev = set(sampling_ts), {}, z0, None
+    wanted = ride_along.points if ride_along else {}
+    captured: dict[int, dict[str, Array]] = {}
+    pending = None
+    pair = arrays.concat([embedding, ride_along.empty]) if ride_along else embedding
+    previous = [inversion_ts[0], *inversion_ts[:-1]]
+    table = timestep_table(arrays, [[t, prev] for t, prev in zip(inversion_ts, previous, strict=True)])
+    for i, t in enumerate(inversion_ts):
+        if pending is None:
+            eps = unet(z, table[i, :1], embedding)["noise_pred"]
+        else:  # pending is the previous timestep: row i is [t, pending]
+            outputs = unet(arrays.concat([z, z]), table[i], pair, NOISE + read(wanted[pending]))
+            eps, captured[pending] = outputs["noise_pred"][:1], keep_row(arrays, outputs, 1, wanted[pending])
+        z = invert_step(schedule, z, eps, t, t_prev)
+        if t in keep:
+            src[t] = z
+        pending = t if t in wanted else None
+        t_prev = t
+        step()
+    return src, captured
+
+
+def generate_source(unet: UNet, arrays: Backend, schedule: Schedule, noise: Array, cond: Array, empty: Array,
+                    scale: float, sampling_ts: Sequence[int], captures: dict[int, list[InjectionPoint]] | None = None,
+                    step: Step = lambda: None) -> tuple[dict[int, Array], dict[int, dict[str, Array]], Array]:
+    """Sample the guidance from `noise` with CFG against the empty prompt, keeping the latent entering
+    each timestep. The unconditional half of a call is the capture pass of that latent (same latent,
+    timestep and embedding): the points of `captures` are kept from it, for free. Returns those latents,
+    the captures and the guidance's final latent."""
+    src, captured, x, steps = {}, {}, noise, len(sampling_ts)
+    captures = captures or {}
+    embeddings = arrays.concat([empty, cond])
+    table = timestep_table(arrays, [[t, t] for t in sampling_ts])
+    for i, t in enumerate(sampling_ts):
+        src[t] = x
+        outputs = unet(arrays.concat([x, x]), table[i], embeddings, NOISE + read(captures.get(t, [])))
+        if t in captures:
+            captured[t] = keep_row(arrays, outputs, 0, captures[t])
+        eps = outputs["noise_pred"]
+        x = ddim_step(schedule, classifier_free_guidance(eps[:1], eps[1:], scale), x, t, steps)
+        step()
+    return src, captured, x
+
+
+def capture(unet: UNet, arrays: Backend, src: dict[int, Array], empty: Array, sampling_ts: Sequence[int],
+            plan: InjectionPlan, done: dict[int, dict[str, Array]], step: Step = lambda: None) -> Captured:
+    """Run the capture pass on the source latents not captured yet; keep only what each step injects."""
+    captures = plan.captures(sampling_ts)
+    missing = [t for t in captures if t not in done]
+    table = timestep_table(arrays, [[t] for t in missing])
+    for i, t in enumerate(missing):
+        done[t] = keep_row(arrays, unet(src[t], table[i], empty, read(captures[t])), 0, captures[t])
+        step()
+    return [done[t] for t in captures]
+
+
+def inject(unet: UNet, arrays: Backend, schedule: Schedule, x: Array, captured: Captured, negative: Array,
+           targets: Array, scale: float, sampling_ts: Sequence[int], plan: InjectionPlan, gates: dict[bool, Array],
+           step: Step = lambda: None) -> Array:
+    """Sample N targets from the shared start x (batch 1), injecting the captured tensors (`gates[flag]`: the
+    backend's bool scalars)."""
+    n, steps = int(targets.shape[0]), len(sampling_ts)
+    embeddings = arrays.concat([negative] * n + [targets])
+    x = arrays.concat([x] * n)
+    table = timestep_table(arrays, [[t] * (2 * n) for t in sampling_ts])
+    for i, t in enumerate(sampling_ts):
+        eps = unet(arrays.concat([x, x]), table[i], embeddings, NOISE,
+                   **injection_feeds(captured, i, plan, gates))["noise_pred"]
+        x = ddim_step(schedule, classifier_free_guidance(eps[:n], eps[n:], scale), x, t, steps)
+        step()
+    return x
+
+
+def keep_row(arrays: Backend, outputs: dict[str, Array], row: int, points: list[InjectionPoint]) -> dict[str, Array]:
+    """One sample's captured tensors at `points`, copied out of the batch (so the rest can be freed)."""
+    return {p.name: arrays.concat([outputs[captured_name(p)][row:row + 1]]) for p in points}
+
+
 class Sampler:
+    """The loops bound to one model for one translation: the UNet callable counts its calls into `stats`,
+    progress is reported per stage, the gates are made once."""
+
     def __init__(self, model: LoadedModel, stats: Stats | None = None, progress: Progress = no_progress):
         self.model, self.backend, self.schedule = model, model.backend, model.schedule
         self.stats = stats or Stats(sync=self.backend.synchronize)
         self.progress = progress
         self.gates = {flag: self.backend.asarray(np.array(flag)) for flag in (False, True)}
 
-    def timesteps(self, rows: Sequence[Sequence[int]]) -> Array:
-        """A pass's timesteps, uploaded once: row i holds call i's timestep for each sample."""
-        return self.backend.asarray(np.asarray(rows, dtype=np.int64))
-
-    def unet(self, sample: Array, timesteps: Array, embeddings: Array, outputs: Collection[str],
-             **extra: Array) -> dict[str, Array]:
-        """One UNet call: `timesteps` holds one timestep per sample; returns just the `outputs` named."""
-        self.stats.unet_evals += int(sample.shape[0])
+    def unet(self, x: Array, t: Array, embeddings: Array, outputs: Collection[str] = NOISE,
+             **injected: Array) -> dict[str, Array]:
+        """The `UNet` the loops call: counts evaluations (a batch of n counts n) and calls."""
+        self.stats.unet_evals += int(x.shape[0])
         self.stats.unet_calls += 1
-        feeds = {"sample": sample, "timestep": timesteps, "encoder_hidden_states": embeddings, **extra}
+        feeds = {"sample": x, "timestep": t, "encoder_hidden_states": embeddings, **injected}
         return self.backend.run("unet", feeds, outputs)
 
     def encode_prompts(self, prompts: Sequence[str]) -> Array:
@@ -140,89 +247,6 @@ class Sampler:
 
     def decode(self, latents: Array) -> np.ndarray:
         return self.backend.to_numpy(self.backend.run("vae_decoder", {"latent": latents})["image"])
-
-    def invert(self, z0: Array, embedding: Array, inversion_ts: Sequence[int], sampling_ts: Sequence[int],
-               ride_along: RideAlong | None = None) -> tuple[dict[int, Array], dict[int, dict[str, Array]]]:
-        """DDIM inversion (small → large t); keeps the latent reached at every sampling timestep.
-
-        With `ride_along`, the capture pass of each latent that a later step injects from travels in the
-        next inversion call, which evaluates that same latent (at the next timestep, with the inversion
-        prompt): one call of batch two instead of two calls. Returns the latents and the captures made.
-        """
-        keep, src, z, t_prev = set(sampling_ts), {}, z0, None
-        wanted = ride_along.points if ride_along else {}
-        captured: dict[int, dict[str, Array]] = {}
-        pending = None
-        pair = self.backend.concat([embedding, ride_along.empty]) if ride_along else embedding
-        previous = [inversion_ts[0], *inversion_ts[:-1]]
-        table = self.timesteps([[t, prev] for t, prev in zip(inversion_ts, previous, strict=True)])
-        advance = self.progress("invert", len(inversion_ts))
-        for i, t in enumerate(inversion_ts):
-            if pending is None:
-                eps = self.unet(z, table[i, :1], embedding, NOISE)["noise_pred"]
-            else:  # pending is the previous timestep: row i is [t, pending]
-                outputs = self.unet(self.backend.concat([z, z]), table[i], pair, NOISE + read(wanted[pending]))
-                eps, captured[pending] = outputs["noise_pred"][:1], self._row(outputs, 1, wanted[pending])
-            z = invert_step(self.schedule, z, eps, t, t_prev)
-            if t in keep:
-                src[t] = z
-            pending = t if t in wanted else None
-            t_prev = t
-            advance()
-        return src, captured
-
-    def generate_source(self, noise: Array, cond: Array, empty: Array, scale: float, sampling_ts: Sequence[int],
-                        captures: dict[int, list[InjectionPoint]] | None = None,
-                        ) -> tuple[dict[int, Array], dict[int, dict[str, Array]], Array]:
-        """Sample the guidance from `noise` with CFG against the empty prompt, keeping the latent entering
-        each timestep. The unconditional half of a call is the capture pass of that latent (same latent,
-        timestep and embedding): the points of `captures` are kept from it, for free. Returns those latents,
-        the captures and the guidance's final latent."""
-        src, captured, x, steps = {}, {}, noise, len(sampling_ts)
-        embeddings = self.backend.concat([empty, cond])
-        table = self.timesteps([[t, t] for t in sampling_ts])
-        advance = self.progress("generate", steps)
-        for i, t in enumerate(sampling_ts):
-            src[t] = x
-            kept = read(captures[t]) if captures and t in captures else ()
-            outputs = self.unet(self.backend.concat([x, x]), table[i], embeddings, NOISE + kept)
-            if captures and t in captures:
-                captured[t] = self._row(outputs, 0, captures[t])
-            eps = outputs["noise_pred"]
-            x = ddim_step(self.schedule, classifier_free_guidance(eps[:1], eps[1:], scale), x, t, steps)
-            advance()
-        return src, captured, x
-
-    def capture(self, src: dict[int, Array], empty: Array, sampling_ts: Sequence[int], plan: InjectionPlan,
-                done: dict[int, dict[str, Array]]) -> Captured:
-        """Run the capture pass on the source latents not captured yet; keep only what each step injects."""
-        captures = plan.captures(sampling_ts)
-        missing = [t for t in captures if t not in done]
-        table = self.timesteps([[t] for t in missing])
-        advance = self.progress("capture", len(missing))
-        for i, t in enumerate(missing):
-            done[t] = self._row(self.unet(src[t], table[i], empty, read(captures[t])), 0, captures[t])
-            advance()
-        return [done[t] for t in captures]
-
-    def _row(self, outputs: dict[str, Array], row: int, points: list[InjectionPoint]) -> dict[str, Array]:
-        """One sample's captured tensors at `points`, copied out of the batch (so the rest can be freed)."""
-        return {p.name: self.backend.concat([outputs[captured_name(p)][row:row + 1]]) for p in points}
-
-    def inject(self, x: Array, captured: Captured, negative: Array, targets: Array, scale: float,
-               sampling_ts: Sequence[int], plan: InjectionPlan) -> Array:
-        """Sample N targets from the shared start x (batch 1), injecting the captured tensors."""
-        n, steps = int(targets.shape[0]), len(sampling_ts)
-        embeddings = self.backend.concat([negative] * n + [targets])
-        x = self.backend.concat([x] * n)
-        table = self.timesteps([[t] * (2 * n) for t in sampling_ts])
-        advance = self.progress("inject", steps)
-        for i, t in enumerate(sampling_ts):
-            eps = self.unet(self.backend.concat([x, x]), table[i], embeddings, NOISE,
-                            **injection_feeds(captured, i, plan, self.gates))["noise_pred"]
-            x = ddim_step(self.schedule, classifier_free_guidance(eps[:n], eps[n:], scale), x, t, steps)
-            advance()
-        return x
 
 
 # The stages in the order one translation runs them (DESIGN §1–2).
@@ -244,16 +268,20 @@ def prepare_source(sampler: Sampler, config: TranslateConfig, size: tuple[int, i
         with stats.stage("text"):
             inv_emb = empty if not config.inversion_prompt else sampler.encode_prompts([config.inversion_prompt])
         with stats.stage("invert"):
-            src, done = sampler.invert(z0, inv_emb, inv_ts, ts, RideAlong(empty, captures))
+            src, done = invert(sampler.unet, sampler.backend, model.schedule, z0, inv_emb, inv_ts, ts,
+                               RideAlong(empty, captures), sampler.progress("invert", len(inv_ts)))
     else:
         noise = sampler.backend.asarray(start_noise(model, size, config.seed))
         with stats.stage("text"):
             cond = sampler.encode_prompts([source_prompt or ""])
         with stats.stage("generate"):
-            src, done, guidance = sampler.generate_source(noise, cond, empty, config.source_guidance_scale, ts,
-                                                          captures)
+            src, done, guidance = generate_source(sampler.unet, sampler.backend, model.schedule, noise, cond, empty,
+                                                  config.source_guidance_scale, ts, captures,
+                                                  sampler.progress("generate", len(ts)))
     with stats.stage("capture"):
-        captured = sampler.capture(src, empty, ts, plan, done)
+        missing = len([t for t in captures if t not in done])
+        captured = capture(sampler.unet, sampler.backend, src, empty, ts, plan, done,
+                           sampler.progress("capture", missing))
     return Source(src[ts[0]], captured, guidance)
 
 
@@ -277,7 +305,8 @@ def sample_targets(sampler: Sampler, source: Source, prompts: Sequence[str], con
         with stats.stage("text"):
             targets = sampler.encode_prompts(list(prompts[first:first + per_batch]))
         with stats.stage("inject"):
-            x = sampler.inject(source.start, source.captured, negative, targets, config.guidance_scale, ts, plan)
+            x = inject(sampler.unet, sampler.backend, sampler.schedule, source.start, source.captured, negative,
+                       targets, config.guidance_scale, ts, plan, sampler.gates, sampler.progress("inject", len(ts)))
         latents.append(sampler.backend.to_numpy(x))
         with stats.stage("decode"):
             images.extend(sampler.decode(x))

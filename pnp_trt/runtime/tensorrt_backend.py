@@ -173,7 +173,7 @@ def _bind(context: trt.IExecutionContext, name: str, tensor: torch.Tensor) -> No
         raise PnPError(f"TensorRT refused the address of {name} (shape {tuple(tensor.shape)}, {tensor.dtype})")
 
 
-def load_tensorrt(directory: Path, cuda_graphs: bool = True) -> LoadedModel:
+def open_tensorrt(directory: Path, cuda_graphs: bool = True) -> LoadedModel:
     """An exported directory with engines built by `pnp-trt build`, on TensorRT (UNet CUDA graphs unless
     switched off)."""
     exported = open_exported(directory)

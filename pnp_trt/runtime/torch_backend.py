@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..contract import graph_specs
-from ..models import TorchModel, load_model, model_identity
+from ..models import TorchModel, load_diffusers, model_identity
 from ..schedule import Schedule
 from ..torch_graphs import PnPUNetGraph, TextEncoderGraph, VaeDecoderGraph, VaeEncoderGraph
 from .backend import LoadedModel
@@ -58,14 +58,12 @@ class TorchBackend(TorchArrays):
         return dict(zip(spec.output_names, self.graphs[graph](*args.values()), strict=True))
 
 
-def load_torch(model: str, device: torch.device | None = None, dtype: torch.dtype | None = None,
+def open_torch(model: str | TorchModel, device: torch.device | None = None, dtype: torch.dtype | None = None,
                cuda_graphs: bool = True) -> LoadedModel:
-    """A diffusers model (hub id or directory) on the torch backend."""
-    return on_torch(load_model(model, device, dtype), cuda_graphs)
-
-
-def on_torch(model: TorchModel, cuda_graphs: bool = True) -> LoadedModel:
-    """An already loaded model on the torch backend (UNet CUDA graphs on CUDA unless switched off)."""
+    """A diffusers model (hub id or directory, loaded here on `device`/`dtype`; or already loaded) on the torch
+    backend, the UNet replayed as CUDA graphs on CUDA unless switched off."""
+    if isinstance(model, str):
+        model = load_diffusers(model, device, dtype)
     return LoadedModel(TorchBackend(model, cuda_graphs), model.tokenizer,
                        Schedule.from_config(model.scheduler_config), model.dims,
                        identity=model_identity(model.model_id))

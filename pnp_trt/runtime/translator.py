@@ -16,7 +16,7 @@ from .backend import LoadedModel
 from .cache import DEFAULT_CACHE_BYTES, DEFAULT_DISK_CACHE_BYTES, SourceCache
 from .loading import open_model
 from .sampler import Progress, no_progress
-from .translate import Translation, translate
+from .translation import Translation, translate
 
 
 class Translator:

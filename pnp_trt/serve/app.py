@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import PnPError
 from ..images import normalize_guidance, png_bytes
-from ..runtime.translate import Translation, plan_size
+from ..runtime.translation import Translation, plan_size
 from .batching import Coalescer, DeadlineExceeded, Group, group_key
 from .limits import RequestError, ServeLimits, check_prompts, check_text, settings_from_form
 from .metrics import ServerMetrics

@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image
 
 from ..config import TranslateConfig
-from ..runtime.translate import Translation
+from ..runtime.translation import Translation
 
 
 def group_key(data: bytes, source_prompt: str | None, settings: dict[str, Any]) -> str:

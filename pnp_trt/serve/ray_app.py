@@ -32,7 +32,7 @@ from ..contract import ModelDims
 from ..errors import PnPError
 from ..images import png_bytes
 from ..runtime.sampler import Stats
-from ..runtime.translate import Translation
+from ..runtime.translation import Translation
 from .app import SERVED_BY, create_app
 from .batching import group_key
 from .limits import RequestError, ServeOptions
