@@ -170,6 +170,9 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Directory to create (must not exist)."),
     precision: str = typer.Option("fp32", help="fp32 | fp16 (mixed: norms, softmax, timestep embedding fp32)."),
     opset: int = typer.Option(17, help="ONNX opset."),
+    attention: str = typer.Option("standard", help="standard: plain ONNX ops, for every backend (TensorRT fuses "
+                                  "them itself) | onnxruntime: ONNX Runtime's fused memory-efficient attention, "
+                                  "far less memory at large sizes, not loadable by TensorRT."),
 ) -> None:
     """Export text encoder, VAE encoder/decoder and the PnP UNet to ONNX, validated against PyTorch."""
     require("torch", "pnp-trt export")
@@ -180,7 +183,7 @@ def export(
     quiet_loading()
     with _progress() as progress:
         task = progress.add_task("export", total=4)
-        reports = export_model(model, out, precision, opset,
+        reports = export_model(model, out, precision, opset, attention,
                                on_graph=lambda name: progress.update(task, description=name, advance=0),
                                versions=versions())
         progress.update(task, completed=4)
@@ -189,7 +192,7 @@ def export(
     for report in reports:
         errors = "  ".join(f"{name} {error:.1e}" for name, error in report.errors.items())
         err.print(f"  {report.name}: {errors}", highlight=False, soft_wrap=True)
-    err.print(f"exported {model} ({precision}, opset {opset}) to {out}", highlight=False)
+    err.print(f"exported {model} ({precision}, opset {opset}, {attention} attention) to {out}", highlight=False)
 
 
 @app.command()
@@ -209,15 +212,16 @@ def build(
     """Compile the exported graphs to TensorRT engines (needs a CUDA GPU and TensorRT 10.x/11.x)."""
     from .engines.availability import require_tensorrt
     from .engines.profiles import BuildShapes, parse_size
+    from .manifest import GRAPHS, read_manifest_for_tensorrt
 
     if static:
         shapes = BuildShapes.static(parse_size(static), opt_batch)
     else:
         shapes = BuildShapes(opt_batch, max_batch, parse_size(min_size), parse_size(opt_size),
                              parse_size(max_size))
+    read_manifest_for_tensorrt(directory)
     require_tensorrt("pnp-trt build")
     from .engines.build import build_all
-    from .manifest import GRAPHS
 
     with _progress() as progress:
         graph_task = progress.add_task("engines", total=len(GRAPHS))

@@ -17,6 +17,9 @@ FORMAT_VERSION = 2
 """2: the UNet takes one timestep per sample (`timestep [batch]`), so one call can hold several timesteps."""
 MANIFEST = "manifest.json"
 GRAPHS = ("text_encoder", "vae_encoder", "vae_decoder", "unet")
+ATTENTION = ("standard", "onnxruntime")
+"""How an export spells attention (`attention` in the manifest, absent: standard): plain ONNX ops, for every
+backend, or ONNX Runtime's fused memory-efficient op (`export/fused_attention.py`), for ONNX Runtime only."""
 
 
 def sha256(path: Path) -> str:
@@ -36,7 +39,26 @@ def file_entries(directory: Path) -> dict[str, dict[str, Any]]:
 def rebuild_hint(manifest: dict[str, Any] | None, directory: Path) -> str:
     model = (manifest or {}).get("model_id", "MODEL")
     precision = (manifest or {}).get("precision", "fp32")
-    return f"pnp-trt export --model {model} --precision {precision} --out {directory}"
+    attention = (manifest or {}).get("attention", "standard")
+    fused = "" if attention == "standard" else f" --attention {attention}"
+    return f"pnp-trt export --model {model} --precision {precision}{fused} --out {directory}"
+
+
+def require_standard_attention(manifest: dict[str, Any], directory: Path) -> None:
+    """TensorRT parses plain ONNX attention only: refuse an export with ONNX Runtime's fused op, saying how to
+    export for TensorRT."""
+    attention = manifest.get("attention", "standard")
+    if attention != "standard":
+        raise PnPError(f"{directory} was exported with --attention {attention}, which only ONNX Runtime runs; "
+                       f"for TensorRT export again with `pnp-trt export --model {manifest['model_id']} --precision "
+                       f"{manifest['precision']} --out NEW_DIR` (--attention standard)")
+
+
+def read_manifest_for_tensorrt(directory: Path) -> dict[str, Any]:
+    """`read_manifest`, refusing what TensorRT cannot build or run (checked before TensorRT is looked for)."""
+    manifest = read_manifest(directory)
+    require_standard_attention(manifest, directory)
+    return manifest
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -88,6 +110,8 @@ def schema_problem(manifest: dict[str, Any], directory: Path) -> str | None:
             return f"`dims.{key}` is missing or not a {kind.__name__}"
     if manifest["precision"] not in ("fp32", "fp16"):
         return f"`precision` is {manifest['precision']!r}"
+    if manifest.get("attention", "standard") not in ATTENTION:
+        return f"`attention` is {manifest['attention']!r}"
     root = directory.resolve()
     for name, entry in manifest["files"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) \

@@ -166,6 +166,22 @@ def test_corrupt_graph_same_size_is_a_clear_error_and_verify_finds_it(exported: 
     assert runner.invoke(app, ["verify", str(exported)]).exit_code == 0
 
 
+def test_another_graph_under_a_graphs_name_is_one_clear_line(exported: Path, tmp_path: Path) -> None:
+    """unet.onnx replaced by the VAE decoder, with a manifest rewritten to match (so sizes and hashes pass):
+    the graph's own inputs and outputs give it away."""
+    from pnp_trt.manifest import file_entries
+
+    copy = _copy(exported, tmp_path)
+    shutil.copy(copy / "vae_decoder.onnx", copy / "unet.onnx")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "files": file_entries(copy)}))
+    guide = random_image(tmp_path / "g.png", 64, 64)
+    result = runner.invoke(app, ["translate", str(guide), "-p", "a cat", "--backend", "onnxruntime", "--engines",
+                                 str(copy), "--out", str(tmp_path / "o.png"), "--steps", "2"])
+    assert result.exit_code == 2 and "unet.onnx is not a PnP unet graph (inputs latent)" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o.png").exists()
+
+
 def test_export_refuses_existing_out_and_leaves_nothing_on_failure(tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(PnPError, match="already exists"):
         export_model(str(tiny_model_dir), tmp_path)
@@ -246,6 +262,7 @@ def test_repeated_casts_of_old_converters_are_dropped() -> None:
     (lambda m: {**m, "dims": None}, "`dims` is missing"),
     (lambda m: {**m, "dims": {**m["dims"], "text_dim": "wide"}}, "`dims.text_dim`"),
     (lambda m: {**m, "precision": "int8"}, "`precision` is 'int8'"),
+    (lambda m: {**m, "attention": "flash"}, "`attention` is 'flash'"),
     (lambda m: {**m, "files": {**m["files"], "unet.onnx": {"sha256": "0" * 64}}}, "needs `sha256` and `bytes`"),
     (lambda m: {**m, "files": {**m["files"], "../../etc/passwd": {"sha256": "0" * 64, "bytes": 1}}},
      "leads outside the directory"),

@@ -117,16 +117,17 @@ def test_default_prompt_batch_from_free_memory() -> None:
     assert auto_prompt_batch(2**20, SD21, 512, 512, "float16") == 1
 
 
-def test_no_tensorrt_here_is_one_clear_line(tmp_path: Path) -> None:
+def test_no_tensorrt_here_is_one_clear_line(exported: Path, tmp_path: Path) -> None:
+    """A good exported directory on a machine without TensorRT (a broken one is answered about itself first)."""
     if missing_tensorrt() is None:
         pytest.skip("TensorRT and CUDA are present here")
-    result = runner.invoke(app, ["build", str(tmp_path)])
+    result = runner.invoke(app, ["build", str(exported)])
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0 and "needs TensorRT and a CUDA GPU" in result.output
     assert "pip install tensorrt" in result.output
     guide = random_image(tmp_path / "in.png", 64, 64)
     result = runner.invoke(app, ["translate", str(guide), "-p", "a", "--backend", "tensorrt", "--engines",
-                                 str(tmp_path), "--out", str(tmp_path / "o.png")])
+                                 str(exported), "--out", str(tmp_path / "o.png")])
     assert result.exit_code == 2 and "--backend tensorrt needs TensorRT" in result.output
 
 

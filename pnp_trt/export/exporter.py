@@ -15,9 +15,10 @@ import torch
 from ..contract import INJECTION_POINTS, PRECISIONS, TOLERANCE, axis_sizes, graph_specs
 from ..errors import PnPError
 from ..fileio import staging_directory
-from ..manifest import FORMAT_VERSION, GRAPHS, MANIFEST, file_entries
+from ..manifest import ATTENTION, FORMAT_VERSION, GRAPHS, MANIFEST, file_entries
 from ..models import TorchModel, load_diffusers, weights_hash
 from ..torch_graphs import PnPUNetGraph, TextEncoderGraph, VaeDecoderGraph, VaeEncoderGraph
+from .fused_attention import attention_for_export
 from .mixed_precision import to_mixed_fp16
 from .onnx_graph import (
     check_graph,
@@ -81,7 +82,7 @@ def export_one(name: str, module: torch.nn.Module, model: TorchModel, out: Path,
     return report
 
 
-def write_side_files(model: TorchModel, out: Path, precision: str, opset: int,
+def write_side_files(model: TorchModel, out: Path, precision: str, opset: int, attention: str,
                      reports: list[GraphReport], versions: dict[str, str]) -> None:
     """Tokenizer, scheduler config and the manifest (written last, over every other file)."""
     model.tokenizer.save(out / "tokenizer.json")
@@ -90,7 +91,7 @@ def write_side_files(model: TorchModel, out: Path, precision: str, opset: int,
         "format_version": FORMAT_VERSION, "model_id": model.model_id, "weights_sha256": weights_hash(model),
         "dims": model.dims.to_dict(), "vae_scaling_factor": model.scaling_factor,
         "injection_points": [p.name for p in INJECTION_POINTS], "precision": precision, "opset": opset,
-        "tokenizer": model.tokenizer.settings(),
+        "attention": attention, "tokenizer": model.tokenizer.settings(),
         "graphs": {name: {"inputs": [vars(t) for t in spec.inputs], "outputs": [vars(t) for t in spec.outputs]}
                    for name, spec in graph_specs(model.dims).items()},
         "validation_relative_error": {r.name: r.errors for r in reports},
@@ -99,20 +100,22 @@ def write_side_files(model: TorchModel, out: Path, precision: str, opset: int,
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
-def export_model(model_id: str, out: Path, precision: str = "fp32", opset: int = 17,
+def export_model(model_id: str, out: Path, precision: str = "fp32", opset: int = 17, attention: str = "standard",
                  on_graph: Callable[[str], None] = lambda name: None,
                  versions: dict[str, str] | None = None) -> list[GraphReport]:
     """Load a diffusers model (hub id or directory) on the CPU in fp32 and export it."""
-    _check_destination(out, precision, opset)
+    _check_destination(out, precision, opset, attention)
     return export_loaded(load_diffusers(model_id, torch.device("cpu"), torch.float32), out, precision, opset,
-                         on_graph, versions)
+                         attention, on_graph, versions)
 
 
 OPSETS = range(17, 21)
 """17: LayerNormalization is one op (older opsets decompose it); 20: the newest the TorchScript exporter writes."""
 
 
-def _check_destination(out: Path, precision: str, opset: int) -> None:
+def _check_destination(out: Path, precision: str, opset: int, attention: str) -> None:
+    if attention not in ATTENTION:
+        raise PnPError(f"--attention must be {' or '.join(ATTENTION)}, got {attention!r}")
     if precision not in TOLERANCE:
         raise PnPError(f"--precision must be fp32 or fp16, got {precision!r}")
     if opset not in OPSETS:
@@ -124,12 +127,13 @@ def _check_destination(out: Path, precision: str, opset: int) -> None:
 
 
 def export_loaded(model: TorchModel, out: Path, precision: str = "fp32", opset: int = 17,
-                  on_graph: Callable[[str], None] = lambda name: None,
+                  attention: str = "standard", on_graph: Callable[[str], None] = lambda name: None,
                   versions: dict[str, str] | None = None) -> list[GraphReport]:
     """Export every graph of a loaded fp32 CPU model into a temporary directory beside `out`, then rename
-    it into place: an interrupted or failed export leaves nothing behind."""
-    _check_destination(out, precision, opset)
-    with two_pass_group_norms(model.unet, model.vae), staging_directory(out) as tmp:
+    it into place: an interrupted or failed export leaves nothing behind. `attention`: see `ATTENTION`."""
+    _check_destination(out, precision, opset, attention)
+    with two_pass_group_norms(model.unet, model.vae), attention_for_export(attention, model.unet, model.vae), \
+            staging_directory(out) as tmp:
         graphs, reports = torch_graphs(model), []
         try:
             for name in GRAPHS:
@@ -137,5 +141,5 @@ def export_loaded(model: TorchModel, out: Path, precision: str = "fp32", opset: 
                 reports.append(export_one(name, graphs[name], model, tmp, precision, opset))
         finally:
             cast(PnPUNetGraph, graphs["unet"]).release_hooks()
-        write_side_files(model, tmp, precision, opset, reports, versions or {})
+        write_side_files(model, tmp, precision, opset, attention, reports, versions or {})
     return reports

@@ -28,6 +28,8 @@ def open_model(backend: str, model: str | None, engines: Path | str | None, prov
         from .onnxruntime_backend import open_onnxruntime
         return open_onnxruntime(engines, provider, cuda_graphs)
     from ..engines.availability import require_tensorrt
+    from ..manifest import read_manifest_for_tensorrt
+    read_manifest_for_tensorrt(engines)
     require_tensorrt("--backend tensorrt")
     from .tensorrt_backend import open_tensorrt
     return open_tensorrt(engines, cuda_graphs)

@@ -76,6 +76,12 @@ class OnnxRuntimeSessions:
         except Exception as exc:  # ORT raises its own types for unreadable/corrupt graphs
             raise PnPError(f"cannot load {self.directory / graph}.onnx ({str(exc).splitlines()[0][:160]}); "
                            f"rebuild it with `pnp-trt export`") from None
+        spec = self.specs[graph]
+        names = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+        if names != (list(spec.input_names), list(spec.output_names)):  # e.g. another graph under this name
+            raise PnPError(f"{self.directory / graph}.onnx is not a PnP {graph} graph (inputs "
+                           f"{', '.join(names[0][:3])}{', …' if len(names[0]) > 3 else ''}); "
+                           f"rebuild it with `pnp-trt export`")
         if session.get_providers()[0] != self.provider:  # ORT falls back to the CPU when a GPU provider fails
             raise PnPError(f"onnxruntime could not start {self.provider} (it fell back to "
                            f"{session.get_providers()[0]}); check that CUDA and cuDNN libraries are on the "
