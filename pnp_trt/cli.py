@@ -16,15 +16,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .config import DEFAULT_NEGATIVE_PROMPT, Limits, TranslateConfig
+from .config import DEFAULT_DISK_CACHE_BYTES, Limits, TranslateConfig
 from .errors import PnPError
 from .extras import require
-from .fileio import writing
 from .results import check_destination, versions
 from .serve.limits import ServeOptions
 
 SERVE = ServeOptions()
 """`pnp-trt serve`'s defaults."""
+SETTINGS = TranslateConfig()
+"""`pnp-trt translate`'s defaults: the library's."""
 
 app = typer.Typer(help="Plug-and-Play Diffusion Features image translation: PyTorch, ONNX Runtime, TensorRT.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -84,15 +85,17 @@ def translate(
     engines: Path | None = typer.Option(None, help="Exported/built directory (onnxruntime, tensorrt)."),
     provider: str = typer.Option("cpu", help="onnxruntime execution provider: cpu | cuda | tensorrt "
                                              "(cuda/tensorrt need onnxruntime-gpu)."),
-    steps: int = typer.Option(50, help="Sampling steps."),
+    steps: int = typer.Option(SETTINGS.steps, help="Sampling steps."),
     inversion_steps: int | None = typer.Option(None, help="DDIM inversion steps (default: --steps; "
                                                              "the paper's preprocessing uses 999)."),
-    inversion_prompt: str = typer.Option("", help="Prompt used to invert the guidance image."),
-    guidance_scale: float = typer.Option(7.5, help="Classifier-free guidance scale."),
-    negative_prompt: str = typer.Option(DEFAULT_NEGATIVE_PROMPT, help="Negative prompt."),
-    feature_injection: float = typer.Option(0.8, help="τ_f: fraction of steps injecting the ResBlock feature."),
-    attention_injection: float = typer.Option(0.5, help="τ_A: fraction of steps injecting self-attention q/k."),
-    seed: int = typer.Option(0, help="Seed of the noise a generated guidance starts from."),
+    inversion_prompt: str = typer.Option(SETTINGS.inversion_prompt, help="Prompt used to invert the guidance image."),
+    guidance_scale: float = typer.Option(SETTINGS.guidance_scale, help="Classifier-free guidance scale."),
+    negative_prompt: str = typer.Option(SETTINGS.negative_prompt, help="Negative prompt."),
+    feature_injection: float = typer.Option(SETTINGS.feature_injection,
+                                            help="τ_f: fraction of steps injecting the ResBlock feature."),
+    attention_injection: float = typer.Option(SETTINGS.attention_injection,
+                                              help="τ_A: fraction of steps injecting self-attention q/k."),
+    seed: int = typer.Option(SETTINGS.seed, help="Seed of the noise a generated guidance starts from."),
     height: int | None = typer.Option(None, help="Output height, a multiple of 64 (default: keep the "
                                                     "aspect ratio, short side 512). With --width too, the "
                                                     "guidance is resized to exactly that size (stretched if "
@@ -100,7 +103,8 @@ def translate(
     width: int | None = typer.Option(None, help="Output width (multiple of 64); see --height."),
     source_prompt: str | None = typer.Option(None, help="Generate the guidance from this prompt instead of "
                                                            "an IMAGE."),
-    source_guidance_scale: float = typer.Option(7.5, help="Guidance scale for --source-prompt generation."),
+    source_guidance_scale: float = typer.Option(SETTINGS.source_guidance_scale,
+                                                help="Guidance scale for --source-prompt generation."),
     prompt_batch_size: int | None = typer.Option(None, help="Target prompts per injection batch (default: from "
                                                             "free GPU memory; 4 on the CPU)."),
     cache_dir: Path | None = typer.Option(None, help="Keep inverted latents + captured features here (safetensors) "
@@ -110,14 +114,14 @@ def translate(
     save_guidance: bool = typer.Option(False, help="With --source-prompt: also write the generated guidance "
                                                    "(guidance.png in the --out directory; with one prompt "
                                                    "NAME.guidance.png beside --out)."),
-    cache_dir_gib: float = typer.Option(16.0, help="Most GiB --cache-dir may hold; the least recently used "
-                                                   "sources are deleted beyond it."),
+    cache_dir_gib: float = typer.Option(DEFAULT_DISK_CACHE_BYTES / 2**30, help="Most GiB --cache-dir may hold; the "
+                                        "least recently used sources are deleted beyond it."),
     cuda_graphs: bool = typer.Option(True, help="On CUDA, replay the UNet as CUDA graphs (captured once per "
                                                 "shape; the torch, onnxruntime-cuda and tensorrt backends)."),
 ) -> None:
     """Translate a guidance image (or a generated one) into each --prompt, keeping its layout."""
     from .config import check_backend
-    from .images import load_guidance, save_png
+    from .images import load_guidance
 
     if (image is None) == (source_prompt is None):
         raise PnPError("give a guidance IMAGE or --source-prompt TEXT (exactly one)")
@@ -148,14 +152,7 @@ def translate(
         result = run_translation(loaded, prompt, config, guidance, source_prompt, rich_progress(progress), cache,
                                  limits, decode_guidance=save_guidance)
     result.guidance_file = str(image) if image else None
-    with writing(out):
-        if len(prompt) > 1:
-            written = result.save(out)
-        else:
-            save_png(result.images[0], out)
-            written = [out]
-            if result.guidance_image is not None:
-                save_png(result.guidance_image, out.with_name(f"{out.stem}.guidance.png"))
+    written = result.save(out) if len(prompt) > 1 else [result.save_image(out)]
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.stats.timings.items())
     total = sum(result.stats.timings.values())
     cached = "; source from cache" if result.cache_hit else ""
@@ -258,7 +255,7 @@ def verify(directory: Path = typer.Argument(..., help="An exported directory."))
 def make_tiny_model(
     directory: Path = typer.Argument(..., help="Where to write the model (must not exist, or hold this very "
                                                 "model: then it is reused)."),
-    seed: int = typer.Option(0, help="Seed of the random weights."),
+    seed: int = typer.Option(SETTINGS.seed, help="Seed of the random weights."),
     full_size: bool = typer.Option(False, help="Full SD 2.1-base widths (~5 GB; honest speed tests offline)."),
 ) -> None:
     """Write a random-weight model with the SD 2.1 topology and tiny widths (offline demos and tests)."""

@@ -11,6 +11,10 @@ from .errors import PnPError
 
 DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, black, low res, unrealistic"
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
+DEFAULT_CACHE_BYTES = 2 << 30
+"""What the in-memory source cache may hold."""
+DEFAULT_DISK_CACHE_BYTES = 16 << 30
+"""What an on-disk source cache (`--cache-dir`) may hold."""
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 
 from .contract import SIZE_MULTIPLE
 from .errors import PnPError
@@ -117,5 +119,9 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def save_png(image: Image.Image, path: Path) -> None:
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+def save_png(image: Image.Image, path: Path, text: Mapping[str, str] | None = None) -> None:
+    """Write `image` as a PNG, all or nothing; `text`: tEXt chunks (key → value) it carries."""
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))

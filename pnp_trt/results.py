@@ -1,4 +1,4 @@
-"""Where a translation's results go: one image file (the CLI with one prompt), or a directory of one PNG per
+"""Where a translation's results go: one PNG carrying its record (one prompt), or a directory of one PNG per
 prompt plus the `translate.json` record, written all or nothing and replacing a previous run's results as one
 set."""
 
@@ -17,8 +17,11 @@ from PIL import Image
 
 from .errors import PnPError
 from .fileio import new_staging
+from .images import save_png
 
 RECORD = "translate.json"
+RECORD_CHUNK = "pnp-trt"
+"""The PNG text chunk holding a single image's record (`Image.open(path).text["pnp-trt"]`)."""
 
 
 def check_destination(out: Path, several: bool) -> None:
@@ -83,6 +86,25 @@ def save_directory(out: Path, prompts: Sequence[str], images: Sequence[Image.Ima
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(retired, ignore_errors=True)
     return [out / n for n in names]
+
+
+def save_file(out: Path, image: Image.Image, record: dict[str, Any], guidance: Image.Image | None = None) -> Path:
+    """One PNG at `out` carrying the record in its `RECORD_CHUNK` text chunk, and a decoded generated guidance
+    beside it as NAME.guidance.png; nothing of either is left if the other fails."""
+    out = Path(out)
+    check_destination(out, several=False)
+    beside = out.with_name(f"{out.stem}.guidance.png")
+    written: list[Path] = []
+    try:
+        if guidance is not None:
+            save_png(guidance, beside)
+            written.append(beside)
+        save_png(image, out, {RECORD_CHUNK: json.dumps({**record, "outputs": [out.name, *(p.name for p in written)]})})
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return out
 
 
 def versions() -> dict[str, str]:

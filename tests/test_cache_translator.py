@@ -9,6 +9,7 @@ import pytest
 from conftest import in_threads, psnr, random_image
 
 from pnp_trt import SourceCache, TranslateConfig, Translator
+from pnp_trt.errors import PnPError
 from pnp_trt.images import load_guidance
 from pnp_trt.runtime.cache import source_bytes
 from pnp_trt.runtime.translation import translate
@@ -199,8 +200,14 @@ def test_a_translation_saves_its_images_and_record(tiny_torch, tmp_path: Path) -
     assert record["prompts"] == ["a cat", "a dog"] and record["image"] == str(guide_file)
     assert record["unet_evaluations"] == result.unet_evals and record["settings"]["steps"] == 4
     assert record["model"] == tiny_torch.identity and record["backend"] == "torch"
-    Translator(tiny_torch).translate(["a bird"], str(guide_file), **SETTINGS).save(tmp_path / "out")
+    bird = Translator(tiny_torch).translate(["a bird"], str(guide_file), **SETTINGS)
+    bird.save(tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0_a-bird.png", "translate.json"]
+    single = bird.save_image(tmp_path / "bird.png")  # one image, its record inside
+    assert json.loads(Image.open(single).text["pnp-trt"])["prompts"] == ["a bird"]
+    with pytest.raises(PnPError, match="has 2; use save"):
+        result.save_image(tmp_path / "two.png")
+    assert not (tmp_path / "two.png").exists()
 
 
 def test_the_disk_store_keeps_within_its_byte_budget(tiny_torch, guide, tmp_path: Path) -> None:

@@ -40,6 +40,9 @@ def test_one_prompt_writes_one_image(tiny_model_dir: Path, tmp_path: Path) -> No
     assert Image.open(out).size == (192, 128)
     assert "UNet evaluations" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "out.png"]
+    record = json.loads(Image.open(out).text["pnp-trt"])  # the record travels inside the one image
+    assert record["prompts"] == ["a photo of a cat"] and record["settings"]["steps"] == 3
+    assert record["outputs"] == ["out.png"] and record["image"] == str(guide) and record["size"] == [128, 192]
 
 
 def test_several_prompts_square(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -176,6 +179,20 @@ def test_console_script_user_error_has_no_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_every_setting_is_a_translate_flag_defaulting_to_the_librarys() -> None:
+    """The CLI retypes no default: each `TranslateConfig` field is a flag whose default is the field's."""
+    import dataclasses
+
+    import typer.main
+
+    from pnp_trt.config import TranslateConfig
+
+    command = typer.main.get_command(app).commands["translate"]
+    flags = {param.name: param.default for param in command.params}
+    assert {f.name: flags.get(f.name, "missing") for f in dataclasses.fields(TranslateConfig)} == \
+        dataclasses.asdict(TranslateConfig())
+
+
 def test_version() -> None:
     result = run("--version")
     assert result.exit_code == 0 and result.stdout.startswith("pnp-trt ")
@@ -294,6 +311,8 @@ def test_a_generated_guidance_can_be_saved_beside_the_results(tiny_model_dir: Pa
     single = run("translate", *common, "-p", "a bird", "--out", tmp_path / "bird.png")  # source from the cache
     assert single.exit_code == 0 and "source from cache" in single.stderr
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "bird.guidance.png")), guidance)
+    assert json.loads(Image.open(tmp_path / "bird.png").text["pnp-trt"])["outputs"] == ["bird.png",
+                                                                                        "bird.guidance.png"]
     refused = run("translate", random_image(tmp_path / "in.png", 64, 64), "--model", tiny_model_dir, "-p", "a",
                   "--out", tmp_path / "x.png", "--save-guidance")
     assert refused.exit_code == 2 and "--save-guidance saves a guidance generated" in refused.stderr

@@ -22,14 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from ..config import TranslateConfig
+from ..config import DEFAULT_CACHE_BYTES, DEFAULT_DISK_CACHE_BYTES, TranslateConfig
 from ..contract import array_precision
 from ..fileio import atomic_write
 from .backend import Array, Backend
 from .sampler import Source
 
-DEFAULT_CACHE_BYTES = 2 << 30
-DEFAULT_DISK_CACHE_BYTES = 16 << 30
 DISK_FORMAT = "pnp-trt-source-1"
 
 

@@ -16,7 +16,7 @@ from ..engines.buffers import auto_prompt_batch
 from ..errors import PnPError
 from ..fileio import writing
 from ..images import normalize_guidance, output_size, to_array, to_pil
-from ..results import save_directory, versions
+from ..results import save_directory, save_file, versions
 from .backend import LoadedModel
 from .cache import SourceCache, source_key
 from .sampler import InjectionPlan, Progress, Sampler, Source, Stats, no_progress, prepare_source, sample_targets
@@ -74,6 +74,14 @@ class Translation:
         extra = {GUIDANCE_FILE: self.guidance_image} if self.guidance_image is not None else {}
         with writing(Path(directory)):
             return save_directory(Path(directory), self.prompts, self.images, self.record(), extra)
+
+    def save_image(self, path: Path | str) -> Path:
+        """A one-prompt translation as one PNG whose `pnp-trt` text chunk holds the record (a decoded generated
+        guidance goes beside it as NAME.guidance.png), all or nothing."""
+        if len(self.images) != 1:
+            raise PnPError(f"save_image writes one image and this translation has {len(self.images)}; use save(DIR)")
+        with writing(Path(path)):
+            return save_file(Path(path), self.images[0], self.record(), self.guidance_image)
 
 
 def plan_size(model: LoadedModel, config: TranslateConfig, image: Image.Image | None) -> tuple[int, int]:

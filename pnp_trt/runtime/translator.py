@@ -10,10 +10,10 @@ from typing import Any
 
 from PIL import Image
 
-from ..config import Limits, TranslateConfig
+from ..config import DEFAULT_CACHE_BYTES, DEFAULT_DISK_CACHE_BYTES, Limits, TranslateConfig
 from ..images import load_guidance
 from .backend import LoadedModel
-from .cache import DEFAULT_CACHE_BYTES, DEFAULT_DISK_CACHE_BYTES, SourceCache
+from .cache import SourceCache
 from .loading import open_model
 from .sampler import Progress, no_progress
 from .translation import Translation, translate
