@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from .errors import PnPError
-from .fileio import new_staging
+from .fileio import new_staging, signals_deferred
 from .images import save_png
 
 RECORD = "translate.json"
@@ -79,9 +79,10 @@ def save_directory(out: Path, prompts: Sequence[str], images: Sequence[Image.Ima
             image.save(staging / name, format="PNG")
         (staging / RECORD).write_text(json.dumps({**record, "outputs": [*names, *extra]}, indent=2))
         staging.chmod(0o755)
-        if out.exists():
-            out.rename(retired / out.name)
-        staging.rename(out)
+        with signals_deferred():  # an interrupt between the two renames would leave neither set
+            if out.exists():
+                out.rename(retired / out.name)
+            staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(retired, ignore_errors=True)

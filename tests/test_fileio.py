@@ -37,3 +37,31 @@ def test_an_output_name_at_the_file_system_limit_is_written(tmp_path: Path) -> N
     out = tmp_path / ("a" * 246 + ".png")
     save_png(Image.new("RGB", (8, 8)), out)
     assert out.is_file() and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+def test_an_interrupt_while_results_are_swapped_in_leaves_one_whole_set(tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C arriving between moving the old results aside and the new ones in (simulated: sent by the first
+    rename) takes effect after the swap: the new set is in place, never neither."""
+    import signal
+
+    import pytest
+
+    from pnp_trt.results import save_directory
+
+    image = Image.new("RGB", (8, 8))
+    out = tmp_path / "out"
+    save_directory(out, ["old"], [image], {})
+    real_rename, calls = Path.rename, []
+
+    def rename_then_interrupt(self: Path, target: Path) -> Path:
+        moved = real_rename(self, target)
+        calls.append(target)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return moved
+
+    monkeypatch.setattr(Path, "rename", rename_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        save_directory(out, ["new"], [image], {})
+    assert len(calls) == 2 and sorted(p.name for p in out.iterdir()) == ["0_new.png", "translate.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
