@@ -12,8 +12,9 @@ import argparse
 import numpy as np
 import torch
 
-from pnp_trt.contract import INJECTION_POINTS, axis_sizes, graph_specs, injected_name, random_feeds
+from pnp_trt.contract import INJECTION_POINTS, axis_sizes, graph_specs, injected_name
 from pnp_trt.engines.buffers import ACTIVATION_PER_FEATURE_BYTE, feature_bytes
+from pnp_trt.export.trace_feeds import random_feeds
 from pnp_trt.random_models import random_sd21_model
 from pnp_trt.runtime.torch_backend import open_torch
 

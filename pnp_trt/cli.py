@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .config import DEFAULT_DISK_CACHE_BYTES, Limits, TranslateConfig
 from .errors import PnPError
 from .extras import require
+from .fileio import written_before
 from .results import check_destination, versions
 from .serve.limits import ServeOptions
 
@@ -49,7 +50,9 @@ def user_errors(command: Callable[..., None]) -> Callable[..., None]:
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as exc:
-            err.print("interrupted; nothing was written")
+            written = written_before(exc)
+            err.print(f"interrupted; {written} had been written in full" if written else
+                      "interrupted; nothing was written", highlight=False, soft_wrap=True)
             raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
     return wrapper
 

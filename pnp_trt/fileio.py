@@ -124,3 +124,27 @@ def signals_deferred() -> Iterator[None]:
                 handler(number, frame)
             elif handler == signal.SIG_DFL:
                 signal.raise_signal(number)
+
+
+WRITTEN = "pnp_trt_written"
+"""Attribute set on an interrupt that `committing` let through after its step completed."""
+
+
+@contextlib.contextmanager
+def committing(destination: Path) -> Iterator[None]:
+    """The step that puts finished results in place at `destination`: Ctrl-C or SIGTERM arriving inside takes
+    effect after it, and then carries `destination` (`written_before`), so nobody is told nothing was written."""
+    done = False
+    try:
+        with signals_deferred():
+            yield
+            done = True
+    except KeyboardInterrupt as exc:
+        if done:
+            setattr(exc, WRITTEN, destination)
+        raise
+
+
+def written_before(interrupt: BaseException) -> Path | None:
+    """Where results were completely written before this interrupt took effect (None: nothing was)."""
+    return getattr(interrupt, WRITTEN, None)

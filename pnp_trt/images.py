@@ -6,6 +6,7 @@ import io
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -13,7 +14,6 @@ from PIL.PngImagePlugin import PngInfo
 
 from .contract import SIZE_MULTIPLE
 from .errors import PnPError
-from .fileio import atomic_write
 
 MIN_SIDE = SIZE_MULTIPLE
 SHORT_SIDE = 512
@@ -112,16 +112,16 @@ def to_pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(pixels.transpose(1, 2, 0), "RGB")
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    """The image encoded as a PNG file, in memory (HTTP answers, Ray messages)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def save_png(image: Image.Image, path: Path, text: Mapping[str, str] | None = None) -> None:
-    """Write `image` as a PNG, all or nothing; `text`: tEXt chunks (key → value) it carries."""
+def write_png(image: Image.Image, target: Path | IO[bytes], text: Mapping[str, str] | None = None) -> None:
+    """Encode `image` as PNG into `target`; `text`: tEXt chunks (key → value) it carries."""
     info = PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, value)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    image.save(target, format="PNG", pnginfo=info)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """The image encoded as a PNG file, in memory (HTTP answers, Ray messages)."""
+    buffer = io.BytesIO()
+    write_png(image, buffer)
+    return buffer.getvalue()

@@ -67,7 +67,8 @@ def missing_layers(unet: torch.nn.Module) -> list[str]:
 
 
 _HOOKS_ATTRIBUTE = "_pnp_trt_hooks"
-_HOOKS_LOCK = threading.Lock()
+_HOOKS_LOCK = threading.RLock()
+"""Re-entrant: a graph's finalizer (`release_hooks`) may run from a garbage collection inside the lock."""
 
 
 @dataclass

@@ -38,9 +38,10 @@ def file_entries(directory: Path) -> dict[str, dict[str, Any]]:
 
 def rebuild_hint(manifest: dict[str, Any] | None, directory: Path) -> str:
     model = (manifest or {}).get("model_id", "MODEL")
-    precision = (manifest or {}).get("precision", "fp32")
-    attention = (manifest or {}).get("attention", "standard")
-    fused = "" if attention == "standard" else f" --attention {attention}"
+    precision = (manifest or {}).get("precision")
+    precision = precision if precision in ("fp32", "fp16") else "fp32"
+    attention = (manifest or {}).get("attention")
+    fused = f" --attention {attention}" if attention in ATTENTION and attention != "standard" else ""
     return f"pnp-trt export --model {model} --precision {precision}{fused} --out {directory}"
 
 

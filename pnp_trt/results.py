@@ -5,6 +5,7 @@ set."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -16,8 +17,8 @@ from typing import Any
 from PIL import Image
 
 from .errors import PnPError
-from .fileio import new_staging, signals_deferred
-from .images import save_png
+from .fileio import committing, new_staging
+from .images import write_png
 
 RECORD = "translate.json"
 RECORD_CHUNK = "pnp-trt"
@@ -79,10 +80,11 @@ def save_directory(out: Path, prompts: Sequence[str], images: Sequence[Image.Ima
             image.save(staging / name, format="PNG")
         (staging / RECORD).write_text(json.dumps({**record, "outputs": [*names, *extra]}, indent=2))
         staging.chmod(0o755)
-        with signals_deferred():  # an interrupt between the two renames would leave neither set
+        with committing(out):  # the old set aside, the new one in, the old one gone: never neither
             if out.exists():
                 out.rename(retired / out.name)
             staging.rename(out)
+            shutil.rmtree(retired, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(retired, ignore_errors=True)
@@ -91,20 +93,27 @@ def save_directory(out: Path, prompts: Sequence[str], images: Sequence[Image.Ima
 
 def save_file(out: Path, image: Image.Image, record: dict[str, Any], guidance: Image.Image | None = None) -> Path:
     """One PNG at `out` carrying the record in its `RECORD_CHUNK` text chunk, and a decoded generated guidance
-    beside it as NAME.guidance.png; nothing of either is left if the other fails."""
+    beside it as NAME.guidance.png: both encoded under staging names first, then moved into place together
+    (an earlier run's files there stay as they were if anything fails before)."""
     out = Path(out)
     check_destination(out, several=False)
-    beside = out.with_name(f"{out.stem}.guidance.png")
-    written: list[Path] = []
+    pictures: dict[Path, tuple[Image.Image, dict[str, str]]] = {}
+    if guidance is not None:
+        pictures[out.with_name(f"{out.stem}.guidance.png")] = (guidance, {})
+    names = [out.name, *(path.name for path in pictures)]
+    pictures[out] = (image, {RECORD_CHUNK: json.dumps({**record, "outputs": names})})
+    staged: dict[Path, Path] = {}
     try:
-        if guidance is not None:
-            save_png(guidance, beside)
-            written.append(beside)
-        save_png(image, out, {RECORD_CHUNK: json.dumps({**record, "outputs": [out.name, *(p.name for p in written)]})})
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
+        for path, (picture, text) in pictures.items():
+            staged[path] = new_staging(path.parent, path.name, suffix=".png")
+            write_png(picture, staged[path], text)
+        with committing(out):
+            for path, tmp in staged.items():  # the image, carrying the record, last
+                tmp.chmod(0o644)
+                os.replace(tmp, path)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
     return out
 
 

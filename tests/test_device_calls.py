@@ -174,3 +174,31 @@ def test_uploaded_scalars_keep_their_shape(backend: str, tiny32: LoadedModel, ex
     model = tiny32 if backend == "torch" else open_onnxruntime(exported)
     assert tuple(model.backend.asarray(np.array(True)).shape) == ()
     assert tuple(model.backend.asarray(np.zeros((2, 3), np.float32)).shape) == (2, 3)
+
+
+def test_a_graph_collected_while_hooks_are_installed_does_not_deadlock(tiny_model_dir: Path, monkeypatch) -> None:
+    """A graph left in a reference cycle is finalized by whatever garbage collection comes next, possibly one
+    inside `install_hooks` on the same thread: its `release_hooks` must not wait on the lock that thread holds."""
+    import copy
+    import threading
+
+    from pnp_trt import injection
+    from pnp_trt.models import load_diffusers
+    from pnp_trt.torch_graphs import PnPUNetGraph
+
+    unet = load_diffusers(str(tiny_model_dir), torch.device("cpu"), torch.float32).unet
+    other = copy.deepcopy(unet)
+    gc.disable()
+    try:
+        graph = PnPUNetGraph(unet)
+        graph.cycle = [graph]  # cyclic garbage once dropped: only a collection finalizes it
+        del graph
+        real_missing_layers = injection.missing_layers
+        monkeypatch.setattr(injection, "missing_layers", lambda u: (gc.collect(), real_missing_layers(u))[1])
+        worker = threading.Thread(target=injection.install_hooks, args=(other,), daemon=True)
+        worker.start()
+        worker.join(20)
+    finally:
+        gc.enable()
+    assert not worker.is_alive(), "install_hooks deadlocked on a finalizer's release_hooks"
+    assert not any(m._forward_hooks for m in unet.modules()) and any(m._forward_hooks for m in other.modules())

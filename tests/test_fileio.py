@@ -7,8 +7,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pnp_trt.fileio import STALE_AFTER_S, atomic_write, staging_prefix
-from pnp_trt.images import save_png
+from pnp_trt.fileio import STALE_AFTER_S, atomic_write, staging_prefix, written_before
+from pnp_trt.images import write_png
 
 DEAD_PID = 2**22 + 1
 """Above Linux's largest pid: never a running process."""
@@ -35,7 +35,7 @@ def test_a_killed_runs_staging_is_swept_and_nothing_else(tmp_path: Path) -> None
 
 def test_an_output_name_at_the_file_system_limit_is_written(tmp_path: Path) -> None:
     out = tmp_path / ("a" * 246 + ".png")
-    save_png(Image.new("RGB", (8, 8)), out)
+    atomic_write(out, lambda tmp: write_png(Image.new("RGB", (8, 8)), tmp))
     assert out.is_file() and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
 
 
@@ -61,7 +61,8 @@ def test_an_interrupt_while_results_are_swapped_in_leaves_one_whole_set(tmp_path
         return moved
 
     monkeypatch.setattr(Path, "rename", rename_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as interrupt:
         save_directory(out, ["new"], [image], {})
     assert len(calls) == 2 and sorted(p.name for p in out.iterdir()) == ["0_new.png", "translate.json"]
+    assert written_before(interrupt.value) == out  # so the CLI does not say "nothing was written"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
