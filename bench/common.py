@@ -41,3 +41,9 @@ def in_child(script: str, *args: object) -> dict:
     out = subprocess.run([sys.executable, script, "--child", *map(str, args)], capture_output=True, text=True,
                          check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def answer_child(child: list[str], measure: Any) -> None:
+    """The child side of `in_child`: `measure(backend, source, size, steps)`, printed as one JSON line."""
+    backend, source, size, steps = child
+    print(json.dumps(measure(backend, source, int(size), int(steps))))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import subprocess
@@ -22,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import guide_image, in_child, load_cpu_model
+from common import answer_child, guide_image, in_child, load_cpu_model
 
 
 class EveryOutput:
@@ -132,8 +131,7 @@ def main() -> None:
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        backend, source, size, steps = args.child
-        print(json.dumps(measure(backend, source, int(size), int(steps))))
+        answer_child(args.child, measure)
         return
     import onnxruntime
     import torch

@@ -13,7 +13,6 @@ in it).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -23,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import guide_image, in_child, load_cpu_model
+from common import answer_child, guide_image, in_child, load_cpu_model
 
 
 def measure(backend: str, source: str, size: int, steps: int) -> dict:
@@ -57,8 +56,7 @@ def main() -> None:
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        backend, source, size, steps = args.child
-        print(json.dumps(measure(backend, source, int(size), int(steps))))
+        answer_child(args.child, measure)
         return
     import onnxruntime
     import torch

@@ -258,7 +258,7 @@ def verify(directory: Path = typer.Argument(..., help="An exported directory."))
 def make_tiny_model(
     directory: Path = typer.Argument(..., help="Where to write the model (must not exist, or hold this very "
                                                 "model: then it is reused)."),
-    seed: int = typer.Option(SETTINGS.seed, help="Seed of the random weights."),
+    seed: int = typer.Option(0, help="Seed of the random weights."),
     full_size: bool = typer.Option(False, help="Full SD 2.1-base widths (~5 GB; honest speed tests offline)."),
 ) -> None:
     """Write a random-weight model with the SD 2.1 topology and tiny widths (offline demos and tests)."""

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .contract import PRECISIONS
 from .errors import PnPError
 
 FORMAT_VERSION = 2
@@ -36,11 +37,14 @@ def file_entries(directory: Path) -> dict[str, dict[str, Any]]:
             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 
-def rebuild_hint(manifest: dict[str, Any] | None, directory: Path) -> str:
+def rebuild_hint(manifest: dict[str, Any] | None, directory: Path, attention: str | None = None) -> str:
+    """The export command that writes `directory` again from the manifest's model and settings (`attention`
+    instead of the manifest's, if given); values a tampered manifest holds that the exporter would refuse are
+    left to their defaults."""
     model = (manifest or {}).get("model_id", "MODEL")
     precision = (manifest or {}).get("precision")
-    precision = precision if precision in ("fp32", "fp16") else "fp32"
-    attention = (manifest or {}).get("attention")
+    precision = precision if precision in PRECISIONS else "fp32"
+    attention = attention or (manifest or {}).get("attention")
     fused = f" --attention {attention}" if attention in ATTENTION and attention != "standard" else ""
     return f"pnp-trt export --model {model} --precision {precision}{fused} --out {directory}"
 
@@ -51,8 +55,8 @@ def require_standard_attention(manifest: dict[str, Any], directory: Path) -> Non
     attention = manifest.get("attention", "standard")
     if attention != "standard":
         raise PnPError(f"{directory} was exported with --attention {attention}, which only ONNX Runtime runs; "
-                       f"for TensorRT export again with `pnp-trt export --model {manifest['model_id']} --precision "
-                       f"{manifest['precision']} --out NEW_DIR` (--attention standard)")
+                       f"for TensorRT export again with `{rebuild_hint(manifest, Path('NEW_DIR'), 'standard')}` "
+                       "(--attention standard)")
 
 
 def read_manifest_for_tensorrt(directory: Path) -> dict[str, Any]:
@@ -109,7 +113,7 @@ def schema_problem(manifest: dict[str, Any], directory: Path) -> str | None:
     for key, kind in DIMS.items():
         if not isinstance(manifest["dims"].get(key), kind):
             return f"`dims.{key}` is missing or not a {kind.__name__}"
-    if manifest["precision"] not in ("fp32", "fp16"):
+    if manifest["precision"] not in PRECISIONS:
         return f"`precision` is {manifest['precision']!r}"
     if manifest.get("attention", "standard") not in ATTENTION:
         return f"`attention` is {manifest['attention']!r}"
