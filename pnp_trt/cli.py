@@ -17,10 +17,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .config import DEFAULT_DISK_CACHE_BYTES, Limits, TranslateConfig
+from .destination import check_destination
 from .errors import PnPError
 from .extras import require
 from .fileio import written_before
-from .results import check_destination, versions
+from .results import guidance_beside, versions
 from .serve.limits import ServeOptions
 
 SERVE = ServeOptions()
@@ -81,7 +82,10 @@ def _progress() -> Progress:
 def translate(
     image: Path | None = typer.Argument(None, help="Guidance image (PNG/JPEG/...). Omit with --source-prompt."),
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Target prompt; repeat for several."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output PNG (one prompt) or directory (several)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .png (one prompt) or directory (several). An existing "
+                             "one is replaced only if pnp-trt wrote it (see --overwrite)."),
+    overwrite: bool = typer.Option(False, help="With one prompt: replace an existing --out file pnp-trt did not "
+                                   "write (never the guidance image, a link, a device or a FIFO)."),
     model: str | None = typer.Option(None, help="Hub id or diffusers directory (torch backend; default "
                                                    "stabilityai/stable-diffusion-2-1-base)."),
     backend: str = typer.Option("torch", help="torch | onnxruntime | tensorrt."),
@@ -138,7 +142,8 @@ def translate(
                              prompt_batch_size=prompt_batch_size)
     check_positive({"--cache-dir-gib": cache_dir_gib, "--max-output-mpx": max_output_mpx})
     limits = Limits(max_output_pixels=int(max_output_mpx * 1e6))
-    check_destination(out, len(prompt) > 1)
+    companions = [guidance_beside(out)] if save_guidance and len(prompt) == 1 else []
+    check_destination(out, len(prompt) > 1, overwrite, [image] if image else [], companions)
     guidance = load_guidance(image) if image is not None else None
     from .runtime.cache import SourceCache
     from .runtime.loading import open_model
@@ -155,7 +160,7 @@ def translate(
         result = run_translation(loaded, prompt, config, guidance, source_prompt, rich_progress(progress), cache,
                                  limits, decode_guidance=save_guidance)
     result.guidance_file = str(image) if image else None
-    written = result.save(out) if len(prompt) > 1 else [result.save_image(out)]
+    written = result.save(out) if len(prompt) > 1 else [result.save_image(out, overwrite)]
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.stats.timings.items())
     total = sum(result.stats.timings.values())
     cached = "; source from cache" if result.cache_hit else ""

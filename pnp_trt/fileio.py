@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
 import signal
@@ -16,6 +18,8 @@ from typing import Any
 from .errors import PnPError
 
 STAGING = ".pnp-trt-staging"
+RETIRED = ".pnp-trt-retired"
+"""Where a results set waits while its replacement moves in (only where paths cannot be exchanged)."""
 STALE_AFTER_S = 600
 """A staging leftover is swept once its process is gone and it has not changed for this long."""
 
@@ -37,12 +41,16 @@ def new_staging(parent: Path, name: str, directory: bool = False, suffix: str = 
 
 
 def sweep_stale_staging(directory: Path) -> None:
-    """Remove staging leftovers of pnp-trt processes that were killed (SIGKILL, power loss): only entries
-    named by `staging_prefix` whose process no longer runs and that are older than `STALE_AFTER_S`."""
+    """Restore the results sets that killed runs had moved aside, then remove their staging leftovers (SIGKILL,
+    power loss): only entries named by `staging_prefix` whose process no longer runs and that are older than
+    `STALE_AFTER_S`."""
     try:
         entries = [e for e in Path(directory).iterdir() if e.name.startswith(STAGING + ".")]
+        retired = [e for e in Path(directory).iterdir() if e.name.startswith(RETIRED + ".")]
     except OSError:
         return
+    for entry in retired:
+        _restore_retired(entry)
     for entry in entries:
         pid = entry.name.split(".")[2]
         try:
@@ -53,6 +61,18 @@ def sweep_stale_staging(directory: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
         elif stale:
             entry.unlink(missing_ok=True)
+
+
+def _restore_retired(entry: Path) -> None:
+    """A dead run's moved-aside set goes back where it was, unless its replacement got there first."""
+    pid = entry.name.split(".")[2]
+    if not pid.isdigit() or _running(int(pid)):
+        return
+    with contextlib.suppress(OSError):
+        for item in entry.iterdir():
+            if not os.path.lexists(entry.parent / item.name):
+                item.rename(entry.parent / item.name)
+        shutil.rmtree(entry)
 
 
 def _running(pid: int) -> bool:
@@ -99,6 +119,37 @@ def staging_directory(out: Path) -> Iterator[Path]:
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`): a kill at any moment
+    leaves each name holding one whole set. False where the system or file system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def swap_in(staging: Path, out: Path) -> None:
+    """Put the finished directory `staging` at `out`. A previous set there is exchanged with it atomically (it
+    then lies at `staging`, for the caller to remove); where paths cannot be exchanged it is moved aside under
+    `RETIRED` (restored by the next run if this one is killed before the new set is in) and removed."""
+    if not os.path.lexists(out):
+        staging.rename(out)
+    elif not exchange(staging, out):
+        retired = Path(tempfile.mkdtemp(prefix=f"{RETIRED}.{os.getpid()}.", dir=out.parent))
+        out.rename(retired / out.name)
+        staging.rename(out)
+        shutil.rmtree(retired)
 
 
 @contextlib.contextmanager

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from .contract import PRECISIONS
 from .errors import PnPError
 
-FORMAT_VERSION = 2
-"""2: the UNet takes one timestep per sample (`timestep [batch]`), so one call can hold several timesteps."""
+FORMAT_VERSION = 3
+"""2: the UNet takes one timestep per sample (`timestep [batch]`), so one call can hold several timesteps.
+3: an `export_id`, also written into every graph's own metadata (`EXPORT_ID_KEY`), checked at load."""
+EXPORT_ID_KEY = "pnp_trt.export_id"
+"""The ONNX metadata key under which each graph carries the id of the export that wrote it."""
 MANIFEST = "manifest.json"
 GRAPHS = ("text_encoder", "vae_encoder", "vae_decoder", "unet")
 ATTENTION = ("standard", "onnxruntime")
@@ -97,7 +101,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 
 SCHEMA: dict[str, type | tuple[type, ...]] = {
-    "model_id": str, "weights_sha256": str, "dims": dict, "precision": str, "injection_points": list,
+    "model_id": str, "export_id": str, "weights_sha256": str, "dims": dict, "precision": str, "injection_points": list,
     "tokenizer": dict, "files": dict,
 }
 """Top-level keys a backend reads, with their JSON types."""
@@ -113,6 +117,8 @@ def schema_problem(manifest: dict[str, Any], directory: Path) -> str | None:
     for key, kind in DIMS.items():
         if not isinstance(manifest["dims"].get(key), kind):
             return f"`dims.{key}` is missing or not a {kind.__name__}"
+    if not re.fullmatch(r"[0-9a-f]{32}", manifest["export_id"]):
+        return f"`export_id` is {manifest['export_id'][:40]!r}, not 32 hex digits"
     if manifest["precision"] not in PRECISIONS:
         return f"`precision` is {manifest['precision']!r}"
     if manifest.get("attention", "standard") not in ATTENTION:
@@ -126,6 +132,27 @@ def schema_problem(manifest: dict[str, Any], directory: Path) -> str | None:
             return f"file name {name!r} leads outside the directory"
     missing = [f"{graph}.onnx" for graph in GRAPHS if f"{graph}.onnx" not in manifest["files"]]
     return f"no entry for {', '.join(missing)}" if missing else None
+
+
+def check_graph_identity(graph_id: str | None, manifest: dict[str, Any], path: Path) -> None:
+    """A graph carries the id of the export its manifest describes; another export's graph (or a manifest
+    copied from another export) is refused before it runs, cheaply (the id, not a hash of the weights)."""
+    if graph_id != manifest["export_id"]:
+        found = f"export {graph_id[:12]}" if graph_id else "no pnp-trt export id"
+        raise PnPError(f"{path} does not belong to this export ({found}; {MANIFEST} says "
+                       f"{manifest['export_id'][:12]}): files of different exports are mixed; rebuild with "
+                       f"`{rebuild_hint(manifest, Path('NEW_DIR'))}`")
+
+
+def onnx_export_id(path: Path) -> str | None:
+    """The export id in an ONNX file's metadata, read without its external weights."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # a corrupt file carries no id; the builder's own parse names the damage
+        return None
+    return next((p.value for p in model.metadata_props if p.key == EXPORT_ID_KEY), None)
 
 
 def verify(directory: Path) -> list[str]:

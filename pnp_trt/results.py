@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -16,43 +15,9 @@ from typing import Any
 
 from PIL import Image
 
-from .errors import PnPError
-from .fileio import committing, new_staging
+from .destination import RECORD, RECORD_CHUNK, check_destination
+from .fileio import committing, new_staging, swap_in
 from .images import write_png
-
-RECORD = "translate.json"
-RECORD_CHUNK = "pnp-trt"
-"""The PNG text chunk holding a single image's record (`Image.open(path).text["pnp-trt"]`)."""
-
-
-def check_destination(out: Path, several: bool) -> None:
-    """Fail before any work if the results cannot be written there, or would mix with files we did not write."""
-    out = Path(out)
-    parent = out.parent if out.parent != Path("") else Path(".")
-    if not parent.is_dir():
-        raise PnPError(f"cannot write {out}: directory {parent} does not exist")
-    if several and out.exists() and not out.is_dir():
-        raise PnPError(f"--out {out} is a file; with several --prompt it must be a directory")
-    if not several and out.is_dir():
-        raise PnPError(f"--out {out} is a directory; with one --prompt it is the output image file")
-    if several and out.is_dir():
-        foreign = sorted(set(p.name for p in out.iterdir()) - set(_previous_results(out)))
-        if foreign:
-            raise PnPError(f"--out {out} holds files pnp-trt did not write ({', '.join(foreign[:3])}); "
-                           "choose a new or empty directory")
-    try:
-        tempfile.TemporaryFile(dir=parent).close()
-    except OSError:
-        raise PnPError(f"cannot write to {parent}: permission denied; choose another --out") from None
-
-
-def _previous_results(out: Path) -> list[str]:
-    """The files a previous run recorded in `out` (its PNGs and the record), if it left a readable record."""
-    try:
-        outputs = json.loads((out / RECORD).read_text())["outputs"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-    return [RECORD, *outputs] if isinstance(outputs, list) else []
 
 
 def output_names(prompts: Sequence[str]) -> list[str]:
@@ -66,40 +31,42 @@ def _slug(text: str) -> str:
 
 
 def save_directory(out: Path, prompts: Sequence[str], images: Sequence[Image.Image], record: dict[str, Any],
-                   extra: Mapping[str, Image.Image] | None = None) -> list[Path]:
+                   extra: Mapping[str, Image.Image] | None = None, inputs: Sequence[Path | str] = ()) -> list[Path]:
     """One PNG per prompt (plus `extra` PNGs by file name) and the record, built beside `out` and swapped in
     whole (a previous run's results there are replaced as one set, never mixed with the new ones)."""
     out = Path(out)
-    check_destination(out, several=True)
+    check_destination(out, several=True, inputs=inputs)
     extra = dict(extra or {})
     names = output_names(prompts)
     staging = new_staging(out.parent, out.name, directory=True)
-    retired = new_staging(out.parent, f"{out.name}.old", directory=True)
     try:
         for name, image in [*zip(names, images, strict=True), *extra.items()]:
             image.save(staging / name, format="PNG")
         (staging / RECORD).write_text(json.dumps({**record, "outputs": [*names, *extra]}, indent=2))
         staging.chmod(0o755)
-        with committing(out):  # the old set aside, the new one in, the old one gone: never neither
-            if out.exists():
-                out.rename(retired / out.name)
-            staging.rename(out)
-            shutil.rmtree(retired, ignore_errors=True)
+        with committing(out):
+            swap_in(staging, out)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(retired, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # after an exchange: the previous set
     return [out / n for n in names]
 
 
-def save_file(out: Path, image: Image.Image, record: dict[str, Any], guidance: Image.Image | None = None) -> Path:
+def guidance_beside(out: Path) -> Path:
+    """Where a single result's decoded generated guidance goes: NAME.guidance.png."""
+    return out.with_name(f"{out.stem}.guidance.png")
+
+
+def save_file(out: Path, image: Image.Image, record: dict[str, Any], guidance: Image.Image | None = None,
+              overwrite: bool = False, inputs: Sequence[Path | str] = ()) -> Path:
     """One PNG at `out` carrying the record in its `RECORD_CHUNK` text chunk, and a decoded generated guidance
     beside it as NAME.guidance.png: both encoded under staging names first, then moved into place together
     (an earlier run's files there stay as they were if anything fails before)."""
     out = Path(out)
-    check_destination(out, several=False)
+    companions = [guidance_beside(out)] if guidance is not None else []
+    check_destination(out, several=False, overwrite=overwrite, inputs=inputs, companions=companions)
     pictures: dict[Path, tuple[Image.Image, dict[str, str]]] = {}
     if guidance is not None:
-        pictures[out.with_name(f"{out.stem}.guidance.png")] = (guidance, {})
+        pictures[guidance_beside(out)] = (guidance, {RECORD_CHUNK: json.dumps({"guidance_of": out.name})})
     names = [out.name, *(path.name for path in pictures)]
     pictures[out] = (image, {RECORD_CHUNK: json.dumps({**record, "outputs": names})})
     staged: dict[Path, Path] = {}

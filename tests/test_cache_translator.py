@@ -183,6 +183,48 @@ def test_a_well_formed_entry_with_wrong_shapes_is_rebuilt(tiny_torch, guide, tmp
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(first.images[0]))
 
 
+def _forge(path: Path, change_tensors, change_metadata) -> None:
+    """Rewrite a stored source with its checksum recomputed, as a forger (or a bug) with our code would."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from pnp_trt.runtime.cache import _checksum
+
+    with safe_open(str(path), framework="numpy") as f:
+        metadata, tensors = dict(f.metadata()), {name: f.get_tensor(name) for name in f.keys()}
+    tensors = change_tensors(tensors)
+    save_file(tensors, str(path), change_metadata({**metadata, "sha256": _checksum(tensors)}))
+
+
+FORGED_ENTRIES = {
+    "10^8 steps": (lambda t: t, lambda m: {**m, "steps": str(10**8)}),
+    "steps not a number": (lambda t: t, lambda m: {**m, "steps": "two"}),
+    "all-NaN start": (lambda t: {**t, "start": np.full_like(t["start"], np.nan)}, lambda m: m),
+    "an infinite feature": (lambda t: {k: (np.full_like(v, np.inf) if k.startswith("step0.") else v)
+                                       for k, v in t.items()}, lambda m: m),
+    "no start": (lambda t: {k: v for k, v in t.items() if k != "start"}, lambda m: m),
+    "a step missing": (lambda t: {k: v for k, v in t.items() if not k.startswith("step0.")}, lambda m: m),
+    "a tensor of another name": (lambda t: {**t, "../evil": t["start"]}, lambda m: m),
+    "integer tensors": (lambda t: {k: v.astype(np.int32) for k, v in t.items()}, lambda m: m),
+}
+
+
+@pytest.mark.parametrize("case", FORGED_ENTRIES)
+def test_a_checksummed_but_malformed_entry_is_rebuilt(tiny_torch, guide, tmp_path: Path, case: str) -> None:
+    """The checksum proves the bytes unchanged, not that they are usable: every field read from an entry is
+    checked (no hang on a huge step count, no black image from NaNs, no KeyError), and the source rebuilt."""
+    from pnp_trt.runtime.cache import read_source
+
+    store = tmp_path / "store"
+    first = Translator(tiny_torch, SourceCache(directory=store)).translate(["a cat"], guide, **SETTINGS)
+    [entry] = store.glob("*.safetensors")
+    _forge(entry, *FORGED_ENTRIES[case])
+    assert read_source(store, entry.stem, tiny_torch.backend) is None and not entry.exists()
+    again = Translator(tiny_torch, SourceCache(directory=store)).translate(["a cat"], guide, **SETTINGS)
+    assert not again.cache_hit
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(first.images[0]))
+
+
 def test_a_translation_saves_its_images_and_record(tiny_torch, tmp_path: Path) -> None:
     """`Translator(...).translate(...).save(directory)`: one PNG per prompt in order plus translate.json, and a
     second save there replaces the first as one set."""

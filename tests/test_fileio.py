@@ -40,12 +40,13 @@ def test_an_output_name_at_the_file_system_limit_is_written(tmp_path: Path) -> N
 
 
 def test_an_interrupt_while_results_are_swapped_in_leaves_one_whole_set(tmp_path: Path, monkeypatch) -> None:
-    """Ctrl-C arriving between moving the old results aside and the new ones in (simulated: sent by the first
-    rename) takes effect after the swap: the new set is in place, never neither."""
+    """Where paths cannot be exchanged in one step: Ctrl-C arriving between moving the old results aside and the
+    new ones in (simulated: sent by the first rename) takes effect after the swap: the new set is in place."""
     import signal
 
     import pytest
 
+    import pnp_trt.fileio as fileio
     from pnp_trt.results import save_directory
 
     image = Image.new("RGB", (8, 8))
@@ -61,6 +62,7 @@ def test_an_interrupt_while_results_are_swapped_in_leaves_one_whole_set(tmp_path
         return moved
 
     monkeypatch.setattr(Path, "rename", rename_then_interrupt)
+    monkeypatch.setattr(fileio, "exchange", lambda a, b: False)
     with pytest.raises(KeyboardInterrupt) as interrupt:
         save_directory(out, ["new"], [image], {})
     assert len(calls) == 2 and sorted(p.name for p in out.iterdir()) == ["0_new.png", "translate.json"]

@@ -130,7 +130,7 @@ def test_manifest_format_version_checked(exported: Path, tmp_path: Path) -> None
     copy = _copy(exported, tmp_path)
     manifest = json.loads((copy / "manifest.json").read_text())
     (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
-    with pytest.raises(PnPError, match=r"manifest format 1, this pnp-trt reads format 2; rebuild with `pnp-trt "
+    with pytest.raises(PnPError, match=r"manifest format 1, this pnp-trt reads format 3; rebuild with `pnp-trt "
                                        r"export --model .* --precision fp32 --out"):
         open_onnxruntime(copy)
 
@@ -160,6 +160,8 @@ MALFORMED_MANIFESTS = [
     (lambda m: {**m, "files": {**m["files"], "/etc/hostname": {"sha256": "0" * 64, "bytes": 1}}},
      "leads outside the directory"),
     (lambda m: {k: v for k, v in m.items() if k != "model_id"}, "`model_id` is missing"),
+    (lambda m: {k: v for k, v in m.items() if k != "export_id"}, "`export_id` is missing"),
+    (lambda m: {**m, "export_id": "../" * 11}, "not 32 hex digits"),
 ]
 
 
@@ -174,6 +176,13 @@ def _another_graph_under_its_name(directory: Path) -> None:
 
     shutil.copy(directory / "vae_decoder.onnx", directory / "unet.onnx")
     _rewrite(directory, lambda m: {**m, "files": file_entries(directory)})
+
+
+def _another_exports_graph(directory: Path) -> None:
+    """unet.onnx as another export of the same model writes it: same size and inputs, another id."""
+    from pnp_trt.export.onnx_graph import stamp_export_id
+
+    stamp_export_id(directory / "unet.onnx", "0" * 32)
 
 
 def _same_size(path: Path, filler: bytes) -> None:
@@ -203,6 +212,9 @@ DAMAGED_EXPORTS = {
     "corrupt graph, same size": (lambda d: _same_size(d / "text_encoder.onnx", b"\x00garbage"),
                                  "cannot load"),
     "another graph under its name": (_another_graph_under_its_name, "is not a PnP unet graph (inputs latent)"),
+    "another export's graph": (_another_exports_graph, "unet.onnx does not belong to this export (export 000000000000"),
+    "another export's manifest": (lambda d: _rewrite(d, lambda m: {**m, "export_id": "1" * 32}),
+                                  "files of different exports are mixed"),
     "damaged scheduler config": (lambda d: _same_size(d / "scheduler_config.json", b"x"), "incomplete or damaged"),
     "format 1": (lambda d: _rewrite(d, lambda m: {**m, "format_version": 1}), "manifest format 1"),
     "no manifest": (lambda d: (d / "manifest.json").unlink(), "has no manifest.json"),

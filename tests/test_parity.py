@@ -65,14 +65,44 @@ def test_injection_matters(tiny64, tmp_path: Path) -> None:
     assert rel_err(attention_only, plain) > 1e-3
 
 
-def test_golden_latent_of_the_papers_code() -> None:
-    """The paper's own diffusers code, run on the golden tiny model: our float32 final latent within 1e-4."""
+GOLDEN_BOUND = 2.5e-4
+
+
+@pytest.fixture(scope="module")
+def golden_run():
+    """Translate the golden's guidance with its settings; `run(**overrides)` changes one setting."""
     settings = json.loads((GOLDEN / "settings.json").read_text())
     model = open_torch(str(GOLDEN / "model"), torch.device("cpu"), torch.float32)
-    config = TranslateConfig(steps=settings["steps"], inversion_steps=settings["inversion_steps"],
-                             guidance_scale=settings["guidance_scale"], negative_prompt=settings["negative_prompt"],
-                             feature_injection=settings["feature_injection"],
-                             attention_injection=settings["attention_injection"])
-    result = translate(model, [settings["prompt"]], config, image=load_guidance(GOLDEN / "guide.png"))
-    assert result.size == (512, 768)
-    assert rel_err(result.latents, np.load(GOLDEN / "final_latent.npy")) <= 1e-4
+    image = load_guidance(GOLDEN / "guide.png")
+
+    def run(**overrides: float) -> np.ndarray:
+        config = TranslateConfig(**{**dict(steps=settings["steps"], inversion_steps=settings["inversion_steps"],
+                                           guidance_scale=settings["guidance_scale"],
+                                           negative_prompt=settings["negative_prompt"],
+                                           feature_injection=settings["feature_injection"],
+                                           attention_injection=settings["attention_injection"]), **overrides})
+        result = translate(model, [settings["prompt"]], config, image=image)
+        assert result.size == (512, 768)
+        return result.latents
+
+    return run
+
+
+def test_golden_latent_of_the_papers_code(golden_run) -> None:
+    """The paper's own diffusers code, run on the golden tiny model: our float32 final latent within 2.5e-4.
+
+    The bound is the golden's cross-CPU spread, measured (2026-12-01): the paper's code itself, re-run on an
+    AVX2-only CPU, lands 1.64e-4 from the file (made on an AVX-512 machine); pnp-trt lands 2.0e-5 from the
+    paper's code on that machine, and 1.62e-4 from the file there. On one AVX-512 EPYC, by torch's kernels
+    (ATEN_CPU_CAPABILITY): AVX512 1.4e-5, AVX2 8.5e-5, DEFAULT 1.43e-4. Tight parity is the float64 tests above.
+    """
+    assert rel_err(golden_run(), np.load(GOLDEN / "final_latent.npy")) <= GOLDEN_BOUND
+
+
+@pytest.mark.parametrize("defect", [{"feature_injection": 0.7}, {"attention_injection": 0.4}],
+                         ids=["one_feature_step_fewer", "one_attention_step_fewer"])
+def test_golden_bound_still_catches_an_injection_defect(golden_run, defect: dict[str, float]) -> None:
+    """The bound's margin: one ResBlock-injection step fewer (int(8·0.7) = 5, not 6) or one attention-injection
+    step fewer (int(8·0.4) = 3, not 4) misses the golden by far more than twice the bound: measured 7.4e-3 and
+    2.6e-2 under each of torch's AVX512, AVX2 and DEFAULT kernels (attention injection off: 0.30)."""
+    assert rel_err(golden_run(**defect), np.load(GOLDEN / "final_latent.npy")) > 2 * GOLDEN_BOUND

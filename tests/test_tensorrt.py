@@ -75,21 +75,23 @@ def test_requests_outside_the_profiles_name_the_range_and_the_rebuild() -> None:
 
 
 def _entry() -> EngineEntry:
-    return EngineEntry("unet", "unet.plan", "e" * 64, "a" * 64, Platform("10.13.0.35", "NVIDIA H100", "9.0"),
-                       BuildShapes())
+    return EngineEntry("unet", "unet.plan", "e" * 64, "a" * 64, "f" * 32,
+                       Platform("10.13.0.35", "NVIDIA H100", "9.0"), BuildShapes())
 
 
 def test_engine_compatibility_rules(tmp_path: Path) -> None:
     entry, here = _entry(), Platform("10.13.0.35", "NVIDIA H100", "9.0")
-    check_entry(entry, here, "a" * 64, tmp_path)
-    check_entry(entry, Platform("10.13.0.35", "NVIDIA H100 PCIe", "9.0"), "a" * 64, tmp_path)  # same sm
+    check_entry(entry, here, "a" * 64, "f" * 32, tmp_path)
+    check_entry(entry, Platform("10.13.0.35", "NVIDIA H100 PCIe", "9.0"), "a" * 64, "f" * 32, tmp_path)  # same sm
     with pytest.raises(PnPError, match=r"built with TensorRT 10.13.0.35, this machine has 11.0.0; rebuild: "
                                        r"`pnp-trt build .* --max-batch 4"):
-        check_entry(entry, Platform("11.0.0", "NVIDIA H100", "9.0"), "a" * 64, tmp_path)
+        check_entry(entry, Platform("11.0.0", "NVIDIA H100", "9.0"), "a" * 64, "f" * 32, tmp_path)
     with pytest.raises(PnPError, match=r"built for NVIDIA H100 \(sm 9.0\), this GPU is NVIDIA A10 \(sm 8.6\)"):
-        check_entry(entry, Platform("10.13.0.35", "NVIDIA A10", "8.6"), "a" * 64, tmp_path)
+        check_entry(entry, Platform("10.13.0.35", "NVIDIA A10", "8.6"), "a" * 64, "f" * 32, tmp_path)
     with pytest.raises(PnPError, match="built from another unet.onnx"):
-        check_entry(entry, here, "b" * 64, tmp_path)
+        check_entry(entry, here, "b" * 64, "f" * 32, tmp_path)
+    with pytest.raises(PnPError, match="built from another unet.onnx"):  # the same bytes, another export's record
+        check_entry(entry, here, "a" * 64, "0" * 32, tmp_path)
 
 
 def test_engine_manifest_round_trip(tmp_path: Path) -> None:

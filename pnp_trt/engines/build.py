@@ -21,7 +21,7 @@ from polygraphy.logger import G_LOGGER
 from ..contract import ModelDims, graph_specs
 from ..errors import PnPError
 from ..fileio import atomic_write
-from ..manifest import GRAPHS, read_manifest_for_tensorrt, sha256
+from ..manifest import GRAPHS, check_graph_identity, onnx_export_id, read_manifest_for_tensorrt, sha256
 from .availability import require_tensorrt
 from .compat import ENGINES_MANIFEST, EngineEntry, Platform, entries_json
 from .profiles import BuildShapes, Profile, profile_shapes
@@ -140,10 +140,12 @@ def build_all(directory: Path, shapes: BuildShapes, optimization_level: int = 3,
     try:
         for graph in GRAPHS:
             on_graph(graph)
+            check_graph_identity(onnx_export_id(directory / f"{graph}.onnx"), manifest, directory / f"{graph}.onnx")
             build_engine(directory / f"{graph}.onnx", staged[graph], profile_shapes(specs[graph], dims, shapes),
                          optimization_level, timing_cache, on_step)
             entries[graph] = EngineEntry(graph, f"{graph}.plan", sha256(staged[graph]),
-                                         manifest["files"][f"{graph}.onnx"]["sha256"], here, shapes)
+                                         manifest["files"][f"{graph}.onnx"]["sha256"], manifest["export_id"], here,
+                                         shapes)
         for graph, path in staged.items():  # the whole set or nothing: old plans stay with their record
             path.replace(directory / f"{graph}.plan")
     finally:

@@ -16,7 +16,8 @@ from ..errors import PnPError
 from .profiles import BuildShapes
 
 ENGINES_MANIFEST = "engines.json"
-ENGINES_FORMAT = 1
+ENGINES_FORMAT = 2
+"""2: each entry records the export id of the ONNX it was built from."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class EngineEntry:
     file: str
     sha256: str
     onnx_sha256: str
+    export_id: str
     platform: Platform
     shapes: BuildShapes
 
@@ -42,8 +44,8 @@ class EngineEntry:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EngineEntry:
-        return cls(data["graph"], data["file"], data["sha256"], data["onnx_sha256"], Platform(**data["platform"]),
-                   BuildShapes.from_dict(data["shapes"]))
+        return cls(data["graph"], data["file"], data["sha256"], data["onnx_sha256"], data["export_id"],
+                   Platform(**data["platform"]), BuildShapes.from_dict(data["shapes"]))
 
 
 def build_command(directory: Path, shapes: BuildShapes) -> str:
@@ -53,8 +55,8 @@ def build_command(directory: Path, shapes: BuildShapes) -> str:
             f"--max-size {s.max_size[0]}x{s.max_size[1]}")
 
 
-def check_entry(entry: EngineEntry, here: Platform, onnx_sha256: str, directory: Path) -> None:
-    """Refuse an engine built elsewhere or from another ONNX, naming the difference."""
+def check_entry(entry: EngineEntry, here: Platform, onnx_sha256: str, export_id: str, directory: Path) -> None:
+    """Refuse an engine built elsewhere or from another ONNX or export, naming the difference."""
     rebuild = build_command(directory, entry.shapes)
     built, now = entry.platform, here
     if built.tensorrt != now.tensorrt:
@@ -63,7 +65,7 @@ def check_entry(entry: EngineEntry, here: Platform, onnx_sha256: str, directory:
     if built.compute_capability != now.compute_capability:
         raise PnPError(f"{entry.file} was built for {built.gpu} (sm {built.compute_capability}), this GPU is "
                        f"{now.gpu} (sm {now.compute_capability}); rebuild: `{rebuild}`")
-    if entry.onnx_sha256 != onnx_sha256:
+    if entry.onnx_sha256 != onnx_sha256 or entry.export_id != export_id:
         raise PnPError(f"{entry.file} was built from another {entry.graph}.onnx (re-exported since); "
                        f"rebuild: `{rebuild}`")
 

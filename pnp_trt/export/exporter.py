@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from .onnx_graph import (
     export_graph,
     relative_errors,
     run_onnxruntime,
+    stamp_export_id,
 )
 from .stable_norm import two_pass_group_norms
 from .trace_feeds import random_feeds
@@ -56,8 +58,9 @@ def _torch_outputs(module: torch.nn.Module, spec: Any, feeds: dict[str, Any]) ->
 
 
 def export_one(name: str, module: torch.nn.Module, model: TorchModel, out: Path, precision: str,
-               opset: int) -> GraphReport:
-    """Export, clean, check, and validate one graph against PyTorch at a shape other than the traced one."""
+               opset: int, export_id: str) -> GraphReport:
+    """Export, clean, check, and validate one graph against PyTorch at a shape other than the traced one; then
+    stamp it with the export's id."""
     spec = graph_specs(model.dims)[name]
     vocab = int(model.text_encoder.config.vocab_size)
     path, scratch = out / f"{name}.onnx", Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
@@ -79,16 +82,18 @@ def export_one(name: str, module: torch.nn.Module, model: TorchModel, out: Path,
         worst = max(report.errors, key=report.errors.__getitem__)
         raise PnPError(f"{name}.onnx disagrees with PyTorch: {worst} off by {report.worst:.2e} relative "
                        f"(tolerance {TOLERANCE[precision]:.0e}); the export is not trustworthy, nothing was written")
+    stamp_export_id(path, export_id)
     return report
 
 
 def write_side_files(model: TorchModel, out: Path, precision: str, opset: int, attention: str,
-                     reports: list[GraphReport], versions: dict[str, str]) -> None:
+                     reports: list[GraphReport], versions: dict[str, str], export_id: str) -> None:
     """Tokenizer, scheduler config and the manifest (written last, over every other file)."""
     model.tokenizer.save(out / "tokenizer.json")
     (out / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2, default=str))
     manifest = {
-        "format_version": FORMAT_VERSION, "model_id": model.model_id, "weights_sha256": weights_hash(model),
+        "format_version": FORMAT_VERSION, "model_id": model.model_id, "export_id": export_id,
+        "weights_sha256": weights_hash(model),
         "dims": model.dims.to_dict(), "vae_scaling_factor": model.scaling_factor,
         "injection_points": [p.name for p in INJECTION_POINTS], "precision": precision, "opset": opset,
         "attention": attention, "tokenizer": model.tokenizer.settings(),
@@ -134,12 +139,12 @@ def export_loaded(model: TorchModel, out: Path, precision: str = "fp32", opset: 
     _check_destination(out, precision, opset, attention)
     with two_pass_group_norms(model.unet, model.vae), attention_for_export(attention, model.unet, model.vae), \
             staging_directory(out) as tmp:
-        graphs, reports = torch_graphs(model), []
+        graphs, reports, export_id = torch_graphs(model), [], uuid.uuid4().hex
         try:
             for name in GRAPHS:
                 on_graph(name)
-                reports.append(export_one(name, graphs[name], model, tmp, precision, opset))
+                reports.append(export_one(name, graphs[name], model, tmp, precision, opset, export_id))
         finally:
             cast(PnPUNetGraph, graphs["unet"]).release_hooks()
-        write_side_files(model, tmp, precision, opset, attention, reports, versions or {})
+        write_side_files(model, tmp, precision, opset, attention, reports, versions or {}, export_id)
     return reports

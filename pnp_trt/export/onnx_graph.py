@@ -60,6 +60,16 @@ def clean_graph(raw: Path, path: Path) -> None:
     onnx.shape_inference.infer_shapes_path(str(path), str(path))
 
 
+def stamp_export_id(path: Path, export_id: str) -> None:
+    """Write the export's id into the graph's own metadata (weights kept where they are: external data stays
+    external, and is neither read nor rewritten)."""
+    from ..manifest import EXPORT_ID_KEY
+
+    model = onnx.load(str(path), load_external_data=False)
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, EXPORT_ID_KEY: export_id})
+    onnx.save_model(model, str(path))
+
+
 def check_graph(path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=False)
 

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import threading
 import warnings
 from collections import OrderedDict
@@ -200,7 +201,8 @@ def write_source(directory: Path, key: str, source: Source, backend: Backend) ->
 
 
 def read_source(directory: Path, key: str, backend: Backend) -> Source | None:
-    """The stored source, or None (and the file removed) when missing, corrupt or not this key's."""
+    """The stored source, or None (and the file removed) when missing, corrupt, not this key's, or not a
+    well-formed source (`stored_steps`)."""
     from safetensors import safe_open
 
     path = directory / f"{key}.safetensors"
@@ -212,13 +214,32 @@ def read_source(directory: Path, key: str, backend: Backend) -> Source | None:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
         valid = (metadata.get("format") == DISK_FORMAT and metadata.get("key") == key
                  and metadata.get("sha256") == _checksum(tensors))
-        steps = int(metadata.get("steps", "-1"))
+        steps = stored_steps(tensors, metadata) if valid else None
     except Exception:  # any unreadable file is treated as absent and rebuilt
-        valid, steps = False, -1
-    if not valid:
+        steps = None
+    if steps is None:
         path.unlink(missing_ok=True)
         return None
     captured = [{name.split(".", 1)[1]: backend.asarray(a) for name, a in tensors.items()
                  if name.startswith(f"step{i}.")} for i in range(steps)]
     guidance = backend.asarray(tensors["guidance"]) if "guidance" in tensors else None
     return Source(backend.asarray(tensors["start"]), captured, guidance)
+
+
+STEP_TENSOR = re.compile(r"step(0|[1-9][0-9]{0,5})\.[A-Za-z0-9_]+")
+
+
+def stored_steps(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> int | None:
+    """How many capture steps a stored source holds, or None unless it is well formed: a `start`, only
+    `stepN.NAME` tensors (and `guidance`) whose N run 0..steps-1 as the metadata says, every tensor a finite
+    float16/float32 array (a checksum proves the bytes unchanged, not that they are usable)."""
+    names = set(tensors) - {"start", "guidance"}
+    if "start" not in tensors or not all(STEP_TENSOR.fullmatch(n) for n in names):
+        return None
+    indices = {int(n[4:n.index(".")]) for n in names}
+    steps = len(indices)
+    if indices != set(range(steps)) or metadata.get("steps") != str(steps):
+        return None
+    if not all(a.dtype in (np.float16, np.float32) and bool(np.isfinite(a).all()) for a in tensors.values()):
+        return None
+    return steps

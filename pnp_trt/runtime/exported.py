@@ -24,9 +24,11 @@ class Exported:
     schedule: Schedule
 
     def identity(self, runtime: str) -> str:
-        """What the model is, for outputs and cache keys: id, runtime, precision and weights hash."""
+        """What the model is, for outputs and cache keys: id, runtime, precision, weights hash and the export's
+        id (which every graph loaded is checked to carry)."""
         m = self.manifest
-        return f"{m['model_id']} ({runtime} {m['precision']}, weights {m['weights_sha256'][:12]})"
+        return (f"{m['model_id']} ({runtime} {m['precision']}, weights {m['weights_sha256'][:12]}, "
+                f"export {m['export_id'][:12]})")
 
 
 def open_exported(directory: Path | str) -> Exported:

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..contract import PRECISIONS, ModelDims, ZeroBuffers, call_sizes, graph_specs
 from ..errors import PnPError
+from ..manifest import EXPORT_ID_KEY, check_graph_identity
 from .backend import LoadedModel
 from .exported import open_exported
 
@@ -53,7 +54,7 @@ class OnnxRuntimeSessions:
     max_prompt_batch: int | None = None
 
     def __init__(self, directory: Path, manifest: dict[str, Any], provider: str = "cpu"):
-        self.directory, self.provider = directory, check_provider(provider)
+        self.directory, self.provider, self.manifest = directory, check_provider(provider), manifest
         self.dims = ModelDims.from_dict(manifest["dims"])
         self.specs = graph_specs(self.dims)
         self.precision = PRECISIONS[manifest["precision"]]
@@ -76,6 +77,8 @@ class OnnxRuntimeSessions:
         except Exception as exc:  # ORT raises its own types for unreadable/corrupt graphs
             raise PnPError(f"cannot load {self.directory / graph}.onnx ({str(exc).splitlines()[0][:160]}); "
                            f"rebuild it with `pnp-trt export`") from None
+        check_graph_identity(session.get_modelmeta().custom_metadata_map.get(EXPORT_ID_KEY), self.manifest,
+                             self.directory / f"{graph}.onnx")
         spec = self.specs[graph]
         names = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
         if names != (list(spec.input_names), list(spec.output_names)):  # e.g. another graph under this name

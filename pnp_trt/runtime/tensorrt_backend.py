@@ -51,7 +51,7 @@ class TensorRTBackend(TorchArrays):
         self.engines: dict[str, trt.ICudaEngine] = {}
         for graph in GRAPHS:
             entry = entries[graph]
-            check_entry(entry, here, manifest["files"][f"{graph}.onnx"]["sha256"], directory)
+            check_entry(entry, here, manifest["files"][f"{graph}.onnx"]["sha256"], manifest["export_id"], directory)
             engine = runtime.deserialize_cuda_engine((directory / entry.file).read_bytes())
             if engine is None:
                 rebuild = build_command(directory, entry.shapes)

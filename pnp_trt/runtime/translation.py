@@ -70,18 +70,24 @@ class Translation:
 
     def save(self, directory: Path | str) -> list[Path]:
         """One PNG per prompt plus `translate.json` in `directory`, all or nothing (a previous run's results
-        there are replaced as one set); returns the image paths."""
+        there are replaced as one set; a directory holding anything else is refused); returns the image paths."""
         extra = {GUIDANCE_FILE: self.guidance_image} if self.guidance_image is not None else {}
         with writing(Path(directory)):
-            return save_directory(Path(directory), self.prompts, self.images, self.record(), extra)
+            return save_directory(Path(directory), self.prompts, self.images, self.record(), extra,
+                                  inputs=self._inputs())
 
-    def save_image(self, path: Path | str) -> Path:
+    def save_image(self, path: Path | str, overwrite: bool = False) -> Path:
         """A one-prompt translation as one PNG whose `pnp-trt` text chunk holds the record (a decoded generated
-        guidance goes beside it as NAME.guidance.png), all or nothing."""
+        guidance goes beside it as NAME.guidance.png), all or nothing. An existing file is replaced only if
+        pnp-trt wrote it, or with `overwrite` (never the guidance image itself)."""
         if len(self.images) != 1:
             raise PnPError(f"save_image writes one image and this translation has {len(self.images)}; use save(DIR)")
         with writing(Path(path)):
-            return save_file(Path(path), self.images[0], self.record(), self.guidance_image)
+            return save_file(Path(path), self.images[0], self.record(), self.guidance_image, overwrite,
+                             inputs=self._inputs())
+
+    def _inputs(self) -> list[str]:
+        return [self.guidance_file] if self.guidance_file else []
 
 
 def plan_size(model: LoadedModel, config: TranslateConfig, image: Image.Image | None) -> tuple[int, int]:

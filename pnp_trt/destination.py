@@ -1,0 +1,130 @@
+"""The one output policy, for files and directories alike: pnp-trt replaces only what it wrote itself (a PNG
+carrying its record, a directory holding only its record's files), never the input, a link, a device or a
+FIFO, and a user's own regular file only when told to (`overwrite`). Checked before any work and again when
+writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from PIL import Image
+
+from .errors import PnPError
+from .fileio import sweep_stale_staging
+
+RECORD = "translate.json"
+RECORD_CHUNK = "pnp-trt"
+"""The PNG text chunk holding a single image's record (`Image.open(path).text["pnp-trt"]`)."""
+SUFFIX = ".png"
+
+
+def check_destination(out: Path, several: bool, overwrite: bool = False, inputs: Iterable[Path | str] = (),
+                      companions: Iterable[Path] = ()) -> None:
+    """Fail, in one line, before anything is written if the results may not go to `out` (a directory with
+    `several`, else one PNG file, with `companions` written beside it), given the `inputs` read."""
+    out = Path(out)
+    parent = out.parent if out.parent != Path("") else Path(".")
+    if not parent.is_dir():
+        raise PnPError(f"cannot write {out}: directory {parent} does not exist")
+    sweep_stale_staging(parent)  # a killed run's results set is restored before anything is judged
+    read = [Path(p) for p in inputs]
+    if several:
+        _check_directory(out, read)
+    else:
+        for path in (out, *companions):
+            _check_file(path, overwrite, read)
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        raise PnPError(f"cannot write to {parent} ({exc.strerror}); choose another --out") from None
+
+
+def _check_file(path: Path, overwrite: bool, inputs: list[Path]) -> None:
+    _check_name(path)
+    kind = _kind(path)
+    if kind not in (None, "file", "directory"):
+        raise PnPError(f"--out {path} is {kind}; pnp-trt never replaces one: give the path of a new .png file")
+    if kind == "directory":
+        raise PnPError(f"--out {path} is a directory; with one --prompt it is the output image file")
+    if kind == "file" and any(_same_file(path, p) for p in inputs):
+        raise PnPError(f"--out {path} is the guidance image; write the result to another file")
+    if path.suffix.lower() != SUFFIX:
+        raise PnPError(f"--out {path}: the result is a PNG image; give a name ending in .png")
+    if kind == "file" and not overwrite and not written_by_pnp_trt(path):
+        raise PnPError(f"--out {path} exists and was not written by pnp-trt; choose another name, or pass "
+                       "--overwrite to replace it")
+
+
+def _check_directory(out: Path, inputs: list[Path]) -> None:
+    _check_name(out)
+    kind = _kind(out)
+    if kind is None:
+        return
+    if kind == "file":
+        raise PnPError(f"--out {out} is a file; with several --prompt it must be a directory")
+    if kind != "directory":
+        raise PnPError(f"--out {out} is {kind}; pnp-trt never replaces one: give the path of a new directory")
+    if any(p.resolve().is_relative_to(out.resolve()) for p in inputs):
+        raise PnPError(f"--out {out} holds the guidance image; write the results to another directory")
+    foreign = sorted(set(p.name for p in out.iterdir()) - set(previous_results(out)))
+    if foreign:
+        raise PnPError(f"--out {out} holds files pnp-trt did not write ({', '.join(foreign[:3])}); "
+                       "choose a new or empty directory")
+
+
+def _kind(path: Path) -> str | None:
+    """What is at `path` without following a link: None (nothing), 'file', 'directory' or what else it is."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise PnPError(f"cannot use --out {path} ({exc.strerror}); choose another path") from None
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+
+
+def _check_name(path: Path) -> None:
+    parent = path.parent if path.parent != Path("") else Path(".")
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if len(os.fsencode(path.name)) > limit:
+        raise PnPError(f"--out name {path.name[:40]}… is {len(os.fsencode(path.name))} bytes; this file system "
+                       f"allows {limit}: choose a shorter name")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def written_by_pnp_trt(path: Path) -> bool:
+    """A PNG carrying pnp-trt's record chunk (a result, or a guidance written beside one)."""
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and isinstance(json.loads(image.info[RECORD_CHUNK]), dict)
+    except Exception:  # anything unreadable as our PNG is not ours
+        return False
+
+
+def previous_results(out: Path) -> list[str]:
+    """The files a previous run recorded in `out` (its PNGs and the record), if it left a readable record."""
+    try:
+        outputs = json.loads((out / RECORD).read_text())["outputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [RECORD, *outputs] if isinstance(outputs, list) and all(isinstance(n, str) for n in outputs) else []

@@ -1,0 +1,157 @@
+"""The one output policy: nothing pnp-trt did not write is replaced (the input, a user's file, a link, a device,
+a FIFO), names the file system refuses are one line, and a results set survives a kill at any point."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+from conftest import random_image
+from PIL import Image
+from test_cli import assert_user_error, run
+
+from pnp_trt.destination import check_destination, written_by_pnp_trt
+from pnp_trt.errors import PnPError
+from pnp_trt.fileio import RETIRED, sweep_stale_staging
+from pnp_trt.results import save_directory, save_file
+
+DEAD_PID = 2**22 + 1
+"""Above Linux's largest pid: never a running process."""
+
+
+def _snapshot(root: Path) -> dict[str, bytes | str]:
+    """Every entry under `root` by name: a file's bytes, else what it is (links not followed)."""
+    found: dict[str, bytes | str] = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            found[key] = "link:" + os.readlink(path)
+        elif path.is_file():
+            found[key] = path.read_bytes()
+        else:
+            found[key] = "dir" if path.is_dir() else "special"
+    return found
+
+
+def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """Each refused --out: (extra CLI arguments, the fragment its one line must hold)."""
+    guide = tmp / "guide.png"
+    (tmp / "notes.txt").write_text("my notes")
+    (tmp / "holiday.png").write_bytes(random_image(tmp / "x.png", 64, 64).read_bytes())
+    (tmp / "x.png").unlink()
+    os.mkfifo(tmp / "pipe.png")
+    (tmp / "earlier").mkdir()
+    (tmp / "earlier" / "translate.json").write_text('{"outputs": []}')
+    (tmp / "link").symlink_to(tmp / "earlier")
+    (tmp / "link.png").symlink_to(tmp / "holiday.png")
+    return {
+        "the-input": (["--out", str(guide)], "is the guidance image"),
+        "input-hard-link": (["--out", str(_hard_link(guide, tmp / "same.png"))], "is the guidance image"),
+        "input-with-overwrite": (["--out", str(guide), "--overwrite"], "is the guidance image"),
+        "a-users-png": (["--out", str(tmp / "holiday.png")], "was not written by pnp-trt"),
+        "not-png": (["--out", str(tmp / "notes.txt")], "give a name ending in .png"),
+        "webp": (["--out", str(tmp / "result.webp")], "give a name ending in .png"),
+        "fifo": (["--out", str(tmp / "pipe.png"), "--overwrite"], "is a FIFO"),
+        "device": (["--out", "/dev/null", "--overwrite"], "is a device; pnp-trt never replaces one"),
+        "a-users-txt-overwrite": (["--out", str(tmp / "notes.txt"), "--overwrite"], "give a name ending in .png"),
+        "file-link": (["--out", str(tmp / "link.png"), "--overwrite"], "is a symbolic link"),
+        "dir-link": (["--out", str(tmp / "link"), "-p", "b"], "is a symbolic link"),
+        "dir-holds-input": (["--out", str(tmp), "-p", "b"], "holds the guidance image"),
+        "long-name": (["--out", str(tmp / ("n" * 252 + ".png"))], "choose a shorter name"),
+    }
+
+
+def _hard_link(target: Path, link: Path) -> Path:
+    os.link(target, link)
+    return link
+
+
+REFUSED = ["the-input", "input-hard-link", "input-with-overwrite", "a-users-png", "not-png", "webp", "fifo", "device",
+           "a-users-txt-overwrite", "file-link", "dir-link", "dir-holds-input", "long-name"]
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_an_out_pnp_trt_may_not_replace_is_one_line_and_nothing_changes(tiny_model_dir: Path, tmp_path: Path,
+                                                                         case: str) -> None:
+    random_image(tmp_path / "guide.png", 64, 64)
+    args, fragment = _cases(tmp_path)[case]
+    before = _snapshot(tmp_path)
+    result = run("translate", tmp_path / "guide.png", "--model", tiny_model_dir, "-p", "a", *args, "--steps", "1")
+    assert_user_error(result, fragment)
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a device node needs root")
+def test_a_device_is_never_replaced_even_with_overwrite(tmp_path: Path) -> None:
+    device = tmp_path / "null.png"
+    os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    for several in (False, True):
+        with pytest.raises(PnPError, match="is a device; pnp-trt never replaces one"):
+            check_destination(device, several=several, overwrite=True)
+    assert device.is_char_device()
+
+
+def test_overwrite_replaces_a_users_regular_file_and_rerun_replaces_our_own(tiny_model_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    guide = random_image(tmp_path / "guide.png", 64, 64)
+    out = tmp_path / "mine.png"
+    out.write_bytes(b"a user's bytes")
+    result = run("translate", guide, "--model", tiny_model_dir, "-p", "a", "--out", out, "--steps", "1",
+                 "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert written_by_pnp_trt(out)
+    result = run("translate", guide, "--model", tiny_model_dir, "-p", "b", "--out", out, "--steps", "1")
+    assert result.exit_code == 0, result.output  # ours: replaced without being asked
+    assert '"b"' in Image.open(out).info["pnp-trt"]
+
+
+def test_a_generated_guidance_beside_a_result_is_ours_and_a_users_is_not(tmp_path: Path) -> None:
+    image, out = Image.new("RGB", (8, 8)), tmp_path / "r.png"
+    save_file(out, image, {}, guidance=image)
+    assert written_by_pnp_trt(tmp_path / "r.guidance.png")
+    save_file(out, image, {}, guidance=image)  # a rerun replaces both
+    (tmp_path / "s.guidance.png").write_bytes(b"a user's file")
+    with pytest.raises(PnPError, match="s.guidance.png exists and was not written by pnp-trt"):
+        save_file(tmp_path / "s.png", image, {}, guidance=image)
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_a_results_set_is_exchanged_in_one_step(tmp_path: Path, monkeypatch) -> None:
+    """The swap is one rename(2)-class call: no moment exists with neither set at --out."""
+    image, out = Image.new("RGB", (8, 8)), tmp_path / "out"
+    save_directory(out, ["old"], [image], {})
+    monkeypatch.setattr(Path, "rename", lambda *_: pytest.fail("a two-step swap"))
+    save_directory(out, ["new"], [image], {})
+    assert sorted(p.name for p in out.iterdir()) == ["0_new.png", "translate.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_set_a_killed_run_moved_aside_is_restored_before_anything_else(tmp_path: Path) -> None:
+    """Where paths cannot be exchanged the old set waits under a retired name; a run killed there (SIGKILL: the
+    state is built as it left it) has it put back by the next run, before its destination is even judged."""
+    image, out = Image.new("RGB", (8, 8)), tmp_path / "out"
+    save_directory(out, ["old"], [image], {})
+    retired = tmp_path / f"{RETIRED}.{DEAD_PID}.abc"
+    retired.mkdir()
+    out.rename(retired / "out")
+    check_destination(out, several=True)
+    assert sorted(p.name for p in out.iterdir()) == ["0_old.png", "translate.json"] and not retired.exists()
+    live = tmp_path / f"{RETIRED}.{os.getpid()}.def"  # a live run's: left alone
+    live.mkdir()
+    shutil.copytree(out, live / "out")
+    sweep_stale_staging(tmp_path)
+    assert live.exists()
+
+
+def test_without_exchange_the_swap_still_ends_with_one_whole_set(tmp_path: Path, monkeypatch) -> None:
+    import pnp_trt.fileio as fileio
+
+    image, out = Image.new("RGB", (8, 8)), tmp_path / "out"
+    save_directory(out, ["old"], [image], {})
+    monkeypatch.setattr(fileio, "exchange", lambda a, b: False)
+    save_directory(out, ["new"], [image], {})
+    assert sorted(p.name for p in out.iterdir()) == ["0_new.png", "translate.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
