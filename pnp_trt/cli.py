@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from . import validation
 from .config import DEFAULT_DISK_CACHE_BYTES, Limits, TranslateConfig
 from .destination import check_destination
 from .errors import PnPError
@@ -135,6 +136,7 @@ def translate(
     if save_guidance and source_prompt is None:
         raise PnPError("--save-guidance saves a guidance generated from --source-prompt; an IMAGE is already saved")
     check_backend(backend)
+    validation.prompts(prompt)
     config = TranslateConfig(steps=steps, inversion_steps=inversion_steps, inversion_prompt=inversion_prompt,
                              guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                              feature_injection=feature_injection, attention_injection=attention_injection,

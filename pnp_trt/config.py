@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .contract import SIZE_MULTIPLE
 from .errors import PnPError
+from .validation import integer, number, text
 
 DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, black, low res, unrealistic"
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
+MAX_GUIDANCE_SCALE = 1000.0
+"""|s| beyond this only overflows: the paper uses 7.5, and 1e308 turned every image black."""
 DEFAULT_CACHE_BYTES = 2 << 30
 """What the in-memory source cache may hold."""
 DEFAULT_DISK_CACHE_BYTES = 16 << 30
@@ -46,26 +49,34 @@ class TranslateConfig:
     None: chosen from free device memory (4 on the CPU). Results do not depend on it."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise PnPError(f"--steps must be at least 1, got {self.steps}")
-        if self.inversion_steps is not None and self.inversion_steps < 1:
-            raise PnPError(f"--inversion-steps must be at least 1, got {self.inversion_steps}")
+        """Every field typed and bounded (`validation`), whichever surface built the config."""
+        integer("--steps", self.steps, 1)
+        if self.inversion_steps is not None:
+            integer("--inversion-steps", self.inversion_steps, 1)
+        text("--inversion-prompt", self.inversion_prompt)
+        text("--negative-prompt", self.negative_prompt)
         for flag, tau in (("--feature-injection", self.feature_injection),
                           ("--attention-injection", self.attention_injection)):
-            if not 0.0 <= tau <= 1.0:
-                raise PnPError(f"{flag} must be between 0 and 1 (a fraction of the steps), got {tau}")
+            number(flag, tau, 0.0, 1.0)
         for flag, size in (("--height", self.height), ("--width", self.width)):
-            if size is not None and (size < SIZE_MULTIPLE or size % SIZE_MULTIPLE):
+            if size is not None and (integer(flag, size) < SIZE_MULTIPLE or size % SIZE_MULTIPLE):
                 raise PnPError(f"{flag} must be a multiple of {SIZE_MULTIPLE} and at least {SIZE_MULTIPLE}, "
                                f"got {size}")
         for flag, scale in (("--guidance-scale", self.guidance_scale),
                             ("--source-guidance-scale", self.source_guidance_scale)):
-            if not math.isfinite(scale):
-                raise PnPError(f"{flag} must be a finite number (7.5 is the paper's), got {scale}")
-        if self.seed < 0:
-            raise PnPError(f"--seed must be 0 or more, got {self.seed}")
-        if self.prompt_batch_size is not None and self.prompt_batch_size < 1:
-            raise PnPError(f"prompt batch size must be at least 1, got {self.prompt_batch_size}")
+            number(flag, scale, -MAX_GUIDANCE_SCALE, MAX_GUIDANCE_SCALE)
+        integer("--seed", self.seed, 0, 2**32 - 1)
+        if self.prompt_batch_size is not None:
+            integer("prompt batch size", self.prompt_batch_size, 1, 1024)
+
+    @classmethod
+    def of(cls, settings: Mapping[str, Any]) -> TranslateConfig:
+        """From keyword settings (the API's `**settings`), an unknown name refused in one line."""
+        unknown = sorted(set(settings) - {f.name for f in fields(cls)})
+        if unknown:
+            raise PnPError(f"unknown setting(s) {', '.join(map(repr, unknown))}; the settings are "
+                           f"{', '.join(f.name for f in fields(cls))}")
+        return cls(**settings)
 
     @property
     def effective_inversion_steps(self) -> int:

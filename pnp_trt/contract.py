@@ -10,6 +10,9 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import validation
+from .errors import PnPError
+
 FLOAT = "float"
 """Placeholder dtype: the graph's precision (float32, or float16 in mixed-precision exports)."""
 PRECISIONS = {"fp32": "float32", "fp16": "float16"}
@@ -88,7 +91,19 @@ class ModelDims:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelDims:
-        return cls(**{**data, "unet_channels": tuple(data["unet_channels"])})
+        """From a manifest's `dims`, every field typed and bounded (a tampered manifest is one line)."""
+        channels = data.get("unet_channels")
+        if not isinstance(channels, list) or not 2 <= len(channels) <= 8:
+            raise PnPError(f"dims.unet_channels must be a list of 2 to 8 widths, got {channels!r:.40}")
+        factor = validation.integer("dims.vae_factor", data.get("vae_factor"), 1, 64)
+        if factor & (factor - 1):
+            raise PnPError(f"dims.vae_factor must be a power of two, got {factor}")
+        return cls(text_length=validation.integer("dims.text_length", data.get("text_length"), 1, 1024),
+                   text_dim=validation.integer("dims.text_dim", data.get("text_dim"), 1, 65536),
+                   latent_channels=validation.integer("dims.latent_channels", data.get("latent_channels"), 1, 64),
+                   vae_factor=factor,
+                   unet_channels=tuple(validation.integer(f"dims.unet_channels[{i}]", c, 1, 65536)
+                                       for i, c in enumerate(channels)))
 
     @property
     def size_multiple(self) -> int:

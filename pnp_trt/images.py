@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,10 +22,15 @@ MAX_PIXELS = 50_000_000
 """Largest guidance image read (an 8K photo is 33 Mpx): a larger header is refused before decoding."""
 
 
+NO_BRIGHTNESS_RANGE = {"I": "32-bit integer", "F": "32-bit float"}
+"""Modes whose values have no standard black and white: stretching them to their own maximum turned a
+near-black picture white; refused instead."""
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB from any mode: 16/32-bit greyscale rescaled, transparency composited over white."""
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        image = Image.fromarray(_to_8bit(np.asarray(image), 65535.0 if image.mode.startswith("I;16") else None), "L")
+    """RGB from any mode: 16-bit greyscale rescaled, transparency composited over white."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        image = Image.fromarray(_to_8bit(np.asarray(image), 65535.0), "L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -32,10 +38,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _to_8bit(values: np.ndarray, top: float | None) -> np.ndarray:
-    """Greyscale of any depth → uint8, `top` (default: the image's maximum) mapped to 255; in float32 row
-    bands of 256 rows, so the conversion needs about twice the image's size, not twelve times."""
-    top = top or max(float(values.max()), 1.0)
+def _to_8bit(values: np.ndarray, top: float) -> np.ndarray:
+    """Greyscale of any depth → uint8, `top` mapped to 255; in float32 row bands of 256 rows, so the
+    conversion needs about twice the image's size, not twelve times."""
     out = np.empty(values.shape, np.uint8)
     for row in range(0, values.shape[0], 256):
         band = values[row:row + 256].astype(np.float32)
@@ -49,29 +54,76 @@ def load_guidance(path: Path | str) -> Image.Image:
     path = Path(path)
     if path.is_dir():
         raise PnPError(f"guidance image {path} is a directory; pass the path of a PNG/JPEG image")
-    if not path.is_file():
+    if not os.path.lexists(path) or (path.is_symlink() and not path.exists()):
         raise PnPError(f"guidance image {path} does not exist; pass the path of a PNG/JPEG image")
+    if not path.is_file():
+        raise PnPError(f"guidance image {path} is not a regular file (a FIFO or device); pass the path of a "
+                       "PNG/JPEG image")
+    return _open_checked(path, str(path))
+
+
+def _open_checked(source: Path | IO[bytes], name: str) -> Image.Image:
     try:
         with warnings.catch_warnings():  # our own pixel limit answers, before Pillow's bomb warning matters
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(path)
+            opened = Image.open(source)
         with opened:
-            _check_size(opened, str(path))
+            _check_size(opened, name)
             opened.load()
-            return normalize_guidance(opened, str(path))
+            return normalize_guidance(opened, name)
     except Image.DecompressionBombError:  # Pillow's own refusal, from the header, past ~179 Mpx
-        raise PnPError(f"guidance image {path} has more than 179 Mpx (its header says so); the limit is "
+        raise PnPError(f"guidance image {name} has more than 179 Mpx (its header says so); the limit is "
                        f"{MAX_PIXELS / 1e6:.0f} Mpx: downscale it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise PnPError(f"cannot read {path} as an image ({type(exc).__name__}); "
+        raise PnPError(f"cannot read {name} as an image ({type(exc).__name__}); "
                        "pass a valid PNG/JPEG/WebP file") from None
+
+
+def as_guidance(value: object) -> Image.Image:
+    """What a user may pass as the guidance, as `normalize_guidance` gives it: a path (str or Path), a PIL
+    image, the bytes of an image file, or an H×W×3 / H×W uint8 array; anything else is one line."""
+    if isinstance(value, (str, Path)):
+        return load_guidance(value)
+    if isinstance(value, Image.Image):
+        return normalize_guidance(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return decode_guidance(bytes(value))
+    if isinstance(value, np.ndarray) and value.dtype == np.uint8 and (
+            value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (3, 4))):
+        return normalize_guidance(Image.fromarray(value), "the array")
+    shown = f"an array of {value.dtype} {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
+    raise PnPError(f"the guidance image must be a path, a PIL image, an image file's bytes or an H×W×3 uint8 "
+                   f"array (RGB, 0-255), got {shown}")
+
+
+def decode_guidance(data: bytes, name: str = "the image bytes") -> Image.Image:
+    """An image file held in memory, checked from its header before decoding, as for a file."""
+    return _open_checked(io.BytesIO(data), name)
 
 
 def normalize_guidance(image: Image.Image, name: str = "the guidance image") -> Image.Image:
     """Any guidance (file or PIL image) as upright RGB: EXIF orientation applied first (a phone photo
-    stored sideways), any mode converted; too small or too large is a clear error."""
+    stored sideways), any mode converted; too small or too large, several frames or pixels without a
+    brightness range are a clear error."""
     _check_size(image, name)
-    return _to_rgb(ImageOps.exif_transpose(image))
+    frames = int(getattr(image, "n_frames", 1))
+    if frames > 1:
+        raise PnPError(f"{name} has {frames} frames (animated or multi-page); pnp-trt translates one "
+                       "still image: save the frame you want as a PNG first")
+    if image.mode in NO_BRIGHTNESS_RANGE:
+        raise PnPError(f"{name} is a {NO_BRIGHTNESS_RANGE[image.mode]} image, whose brightness has no standard "
+                       "range; convert it to an 8- or 16-bit image first")
+    return _to_rgb(_upright(image, name))
+
+
+def _upright(image: Image.Image, name: str) -> Image.Image:
+    """EXIF orientation applied; an EXIF block Pillow cannot parse is ignored, with a warning."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # Pillow raises struct.error, TypeError, ... on damaged EXIF
+        warnings.warn(f"{name} has damaged EXIF data; its orientation tag is ignored", RuntimeWarning,
+                      stacklevel=3)
+        return image
 
 
 def _check_size(image: Image.Image, name: str) -> None:

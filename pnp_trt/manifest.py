@@ -12,7 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .contract import PRECISIONS
+from . import validation
+from .contract import PRECISIONS, ModelDims
 from .errors import PnPError
 
 FORMAT_VERSION = 3
@@ -117,6 +118,14 @@ def schema_problem(manifest: dict[str, Any], directory: Path) -> str | None:
     for key, kind in DIMS.items():
         if not isinstance(manifest["dims"].get(key), kind):
             return f"`dims.{key}` is missing or not a {kind.__name__}"
+    try:
+        dims = ModelDims.from_dict(manifest["dims"])
+        tokenizer = manifest["tokenizer"]
+        validation.integer("tokenizer.max_length", tokenizer.get("max_length"), dims.text_length, dims.text_length)
+        validation.integer("tokenizer.pad_id", tokenizer.get("pad_id"), 0, 2**31 - 1)
+        validation.text("tokenizer.pad_token", tokenizer.get("pad_token"))
+    except PnPError as exc:
+        return str(exc)
     if not re.fullmatch(r"[0-9a-f]{32}", manifest["export_id"]):
         return f"`export_id` is {manifest['export_id'][:40]!r}, not 32 hex digits"
     if manifest["precision"] not in PRECISIONS:

@@ -7,12 +7,13 @@ to arrays, the schedule coefficients are Python floats. Nothing here imports a b
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from . import validation
 from .errors import PnPError
 
 Array = Any
@@ -43,52 +44,66 @@ class Schedule:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Schedule:
-        """Read a diffusers scheduler config dict; refuse what DDIM eta 0 here does not implement."""
+        """Read a diffusers scheduler config dict, every field it uses typed and bounded; refuse what DDIM
+        eta 0 here does not implement."""
+        field = _config_reader(config)
         for flag in ("thresholding", "rescale_betas_zero_snr"):
-            if config.get(flag):
+            if field(flag, False, validation.boolean):
                 raise PnPError(f"scheduler config sets `{flag}`, which pnp-trt does not implement; "
                                f"use a model whose scheduler config has {flag}=false")
-        spacing = config.get("timestep_spacing", "leading")
-        if spacing not in _SPACINGS:
-            raise PnPError(f"scheduler timestep_spacing {spacing!r} is not supported; "
-                           f"expected one of {', '.join(_SPACINGS)}")
-        prediction = config.get("prediction_type", "epsilon")
-        if prediction not in ("epsilon", "v_prediction"):
-            raise PnPError(f"scheduler prediction_type {prediction!r} is not supported; "
-                           "expected 'epsilon' or 'v_prediction'")
-        alphas = _alphas_cumprod(config)
+        spacing = field("timestep_spacing", "leading", lambda n, v: validation.one_of(n, v, _SPACINGS))
+        prediction = field("prediction_type", "epsilon",
+                           lambda n, v: validation.one_of(n, v, ("epsilon", "v_prediction")))
+        alphas = _alphas_cumprod(config, field)
+        n = len(alphas)
         return cls(
             alphas_cumprod=tuple(float(a) for a in alphas),
-            final_alpha_cumprod=1.0 if config.get("set_alpha_to_one", True) else float(alphas[0]),
+            final_alpha_cumprod=1.0 if field("set_alpha_to_one", True, validation.boolean) else float(alphas[0]),
             timestep_spacing=spacing,
-            steps_offset=int(config.get("steps_offset", 0)),
+            steps_offset=field("steps_offset", 0, lambda name, v: validation.integer(name, v, 0, n - 1)),
             prediction_type=prediction,
-            clip_sample=bool(config.get("clip_sample", True)),
-            clip_sample_range=float(config.get("clip_sample_range", 1.0)),
+            clip_sample=field("clip_sample", True, validation.boolean),
+            clip_sample_range=field("clip_sample_range", 1.0, lambda name, v: validation.number(name, v, 1e-6)),
         )
 
 
-def _alphas_cumprod(config: Mapping[str, Any]) -> np.ndarray:
-    """ᾱ_t = Π(1 - β_s), rounded to float32 bit for bit as diffusers' DDIMScheduler computes them."""
-    n = int(config.get("num_train_timesteps", 1000))
-    kind = config.get("beta_schedule", "linear")
-    start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+def _config_reader(config: Mapping[str, Any]) -> Callable[[str, Any, Callable[[str, Any], Any]], Any]:
+    """`field(key, default, check)`: a config value (the default when absent or null), checked by `check`, its
+    error naming the scheduler config's field."""
+    def field(key: str, default: Any, check: Callable[[str, Any], Any]) -> Any:
+        value = config.get(key)
+        return check(f"scheduler config `{key}`", default if value is None else value)
+    return field
+
+
+def _alphas_cumprod(config: Mapping[str, Any], field: Callable[..., Any]) -> np.ndarray:
+    """ᾱ_t = Π(1 - β_s), rounded to float32 bit for bit as diffusers' DDIMScheduler computes them; every β in
+    (0, 1)."""
+    n = field("num_train_timesteps", 1000, lambda name, v: validation.integer(name, v, 2, 100_000))
+    kind = field("beta_schedule", "linear", lambda name, v: validation.one_of(name, v, _BETA_SCHEDULES))
+    start = field("beta_start", 0.0001, lambda name, v: validation.number(name, v, 1e-12, 0.999))
+    end = field("beta_end", 0.02, lambda name, v: validation.number(name, v, start, 0.999))
     if config.get("trained_betas") is not None:
-        betas = np.asarray(config["trained_betas"], dtype=np.float32)
+        betas = _trained_betas(config["trained_betas"], n)
     elif kind == "linear":
         betas = _linspace_float32(start, end, n)
     elif kind == "scaled_linear":
         betas = _linspace_float32(start**0.5, end**0.5, n) ** 2
-    elif kind == "squaredcos_cap_v2":
+    else:  # squaredcos_cap_v2
         def alpha_bar(t: float) -> float:
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
         betas = np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)],
                          dtype=np.float32)
-    else:
-        raise PnPError(f"scheduler beta_schedule {kind!r} is not supported; "
-                       f"expected one of {', '.join(_BETA_SCHEDULES)}")
     alphas = (np.float32(1.0) - betas).astype(np.float64)
     return np.cumprod(alphas).astype(np.float32)  # torch's CPU cumprod accumulates in float64
+
+
+def _trained_betas(values: Any, n: int) -> np.ndarray:
+    name = "scheduler config `trained_betas`"
+    if not isinstance(values, (list, tuple)) or len(values) != n:
+        raise PnPError(f"{name} must be a list of num_train_timesteps ({n}) numbers")
+    return np.array([validation.number(f"{name}[{i}]", b, 1e-12, 0.999) for i, b in enumerate(values)],
+                    dtype=np.float32)
 
 
 def _linspace_float32(start: float, end: float, n: int) -> np.ndarray:

@@ -31,6 +31,9 @@ class PromptTokenizer:
             tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as exc:
             raise PnPError(f"cannot read tokenizer {path}: {exc}; re-run `pnp-trt export`") from None
+        if not 0 <= int(settings["pad_id"]) < tok.get_vocab_size():
+            raise PnPError(f"tokenizer pad_id {settings['pad_id']} is outside its vocabulary of "
+                           f"{tok.get_vocab_size()}; re-run `pnp-trt export`")
         return cls(tok, int(settings["max_length"]), int(settings["pad_id"]), str(settings["pad_token"]))
 
     def settings(self) -> dict[str, Any]:

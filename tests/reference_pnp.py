@@ -18,7 +18,8 @@ ATTENTION = [f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1.{w}"
 
 
 class PaperPnP:
-    def __init__(self, model_dir: str, dtype: torch.dtype):
+    def __init__(self, model_dir: str, dtype: torch.dtype, alphas_cumprod: torch.Tensor | None = None):
+        """`alphas_cumprod`: float32 ᾱ to use instead of the scheduler's own (see `test_parity.paper64`)."""
         self.dtype = dtype
         load = dict(use_safetensors=True, torch_dtype=dtype)
         self.unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **load).eval()
@@ -26,6 +27,10 @@ class PaperPnP:
         self.text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", **load).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
         self.scheduler = DDIMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+        if alphas_cumprod is not None:
+            self.scheduler.alphas_cumprod = alphas_cumprod.to(torch.float32)
+            if not self.scheduler.config.set_alpha_to_one:
+                self.scheduler.final_alpha_cumprod = self.scheduler.alphas_cumprod[0]
         self.inject = {"feature": False, "attention": False}
         modules = dict(self.unet.named_modules())
         modules[RESBLOCK].register_forward_hook(self._copy_source("feature"))

@@ -147,7 +147,7 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     ("inf-scale", ["{guide}", "--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
     ("nan-source-scale", ["--source-prompt", "a castle", "--source-guidance-scale", "nan"],
      "--source-guidance-scale must be a finite number"),
-    ("seed", ["--source-prompt", "a castle", "--seed", "-1"], "--seed must be 0 or more"),
+    ("seed", ["--source-prompt", "a castle", "--seed", "-1"], "--seed must be between 0 and 4294967295, got -1"),
     ("tau_f", ["{guide}", "--feature-injection", "1.5"], "--feature-injection must be between 0 and 1"),
     ("tau_a", ["{guide}", "--attention-injection", "-0.1"], "--attention-injection must be between 0 and 1"),
     ("steps", ["{guide}", "--steps", "0"], "--steps must be at least 1"),
@@ -157,6 +157,9 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     ("no-guidance", [], "exactly one"),
     ("out-dir-missing", ["{guide}", "--out", "{tmp}/no/such/dir/o.png"], "does not exist"),
     ("out-is-dir", ["{guide}", "--out", "{tmp}"], "is a directory"),
+    ("empty-prompt", ["{guide}", "-p", ""], "prompt 1 must not be empty"),
+    ("blank-prompt", ["{guide}", "-p", "   "], "prompt 1 must not be empty"),
+    ("huge-scale", ["{guide}", "--guidance-scale", "1e308"], "--guidance-scale must be between -1000 and 1000"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tiny_model_dir: Path, tmp_path: Path, case: str,
                                                    args: list[str], fragment: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -99,3 +100,100 @@ def test_outputs_over_the_pixel_limit_are_refused(tiny_torch, exported: Path, tm
                                       "onnxruntime", "--engines", str(exported)])
     assert result.exit_code == 2 and "is 4.19 Mpx, over the 1.05 Mpx limit" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def _tiff(path: Path, values: np.ndarray) -> Path:
+    Image.fromarray(values).save(path, format="TIFF")
+    return path
+
+
+def _animated(path: Path, fmt: str) -> Path:
+    frames = [Image.new("RGB", (64, 64), c) for c in ((200, 0, 0), (0, 200, 0))]
+    frames[0].save(path, format=fmt, save_all=True, append_images=frames[1:])
+    return path
+
+
+@pytest.mark.parametrize("case,make,fragment", [
+    ("32-bit int TIFF", lambda p: _tiff(p / "i.tif", np.full((64, 64), 3, np.int32)), "32-bit integer image"),
+    ("NaN float TIFF", lambda p: _tiff(p / "f.tif", np.full((64, 64), np.nan, np.float32)), "32-bit float image"),
+    ("animated GIF", lambda p: _animated(p / "a.gif", "GIF"), "has 2 frames"),
+    ("animated WebP", lambda p: _animated(p / "a.webp", "WEBP"), "has 2 frames"),
+    ("APNG", lambda p: _animated(p / "a.png", "PNG"), "has 2 frames"),
+    ("multi-page TIFF", lambda p: _animated(p / "m.tif", "TIFF"), "has 2 frames"),
+])
+def test_guidance_pixels_without_one_meaning_are_refused(tmp_path: Path, case: str, make, fragment: str) -> None:
+    """No guess stands in for the user's picture: no brightness range (a near-black 32-bit image was stretched to
+    white, a NaN one went black) or several frames (frame 0 was taken silently) is one line."""
+    with pytest.raises(PnPError, match=fragment):
+        load_guidance(make(tmp_path))
+
+
+def test_damaged_exif_is_ignored_with_a_warning(tmp_path: Path, monkeypatch) -> None:
+    """Pillow's EXIF parser raising on a damaged block (struct.error was seen; Pillow 13 tolerates the blocks we
+    could craft, so its failure is raised here) costs the orientation tag, with a warning, not the run."""
+    import struct
+
+    from PIL import ImageOps
+
+    def damaged(image):
+        raise struct.error("unpack requires a buffer of 12 bytes")
+
+    path = tmp_path / "photo.jpg"
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(path)
+    monkeypatch.setattr(ImageOps, "exif_transpose", damaged)
+    with pytest.warns(RuntimeWarning, match="damaged EXIF"):
+        image = load_guidance(path)
+    assert image.size == (64, 64) and image.mode == "RGB"
+
+
+def test_every_reasonable_guidance_form_gives_the_same_image(tmp_path: Path) -> None:
+    """A path (str or Path), a PIL image, the file's bytes, an H×W×3 uint8 array: one picture."""
+    from pnp_trt.images import as_guidance
+
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 96, 3), np.uint8)
+    path = tmp_path / "g.png"
+    Image.fromarray(pixels).save(path)
+    for form in (path, str(path), Image.open(path), path.read_bytes(), pixels):
+        assert np.array_equal(np.asarray(as_guidance(form)), pixels), type(form)
+
+
+@pytest.mark.parametrize("value,fragment", [
+    (np.zeros((3, 64, 64), np.float32), "got an array of float32 (3, 64, 64)"),
+    (b"not an image", "cannot read the image bytes as an image"),
+    (12, "got int"),
+])
+def test_other_guidance_forms_are_one_line(value, fragment: str) -> None:
+    from pnp_trt.images import as_guidance
+
+    with pytest.raises(PnPError, match=re.escape(fragment)):
+        as_guidance(value)
+
+
+@pytest.mark.parametrize("settings,fragment", [
+    ({"steps": "2"}, "--steps must be a whole number, got '2' (str)"),
+    ({"steps": 2.5}, "--steps must be a whole number, got 2.5 (float)"),
+    ({"steps": True}, "--steps must be a whole number"),
+    ({"feature_injection": "0.5"}, "--feature-injection must be a number"),
+    ({"guidance_scale": 1e308}, "--guidance-scale must be between -1000 and 1000"),
+    ({"negative_prompt": None}, "--negative-prompt must be text"),
+    ({"seed": 2**70}, "--seed must be between 0 and"),
+    ({"stepz": 3}, "unknown setting(s) 'stepz'"),
+])
+def test_api_settings_are_typed_and_bounded(tiny_torch, settings: dict, fragment: str) -> None:
+    with pytest.raises(PnPError) as error:
+        Translator(tiny_torch).translate(["a cat"], Image.new("RGB", (128, 64)), **settings)
+    assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize("prompts,fragment", [
+    ([], "give at least one target prompt"), (None, "give at least one target prompt"),
+    ([1, 2], "prompt 1 must be text, got 1 (int)"), (["a cat", "  "], "prompt 2 must not be empty"),
+    (["\udcff"], "prompt 1 is not valid UTF-8"),
+])
+def test_prompts_follow_one_rule_everywhere(tiny_torch, prompts, fragment: str) -> None:
+    with pytest.raises(PnPError, match=re.escape(fragment)):
+        Translator(tiny_torch).translate(prompts, Image.new("RGB", (128, 64)), **SETTINGS)
+
+
+def test_a_model_path_may_be_a_path(tiny_model_dir: Path) -> None:
+    assert Translator.open("torch", model=tiny_model_dir).model.dims.latent_channels == 4

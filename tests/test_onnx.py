@@ -162,6 +162,16 @@ MALFORMED_MANIFESTS = [
     (lambda m: {k: v for k, v in m.items() if k != "model_id"}, "`model_id` is missing"),
     (lambda m: {k: v for k, v in m.items() if k != "export_id"}, "`export_id` is missing"),
     (lambda m: {**m, "export_id": "../" * 11}, "not 32 hex digits"),
+    (lambda m: {**m, "dims": {**m["dims"], "vae_factor": 0}}, "dims.vae_factor must be between 1 and 64, got 0"),
+    (lambda m: {**m, "dims": {**m["dims"], "vae_factor": -8}}, "dims.vae_factor must be between 1 and 64"),
+    (lambda m: {**m, "dims": {**m["dims"], "vae_factor": 6}}, "dims.vae_factor must be a power of two"),
+    (lambda m: {**m, "dims": {**m["dims"], "unet_channels": []}}, "dims.unet_channels must be a list of 2 to 8"),
+    (lambda m: {**m, "dims": {**m["dims"], "unet_channels": ["a", "b"]}}, "dims.unet_channels[0] must be a whole"),
+    (lambda m: {**m, "tokenizer": {**m["tokenizer"], "max_length": 5}}, "tokenizer.max_length must be between 77"),
+    (lambda m: {**m, "tokenizer": {**m["tokenizer"], "pad_id": -1}}, "tokenizer.pad_id must be between 0"),
+    (lambda m: {**m, "tokenizer": {**m["tokenizer"], "pad_id": 10**6}}, "pad_id 1000000 is outside its vocabulary"),
+    (lambda m: {**m, "dims": {**m["dims"], "text_dim": 33}}, "axis 2 is 32, the manifest's dims say 33"),
+    (lambda m: {**m, "precision": "fp16"}, "is tensor(float), the manifest's fp16 export means tensor(float16)"),
 ]
 
 

@@ -10,11 +10,15 @@ from ..extras import require
 from .backend import LoadedModel
 
 
-def open_model(backend: str, model: str | None, engines: Path | str | None, provider: str = "cpu",
+def open_model(backend: str, model: str | Path | None, engines: Path | str | None, provider: str = "cpu",
                cuda_graphs: bool = True) -> LoadedModel:
-    """torch runs a diffusers model (hub id or dir); the others run an exported/built directory.
-    `cuda_graphs`: replay the UNet as CUDA graphs where the backend runs on CUDA."""
+    """torch runs a diffusers model (hub id or dir, as str or Path); the others run an exported/built
+    directory. `cuda_graphs`: replay the UNet as CUDA graphs where the backend runs on CUDA."""
     check_backend(backend)
+    model = str(model) if isinstance(model, Path) else model
+    for name, value in (("model", model), ("engines", engines), ("provider", provider)):
+        if value is not None and not isinstance(value, (str, Path)):
+            raise PnPError(f"{name} must be a path or a name (text), got {type(value).__name__}")
     if backend == "torch":
         require("torch", "the torch backend")
         from ..models import DEFAULT_MODEL

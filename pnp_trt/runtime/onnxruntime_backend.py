@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from ..contract import PRECISIONS, ModelDims, ZeroBuffers, call_sizes, graph_specs
+from ..contract import PRECISIONS, GraphSpec, ModelDims, ZeroBuffers, call_sizes, graph_specs
 from ..errors import PnPError
-from ..manifest import EXPORT_ID_KEY, check_graph_identity
+from ..manifest import EXPORT_ID_KEY, MANIFEST, check_graph_identity, rebuild_hint
 from .backend import LoadedModel
 from .exported import open_exported
 
@@ -85,11 +85,32 @@ class OnnxRuntimeSessions:
             raise PnPError(f"{self.directory / graph}.onnx is not a PnP {graph} graph (inputs "
                            f"{', '.join(names[0][:3])}{', …' if len(names[0]) > 3 else ''}); "
                            f"rebuild it with `pnp-trt export`")
+        declared = declaration_problem(session.get_inputs(), spec, self.manifest["precision"])
+        if declared:
+            raise PnPError(f"{self.directory / graph}.onnx disagrees with {MANIFEST} ({declared}); rebuild with "
+                           f"`{rebuild_hint(self.manifest, Path('NEW_DIR'))}`")
         if session.get_providers()[0] != self.provider:  # ORT falls back to the CPU when a GPU provider fails
             raise PnPError(f"onnxruntime could not start {self.provider} (it fell back to "
                            f"{session.get_providers()[0]}); check that CUDA and cuDNN libraries are on the "
                            "library path, or use --provider cpu")
         return session
+
+
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
+             "bool": "tensor(bool)"}
+
+
+def declaration_problem(inputs: Sequence[Any], spec: GraphSpec, precision: str) -> str | None:
+    """What a loaded graph's inputs declare that the manifest's contract does not (a dtype, i.e. the precision,
+    or a fixed size such as the text width), or None."""
+    for declared, tensor in zip(inputs, spec.inputs, strict=True):
+        expected = ORT_TYPES.get(tensor.numpy_dtype(PRECISIONS[precision]))
+        if declared.type != expected:
+            return f"input {tensor.name} is {declared.type}, the manifest's {precision} export means {expected}"
+        for axis, (size, wanted) in enumerate(zip(declared.shape, tensor.axes, strict=False)):
+            if isinstance(wanted, int) and isinstance(size, int) and size != wanted:
+                return f"input {tensor.name} axis {axis} is {size}, the manifest's dims say {wanted}"
+    return None
 
 
 class OnnxRuntimeBackend(OnnxRuntimeSessions):

@@ -10,12 +10,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .. import validation
 from ..config import Limits, TranslateConfig
 from ..contract import INJECTION_POINTS, array_precision, axis_sizes, captured_name, graph_specs
 from ..engines.buffers import auto_prompt_batch
 from ..errors import PnPError
 from ..fileio import writing
-from ..images import normalize_guidance, output_size, to_array, to_pil
+from ..images import as_guidance, output_size, to_array, to_pil
 from ..results import save_directory, save_file, versions
 from .backend import LoadedModel
 from .cache import SourceCache, source_key
@@ -134,10 +135,11 @@ def memory_prompt_batch(model: LoadedModel, source: Source) -> int:
 
 
 def translate(model: LoadedModel, prompts: Sequence[str] | str, config: TranslateConfig | None = None,
-              image: Image.Image | None = None, source_prompt: str | None = None,
+              image: Image.Image | Path | str | bytes | np.ndarray | None = None, source_prompt: str | None = None,
               progress: Progress = no_progress, cache: SourceCache | None = None,
               limits: Limits | None = None, decode_guidance: bool = False) -> Translation:
-    """Translate a guidance image (or one generated from `source_prompt`) into each target prompt.
+    """Translate a guidance image (or one generated from `source_prompt`) into each target prompt. `image`:
+    what `images.as_guidance` takes (a path, PIL image, image file bytes or uint8 array).
 
     With a `cache`, the source branch is looked up first and stored after: later calls on the same
     guidance and settings run only the injection passes, whatever their prompts. On a GPU the whole call
@@ -145,11 +147,11 @@ def translate(model: LoadedModel, prompts: Sequence[str] | str, config: Translat
     """
     if (image is None) == (source_prompt is None):
         raise PnPError("give exactly one guidance: an image or a source prompt")
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise PnPError("give at least one target prompt (--prompt TEXT)")
+    prompts = validation.prompts(prompts)
+    if source_prompt is not None:
+        validation.text("the source prompt", source_prompt)
     config = config or TranslateConfig()
-    image = normalize_guidance(image) if image is not None else None
+    image = as_guidance(image) if image is not None else None
     size = plan_size(model, config, image)
     (limits or Limits()).check_output(*size)
     pixels = to_array(image, size) if image is not None else None

@@ -11,7 +11,7 @@ from typing import Any
 from PIL import Image
 
 from ..config import DEFAULT_CACHE_BYTES, DEFAULT_DISK_CACHE_BYTES, Limits, TranslateConfig
-from ..images import load_guidance
+from ..images import as_guidance
 from .backend import LoadedModel
 from .cache import SourceCache
 from .loading import open_model
@@ -30,7 +30,7 @@ class Translator:
         self._turns = None if model.backend.concurrent_calls else threading.Lock()
 
     @classmethod
-    def open(cls, backend: str = "torch", model: str | None = None, engines: Path | str | None = None,
+    def open(cls, backend: str = "torch", model: str | Path | None = None, engines: Path | str | None = None,
              provider: str = "cpu", cache_bytes: int = DEFAULT_CACHE_BYTES,
              cache_dir: Path | str | None = None, cuda_graphs: bool = True,
              cache_dir_bytes: int = DEFAULT_DISK_CACHE_BYTES, limits: Limits | None = None) -> Translator:
@@ -38,17 +38,18 @@ class Translator:
         cache = SourceCache(cache_bytes, cache_dir, cache_dir_bytes)
         return cls(open_model(backend, model, engines, provider, cuda_graphs), cache, limits)
 
-    def translate(self, prompts: Sequence[str] | str, image: Image.Image | str | Path | None = None,
+    def translate(self, prompts: Sequence[str] | str, image: Image.Image | str | Path | bytes | None = None,
                   source_prompt: str | None = None, progress: Progress = no_progress,
                   decode_guidance: bool = False, **settings: Any) -> Translation:
-        """Translate `image` (or a guidance generated from `source_prompt`) into every prompt.
+        """Translate `image` (a path, PIL image, image file bytes or uint8 array; or a guidance generated from
+        `source_prompt`) into every prompt.
 
         `settings` are `TranslateConfig` fields (steps, guidance_scale, feature_injection, ...); `progress` is
         called per stage and step (an exception raised there stops the translation); `decode_guidance` also
         decodes a generated guidance (`Translation.guidance_image`)."""
-        config = TranslateConfig(**settings)
+        config = TranslateConfig.of(settings)
         from_file = isinstance(image, (str, Path))
-        guidance = load_guidance(Path(image)) if isinstance(image, (str, Path)) else image
+        guidance = as_guidance(image) if image is not None else None
         with self._turns or contextlib.nullcontext():
             result = translate(self.model, prompts, config, image=guidance, source_prompt=source_prompt,
                                progress=progress, cache=self.cache, limits=self.limits,

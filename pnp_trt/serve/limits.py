@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .. import validation
 from ..config import Limits, TranslateConfig
 from ..errors import PnPError
 
@@ -144,8 +145,12 @@ def check_text(fields: Mapping[str, str], limits: ServeLimits) -> None:
 def check_prompts(prompts: list[str], limits: ServeLimits) -> list[str]:
     for prompt in prompts:
         check_text({"prompt": prompt}, limits)
-    if not prompts or not all(p.strip() for p in prompts):
+    if not prompts:
         raise RequestError(422, "give at least one non-empty prompt field")
+    try:
+        validation.prompts(prompts)  # the rule every surface follows
+    except PnPError as exc:
+        raise RequestError(422, str(exc)) from None
     if len(prompts) > limits.max_prompts:
         raise RequestError(422, f"{len(prompts)} prompts is over this server's limit of {limits.max_prompts} "
                                 "per request")

@@ -1,0 +1,82 @@
+"""One validation layer: every setting, config field and record pnp-trt reads becomes a typed, bounded value
+here or is refused in one line naming the field, what it must be and what it was. Settings (CLI, API, HTTP),
+scheduler configs, manifests and tokenizer records all go through these few functions."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import PnPError
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return (text[:40] + "…" if len(text) > 40 else text) + f" ({type(value).__name__})"
+
+
+def integer(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    """A whole number (not a bool, float or string) within [low, high]."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise PnPError(f"{name} must be a whole number, got {_shown(value)}")
+    return int(_bounded(name, int(value), low, high))
+
+
+def _num(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def number(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
+    """A finite real number (int or float, not a bool or string) within [low, high]."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise PnPError(f"{name} must be a number, got {_shown(value)}")
+    if not math.isfinite(float(value)):
+        raise PnPError(f"{name} must be a finite number, got {value}")
+    return float(_bounded(name, float(value), low, high))
+
+
+def _bounded(name: str, value: float, low: float | None, high: float | None) -> float:
+    if low is not None and high is not None and not low <= value <= high:
+        raise PnPError(f"{name} must be between {_num(low)} and {_num(high)}, got {_num(value)}")
+    if low is not None and value < low:
+        raise PnPError(f"{name} must be at least {_num(low)}, got {_num(value)}")
+    if high is not None and value > high:
+        raise PnPError(f"{name} must be at most {_num(high)}, got {_num(value)}")
+    return value
+
+
+def boolean(name: str, value: Any) -> bool:
+    """true or false itself (a string "false" is not false)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise PnPError(f"{name} must be true or false, got {_shown(value)}")
+    return bool(value)
+
+
+def text(name: str, value: Any, non_blank: bool = False) -> str:
+    """A string of valid Unicode (argv bytes that are not UTF-8 are refused here), optionally not blank."""
+    if not isinstance(value, str):
+        raise PnPError(f"{name} must be text, got {_shown(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PnPError(f"{name} is not valid UTF-8 text; check the terminal's or file's encoding") from None
+    if non_blank and not value.strip():
+        raise PnPError(f"{name} must not be empty or only spaces")
+    return value
+
+
+def one_of(name: str, value: Any, options: Sequence[Any]) -> Any:
+    if value not in options:
+        raise PnPError(f"{name} must be one of {', '.join(map(repr, options))}, got {_shown(value)}")
+    return value
+
+
+def prompts(value: Any) -> list[str]:
+    """Target prompts: one string, or a non-empty list of non-blank strings (one rule for every surface)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise PnPError(f"give at least one target prompt (text, or a list of texts), got {_shown(value)}")
+    return [text(f"prompt {i + 1}", item, non_blank=True) for i, item in enumerate(items)]
