@@ -166,13 +166,16 @@ MALFORMED_MANIFESTS = [
     (lambda m: {**m, "dims": {**m["dims"], "vae_factor": -8}}, "dims.vae_factor must be between 1 and 64"),
     (lambda m: {**m, "dims": {**m["dims"], "vae_factor": 6}}, "dims.vae_factor must be a power of two"),
     (lambda m: {**m, "dims": {**m["dims"], "unet_channels": []}}, "dims.unet_channels must be a list of 2 to 8"),
-    (lambda m: {**m, "dims": {**m["dims"], "unet_channels": ["a", "b"]}}, "dims.unet_channels[0] must be a whole"),
+    (lambda m: {**m, "dims": {**m["dims"], "unet_channels": ["a", "b"]}}, "must be a whole number, got 'a'"),
     (lambda m: {**m, "tokenizer": {**m["tokenizer"], "max_length": 5}}, "tokenizer.max_length must be between 77"),
     (lambda m: {**m, "tokenizer": {**m["tokenizer"], "pad_id": -1}}, "tokenizer.pad_id must be between 0"),
+]
+DISAGREEING_MANIFESTS = [
     (lambda m: {**m, "tokenizer": {**m["tokenizer"], "pad_id": 10**6}}, "pad_id 1000000 is outside its vocabulary"),
     (lambda m: {**m, "dims": {**m["dims"], "text_dim": 33}}, "axis 2 is 32, the manifest's dims say 33"),
     (lambda m: {**m, "precision": "fp16"}, "is tensor(float), the manifest's fp16 export means tensor(float16)"),
 ]
+"""Well-formed manifests that disagree with the files they describe: found when those are opened."""
 
 
 def _rewrite(directory: Path, change) -> None:
@@ -230,7 +233,7 @@ DAMAGED_EXPORTS = {
     "no manifest": (lambda d: (d / "manifest.json").unlink(), "has no manifest.json"),
     "weights outside the directory": (_weights_outside, "keeps weights outside its directory (../outside.bin)"),
     **{f"manifest: {fragment}": (lambda d, change=change: _rewrite(d, change), fragment)
-       for change, fragment in MALFORMED_MANIFESTS},
+       for change, fragment in MALFORMED_MANIFESTS + DISAGREEING_MANIFESTS},
 }
 
 
