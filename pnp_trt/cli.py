@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import signal
 import warnings
 from collections.abc import Callable
@@ -31,7 +32,9 @@ SETTINGS = TranslateConfig()
 """`pnp-trt translate`'s defaults: the library's."""
 
 app = typer.Typer(help="Plug-and-Play Diffusion Features image translation: PyTorch, ONNX Runtime, TensorRT.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  rich_markup_mode=None,  # plain help: rich's option table cut flag names at 80 columns
+                  context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 err = Console(stderr=True)
 
 
@@ -55,7 +58,7 @@ def user_errors(command: Callable[..., None]) -> Callable[..., None]:
             written = written_before(exc)
             err.print(f"interrupted; {written} had been written in full" if written else
                       "interrupted; nothing was written", highlight=False, soft_wrap=True)
-            raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
+            raise typer.Exit(exc.exit_code if isinstance(exc, Terminated) else 130) from None
     return wrapper
 
 
@@ -64,6 +67,18 @@ def check_positive(flags: dict[str, float]) -> None:
     for name, value in flags.items():
         if not (math.isfinite(value) and value > 0):
             raise PnPError(f"{name} must be a positive number, got {value}")
+
+
+THREADS_HELP = "ONNX Runtime threads per graph (default: one per core; the same as PNP_TRT_THREADS=N)."
+
+
+def set_threads(threads: int | None) -> None:
+    """`--threads`, bounded as the variable it sets is (checked now, before any work)."""
+    from .runtime.onnxruntime_backend import MAX_THREADS, THREADS_VARIABLE, intra_op_threads
+
+    if threads is not None:
+        os.environ[THREADS_VARIABLE] = str(validation.integer("--threads", threads, 1, MAX_THREADS))
+    intra_op_threads()
 
 
 def rich_progress(progress: Progress) -> Callable[[str, int], Callable[[], None]]:
@@ -126,6 +141,7 @@ def translate(
                                         "least recently used sources are deleted beyond it."),
     cuda_graphs: bool = typer.Option(True, help="On CUDA, replay the UNet as CUDA graphs (captured once per "
                                                 "shape; the torch, onnxruntime-cuda and tensorrt backends)."),
+    threads: int | None = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Translate a guidance image (or a generated one) into each --prompt, keeping its layout."""
     from .config import check_backend
@@ -137,6 +153,7 @@ def translate(
         raise PnPError("--save-guidance saves a guidance generated from --source-prompt; an IMAGE is already saved")
     check_backend(backend)
     validation.prompts(prompt)
+    set_threads(threads)
     config = TranslateConfig(steps=steps, inversion_steps=inversion_steps, inversion_prompt=inversion_prompt,
                              guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                              feature_injection=feature_injection, attention_injection=attention_injection,
@@ -313,6 +330,7 @@ def serve(
                                                               "injection batch)."),
     workers: int = typer.Option(SERVE.workers, help="Translations run at once (1 suits one GPU: its calls queue "
                                                     "anyway)."),
+    threads: int | None = typer.Option(None, help=THREADS_HELP),
     use_ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve (replicas across GPUs and nodes)."),
     replicas: int = typer.Option(SERVE.replicas, help="With --ray: model replicas (each loads the model)."),
     gpus_per_replica: float = typer.Option(SERVE.gpus_per_replica, help="With --ray: GPUs each replica reserves "
@@ -322,6 +340,9 @@ def serve(
     from .config import check_backend
 
     check_backend(backend)
+    validation.integer("--port", port, 1, 65535)
+    set_threads(threads)
+    validation.number("--coalesce-ms", coalesce_ms, 0, 60_000)
     check_positive({"--max-upload-mb": max_upload_mb, "--max-input-mpx": max_input_mpx,
                     "--max-output-mpx": max_output_mpx, "--deadline-s": deadline_s, "--max-prompts": max_prompts,
                     "--max-steps": max_steps, "--queue": queue, "--workers": workers, "--replicas": replicas})
@@ -356,11 +377,23 @@ def _serve_on_ray(options: Any, host: str, port: int) -> None:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: every staging file and directory is cleaned up on the way out."""
+    """SIGTERM or SIGHUP, handled like Ctrl-C: every staging file and directory is cleaned up on the way out;
+    the exit code is the shell's for that signal (128 + its number)."""
+
+    def __init__(self, signum: int):
+        super().__init__()
+        self.exit_code = 128 + signum
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated()
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _stop(signum: int, frame: Any) -> None:
+    """The first stop signal unwinds the command (cleaning up as it goes); later ones are ignored, so that a
+    second Ctrl-C cannot cut the cleanup short or kill the process by signal."""
+    for other in STOP_SIGNALS:
+        signal.signal(other, signal.SIG_IGN)
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
 def _print_version(value: bool) -> None:
@@ -376,7 +409,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _stop)
     app(prog_name="pnp-trt")
 
 

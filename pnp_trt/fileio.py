@@ -154,10 +154,10 @@ def swap_in(staging: Path, out: Path) -> None:
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Ctrl-C and SIGTERM arriving inside the block take effect when it ends: for steps that must not be split,
+    """Ctrl-C, SIGTERM and SIGHUP arriving inside the block take effect when it ends: for steps that must not be split,
     such as swapping a results directory for its replacement. Main thread only (Python delivers signals
     there); elsewhere the block just runs."""
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     if threading.current_thread() is not threading.main_thread() or None in previous.values():
         yield
         return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,15 @@ def rebuild_hint(manifest: dict[str, Any] | None, directory: Path, attention: st
     precision = precision if precision in PRECISIONS else "fp32"
     attention = attention or (manifest or {}).get("attention")
     fused = f" --attention {attention}" if attention in ATTENTION and attention != "standard" else ""
-    return f"pnp-trt export --model {model} --precision {precision}{fused} --out {directory}"
+    return f"pnp-trt export --model {model} --precision {precision}{fused} --out {free_directory(directory)}"
+
+
+def free_directory(directory: Path) -> Path:
+    """`directory` if nothing is there (export refuses an existing --out), else the first free DIR-rebuilt-N,
+    so that a printed hint runs as printed."""
+    candidates = [directory, *(directory.with_name(f"{directory.name}-rebuilt{f'-{n}' if n else ''}")
+                               for n in range(100))]
+    return next((c for c in candidates if not os.path.lexists(c)), candidates[-1])
 
 
 def require_standard_attention(manifest: dict[str, Any], directory: Path) -> None:
@@ -75,6 +84,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     """The manifest, after checking format version, presence and sizes of every listed file."""
     directory = Path(directory)
     path = directory / MANIFEST
+    if not directory.is_dir():
+        raise PnPError(f"exported directory {directory} does not exist; create one with "
+                       f"`{rebuild_hint(None, directory)}`")
     if not path.is_file():
         raise PnPError(f"{directory} has no {MANIFEST}: it is not an exported directory; "
                        f"create one with `{rebuild_hint(None, directory)}`")

@@ -196,13 +196,41 @@ def test_every_setting_is_a_translate_flag_defaulting_to_the_librarys() -> None:
         dataclasses.asdict(TranslateConfig())
 
 
+@pytest.mark.parametrize("args,env,fragment", [
+    (["serve", "--port", "80000"], {}, "--port must be between 1 and 65535, got 80000"),
+    (["serve", "--port", "-1"], {}, "--port must be between 1 and 65535, got -1"),
+    (["serve", "--coalesce-ms", "nan"], {}, "--coalesce-ms must be a finite number"),
+    (["serve", "--coalesce-ms", "1e12"], {}, "--coalesce-ms must be between 0 and 60000"),
+    (["translate", "x.png", "-p", "a", "--out", "o.png", "--threads", "100000"], {}, "--threads must be between 1"),
+    (["translate", "x.png", "-p", "a", "--out", "o.png"], {"PNP_TRT_THREADS": "abc"},
+     "PNP_TRT_THREADS must be a whole number of threads"),
+])
+def test_process_settings_are_bounded(args: list[str], env: dict, fragment: str, monkeypatch) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("PNP_TRT_THREADS", raising=False) if not env else None
+    assert_user_error(run(*args), fragment)
+
+
+def test_help_is_h_too_and_keeps_every_flag_name_whole() -> None:
+    """-h works; at 80 columns no flag name is cut (rich's option table cut them to `--inversion-ste…`)."""
+    result = CliRunner().invoke(app, ["translate", "-h"], terminal_width=80)
+    assert result.exit_code == 0
+    for flag in ("--inversion-steps", "--negative-prompt", "--attention-injection", "--source-guidance-scale",
+                 "--prompt-batch-size", "--cache-dir-gib"):
+        assert flag in result.output, flag
+    assert "…" not in result.output
+
+
 def test_version() -> None:
     result = run("--version")
     assert result.exit_code == 0 and result.stdout.startswith("pnp-trt ")
 
 
-def test_sigterm_cleans_up_like_ctrl_c(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """SIGTERM mid-translation: exit 143, "nothing was written", no staging leftovers in the output's folder."""
+@pytest.mark.parametrize("signame,code", [("SIGTERM", 143), ("SIGHUP", 129), ("SIGINT-twice", 130)])
+def test_stop_signals_clean_up_like_ctrl_c(tiny_model_dir: Path, tmp_path: Path, signame: str, code: int) -> None:
+    """SIGTERM, SIGHUP (a closed terminal) or Ctrl-C pressed twice mid-translation: the shell's exit code for the
+    first, "nothing was written", no staging leftovers in the output's folder."""
     import signal
     import time
 
@@ -213,9 +241,12 @@ def test_sigterm_cleans_up_like_ctrl_c(tiny_model_dir: Path, tmp_path: Path) -> 
                                 str(tiny_model_dir), "-p", "a", "-p", "b", "--out", str(out / "set"), "--steps",
                                 "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(8)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(getattr(signal, signame.split("-")[0]))
+    if signame.endswith("twice"):
+        time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 143, stderr
+    assert process.returncode == code, stderr
     assert "interrupted; nothing was written" in stderr and "Traceback" not in stderr
     assert list(out.iterdir()) == []
 

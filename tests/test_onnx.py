@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -144,6 +145,8 @@ def test_corrupt_graph_same_size_is_a_clear_error_and_verify_finds_it(exported: 
         model.backend.run("text_encoder", {"input_ids": np.zeros((1, 77), np.int64)})
     result = runner.invoke(app, ["verify", str(copy)])
     assert result.exit_code == 2 and "text_encoder.onnx" in result.output and "differ" in result.output
+    hinted = Path(re.search(r"--out (\S+)`", " ".join(result.output.split())).group(1))
+    assert hinted == copy.with_name("copy-rebuilt") and not hinted.exists()  # export refuses an existing --out
     assert runner.invoke(app, ["verify", str(exported)]).exit_code == 0
 
 

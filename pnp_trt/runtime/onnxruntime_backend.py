@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import validation
 from ..contract import PRECISIONS, GraphSpec, ModelDims, ZeroBuffers, call_sizes, graph_specs
 from ..errors import PnPError
 from ..manifest import EXPORT_ID_KEY, MANIFEST, check_graph_identity, rebuild_hint
@@ -26,10 +27,27 @@ def session_options() -> Any:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    threads = os.environ.get("PNP_TRT_THREADS")
+    threads = intra_op_threads()
     if threads:
-        options.intra_op_num_threads = int(threads)
+        options.intra_op_num_threads = threads
     return options
+
+
+THREADS_VARIABLE = "PNP_TRT_THREADS"
+"""ONNX Runtime threads per graph (`--threads` sets it); unset: one per core."""
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+"""More threads than this only cost memory (100000 once started thousands: 16 GiB)."""
+
+
+def intra_op_threads() -> int | None:
+    """`THREADS_VARIABLE` as a count from 1 to `MAX_THREADS`, or None."""
+    value = os.environ.get(THREADS_VARIABLE, "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise PnPError(f"{THREADS_VARIABLE} must be a whole number of threads from 1 to {MAX_THREADS}, got "
+                       f"{value[:20]!r}")
+    return validation.integer(THREADS_VARIABLE, int(value), 1, MAX_THREADS)
 
 
 def check_provider(provider: str) -> str:
