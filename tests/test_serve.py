@@ -176,7 +176,7 @@ def test_metrics_count_requests_cache_and_unet_evaluations(client: TestClient, g
     text = client.get("/metrics").text
     assert 'pnp_requests_total{status="200"} 2.0' in text and 'pnp_requests_total{status="422"} 1.0' in text
     assert 'pnp_source_cache_total{result="hit"} 1.0' in text and 'pnp_source_cache_total{result="miss"} 1.0' in text
-    assert "pnp_request_seconds_count 2.0" in text
+    assert "pnp_request_seconds_count 3.0" in text  # every answer is timed, the 422 too
     evaluations = float(text.split("\npnp_unet_evaluations_total ")[1].split()[0])
     assert evaluations == first.json()["unet_evaluations"] + 2 * 2  # the second: injection only (cache hit)
 
@@ -227,6 +227,70 @@ def test_a_real_server_process(served: str, guide_png: bytes) -> None:
     assert "pnp_requests_total" in httpx.get(f"{served}/metrics").text
     missing = httpx.get(f"{served}/nowhere")
     assert missing.status_code == 404 and set(missing.json()) == {"error"}
+
+
+def _upload_until_answered(url: str, declared: int | None, total: int) -> tuple[bytes, int]:
+    """POST a multipart body of `total` bytes in 1 MiB pieces (chunked unless a length is `declared`), stopping
+    as soon as the server answers; returns the answer's first bytes and how many body bytes went out."""
+    import select
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    head = (f"POST /v1/translate HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            + (f"Content-Length: {declared}\r\n" if declared else "Transfer-Encoding: chunked\r\n") + "\r\n")
+    piece, sent = b"x" * (1 << 20), 0
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(head.encode())
+        opening = b'--b\r\nContent-Disposition: form-data; name="image"; filename="g.png"\r\n\r\n'
+        try:
+            conn.sendall(opening if declared else b"%x\r\n%s\r\n" % (len(opening), opening))
+            while sent < total and not select.select([conn], [], [], 0.02)[0]:
+                conn.sendall(piece if declared else b"%x\r\n%s\r\n" % (len(piece), piece))
+                sent += len(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        return conn.recv(200), sent
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_an_oversized_upload_is_refused_before_it_is_read_in_full(served: str, declared: bool) -> None:
+    """413 as soon as the 20 MiB limit is passed (before, a 280 MiB upload was spooled to disk first); a declared
+    length over the limit is refused before any of the body is read."""
+    total = 200 << 20
+    answer, sent = _upload_until_answered(served, total if declared else None, total)
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    assert sent < (64 << 20 if not declared else 8 << 20), sent
+    assert httpx.get(f"{served}/healthz").status_code == 200
+
+
+def test_every_answer_is_counted_and_timed(client: TestClient, guide_png: bytes) -> None:
+    """404s, 405s and refusals are counted by status and their time observed, not only successes."""
+    before = client.get("/metrics").text
+    client.get("/nowhere"), client.put("/v1/translate"), post(client, guide_png, ["a"], steps="2", seed="x")
+    after = client.get("/metrics").text
+
+    def value(text: str, series: str) -> float:
+        line = next((line for line in text.splitlines() if line.startswith(series + " ")), f"{series} 0")
+        return float(line.split()[-1])
+    for series in ('pnp_requests_total{status="404"}', 'pnp_requests_total{status="405"}',
+                   'pnp_requests_total{status="422"}'):
+        assert value(after, series) == value(before, series) + 1, series
+    assert value(after, "pnp_request_seconds_count") == value(before, "pnp_request_seconds_count") + 3
+
+
+@pytest.mark.parametrize("accept,png", [("image/png", True), ("image/png;q=0", False), ("*/*", False),
+                                        ("application/json;q=0.5, image/png", True),
+                                        ("image/png;q=0.2, application/json", False)])
+def test_accept_is_read_with_its_weights(accept: str, png: bool) -> None:
+    from pnp_trt.serve.app import wants_png
+
+    assert wants_png(accept) == png
+
+
+def test_a_repeated_setting_is_refused(client: TestClient, guide_png: bytes) -> None:
+    response = client.post("/v1/translate", files={"image": ("g.png", guide_png)},
+                           data={"prompt": "a", "steps": ["2", "3"]})
+    assert response.status_code == 422 and "steps field is given more than once" in response.json()["error"]
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -25,6 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import PnPError
 from ..images import normalize_guidance, png_bytes
@@ -34,6 +35,10 @@ from .limits import RequestError, ServeLimits, check_prompts, check_text, settin
 from .metrics import ServerMetrics
 
 SERVED_BY = f"{socket.gethostname()}:{os.getpid()}"
+UNCOUNTED = {"/metrics", "/healthz", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
+"""Monitoring and page routes: not counted among the answered requests."""
+FORM_SLACK_BYTES = 1 << 20
+"""What a form may hold beyond its image: the text fields (64 at most, each bounded)."""
 PAGE = Path(__file__).with_name("page.html")
 
 
@@ -116,9 +121,43 @@ def _share(result: Translation, part: slice) -> Translation:
 async def _read_upload(upload: UploadFile, limits: ServeLimits) -> bytes:
     data = await upload.read(limits.max_upload_bytes + 1)
     if len(data) > limits.max_upload_bytes:
-        raise RequestError(413, f"the image is over this server's {limits.max_upload_bytes / 2**20:g} MiB upload "
-                                "limit; send a smaller file")
+        raise RequestError(413, _over_upload_limit(limits))
     return data
+
+
+def _over_upload_limit(limits: ServeLimits) -> str:
+    return (f"the image is over this server's {limits.max_upload_bytes / 2**20:g} MiB upload limit; send a "
+            "smaller file")
+
+
+def _bounded_receive(receive: Callable[[], Any], limit: int, limits: ServeLimits) -> Callable[[], Any]:
+    """`receive` that refuses the body as soon as it passes `limit` bytes (a chunked upload declares no
+    length), so an oversized upload is never spooled to disk in full."""
+    received = 0
+
+    async def bounded() -> Any:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise RequestError(413, _over_upload_limit(limits))
+        return message
+    return bounded
+
+
+def wants_png(accept: str) -> bool:
+    """Whether an Accept header asks for image/png (with q > 0, and not below application/json's q)."""
+    weights: dict[str, float] = {}
+    for item in accept.split(","):
+        kind, *params = [part.strip() for part in item.split(";")]
+        q = next((p[2:] for p in params if p.startswith("q=")), "1")
+        try:
+            weights[kind.lower()] = float(q)
+        except ValueError:
+            weights[kind.lower()] = 0.0
+    png = weights.get("image/png", 0.0)
+    return png > 0 and png >= weights.get("application/json", 0.0)
 
 
 def _decode_image(data: bytes, limits: ServeLimits) -> Image.Image:
@@ -165,6 +204,20 @@ def create_app(load: Callable[[], Translates], limits: ServeLimits | None = None
 
     app = FastAPI(title="pnp-trt", summary="Plug-and-Play diffusion image translation", lifespan=lifespan)
     app.state.server = server
+
+    @app.middleware("http")
+    async def count_answers(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        """Every answer outside the monitoring routes is counted by status and timed, errors included."""
+        started = time.monotonic()
+        try:
+            response = await call_next(request)
+        except Exception:
+            server.metrics.answered(500, time.monotonic() - started)
+            raise
+        if request.url.path not in UNCOUNTED:
+            server.metrics.answered(response.status_code, time.monotonic() - started)
+        return response
+
     _add_error_handlers(app, server)
     _add_routes(app, server)
     return app
@@ -173,19 +226,16 @@ def create_app(load: Callable[[], Translates], limits: ServeLimits | None = None
 def _add_error_handlers(app: FastAPI, server: Server) -> None:
     @app.exception_handler(RequestError)
     async def refused(request: Request, exc: RequestError) -> JSONResponse:
-        server.metrics.requests.labels(status=str(exc.status)).inc()
         retry = {"Retry-After": str(max(1, math.ceil(server.metrics.typical_latency())))} if exc.status == 429 \
             else None
         return _error(exc.status, str(exc), retry)
 
     @app.exception_handler(PnPError)
     async def invalid(request: Request, exc: PnPError) -> JSONResponse:
-        server.metrics.requests.labels(status="422").inc()
         return _error(422, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
-        server.metrics.requests.labels(status="422").inc()
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return _error(422, f"{where or 'request'}: {first.get('msg', 'invalid request')}")
@@ -196,7 +246,6 @@ def _add_error_handlers(app: FastAPI, server: Server) -> None:
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> JSONResponse:
-        server.metrics.requests.labels(status="500").inc()
         return _error(500, f"internal error ({type(exc).__name__}); the server goes on serving")
 
 
@@ -222,11 +271,9 @@ def _add_routes(app: FastAPI, server: Server) -> None:
     async def translate(request: Request) -> Response:
         """multipart/form-data: `image` (file) or `source_prompt`; `prompt` (repeat for several); any
         TranslateConfig setting (steps, guidance_scale, feature_injection, ...) as a field."""
-        started = time.monotonic()
         fields, prompts, upload = await _form(request, server.limits)
         result = await server.translate(fields, prompts, upload)
-        server.metrics.finished(time.monotonic() - started)
-        if "image/png" in request.headers.get("accept", "") and len(result.images) == 1:
+        if wants_png(request.headers.get("accept", "")) and len(result.images) == 1:
             return Response(png_bytes(result.images[0]), media_type="image/png")
         return JSONResponse({"images": [_png_base64(image) for image in result.images],
                              "unet_evaluations": result.unet_evals, "cache_hit": result.cache_hit,
@@ -239,8 +286,17 @@ async def _form(request: Request, limits: ServeLimits) -> tuple[dict[str, str], 
     if not request.headers.get("content-type", "").startswith(("multipart/form-data",
                                                                 "application/x-www-form-urlencoded")):
         raise RequestError(415, "send multipart/form-data (e.g. curl -F image=@photo.jpg -F prompt=\"a lego model\")")
+    limit = limits.max_upload_bytes + FORM_SLACK_BYTES
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:  # refused before a byte of the body is read
+        raise RequestError(413, _over_upload_limit(limits))
+    bounded = Request(request.scope, _bounded_receive(request.receive, limit, limits))
     try:
-        form = await request.form(max_files=1, max_fields=64, max_part_size=limits.max_upload_bytes + 1)
+        form = await bounded.form(max_files=1, max_fields=64, max_part_size=limits.max_upload_bytes + 1)
+    except RequestError:
+        raise
+    except ClientDisconnect:
+        raise RequestError(499, "the client closed the connection before its request was complete") from None
     except Exception as exc:  # the multipart parser's own errors: over a limit, malformed
         over = any(word in str(exc).lower() for word in ("exceed", "too many", "too large"))
         raise RequestError(413 if over else 422, f"{'form over a limit' if over else 'malformed form'}: "
@@ -252,6 +308,8 @@ async def _form(request: Request, limits: ServeLimits) -> tuple[dict[str, str], 
         if isinstance(value, str):
             if name == "prompt":
                 prompts.append(value)
+            elif name in fields:
+                raise RequestError(422, f"the {name} field is given more than once; give it once")
             else:
                 fields[name] = value
         elif name == "image":

@@ -12,7 +12,7 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.requests = Counter("pnp_requests", "Translation requests answered, by HTTP status", ["status"],
                                 registry=self.registry)
-        self.latency = Histogram("pnp_request_seconds", "Time to answer a successful translation request",
+        self.latency = Histogram("pnp_request_seconds", "Time to answer a request, whatever its status",
                                  buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300), registry=self.registry)
         self.queue_depth = Gauge("pnp_queue_depth", "Requests waiting or running", registry=self.registry)
         self.cache = Counter("pnp_source_cache", "Translations by whether their source came from the cache",
@@ -28,13 +28,15 @@ class ServerMetrics:
         self.cache.labels(result="hit" if result.cache_hit else "miss").inc()
         self.unet_evaluations.inc(result.unet_evals)
 
-    def finished(self, seconds: float) -> None:
-        self.requests.labels(status="200").inc()
+    def answered(self, status: int, seconds: float) -> None:
+        """One answered request, whatever its status (404s, 405s and errors included)."""
+        self.requests.labels(status=str(status)).inc()
         self.latency.observe(seconds)
-        self._answered, self._seconds = self._answered + 1, self._seconds + seconds
+        if status == 200:
+            self._answered, self._seconds = self._answered + 1, self._seconds + seconds
 
     def typical_latency(self) -> float:
-        """Mean seconds per answered request so far (a Retry-After hint); 1 before any."""
+        """Mean seconds per successfully answered request so far (a Retry-After hint); 1 before any."""
         return self._seconds / self._answered if self._answered else 1.0
 
     def exposition(self) -> bytes:
