@@ -79,17 +79,17 @@ class Bench:
         cache = SourceCache()
         self.edit(model, PROMPTS[:1], cache)
         cached_s, cached = self.edit(model, PROMPTS[1:2], cache)
-        assert cached.cache_hit
+        assert cached.source_cache_hit
         eight_s, eight = self.edit(model, PROMPTS[:8])
         stats = full.stats
         unet_s = sum(stats.timings.get(s, 0.0) for s in UNET_STAGES)
         record = {
             "full_edit_s": full_s, "cached_edit_s": cached_s, "eight_prompts_s": eight_s,
-            "unet_calls": stats.unet_calls, "unet_evaluations": stats.unet_evals,
+            "unet_calls": stats.unet_calls, "unet_evaluations": stats.unet_evaluations,
             "eight_prompts_unet_calls": eight.stats.unet_calls,
-            "eight_prompts_unet_evaluations": eight.stats.unet_evals,
+            "eight_prompts_unet_evaluations": eight.stats.unet_evaluations,
             "ms_per_unet_call": unet_s / stats.unet_calls * 1000,
-            "tflops": stats.unet_evals * UNET_TFLOP_PER_SAMPLE_512 * (self.size / 512) ** 2 / unet_s,
+            "tflops": stats.unet_evaluations * UNET_TFLOP_PER_SAMPLE_512 * (self.size / 512) ** 2 / unet_s,
             "stages_ms": {k: v * 1000 for k, v in stats.timings.items()},
             "cached_stages_ms": {k: v * 1000 for k, v in cached.stats.timings.items()},
         }

@@ -72,7 +72,8 @@ def measure(backend: str, source: str, size: int, steps: int) -> dict:
     start = time.perf_counter()
     config = TranslateConfig(steps=steps, height=size, width=size)
     result = translate(model, ["a watercolor painting of a castle"], config, image=guide_image(size))
-    return {"total": time.perf_counter() - start, "timings": result.stats.timings, "evals": result.stats.unet_evals}
+    return {"total": time.perf_counter() - start, "timings": result.stats.timings,
+            "evals": result.stats.unet_evaluations}
 
 
 def compare(name: str, torch_source: str, onnx_dir: Path, fused_dir: Path, size: int, steps: int) -> None:

@@ -80,7 +80,7 @@ else:
     loaded = open_model("onnxruntime", None, Path(model))
     def run(n):
         cfg = TranslateConfig(steps=n, height=size[0], width=size[1], negative_prompt="blurry")
-        return translate(loaded, ["a photo of a cat"], cfg, image=image).stats.unet_evals
+        return translate(loaded, ["a photo of a cat"], cfg, image=image).stats.unet_evaluations
 run(1)
 start = time.perf_counter()
 evals = run(steps)
@@ -127,8 +127,8 @@ def paper_defaults(tiny: Path, image: Path, size: int) -> None:
     paper_s, paper_evals = time.perf_counter() - start, 999 + 999 + 3 * 50
     print(f"(c) defaults, tiny model {size}x{size}, torch CPU, one image and prompt:\n"
           f"    paper's pipeline (999 inversion + 999 reconstruction + 50x3): {paper_s:.1f}s, {paper_evals} evals\n"
-          f"    ours (50 inversion + 40 capture + 50x2): {ours_s:.1f}s, {ours.stats.unet_evals} evals\n"
-          f"    speed-up {paper_s / ours_s:.1f}x (evaluations alone: {paper_evals / ours.stats.unet_evals:.1f}x)")
+          f"    ours (50 inversion + 40 capture + 50x2): {ours_s:.1f}s, {ours.stats.unet_evaluations} evals\n"
+          f"    speed-up {paper_s / ours_s:.1f}x (evaluations alone: {paper_evals / ours.stats.unet_evaluations:.1f}x)")
 
 
 def main() -> None:

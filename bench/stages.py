@@ -35,7 +35,7 @@ def report(name: str, model, size: int, steps: int) -> None:
     result = translate(model, ["a watercolor painting of a castle"], config, image=guide_image(size))
     total = time.perf_counter() - start
     stages = "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.stats.timings.items())
-    evals, calls = result.stats.unet_evals, result.stats.unet_calls
+    evals, calls = result.stats.unet_evaluations, result.stats.unet_calls
     print(f"{name}: {size}x{size}, {steps} steps: {total:.2f} s, {evals} UNet evaluations in {calls} sequential "
           f"calls ({total / evals * 1000:.0f} ms per evaluation)\n    {stages}")
     paper = PAPER_PREPROCESS + 3 * steps

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import signal
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from . import validation
 from .config import DEFAULT_DISK_CACHE_BYTES, Limits, TranslateConfig
@@ -82,10 +83,31 @@ def set_threads(threads: int | None) -> None:
 
 
 def rich_progress(progress: Progress) -> Callable[[str, int], Callable[[], None]]:
-    def start(stage: str, total: int) -> Callable[[], None]:
-        task = progress.add_task(stage, total=total)
-        return lambda: progress.advance(task)
-    return start
+    """Bars on a terminal; elsewhere (a log, CI, a pipe) one plain line per finished stage."""
+    if not progress.disable:
+        def start(stage: str, total: int) -> Callable[[], None]:
+            task = progress.add_task(stage, total=total)
+            return lambda: progress.advance(task)
+        return start
+    return plain_progress
+
+
+def plain_progress(stage: str, total: int) -> Callable[[], None]:
+    started, done = time.monotonic(), 0
+
+    def advance() -> None:
+        nonlocal done
+        done += 1
+        if done == total:
+            err.print(f"{stage}: {total}/{total} in {time.monotonic() - started:.1f}s", highlight=False)
+    return advance
+
+
+def announce(progress: Progress, task: TaskID, graph: str, **update: Any) -> None:
+    """A graph's long step beginning: the bar's label on a terminal, a plain line elsewhere."""
+    progress.update(task, description=graph, **update)
+    if progress.disable:
+        err.print(f"working on {graph}…", highlight=False)
 
 
 def _progress() -> Progress:
@@ -182,9 +204,9 @@ def translate(
     written = result.save(out) if len(prompt) > 1 else [result.save_image(out, overwrite)]
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.stats.timings.items())
     total = sum(result.stats.timings.values())
-    cached = "; source from cache" if result.cache_hit else ""
+    cached = "; source from cache" if result.source_cache_hit else ""
     err.print(f"wrote {len(written)} image(s) to {out} in {total:.2f}s ({stages}); "
-              f"{result.stats.unet_evals} UNet evaluations{cached}", highlight=False, soft_wrap=True)
+              f"{result.stats.unet_evaluations} UNet evaluations{cached}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -208,7 +230,7 @@ def export(
     with _progress() as progress:
         task = progress.add_task("export", total=4)
         reports = export_model(model, out, precision, opset, attention,
-                               on_graph=lambda name: progress.update(task, description=name, advance=0),
+                               on_graph=lambda name: announce(progress, task, name),
                                versions=versions())
         progress.update(task, completed=4)
     err.print(f"error of each output against PyTorch, relative to its magnitude (tolerance "
@@ -252,7 +274,7 @@ def build(
         phase_task = progress.add_task("", total=None)
 
         def on_graph(graph: str) -> None:
-            progress.update(graph_task, description=graph, completed=GRAPHS.index(graph))
+            announce(progress, graph_task, graph, completed=GRAPHS.index(graph))
 
         def on_step(phase: str, step: int, total: int) -> None:
             progress.update(phase_task, description=phase[:24], completed=step, total=total)
@@ -358,7 +380,7 @@ def serve(
         return
     application = create_app(options.load, options.limits(), coalesce_ms, workers)
     err.print(f"serving {backend} on http://{host}:{port} (docs at /docs; Ctrl-C stops)", highlight=False)
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    uvicorn.run(application, host=host, port=port, log_level="info")  # one access line per request
 
 
 def _serve_on_ray(options: Any, host: str, port: int) -> None:

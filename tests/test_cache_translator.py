@@ -27,10 +27,10 @@ def test_second_prompt_hits_the_cache(tiny_torch, guide) -> None:
     first = translator.translate(["a photo of a cat"], guide, **SETTINGS)
     second = translator.translate(["a painting of a dog"], guide, **SETTINGS, guidance_scale=3.0,
                                   negative_prompt="dark")
-    assert not first.cache_hit and second.cache_hit
-    assert first.unet_evals == 4 + 3 + 2 * 4  # inversion + capture (int(4·0.8) = 3 steps) + injection
-    assert second.unet_evals == 2 * 4  # no second inversion or capture
-    assert "invert" not in second.timings and "capture" not in second.timings
+    assert not first.source_cache_hit and second.source_cache_hit
+    assert first.unet_evaluations == 4 + 3 + 2 * 4  # inversion + capture (int(4·0.8) = 3 steps) + injection
+    assert second.unet_evaluations == 2 * 4  # no second inversion or capture
+    assert "invert" not in second.timings_s and "capture" not in second.timings_s
     uncached = translate(tiny_torch, ["a painting of a dog"], TranslateConfig(**SETTINGS, guidance_scale=3.0,
                                                                               negative_prompt="dark"), image=guide)
     assert np.array_equal(np.asarray(second.images[0]), np.asarray(uncached.images[0]))
@@ -39,12 +39,12 @@ def test_second_prompt_hits_the_cache(tiny_torch, guide) -> None:
 def test_settings_the_source_depends_on_miss_the_cache(tiny_torch, guide) -> None:
     translator = Translator(tiny_torch)
     translator.translate(["a cat"], guide, **SETTINGS)
-    assert not translator.translate(["a cat"], guide, **{**SETTINGS, "attention_injection": 0.25}).cache_hit
-    assert not translator.translate(["a cat"], guide, **{**SETTINGS, "steps": 5}).cache_hit
-    assert not translator.translate(["a cat"], guide.rotate(180), **SETTINGS).cache_hit
-    assert translator.translate(["a dog"], source_prompt="a castle", **SETTINGS).cache_hit is False
-    assert translator.translate(["a cat"], source_prompt="a castle", **SETTINGS).cache_hit
-    assert not translator.translate(["a cat"], source_prompt="a castle", **{**SETTINGS, "seed": 1}).cache_hit
+    assert not translator.translate(["a cat"], guide, **{**SETTINGS, "attention_injection": 0.25}).source_cache_hit
+    assert not translator.translate(["a cat"], guide, **{**SETTINGS, "steps": 5}).source_cache_hit
+    assert not translator.translate(["a cat"], guide.rotate(180), **SETTINGS).source_cache_hit
+    assert translator.translate(["a dog"], source_prompt="a castle", **SETTINGS).source_cache_hit is False
+    assert translator.translate(["a cat"], source_prompt="a castle", **SETTINGS).source_cache_hit
+    assert not translator.translate(["a cat"], source_prompt="a castle", **{**SETTINGS, "seed": 1}).source_cache_hit
 
 
 def test_only_injecting_steps_keep_features(tiny_torch, guide) -> None:
@@ -65,8 +65,8 @@ def test_budget_evicts_least_recently_used(tiny_torch, guide) -> None:
     for image in images:
         translate(tiny_torch, ["a"], TranslateConfig(**SETTINGS), image=image, cache=cache)
     assert len(cache) == 2 and cache.bytes_used == 2 * one <= cache.budget_bytes
-    assert not translate(tiny_torch, ["a"], TranslateConfig(**SETTINGS), image=images[0], cache=cache).cache_hit
-    assert translate(tiny_torch, ["a"], TranslateConfig(**SETTINGS), image=images[2], cache=cache).cache_hit
+    assert not translate(tiny_torch, ["a"], TranslateConfig(**SETTINGS), image=images[0], cache=cache).source_cache_hit
+    assert translate(tiny_torch, ["a"], TranslateConfig(**SETTINGS), image=images[2], cache=cache).source_cache_hit
     assert source_bytes(next(iter(cache._entries.values()))) == one
 
 
@@ -77,16 +77,16 @@ def test_disk_store_reused_and_corruption_rebuilt(tiny_torch, guide, tmp_path: P
     (entry,) = store.glob("*.safetensors")
     fresh = translate(tiny_torch, ["a cat"], TranslateConfig(**SETTINGS), image=guide,
                       cache=SourceCache(directory=store))
-    assert fresh.cache_hit and np.array_equal(fresh.latents, first.latents)
+    assert fresh.source_cache_hit and np.array_equal(fresh.latents, first.latents)
     data = bytearray(entry.read_bytes())
     data[-20:] = bytes(20)  # flip the last feature values: the checksum no longer matches
     entry.write_bytes(bytes(data))
     rebuilt = translate(tiny_torch, ["a cat"], TranslateConfig(**SETTINGS), image=guide,
                         cache=SourceCache(directory=store))
-    assert not rebuilt.cache_hit and np.array_equal(rebuilt.latents, first.latents)
+    assert not rebuilt.source_cache_hit and np.array_equal(rebuilt.latents, first.latents)
     (store / entry.name).write_bytes(b"not safetensors")
     assert not translate(tiny_torch, ["a cat"], TranslateConfig(**SETTINGS), image=guide,
-                         cache=SourceCache(directory=store)).cache_hit
+                         cache=SourceCache(directory=store)).source_cache_hit
     foreign = store / f"{'0' * 64}.safetensors"
     entry_bytes = (store / entry.name).read_bytes()
     foreign.write_bytes(entry_bytes)  # a valid file stored under another key is not trusted either
@@ -97,7 +97,7 @@ def test_batched_prompts_equal_one_by_one(tiny_torch, guide) -> None:
     prompts = ["a photo of a cat", "a painting of a dog", "a castle", "the cat in the dog"]
     batched = translate(tiny_torch, prompts, TranslateConfig(**SETTINGS, prompt_batch_size=4), image=guide)
     single = translate(tiny_torch, prompts, TranslateConfig(**SETTINGS, prompt_batch_size=1), image=guide)
-    assert batched.stats.unet_evals == single.stats.unet_evals
+    assert batched.stats.unet_evaluations == single.stats.unet_evaluations
     for a, b in zip(batched.images, single.images, strict=True):
         assert psnr(np.asarray(a), np.asarray(b)) >= 45
 
@@ -118,8 +118,8 @@ def test_concurrent_calls_equal_serial_calls(tiny_torch, guide) -> None:
 def test_concurrent_misses_on_one_source_build_it_once(tiny_torch, guide) -> None:
     translator = Translator(tiny_torch, SourceCache())
     results = in_threads([lambda p=p: translator.translate([p], guide, **SETTINGS) for p in ("a cat", "a dog", "x")])
-    assert sorted(r.cache_hit for r in results) == [False, True, True]
-    assert sum(r.unet_evals for r in results) == (4 + 3) + 3 * 2 * 4  # one inversion + capture in all
+    assert sorted(r.source_cache_hit for r in results) == [False, True, True]
+    assert sum(r.unet_evaluations for r in results) == (4 + 3) + 3 * 2 * 4  # one inversion + capture in all
 
 
 @pytest.mark.parametrize("requested", [None, 4])
@@ -157,11 +157,11 @@ def test_resaved_weights_in_the_same_directory_miss_the_cache(tiny_model_dir: Pa
     unet.save_pretrained(model_dir / "unet", safe_serialization=True)
     second = Translator(open_torch(str(model_dir)), SourceCache(directory=cache)).translate(["a cat"], guide,
                                                                                            **SETTINGS)
-    assert not second.cache_hit
+    assert not second.source_cache_hit
     assert not np.array_equal(np.asarray(first.images[0]), np.asarray(second.images[0]))
     again = Translator(open_torch(str(model_dir)), SourceCache(directory=cache)).translate(["a cat"], guide,
                                                                                           **SETTINGS)
-    assert again.cache_hit
+    assert again.source_cache_hit
 
 
 def test_a_well_formed_entry_with_wrong_shapes_is_rebuilt(tiny_torch, guide, tmp_path: Path) -> None:
@@ -179,7 +179,7 @@ def test_a_well_formed_entry_with_wrong_shapes_is_rebuilt(tiny_torch, guide, tmp
                                                for step in real.captured])
     write_source(store, key, forged, tiny_torch.backend)
     again = Translator(tiny_torch, SourceCache(directory=store)).translate(["a cat"], guide, **SETTINGS)
-    assert not again.cache_hit
+    assert not again.source_cache_hit
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(first.images[0]))
 
 
@@ -221,7 +221,7 @@ def test_a_checksummed_but_malformed_entry_is_rebuilt(tiny_torch, guide, tmp_pat
     _forge(entry, *FORGED_ENTRIES[case])
     assert read_source(store, entry.stem, tiny_torch.backend) is None and not entry.exists()
     again = Translator(tiny_torch, SourceCache(directory=store)).translate(["a cat"], guide, **SETTINGS)
-    assert not again.cache_hit
+    assert not again.source_cache_hit
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(first.images[0]))
 
 
@@ -240,7 +240,7 @@ def test_a_translation_saves_its_images_and_record(tiny_torch, tmp_path: Path) -
         assert np.array_equal(np.asarray(Image.open(path)), np.asarray(image))
     record = json.loads((tmp_path / "out" / "translate.json").read_text())
     assert record["prompts"] == ["a cat", "a dog"] and record["image"] == str(guide_file)
-    assert record["unet_evaluations"] == result.unet_evals and record["settings"]["steps"] == 4
+    assert record["unet_evaluations"] == result.unet_evaluations and record["settings"]["steps"] == 4
     assert record["model"] == tiny_torch.identity and record["backend"] == "torch"
     bird = Translator(tiny_torch).translate(["a bird"], str(guide_file), **SETTINGS)
     bird.save(tmp_path / "out")
@@ -263,7 +263,7 @@ def test_the_disk_store_keeps_within_its_byte_budget(tiny_torch, guide, tmp_path
 
     def run(steps: int) -> bool:
         config = TranslateConfig(**{**SETTINGS, "steps": steps})
-        return translate(tiny_torch, ["a cat"], config, image=guide, cache=cache).cache_hit
+        return translate(tiny_torch, ["a cat"], config, image=guide, cache=cache).source_cache_hit
 
     cache = SourceCache(directory=store, disk_budget_bytes=10 * 2**30)
     run(4)

@@ -80,7 +80,7 @@ def test_fused_capture_equals_one_at_a_time(tiny64, tmp_path: Path, guidance: st
     saved_calls = capture_steps - alone
     assert fused_sampler.stats.unet_calls == plain_sampler.stats.unet_calls - saved_calls
     if guidance == "generated":
-        assert fused_sampler.stats.unet_evals == plain_sampler.stats.unet_evals - capture_steps
+        assert fused_sampler.stats.unet_evaluations == plain_sampler.stats.unet_evaluations - capture_steps
 
 
 @pytest.mark.parametrize("prompts", [1, 3])
@@ -92,7 +92,7 @@ def test_call_counts_at_the_defaults(tiny_torch, tmp_path: Path, prompts: int) -
     image = load_guidance(random_image(tmp_path / "g.png", 64, 64))
     real = translate(tiny_torch, targets, config, image=image).stats
     assert real.unet_calls == 50 + 1 + 50 <= 105
-    assert real.unet_evals == 50 + 40 + 50 * 2 * prompts
+    assert real.unet_evaluations == 50 + 40 + 50 * 2 * prompts
     generated = translate(tiny_torch, targets, config, source_prompt="a castle").stats
-    assert generated.unet_evals == 100 + 50 * 2 * prompts
+    assert generated.unet_evaluations == 100 + 50 * 2 * prompts
     assert generated.unet_calls == 50 + 50

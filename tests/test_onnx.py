@@ -89,7 +89,7 @@ def test_onnxruntime_matches_torch_end_to_end(exported: Path, tiny_torch, tmp_pa
     assert [im.size for im in ours.images] == [(128, 64)] * 3
     for a, b in zip(ours.images, reference.images, strict=True):
         assert psnr(np.asarray(a), np.asarray(b)) >= 45
-    assert ours.stats.unet_evals == reference.stats.unet_evals
+    assert ours.stats.unet_evaluations == reference.stats.unet_evaluations
 
 
 def test_io_binding_backend_matches_the_numpy_backend(exported: Path, tmp_path: Path) -> None:
@@ -111,7 +111,8 @@ def test_io_binding_backend_matches_the_numpy_backend(exported: Path, tmp_path: 
     embeddings = bound.backend.run("text_encoder", {"input_ids": bound.tokenizer.encode(["a cat"])})
     assert isinstance(embeddings["text_embeddings"], torch.Tensor)
     assert rel_err(ours.latents, reference.latents) <= 1e-6
-    assert (ours.stats.unet_calls, ours.stats.unet_evals) == (reference.stats.unet_calls, reference.stats.unet_evals)
+    assert (ours.stats.unet_calls, ours.stats.unet_evaluations) == \
+        (reference.stats.unet_calls, reference.stats.unet_evaluations)
 
 
 def test_cli_translate_onnxruntime(exported: Path, tmp_path: Path) -> None:

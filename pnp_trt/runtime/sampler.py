@@ -49,7 +49,7 @@ class Stats:
     critical path on a GPU, where a call costs about the same whatever its batch)."""
 
     timings: dict[str, float] = field(default_factory=dict)
-    unet_evals: int = 0
+    unet_evaluations: int = 0
     unet_calls: int = 0
     sync: Callable[[], None] = field(default=lambda: None, repr=False)
     """Waits for the backend's queued work, so asynchronous (GPU) stages are timed where they run."""
@@ -232,7 +232,7 @@ class Sampler:
     def unet(self, x: Array, t: Array, embeddings: Array, outputs: Collection[str] = NOISE,
              **injected: Array) -> dict[str, Array]:
         """The `UNet` the loops call: counts evaluations (a batch of n counts n) and calls."""
-        self.stats.unet_evals += int(x.shape[0])
+        self.stats.unet_evaluations += int(x.shape[0])
         self.stats.unet_calls += 1
         feeds = {"sample": x, "timestep": t, "encoder_hidden_states": embeddings, **injected}
         return self.backend.run("unet", feeds, outputs)

@@ -36,7 +36,7 @@ class Translation:
     """Final latents [N,4,h,w] before decoding (what the parity tests compare)."""
     stats: Stats
     size: tuple[int, int]
-    cache_hit: bool
+    source_cache_hit: bool
     """The source branch (inversion/generation + capture) came from the cache: no UNet calls for it."""
     prompts: list[str]
     settings: TranslateConfig
@@ -49,13 +49,13 @@ class Translation:
     """A generated guidance, decoded when asked for (`decode_guidance`)."""
 
     @property
-    def timings(self) -> dict[str, float]:
+    def timings_s(self) -> dict[str, float]:
         """Seconds per stage."""
         return self.stats.timings
 
     @property
-    def unet_evals(self) -> int:
-        return self.stats.unet_evals
+    def unet_evaluations(self) -> int:
+        return self.stats.unet_evaluations
 
     @property
     def unet_calls(self) -> int:
@@ -66,8 +66,9 @@ class Translation:
         """What `translate.json` holds: inputs, settings, model, timings and the software that made it."""
         return {"prompts": self.prompts, "image": self.guidance_file, "source_prompt": self.source_prompt,
                 "backend": self.backend, "model": self.model, "size": list(self.size),
-                "settings": self.settings.to_dict(), "timings_s": self.timings, "unet_evaluations": self.unet_evals,
-                "unet_calls": self.unet_calls, "source_cache_hit": self.cache_hit, "versions": versions()}
+                "settings": self.settings.to_dict(), "timings_s": self.timings_s,
+                "unet_evaluations": self.unet_evaluations, "unet_calls": self.unet_calls,
+                "source_cache_hit": self.source_cache_hit, "versions": versions()}
 
     def save(self, directory: Path | str) -> list[Path]:
         """One PNG per prompt plus `translate.json` in `directory`, all or nothing (a previous run's results

@@ -276,8 +276,8 @@ def _add_routes(app: FastAPI, server: Server) -> None:
         if wants_png(request.headers.get("accept", "")) and len(result.images) == 1:
             return Response(png_bytes(result.images[0]), media_type="image/png")
         return JSONResponse({"images": [_png_base64(image) for image in result.images],
-                             "unet_evaluations": result.unet_evals, "cache_hit": result.cache_hit,
-                             "timings_s": result.timings, "size": list(result.size),
+                             "unet_evaluations": result.unet_evaluations, "source_cache_hit": result.source_cache_hit,
+                             "timings_s": result.timings_s, "size": list(result.size),
                              "served_by": getattr(result, "served_by", SERVED_BY)})  # Ray: the model replica
 
 

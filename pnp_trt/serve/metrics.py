@@ -25,8 +25,8 @@ class ServerMetrics:
 
     def record_translation(self, result: Translation) -> None:
         self.translations.inc()
-        self.cache.labels(result="hit" if result.cache_hit else "miss").inc()
-        self.unet_evaluations.inc(result.unet_evals)
+        self.cache.labels(result="hit" if result.source_cache_hit else "miss").inc()
+        self.unet_evaluations.inc(result.unet_evaluations)
 
     def answered(self, status: int, seconds: float) -> None:
         """One answered request, whatever its status (404s, 405s and errors included)."""

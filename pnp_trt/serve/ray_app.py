@@ -58,9 +58,9 @@ class ModelReplica:
         await self.hold_source(serve.get_multiplexed_model_id())
         image = Image.open(io.BytesIO(png)) if png else None
         result = await asyncio.to_thread(self.translator.translate, prompts, image, source_prompt, **settings)
-        return {"images": [png_bytes(image) for image in result.images], "timings": result.timings,
-                "unet_evals": result.unet_evals, "unet_calls": result.unet_calls, "cache_hit": result.cache_hit,
-                "size": result.size, "served_by": SERVED_BY}
+        return {"images": [png_bytes(image) for image in result.images], "timings_s": result.timings_s,
+                "unet_evaluations": result.unet_evaluations, "unet_calls": result.unet_calls,
+                "source_cache_hit": result.source_cache_hit, "size": result.size, "served_by": SERVED_BY}
 
 
 @dataclasses.dataclass
@@ -92,10 +92,10 @@ class RemoteTranslator:
             if isinstance(exc.cause, PnPError):
                 raise PnPError(str(exc.cause)) from None
             raise
-        stats = Stats(answer["timings"], answer["unet_evals"], answer["unet_calls"])
+        stats = Stats(answer["timings_s"], answer["unet_evaluations"], answer["unet_calls"])
         return RemoteTranslation([Image.open(io.BytesIO(b)) for b in answer["images"]],
                                  np.zeros((len(prompts), 0), np.float32), stats, tuple(answer["size"]),
-                                 answer["cache_hit"], list(prompts), TranslateConfig(**settings),
+                                 answer["source_cache_hit"], list(prompts), TranslateConfig(**settings),
                                  self.model.backend.name, self.model.identity, source_prompt,
                                  served_by=answer["served_by"])
 
