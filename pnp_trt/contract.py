@@ -93,7 +93,7 @@ class ModelDims:
     def from_dict(cls, data: Mapping[str, Any]) -> ModelDims:
         """From a manifest's `dims`, every field typed and bounded (a tampered manifest is one line)."""
         channels = data.get("unet_channels")
-        if not isinstance(channels, list) or not 2 <= len(channels) <= 8:
+        if not isinstance(channels, (list, tuple)) or not 2 <= len(channels) <= 8:
             raise PnPError(f"dims.unet_channels must be a list of 2 to 8 widths, got {channels!r:.40}")
         factor = validation.integer("dims.vae_factor", data.get("vae_factor"), 1, 64)
         if factor & (factor - 1):

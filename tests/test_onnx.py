@@ -353,3 +353,13 @@ def test_export_leaves_the_callers_model_as_it_was(tiny_model_dir: Path, tmp_pat
     after = [m for part in (model.unet, model.vae) for m in part.modules()]
     assert sum(isinstance(m, torch.nn.GroupNorm) for m in after) == norms > 0
     assert not any(isinstance(m, TwoPassGroupNorm) for m in after)
+
+
+def test_dims_read_back_from_a_manifest_or_a_ray_message(exported: Path) -> None:
+    """`dims` as JSON gives (a list of channels) and as `dataclasses.asdict` gives (a tuple: Ray's messages)."""
+    import dataclasses
+
+    from pnp_trt.contract import ModelDims
+
+    dims = ModelDims.from_dict(json.loads((exported / "manifest.json").read_text())["dims"])
+    assert ModelDims.from_dict(dataclasses.asdict(dims)) == dims == ModelDims.from_dict(dims.to_dict())
