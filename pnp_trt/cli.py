@@ -199,8 +199,7 @@ def translate(
         cache = SourceCache(directory=cache_dir, disk_budget_bytes=int(cache_dir_gib * 2**30)) if cache_dir \
             else None
         result = run_translation(loaded, prompt, config, guidance, source_prompt, rich_progress(progress), cache,
-                                 limits, decode_guidance=save_guidance)
-    result.guidance_file = str(image) if image else None
+                                 limits, decode_guidance=save_guidance, guidance_file=str(image) if image else None)
     written = result.save(out) if len(prompt) > 1 else [result.save_image(out, overwrite)]
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.stats.timings.items())
     total = sum(result.stats.timings.values())
@@ -372,9 +371,12 @@ def serve(
     import uvicorn
 
     from .serve.app import create_app
-    options = ServeOptions(backend, model, str(engines) if engines else None, provider, cuda_graphs,
-                           str(cache_dir) if cache_dir else None, replicas, gpus_per_replica, coalesce_ms, workers,
-                           max_upload_mb, max_input_mpx, max_output_mpx, max_prompts, max_steps, queue, deadline_s)
+    options = ServeOptions(backend=backend, model=model, engines=str(engines) if engines else None,
+                           provider=provider, cuda_graphs=cuda_graphs, cache_dir=str(cache_dir) if cache_dir else None,
+                           replicas=replicas, gpus_per_replica=gpus_per_replica, coalesce_ms=coalesce_ms,
+                           workers=workers, max_upload_mb=max_upload_mb, max_input_mpx=max_input_mpx,
+                           max_output_mpx=max_output_mpx, max_prompts=max_prompts, max_steps=max_steps, queue=queue,
+                           deadline_s=deadline_s)
     if use_ray:
         _serve_on_ray(options, host, port)
         return

@@ -308,9 +308,13 @@ def test_the_page_translates_in_headless_chromium(served: str, tmp_path: Path) -
         try:
             page = browser.new_page()
             page.goto(served)
+            assert page.is_hidden("#guidance-figure")  # no broken-image placeholder before an upload
             page.set_input_files("#image", str(image))
+            assert page.is_visible("#guidance-figure")
             page.fill("#prompts", "a photo of a cat\na painting of a dog")
             page.fill("#steps", "2")
+            page.fill("#height", "64")
+            page.fill("#width", "128")
             page.click("#go")
             page.wait_for_selector("#results img.result >> nth=1", timeout=60_000)
             assert "UNet evaluations" in page.inner_text("#status")

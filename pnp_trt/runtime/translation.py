@@ -26,7 +26,7 @@ GUIDANCE_FILE = "guidance.png"
 """Where `Translation.save` puts a generated guidance it decoded."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Translation:
     """What one translation returns: the images (one per prompt, in order), the final latents, how the work
     went, and `save(directory)` for the PNGs plus a `translate.json` record."""
@@ -138,9 +138,11 @@ def memory_prompt_batch(model: LoadedModel, source: Source) -> int:
 def translate(model: LoadedModel, prompts: Sequence[str] | str, config: TranslateConfig | None = None,
               image: Image.Image | Path | str | bytes | np.ndarray | None = None, source_prompt: str | None = None,
               progress: Progress = no_progress, cache: SourceCache | None = None,
-              limits: Limits | None = None, decode_guidance: bool = False) -> Translation:
+              limits: Limits | None = None, decode_guidance: bool = False,
+              guidance_file: str | None = None) -> Translation:
     """Translate a guidance image (or one generated from `source_prompt`) into each target prompt. `image`:
-    what `images.as_guidance` takes (a path, PIL image, image file bytes or uint8 array).
+    what `images.as_guidance` takes (a path, PIL image, image file bytes or uint8 array); `guidance_file`: the
+    file it was read from, for the record (a path given as `image` is recorded by itself).
 
     With a `cache`, the source branch is looked up first and stored after: later calls on the same
     guidance and settings run only the injection passes, whatever their prompts. On a GPU the whole call
@@ -152,6 +154,8 @@ def translate(model: LoadedModel, prompts: Sequence[str] | str, config: Translat
     if source_prompt is not None:
         validation.text("the source prompt", source_prompt)
     config = config or TranslateConfig()
+    if isinstance(image, (str, Path)):
+        guidance_file = guidance_file or str(image)
     image = as_guidance(image) if image is not None else None
     size = plan_size(model, config, image)
     (limits or Limits()).check_output(*size)
@@ -177,4 +181,4 @@ def translate(model: LoadedModel, prompts: Sequence[str] | str, config: Translat
             with sampler.stats.stage("decode"):
                 guidance_image = to_pil(sampler.decode(source.guidance)[0])
     return Translation(images, latents, sampler.stats, size, hit, prompts, config, model.backend.name,
-                       model.identity, source_prompt, guidance_image=guidance_image)
+                       model.identity, source_prompt, guidance_file, guidance_image)

@@ -48,11 +48,10 @@ class Translator:
         called per stage and step (an exception raised there stops the translation); `decode_guidance` also
         decodes a generated guidance (`Translation.guidance_image`)."""
         config = TranslateConfig.of(settings)
-        from_file = isinstance(image, (str, Path))
-        guidance = as_guidance(image) if image is not None else None
+        guidance = as_guidance(image) if image is not None else None  # decoded before taking a turn
         with self._turns or contextlib.nullcontext():
             result = translate(self.model, prompts, config, image=guidance, source_prompt=source_prompt,
                                progress=progress, cache=self.cache, limits=self.limits,
-                               decode_guidance=decode_guidance)
-        result.guidance_file = str(image) if from_file else None
+                               decode_guidance=decode_guidance,
+                               guidance_file=str(image) if isinstance(image, (str, Path)) else None)
         return result

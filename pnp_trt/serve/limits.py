@@ -34,10 +34,11 @@ class ServeLimits:
     output: Limits = Limits()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServeOptions:
     """What a server (each replica, on Ray) loads and how it serves: `pnp-trt serve`'s flags, and the keys
-    of the Ray Serve application (`ray_app.application`)."""
+    of the Ray Serve application (`ray_app.application`). Keywords only: two adjacent numbers swapped by
+    position would pass silently."""
 
     backend: str = "onnxruntime"
     model: str | None = None

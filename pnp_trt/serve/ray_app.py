@@ -63,7 +63,7 @@ class ModelReplica:
                 "source_cache_hit": result.source_cache_hit, "size": result.size, "served_by": SERVED_BY}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class RemoteTranslation(Translation):
     served_by: str = SERVED_BY
     """The model replica that ran it."""
