@@ -481,3 +481,17 @@ def _wait_healthy(url: str, process: subprocess.Popen, seconds: float) -> None:
         assert process.poll() is None, "the server process exited"
         time.sleep(0.2)
     raise AssertionError(f"{url} not healthy within {seconds} s")
+
+
+def test_a_deadline_travels_as_seconds_left_and_stops_work_there() -> None:
+    """What a Ray model replica receives from the gateway: the seconds left, from which its own check stops its
+    translation at the next step once nobody waits (a 504'd request kept its replica busy before)."""
+    from pnp_trt.serve.batching import DeadlineCheck, DeadlineExceeded
+
+    gateway = DeadlineCheck.within(30)
+    replica = DeadlineCheck.within(gateway.seconds_left())
+    advance = replica("inject", 10)
+    advance()
+    assert 29 < replica.seconds_left() <= 30
+    with pytest.raises(DeadlineExceeded, match="past the deadline in invert"):
+        DeadlineCheck.within(-0.001)("invert", 10)

@@ -77,19 +77,33 @@ class Coalescer:
 
     def _start(self, key: str) -> None:
         group = self._open.pop(key)
-        task = asyncio.get_running_loop().run_in_executor(self.executor, self.run, group, _deadline_check(group))
+        task = asyncio.get_running_loop().run_in_executor(self.executor, self.run, group,
+                                                          DeadlineCheck(lambda: group.deadline))
         task.add_done_callback(lambda done: _deliver(group, done))
 
 
-def _deadline_check(group: Group) -> Callable[[str, int], Callable[[], None]]:
-    """A progress callback that stops the translation once every member of `group` has given up."""
-    def progress(stage: str, total: int) -> Callable[[], None]:
+class DeadlineCheck:
+    """A progress callback that stops the translation at its next step once `deadline()` (time.monotonic())
+    has passed: for a group, when every member has given up. `seconds_left` travels to another process (a
+    Ray model replica), whose own check then stops its work too."""
+
+    def __init__(self, deadline: Callable[[], float]):
+        self.deadline = deadline
+
+    @classmethod
+    def within(cls, seconds: float) -> DeadlineCheck:
+        end = time.monotonic() + seconds
+        return cls(lambda: end)
+
+    def seconds_left(self) -> float:
+        return self.deadline() - time.monotonic()
+
+    def __call__(self, stage: str, total: int) -> Callable[[], None]:
         def advance() -> None:
-            if time.monotonic() > group.deadline:
+            if time.monotonic() > self.deadline():
                 raise DeadlineExceeded(f"past the deadline in {stage}")
         advance()
         return advance
-    return progress
 
 
 def _deliver(group: Group, done: asyncio.Future[Translation]) -> None:

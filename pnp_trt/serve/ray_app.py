@@ -22,7 +22,6 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 from PIL import Image
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
@@ -31,10 +30,10 @@ from ..config import TranslateConfig
 from ..contract import ModelDims
 from ..errors import PnPError
 from ..images import png_bytes
-from ..runtime.sampler import Stats
+from ..runtime.sampler import Stats, no_progress
 from ..runtime.translation import Translation
 from .app import SERVED_BY, create_app
-from .batching import group_key
+from .batching import DeadlineCheck, DeadlineExceeded, group_key
 from .limits import RequestError, ServeOptions
 
 
@@ -54,11 +53,16 @@ class ModelReplica:
         return key
 
     async def translate(self, prompts: list[str], png: bytes, source_prompt: str | None,
-                        settings: dict[str, Any]) -> dict[str, Any]:
+                        settings: dict[str, Any], seconds_left: float | None = None) -> dict[str, Any]:
+        """One translation; with `seconds_left` (the gateway's deadline) it stops at its next step once nobody
+        waits for it, instead of keeping this replica busy."""
         await self.hold_source(serve.get_multiplexed_model_id())
         image = Image.open(io.BytesIO(png)) if png else None
-        result = await asyncio.to_thread(self.translator.translate, prompts, image, source_prompt, **settings)
-        return {"images": [png_bytes(image) for image in result.images], "timings_s": result.timings_s,
+        progress = DeadlineCheck.within(seconds_left) if seconds_left is not None else no_progress
+        result = await asyncio.to_thread(self.translator.translate, prompts, image, source_prompt, progress,
+                                         **settings)
+        return {"images": [png_bytes(image) for image in result.images], "latents": result.latents,
+                "timings_s": result.timings_s,
                 "unet_evaluations": result.unet_evaluations, "unet_calls": result.unet_calls,
                 "source_cache_hit": result.source_cache_hit, "size": result.size, "served_by": SERVED_BY}
 
@@ -82,19 +86,22 @@ class RemoteTranslator:
                   progress: Callable[..., Any] | None = None, **settings: Any) -> Translation:
         png = png_bytes(image) if image is not None else b""
         key = group_key(png, source_prompt, settings)
+        seconds_left = progress.seconds_left() if isinstance(progress, DeadlineCheck) else None
         try:
             answer = self.handle.options(multiplexed_model_id=key).translate.remote(
-                prompts, png, source_prompt, settings).result()
+                prompts, png, source_prompt, settings, seconds_left).result()
         except RayActorError:
             raise RequestError(503, "the model replica running this request stopped (Ray restarts it); "
                                     "retry") from None
         except RayTaskError as exc:  # raised in the replica: a user error stays one (its own line, no trace)
             if isinstance(exc.cause, PnPError):
                 raise PnPError(str(exc.cause)) from None
+            if isinstance(exc.cause, DeadlineExceeded):
+                raise DeadlineExceeded(str(exc.cause)) from None
             raise
         stats = Stats(answer["timings_s"], answer["unet_evaluations"], answer["unet_calls"])
         return RemoteTranslation([Image.open(io.BytesIO(b)) for b in answer["images"]],
-                                 np.zeros((len(prompts), 0), np.float32), stats, tuple(answer["size"]),
+                                 answer["latents"], stats, tuple(answer["size"]),
                                  answer["source_cache_hit"], list(prompts), TranslateConfig(**settings),
                                  self.model.backend.name, self.model.identity, source_prompt,
                                  served_by=answer["served_by"])
