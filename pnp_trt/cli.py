@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import logging
 import math
 import os
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -435,7 +438,27 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
 def main() -> None:
     for signum in STOP_SIGNALS:
         signal.signal(signum, _stop)
-    app(prog_name="pnp-trt")
+    parsing = _click_exceptions()
+    try:
+        code = app(prog_name="pnp-trt", standalone_mode=False)
+    except parsing.NoArgsIsHelpError as exc:
+        exc.show()
+        code = 0
+    except parsing.UsageError as exc:  # an unparsable or unknown flag: one line too, like every user error
+        where = f"; see `{exc.ctx.command_path} -h`" if exc.ctx else ""
+        err.print(f"[bold red]error:[/] {escape(exc.format_message())}{where}", highlight=False, soft_wrap=True)
+        code = 2
+    except parsing.Abort:
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _click_exceptions() -> Any:
+    """The parser's exception types: typer ≥ 0.20 vendors click as `typer._click`, older typer uses click."""
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        with contextlib.suppress(ImportError):
+            return importlib.import_module(name)
+    raise ImportError("neither typer's click nor click is importable")
 
 
 if __name__ == "__main__":

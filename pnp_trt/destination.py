@@ -30,7 +30,8 @@ def check_destination(out: Path, several: bool, overwrite: bool = False, inputs:
     out = Path(out)
     parent = out.parent if out.parent != Path("") else Path(".")
     if not parent.is_dir():
-        raise PnPError(f"cannot write {out}: directory {parent} does not exist")
+        what = "is a file, not a directory" if parent.exists() else "does not exist"
+        raise PnPError(f"cannot write {out}: {parent} {what}")
     sweep_stale_staging(parent)  # a killed run's results set is restored before anything is judged
     read = [Path(p) for p in inputs]
     if several:
@@ -71,7 +72,8 @@ def _check_directory(out: Path, inputs: list[Path]) -> None:
         raise PnPError(f"--out {out} is {kind}; pnp-trt never replaces one: give the path of a new directory")
     if any(p.resolve().is_relative_to(out.resolve()) for p in inputs):
         raise PnPError(f"--out {out} holds the guidance image; write the results to another directory")
-    foreign = sorted(set(p.name for p in out.iterdir()) - set(previous_results(out)))
+    ours = {name for name in previous_results(out) if _kind(out / name) == "file"}  # a directory or link: not ours
+    foreign = sorted(set(p.name for p in out.iterdir()) - ours)
     if foreign:
         raise PnPError(f"--out {out} holds files pnp-trt did not write ({', '.join(foreign[:3])}); "
                        "choose a new or empty directory")

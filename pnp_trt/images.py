@@ -52,6 +52,13 @@ def load_guidance(path: Path | str) -> Image.Image:
     """The guidance image from a file, as `normalize_guidance` gives it; a clear error for missing or
     unreadable files."""
     path = Path(path)
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        pass  # said below, with the dangling-link case
+    except OSError as exc:  # a name too long, a path through a file, ...
+        raise PnPError(f"cannot read guidance image {str(path)[:80]} ({exc.strerror}); pass the path of a "
+                       "PNG/JPEG image") from None
     if path.is_dir():
         raise PnPError(f"guidance image {path} is a directory; pass the path of a PNG/JPEG image")
     if not os.path.lexists(path) or (path.is_symlink() and not path.exists()):
@@ -81,7 +88,8 @@ def _open_checked(source: Path | IO[bytes], name: str) -> Image.Image:
 
 def as_guidance(value: object) -> Image.Image:
     """What a user may pass as the guidance, as `normalize_guidance` gives it: a path (str or Path), a PIL
-    image, the bytes of an image file, or an H×W×3 / H×W uint8 array; anything else is one line."""
+    image, the bytes of an image file, or a uint8 array H×W×3 (RGB), H×W×4 (RGBA) or H×W (grey); anything
+    else is one line."""
     if isinstance(value, (str, Path)):
         return load_guidance(value)
     if isinstance(value, Image.Image):
@@ -92,8 +100,8 @@ def as_guidance(value: object) -> Image.Image:
             value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (3, 4))):
         return normalize_guidance(Image.fromarray(value), "the array")
     shown = f"an array of {value.dtype} {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
-    raise PnPError(f"the guidance image must be a path, a PIL image, an image file's bytes or an H×W×3 uint8 "
-                   f"array (RGB, 0-255), got {shown}")
+    raise PnPError(f"the guidance image must be a path, a PIL image, an image file's bytes or a uint8 array "
+                   f"H×W×3 (RGB, 0-255), H×W×4 (RGBA) or H×W (grey), got {shown}")
 
 
 def decode_guidance(data: bytes, name: str = "the image bytes") -> Image.Image:

@@ -85,8 +85,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     directory = Path(directory)
     path = directory / MANIFEST
     if not directory.is_dir():
-        raise PnPError(f"exported directory {directory} does not exist; create one with "
-                       f"`{rebuild_hint(None, directory)}`")
+        what = "is a file, not a directory" if directory.exists() else "does not exist"
+        raise PnPError(f"exported directory {directory} {what}; pass the directory `pnp-trt export` wrote "
+                       f"(`{rebuild_hint(None, directory)}`)")
     if not path.is_file():
         raise PnPError(f"{directory} has no {MANIFEST}: it is not an exported directory; "
                        f"create one with `{rebuild_hint(None, directory)}`")
@@ -98,7 +99,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise PnPError(f"{path} is not a manifest (a JSON object); rebuild with `{rebuild_hint(None, directory)}`")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise PnPError(f"{directory} has manifest format {version}, this pnp-trt reads format {FORMAT_VERSION}; "
+        raise PnPError(f"{directory} has manifest format {version!r}, this pnp-trt reads format {FORMAT_VERSION}; "
                        f"rebuild with `{rebuild_hint(manifest, directory)}`")
     problem = schema_problem(manifest, directory)
     if problem:

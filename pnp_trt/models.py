@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from . import validation
 from .contract import ModelDims
 from .errors import PnPError
 from .injection import missing_layers
@@ -100,7 +101,8 @@ def load_diffusers(model: str = DEFAULT_MODEL, device: torch.device | None = Non
         scheduler_config = dict(DDIMScheduler.load_config(model, subfolder="scheduler"))
     except PnPError:
         raise
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # diffusers, transformers and huggingface_hub raise many types (OSError, config
+        # validation errors of their own): each is the model's fault, said in one line
         hint = "" if Path(model).exists() else (" (a hub id: is the model hub reachable? Otherwise pass a local "
                                                 "diffusers directory)")
         if "safetensors" in str(exc) and Path(model).exists():
@@ -109,12 +111,27 @@ def load_diffusers(model: str = DEFAULT_MODEL, device: torch.device | None = Non
         raise PnPError(f"cannot load model {model}: {str(exc).splitlines()[0]}{hint}") from None
     tokenizer = PromptTokenizer(hf_tokenizer.backend_tokenizer, int(hf_tokenizer.model_max_length),
                                 int(hf_tokenizer.pad_token_id), str(hf_tokenizer.pad_token))
+    _check_configs(model, unet.config, vae.config, text_encoder.config)
     dims = ModelDims.from_configs(unet.config, vae.config, tokenizer.max_length,
                                   int(text_encoder.config.hidden_size))
     parts: list[Any] = [unet, vae, text_encoder]
     for module in parts:
         module.to(device).eval().requires_grad_(False)
     return TorchModel(model, unet, vae, text_encoder, tokenizer, scheduler_config, dims, device, dtype)
+
+
+def _check_configs(model: str, unet: Any, vae: Any, text_encoder: Any) -> None:
+    """The config values pnp-trt itself reads, typed and bounded (diffusers and transformers accept some
+    mistyped ones and fail later, deep inside)."""
+    try:
+        validation.integer("unet in_channels", unet.in_channels, 1, 64)
+        if not isinstance(unet.block_out_channels, (list, tuple)):
+            raise PnPError(f"unet block_out_channels must be a list, got {unet.block_out_channels!r:.40}")
+        validation.integer("text_encoder hidden_size", text_encoder.hidden_size, 1, 65536)
+        validation.number("vae scaling_factor", vae.scaling_factor, 1e-6, 1e3)
+    except PnPError as exc:
+        raise PnPError(f"model {model} has a damaged config: {exc}; fix the config.json or re-save the model") \
+            from None
 
 
 def model_identity(model_id: str) -> str:

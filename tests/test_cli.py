@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import random_image
+from conftest import GOLDEN, random_image
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -160,6 +160,7 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     ("empty-prompt", ["{guide}", "-p", ""], "prompt 1 must not be empty"),
     ("blank-prompt", ["{guide}", "-p", "   "], "prompt 1 must not be empty"),
     ("huge-scale", ["{guide}", "--guidance-scale", "1e308"], "--guidance-scale must be between -1000 and 1000"),
+    ("long-guidance-name", ["{tmp}/" + "x" * 300 + ".png"], "(File name too long)"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tiny_model_dir: Path, tmp_path: Path, case: str,
                                                    args: list[str], fragment: str) -> None:
@@ -174,11 +175,21 @@ def test_bad_input_one_line_exit_2_nothing_written(tiny_model_dir: Path, tmp_pat
     assert sorted(tmp_path.rglob("*")) == before
 
 
-def test_console_script_user_error_has_no_traceback(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "pnp_trt.cli", "translate", str(tmp_path / "x.png"), "-p", "a",
-                             "--out", str(tmp_path / "o.png")], capture_output=True, text=True)
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+@pytest.mark.parametrize("args,fragment", [
+    ([], "does not exist"),
+    (["--steps", "abc"], "Invalid value for '--steps'"),  # the parser's own refusals: one line as well
+    (["--bogus-flag"], "No such option: --bogus-flag"),
+    (["--out", "{tmp}/x.png/o.png"], "x.png does not exist"),
+    (["--backend", "onnxruntime", "--engines", __file__], "is a file, not a directory"),
+])
+def test_console_script_user_error_is_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
+    args = [a.format(tmp=tmp_path) for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "o.png")]
+    guide = [str(GOLDEN / "guide.png") if "--engines" in args else str(tmp_path / "x.png")]
+    result = subprocess.run([sys.executable, "-m", "pnp_trt.cli", "translate", *guide, "-p", "a", *out, *args],
+                            capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and fragment in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -362,3 +373,19 @@ def test_a_pickle_only_model_is_one_line_saying_why(tiny_model_dir: Path, tmp_pa
     result = run("translate", "--source-prompt", "a", "-p", "b", "--model", model, "--out", tmp_path / "x.png")
     assert result.exit_code == 2 and "loads only safetensors weights" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("config,key,value", [("text_encoder", "hidden_size", "32"), ("unet", "in_channels", "four"),
+                                              ("unet", "block_out_channels", 32), ("vae", "scaling_factor", "big")])
+def test_a_model_config_of_wrong_types_is_one_line(tiny_model_dir: Path, tmp_path: Path, config: str, key: str,
+                                                   value: object) -> None:
+    import shutil
+
+    model = tmp_path / "damaged"
+    shutil.copytree(tiny_model_dir, model)
+    path = model / config / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+    result = run("translate", "--source-prompt", "a", "-p", "b", "--model", model, "--out", tmp_path / "x.png",
+                 "--steps", "1", "--height", "64", "--width", "64")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "x.png").exists()

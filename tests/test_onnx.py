@@ -165,6 +165,7 @@ MALFORMED_MANIFESTS = [
      "leads outside the directory"),
     (lambda m: {k: v for k, v in m.items() if k != "model_id"}, "`model_id` is missing"),
     (lambda m: {k: v for k, v in m.items() if k != "export_id"}, "`export_id` is missing"),
+    (lambda m: {**m, "format_version": "3"}, "has manifest format '3', this pnp-trt reads format 3"),
     (lambda m: {**m, "export_id": "../" * 11}, "not 32 hex digits"),
     (lambda m: {**m, "dims": {**m["dims"], "vae_factor": 0}}, "dims.vae_factor must be between 1 and 64, got 0"),
     (lambda m: {**m, "dims": {**m["dims"], "vae_factor": -8}}, "dims.vae_factor must be between 1 and 64"),

@@ -85,6 +85,20 @@ def test_an_out_pnp_trt_may_not_replace_is_one_line_and_nothing_changes(tiny_mod
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="making a device node needs root")
+def test_a_listed_result_that_is_a_directory_is_not_ours(tmp_path: Path) -> None:
+    """A previous results directory whose listed `0_a.png` is now a directory holding a user's file is refused:
+    only regular files the record lists are pnp-trt's (the swap deleted the user's file before)."""
+    image, out = Image.new("RGB", (8, 8)), tmp_path / "res"
+    save_directory(out, ["a", "b"], [image, image], {})
+    (out / "0_a.png").unlink()
+    (out / "0_a.png").mkdir()
+    (out / "0_a.png" / "mine.txt").write_text("a user's notes")
+    with pytest.raises(PnPError, match=r"holds files pnp-trt did not write \(0_a.png\)"):
+        save_directory(out, ["c", "d"], [image, image], {})
+    assert (out / "0_a.png" / "mine.txt").read_text() == "a user's notes"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a device node needs root")
 def test_a_device_is_never_replaced_even_with_overwrite(tmp_path: Path) -> None:
     device = tmp_path / "null.png"
     os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))

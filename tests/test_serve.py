@@ -287,6 +287,12 @@ def test_accept_is_read_with_its_weights(accept: str, png: bool) -> None:
     assert wants_png(accept) == png
 
 
+def test_two_image_fields_are_refused_as_such(client: TestClient, guide_png: bytes) -> None:
+    response = client.post("/v1/translate", files=[("image", ("a.png", guide_png)), ("image", ("b.png", guide_png))],
+                           data={"prompt": "a"})
+    assert response.status_code == 422 and response.json()["error"].startswith("the image field is given more")
+
+
 def test_a_repeated_setting_is_refused(client: TestClient, guide_png: bytes) -> None:
     response = client.post("/v1/translate", files={"image": ("g.png", guide_png)},
                            data={"prompt": "a", "steps": ["2", "3"]})

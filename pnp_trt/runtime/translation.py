@@ -151,6 +151,9 @@ def translate(model: LoadedModel, prompts: Sequence[str] | str, config: Translat
     if (image is None) == (source_prompt is None):
         raise PnPError("give exactly one guidance: an image or a source prompt")
     prompts = validation.prompts(prompts)
+    if not callable(progress):
+        raise PnPError(f"progress must be a function progress(stage, total) -> advance(), got "
+                       f"{type(progress).__name__}")
     if source_prompt is not None:
         validation.text("the source prompt", source_prompt)
     config = config or TranslateConfig()

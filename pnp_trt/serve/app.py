@@ -298,9 +298,12 @@ async def _form(request: Request, limits: ServeLimits) -> tuple[dict[str, str], 
     except ClientDisconnect:
         raise RequestError(499, "the client closed the connection before its request was complete") from None
     except Exception as exc:  # the multipart parser's own errors: over a limit, malformed
-        over = any(word in str(exc).lower() for word in ("exceed", "too many", "too large"))
-        raise RequestError(413 if over else 422, f"{'form over a limit' if over else 'malformed form'}: "
-                                                 f"{str(exc).splitlines()[0][:160]}") from None
+        text = str(exc).splitlines()[0].removeprefix("400: ")[:160]
+        if "too many files" in text.lower():
+            raise RequestError(422, "the image field is given more than once; send one image") from None
+        over = any(word in text.lower() for word in ("exceed", "too many", "too large"))
+        raise RequestError(413 if over else 422, f"{'form over a limit' if over else 'malformed form'}: {text}") \
+            from None
     fields: dict[str, str] = {}
     prompts: list[str] = []
     upload: UploadFile | None = None
