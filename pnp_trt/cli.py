@@ -26,7 +26,7 @@ from .config import DEFAULT_DISK_CACHE_BYTES, Limits, TranslateConfig
 from .destination import check_destination
 from .errors import PnPError
 from .extras import require
-from .fileio import written_before
+from .fileio import STOP_SIGNALS, written_before
 from .results import guidance_beside, versions
 from .serve.limits import ServeOptions
 
@@ -411,8 +411,6 @@ class Terminated(KeyboardInterrupt):
         super().__init__()
         self.exit_code = 128 + signum
 
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _stop(signum: int, frame: Any) -> None:

@@ -28,7 +28,7 @@ def check_destination(out: Path, several: bool, overwrite: bool = False, inputs:
     """Fail, in one line, before anything is written if the results may not go to `out` (a directory with
     `several`, else one PNG file, with `companions` written beside it), given the `inputs` read."""
     out = Path(out)
-    parent = out.parent if out.parent != Path("") else Path(".")
+    parent = out.parent  # Path("o.png").parent is Path(".")
     if not parent.is_dir():
         what = "is a file, not a directory" if parent.exists() else "does not exist"
         raise PnPError(f"cannot write {out}: {parent} {what}")
@@ -97,9 +97,8 @@ def _kind(path: Path) -> str | None:
 
 
 def _check_name(path: Path) -> None:
-    parent = path.parent if path.parent != Path("") else Path(".")
     try:
-        limit = os.pathconf(parent, "PC_NAME_MAX")
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
     except (OSError, ValueError):
         limit = 255
     if len(os.fsencode(path.name)) > limit:

@@ -20,6 +20,8 @@ from .errors import PnPError
 STAGING = ".pnp-trt-staging"
 RETIRED = ".pnp-trt-retired"
 """Where a results set waits while its replacement moves in (only where paths cannot be exchanged)."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Ctrl-C, SIGTERM and SIGHUP: the signals that stop a run (cleanly: see `signals_deferred` and the CLI)."""
 STALE_AFTER_S = 600
 """A staging leftover is swept once its process is gone and it has not changed for this long."""
 
@@ -45,10 +47,11 @@ def sweep_stale_staging(directory: Path) -> None:
     power loss): only entries named by `staging_prefix` whose process no longer runs and that are older than
     `STALE_AFTER_S`."""
     try:
-        entries = [e for e in Path(directory).iterdir() if e.name.startswith(STAGING + ".")]
-        retired = [e for e in Path(directory).iterdir() if e.name.startswith(RETIRED + ".")]
+        listed = list(Path(directory).iterdir())
     except OSError:
         return
+    entries = [e for e in listed if e.name.startswith(STAGING + ".")]
+    retired = [e for e in listed if e.name.startswith(RETIRED + ".")]
     for entry in retired:
         _restore_retired(entry)
     for entry in entries:
@@ -154,10 +157,10 @@ def swap_in(staging: Path, out: Path) -> None:
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Ctrl-C, SIGTERM and SIGHUP arriving inside the block take effect when it ends: for steps that must not be split,
+    """`STOP_SIGNALS` arriving inside the block take effect when it ends: for steps that must not be split,
     such as swapping a results directory for its replacement. Main thread only (Python delivers signals
     there); elsewhere the block just runs."""
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     if threading.current_thread() is not threading.main_thread() or None in previous.values():
         yield
         return

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-import os
+import stat
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -53,17 +53,15 @@ def load_guidance(path: Path | str) -> Image.Image:
     unreadable files."""
     path = Path(path)
     try:
-        os.lstat(path)
+        mode = path.stat().st_mode  # one look, through links: a dangling link does not exist either
     except FileNotFoundError:
-        pass  # said below, with the dangling-link case
+        raise PnPError(f"guidance image {path} does not exist; pass the path of a PNG/JPEG image") from None
     except OSError as exc:  # a name too long, a path through a file, ...
         raise PnPError(f"cannot read guidance image {str(path)[:80]} ({exc.strerror}); pass the path of a "
                        "PNG/JPEG image") from None
-    if path.is_dir():
+    if stat.S_ISDIR(mode):
         raise PnPError(f"guidance image {path} is a directory; pass the path of a PNG/JPEG image")
-    if not os.path.lexists(path) or (path.is_symlink() and not path.exists()):
-        raise PnPError(f"guidance image {path} does not exist; pass the path of a PNG/JPEG image")
-    if not path.is_file():
+    if not stat.S_ISREG(mode):
         raise PnPError(f"guidance image {path} is not a regular file (a FIFO or device); pass the path of a "
                        "PNG/JPEG image")
     return _open_checked(path, str(path))
