@@ -123,7 +123,7 @@ def _progress() -> Progress:
 def translate(
     image: Path | None = typer.Argument(None, help="Guidance image (PNG/JPEG/...). Omit with --source-prompt."),
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Target prompt; repeat for several."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output .png (one prompt) or directory (several). An existing "
+    out: str = typer.Option(..., "--out", "-o", help="Output .png (one prompt) or directory (several). An existing "
                              "one is replaced only if pnp-trt wrote it (see --overwrite)."),
     overwrite: bool = typer.Option(False, help="With one prompt: replace an existing --out file pnp-trt did not "
                                    "write (never the guidance image, a link, a device or a FIFO)."),
@@ -170,7 +170,7 @@ def translate(
 ) -> None:
     """Translate a guidance image (or a generated one) into each --prompt, keeping its layout."""
     from .config import check_backend
-    from .images import load_guidance
+    from .images import check_guidance
 
     if (image is None) == (source_prompt is None):
         raise PnPError("give a guidance IMAGE or --source-prompt TEXT (exactly one)")
@@ -186,23 +186,22 @@ def translate(
                              prompt_batch_size=prompt_batch_size)
     check_positive({"--cache-dir-gib": cache_dir_gib, "--max-output-mpx": max_output_mpx})
     limits = Limits(max_output_pixels=int(max_output_mpx * 1e6))
-    companions = [guidance_beside(out)] if save_guidance and len(prompt) == 1 else []
-    check_destination(out, len(prompt) > 1, overwrite, [image] if image else [], companions)
-    guidance = load_guidance(image) if image is not None else None
+    companions = [guidance_beside(Path(out))] if save_guidance and len(prompt) == 1 else []
+    check_destination(out, len(prompt) > 1, overwrite, [image] if image else [], companions)  # text: a final /
+    guidance = check_guidance(image) if image is not None else None  # before the model's slow load
     from .runtime.cache import SourceCache
     from .runtime.loading import open_model
-    from .runtime.translation import translate as run_translation
+    from .runtime.translator import Translator
 
     if backend == "torch":
         require("torch", "the torch backend")
         from .models import quiet_loading
         quiet_loading()
-    loaded = open_model(backend, model, engines, provider, cuda_graphs)
+    cache = SourceCache(directory=cache_dir, disk_budget_bytes=int(cache_dir_gib * 2**30)) if cache_dir else None
+    translator = Translator(open_model(backend, model, engines, provider, cuda_graphs), cache, limits)
     with _progress() as progress:
-        cache = SourceCache(directory=cache_dir, disk_budget_bytes=int(cache_dir_gib * 2**30)) if cache_dir \
-            else None
-        result = run_translation(loaded, prompt, config, guidance, source_prompt, rich_progress(progress), cache,
-                                 limits, decode_guidance=save_guidance, guidance_file=str(image) if image else None)
+        result = translator.translate(prompt, guidance, source_prompt, rich_progress(progress),
+                                      decode_guidance=save_guidance, **config.to_dict())
     written = result.save(out) if len(prompt) > 1 else [result.save_image(out, overwrite)]
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.stats.timings.items())
     total = sum(result.stats.timings.values())

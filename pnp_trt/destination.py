@@ -23,10 +23,13 @@ RECORD_CHUNK = "pnp-trt"
 SUFFIX = ".png"
 
 
-def check_destination(out: Path, several: bool, overwrite: bool = False, inputs: Iterable[Path | str] = (),
+def check_destination(out: Path | str, several: bool, overwrite: bool = False, inputs: Iterable[Path | str] = (),
                       companions: Iterable[Path] = ()) -> None:
     """Fail, in one line, before anything is written if the results may not go to `out` (a directory with
-    `several`, else one PNG file, with `companions` written beside it), given the `inputs` read."""
+    `several`, else one PNG file, with `companions` written beside it), given the `inputs` read. `out` as
+    typed (str) keeps a final `/`, which names a directory."""
+    if not several and str(out).endswith(("/", os.sep)):
+        raise PnPError(f"--out {out} ends in /, naming a directory; with one --prompt give the output .png file")
     out = Path(out)
     parent = out.parent  # Path("o.png").parent is Path(".")
     if not parent.is_dir():

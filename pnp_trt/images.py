@@ -6,6 +6,7 @@ import io
 import stat
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -84,19 +85,29 @@ def _open_checked(source: Path | IO[bytes], name: str) -> Image.Image:
                        "pass a valid PNG/JPEG/WebP file") from None
 
 
-def as_guidance(value: object) -> Image.Image:
-    """What a user may pass as the guidance, as `normalize_guidance` gives it: a path (str or Path), a PIL
-    image, the bytes of an image file, or a uint8 array H×W×3 (RGB), H×W×4 (RGBA) or H×W (grey); anything
-    else is one line."""
+@dataclass(frozen=True)
+class Guidance:
+    """A checked guidance: upright RGB pixels, and the file they were read from (None: not from a file)."""
+
+    image: Image.Image
+    file: str | None = None
+
+
+def check_guidance(value: object) -> Guidance:
+    """The one check of what a user may pass as the guidance (every surface calls it once): a path (str or
+    Path), a PIL image, the bytes of an image file, a uint8 array H×W×3 (RGB), H×W×4 (RGBA) or H×W (grey), or
+    a `Guidance` already checked; anything else is one line."""
+    if isinstance(value, Guidance):
+        return value
     if isinstance(value, (str, Path)):
-        return load_guidance(value)
+        return Guidance(load_guidance(value), str(value))
     if isinstance(value, Image.Image):
-        return normalize_guidance(value)
+        return Guidance(normalize_guidance(value))
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return decode_guidance(bytes(value))
+        return Guidance(decode_guidance(bytes(value)))
     if isinstance(value, np.ndarray) and value.dtype == np.uint8 and (
             value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (3, 4))):
-        return normalize_guidance(Image.fromarray(value), "the array")
+        return Guidance(normalize_guidance(Image.fromarray(value), "the array"))
     shown = f"an array of {value.dtype} {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
     raise PnPError(f"the guidance image must be a path, a PIL image, an image file's bytes or a uint8 array "
                    f"H×W×3 (RGB, 0-255), H×W×4 (RGBA) or H×W (grey), got {shown}")

@@ -278,3 +278,23 @@ def test_the_disk_store_keeps_within_its_byte_budget(tiny_torch, guide, tmp_path
     assert run(5)  # still there, and now the most recently used
     run(4)
     assert run(5) and len(list(store.glob("*.safetensors"))) == 2
+
+
+def test_the_guidance_is_checked_once_per_call_and_its_file_recorded(tiny_torch, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    """One check of the guidance per translation, whichever surface called (the Translator used to normalise
+    it again inside `translate`, printing a damaged-EXIF warning twice), and a path given is the record's."""
+    from PIL import ImageOps
+
+    from pnp_trt import images
+
+    calls = []
+    transpose = ImageOps.exif_transpose
+    monkeypatch.setattr(ImageOps, "exif_transpose", lambda image: calls.append(1) or transpose(image))
+    path = random_image(tmp_path / "g.png", 128, 64)
+    result = Translator(tiny_torch).translate(["a cat"], path, steps=2, height=64, width=128)
+    assert len(calls) == 1 and result.guidance_file == str(path) and result.record()["image"] == str(path)
+    checked = images.check_guidance(str(path))
+    assert len(calls) == 2 and images.check_guidance(checked) is checked
+    assert translate(tiny_torch, ["a cat"], TranslateConfig(steps=2, height=64, width=128), checked).guidance_file \
+        == str(path) and len(calls) == 2

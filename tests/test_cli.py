@@ -157,6 +157,7 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     ("no-guidance", [], "exactly one"),
     ("out-dir-missing", ["{guide}", "--out", "{tmp}/no/such/dir/o.png"], "does not exist"),
     ("out-is-dir", ["{guide}", "--out", "{tmp}"], "is a directory"),
+    ("out-ends-in-slash", ["{guide}", "--out", "{tmp}/o.png/"], "ends in /, naming a directory"),
     ("empty-prompt", ["{guide}", "-p", ""], "prompt 1 must not be empty"),
     ("blank-prompt", ["{guide}", "-p", "   "], "prompt 1 must not be empty"),
     ("huge-scale", ["{guide}", "--guidance-scale", "1e308"], "--guidance-scale must be between -1000 and 1000"),

@@ -148,13 +148,13 @@ def test_damaged_exif_is_ignored_with_a_warning(tmp_path: Path, monkeypatch) -> 
 
 def test_every_reasonable_guidance_form_gives_the_same_image(tmp_path: Path) -> None:
     """A path (str or Path), a PIL image, the file's bytes, an H×W×3 uint8 array: one picture."""
-    from pnp_trt.images import as_guidance
+    from pnp_trt.images import check_guidance
 
     pixels = np.random.default_rng(0).integers(0, 255, (64, 96, 3), np.uint8)
     path = tmp_path / "g.png"
     Image.fromarray(pixels).save(path)
     for form in (path, str(path), Image.open(path), path.read_bytes(), pixels):
-        assert np.array_equal(np.asarray(as_guidance(form)), pixels), type(form)
+        assert np.array_equal(np.asarray(check_guidance(form).image), pixels), type(form)
 
 
 @pytest.mark.parametrize("value,fragment", [
@@ -163,10 +163,10 @@ def test_every_reasonable_guidance_form_gives_the_same_image(tmp_path: Path) -> 
     (12, "got int"),
 ])
 def test_other_guidance_forms_are_one_line(value, fragment: str) -> None:
-    from pnp_trt.images import as_guidance
+    from pnp_trt.images import check_guidance
 
     with pytest.raises(PnPError, match=re.escape(fragment)):
-        as_guidance(value)
+        check_guidance(value)
 
 
 @pytest.mark.parametrize("settings,fragment", [

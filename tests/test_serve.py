@@ -388,9 +388,22 @@ def corpus(guide: bytes) -> list[tuple[str, dict, int, str]]:
         ("file under another name", {"files": {"photo": ("g.png", guide)}, "data": ok}, 422, "unexpected file"),
         ("JSON body", {"json": {"prompt": "a cat"}}, 415, "multipart/form-data"),
         ("plain text body", {"content": b"prompt=a", "headers": {"content-type": "text/plain"}}, 415, "multipart"),
-        ("broken multipart", {"content": b"--x\r\nnonsense", "headers": {"content-type": "multipart/form-data; "
-                                                                          "boundary=x"}}, 422, "prompt"),
+        ("broken multipart", _raw_form(b"--x\r\nnonsense"), 422, "cut short"),
+        ("form cut before its end", _raw_form(_text_part(b"prompt", b"a cat")), 422, "cut short"),
+        ("prompt not UTF-8", _raw_form(_text_part(b"prompt", b"caf\xe9") + b"--x--\r\n"), 422,
+         "prompt field is not UTF-8"),
+        ("URL-encoded prompt not UTF-8", {"content": b"prompt=caf%E9&source_prompt=b",
+                                          "headers": {"content-type": "application/x-www-form-urlencoded"}}, 422,
+         "prompt field is not UTF-8"),
     ]
+
+
+def _text_part(name: bytes, value: bytes) -> bytes:
+    return b'--x\r\nContent-Disposition: form-data; name="' + name + b'"\r\n\r\n' + value + b"\r\n"
+
+
+def _raw_form(body: bytes) -> dict:
+    return {"content": body, "headers": {"content-type": "multipart/form-data; boundary=x"}}
 
 
 def test_a_bad_request_corpus_against_the_running_server(served: str, guide_png: bytes) -> None:

@@ -16,7 +16,7 @@ from ..contract import INJECTION_POINTS, array_precision, axis_sizes, captured_n
 from ..engines.buffers import auto_prompt_batch
 from ..errors import PnPError
 from ..fileio import writing
-from ..images import as_guidance, output_size, to_array, to_pil
+from ..images import Guidance, check_guidance, output_size, to_array, to_pil
 from ..results import save_directory, save_file, versions
 from .backend import LoadedModel
 from .cache import SourceCache, source_key
@@ -136,13 +136,12 @@ def memory_prompt_batch(model: LoadedModel, source: Source) -> int:
 
 
 def translate(model: LoadedModel, prompts: Sequence[str] | str, config: TranslateConfig | None = None,
-              image: Image.Image | Path | str | bytes | np.ndarray | None = None, source_prompt: str | None = None,
-              progress: Progress = no_progress, cache: SourceCache | None = None,
-              limits: Limits | None = None, decode_guidance: bool = False,
-              guidance_file: str | None = None) -> Translation:
+              image: Guidance | Image.Image | Path | str | bytes | np.ndarray | None = None,
+              source_prompt: str | None = None, progress: Progress = no_progress, cache: SourceCache | None = None,
+              limits: Limits | None = None, decode_guidance: bool = False) -> Translation:
     """Translate a guidance image (or one generated from `source_prompt`) into each target prompt. `image`:
-    what `images.as_guidance` takes (a path, PIL image, image file bytes or uint8 array); `guidance_file`: the
-    file it was read from, for the record (a path given as `image` is recorded by itself).
+    what `images.check_guidance` takes (a path, PIL image, image file bytes, uint8 array or a checked
+    `Guidance`, whose file the record names).
 
     With a `cache`, the source branch is looked up first and stored after: later calls on the same
     guidance and settings run only the injection passes, whatever their prompts. On a GPU the whole call
@@ -157,9 +156,8 @@ def translate(model: LoadedModel, prompts: Sequence[str] | str, config: Translat
     if source_prompt is not None:
         validation.text("the source prompt", source_prompt)
     config = config or TranslateConfig()
-    if isinstance(image, (str, Path)):
-        guidance_file = guidance_file or str(image)
-    image = as_guidance(image) if image is not None else None
+    guidance = check_guidance(image) if image is not None else None
+    image = guidance.image if guidance is not None else None
     size = plan_size(model, config, image)
     (limits or Limits()).check_output(*size)
     pixels = to_array(image, size) if image is not None else None
@@ -184,4 +182,4 @@ def translate(model: LoadedModel, prompts: Sequence[str] | str, config: Translat
             with sampler.stats.stage("decode"):
                 guidance_image = to_pil(sampler.decode(source.guidance)[0])
     return Translation(images, latents, sampler.stats, size, hit, prompts, config, model.backend.name,
-                       model.identity, source_prompt, guidance_file, guidance_image)
+                       model.identity, source_prompt, guidance.file if guidance else None, guidance_image)

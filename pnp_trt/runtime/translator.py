@@ -11,7 +11,7 @@ from typing import Any
 from PIL import Image
 
 from ..config import DEFAULT_CACHE_BYTES, DEFAULT_DISK_CACHE_BYTES, Limits, TranslateConfig
-from ..images import as_guidance
+from ..images import Guidance, check_guidance
 from .backend import LoadedModel
 from .cache import SourceCache
 from .loading import open_model
@@ -38,20 +38,17 @@ class Translator:
         cache = SourceCache(cache_bytes, cache_dir, cache_dir_bytes)
         return cls(open_model(backend, model, engines, provider, cuda_graphs), cache, limits)
 
-    def translate(self, prompts: Sequence[str] | str, image: Image.Image | str | Path | bytes | None = None,
+    def translate(self, prompts: Sequence[str] | str, image: Guidance | Image.Image | str | Path | bytes | None = None,
                   source_prompt: str | None = None, progress: Progress = no_progress,
                   decode_guidance: bool = False, **settings: Any) -> Translation:
-        """Translate `image` (a path, PIL image, image file bytes or uint8 array; or a guidance generated from
-        `source_prompt`) into every prompt.
+        """Translate `image` (a path, PIL image, image file bytes, uint8 array or checked `Guidance`; or a
+        guidance generated from `source_prompt`) into every prompt.
 
         `settings` are `TranslateConfig` fields (steps, guidance_scale, feature_injection, ...); `progress` is
         called per stage and step (an exception raised there stops the translation); `decode_guidance` also
         decodes a generated guidance (`Translation.guidance_image`)."""
         config = TranslateConfig.of(settings)
-        guidance = as_guidance(image) if image is not None else None  # decoded before taking a turn
+        guidance = check_guidance(image) if image is not None else None  # decoded before taking a turn
         with self._turns or contextlib.nullcontext():
-            result = translate(self.model, prompts, config, image=guidance, source_prompt=source_prompt,
-                               progress=progress, cache=self.cache, limits=self.limits,
-                               decode_guidance=decode_guidance,
-                               guidance_file=str(image) if isinstance(image, (str, Path)) else None)
-        return result
+            return translate(self.model, prompts, config, image=guidance, source_prompt=source_prompt,
+                             progress=progress, cache=self.cache, limits=self.limits, decode_guidance=decode_guidance)

@@ -25,20 +25,18 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from ..errors import PnPError
 from ..images import normalize_guidance, png_bytes
 from ..runtime.translation import Translation, plan_size
 from .batching import Coalescer, DeadlineExceeded, Group, group_key
+from .forms import read_form, read_upload
 from .limits import RequestError, ServeLimits, check_prompts, check_text, settings_from_form
 from .metrics import ServerMetrics
 
 SERVED_BY = f"{socket.gethostname()}:{os.getpid()}"
 UNCOUNTED = {"/metrics", "/healthz", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
 """Monitoring and page routes: not counted among the answered requests."""
-FORM_SLACK_BYTES = 1 << 20
-"""What a form may hold beyond its image: the text fields (64 at most, each bounded)."""
 PAGE = Path(__file__).with_name("page.html")
 
 
@@ -86,7 +84,7 @@ class Server:
         check_prompts(prompts, self.limits)
         if (upload is None) == (source_prompt is None):
             raise RequestError(422, "give exactly one guidance: an image file field or a source_prompt field")
-        data = await _read_upload(upload, self.limits) if upload is not None else b""
+        data = await read_upload(upload, self.limits) if upload is not None else b""
         image = _decode_image(data, self.limits) if upload is not None else None
         self.limits.output.check_output(*plan_size(self.translator.model, config, image))
         if self.in_flight >= self.limits.queue_length:
@@ -116,34 +114,6 @@ def _share(result: Translation, part: slice) -> Translation:
     """One request's images out of a coalesced translation (the rest of the record is the group's)."""
     return dataclasses.replace(result, images=result.images[part], prompts=result.prompts[part],
                                latents=result.latents[part])
-
-
-async def _read_upload(upload: UploadFile, limits: ServeLimits) -> bytes:
-    data = await upload.read(limits.max_upload_bytes + 1)
-    if len(data) > limits.max_upload_bytes:
-        raise RequestError(413, _over_upload_limit(limits))
-    return data
-
-
-def _over_upload_limit(limits: ServeLimits) -> str:
-    return (f"the image is over this server's {limits.max_upload_bytes / 2**20:g} MiB upload limit; send a "
-            "smaller file")
-
-
-def _bounded_receive(receive: Callable[[], Any], limit: int, limits: ServeLimits) -> Callable[[], Any]:
-    """`receive` that refuses the body as soon as it passes `limit` bytes (a chunked upload declares no
-    length), so an oversized upload is never spooled to disk in full."""
-    received = 0
-
-    async def bounded() -> Any:
-        nonlocal received
-        message = await receive()
-        if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise RequestError(413, _over_upload_limit(limits))
-        return message
-    return bounded
 
 
 def wants_png(accept: str) -> bool:
@@ -271,54 +241,15 @@ def _add_routes(app: FastAPI, server: Server) -> None:
     async def translate(request: Request) -> Response:
         """multipart/form-data: `image` (file) or `source_prompt`; `prompt` (repeat for several); any
         TranslateConfig setting (steps, guidance_scale, feature_injection, ...) as a field."""
-        fields, prompts, upload = await _form(request, server.limits)
-        result = await server.translate(fields, prompts, upload)
+        fields, prompts, upload = await read_form(request, server.limits)
+        try:
+            result = await server.translate(fields, prompts, upload)
+        finally:
+            if upload is not None:
+                await upload.close()  # the spooled upload (Starlette closes only forms it parsed itself)
         if wants_png(request.headers.get("accept", "")) and len(result.images) == 1:
             return Response(png_bytes(result.images[0]), media_type="image/png")
         return JSONResponse({"images": [_png_base64(image) for image in result.images],
                              "unet_evaluations": result.unet_evaluations, "source_cache_hit": result.source_cache_hit,
                              "timings_s": result.timings_s, "size": list(result.size),
                              "served_by": getattr(result, "served_by", SERVED_BY)})  # Ray: the model replica
-
-
-async def _form(request: Request, limits: ServeLimits) -> tuple[dict[str, str], list[str], UploadFile | None]:
-    """The multipart form: settings as strings, the prompts, the image upload (if any)."""
-    if not request.headers.get("content-type", "").startswith(("multipart/form-data",
-                                                                "application/x-www-form-urlencoded")):
-        raise RequestError(415, "send multipart/form-data (e.g. curl -F image=@photo.jpg -F prompt=\"a lego model\")")
-    limit = limits.max_upload_bytes + FORM_SLACK_BYTES
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:  # refused before a byte of the body is read
-        raise RequestError(413, _over_upload_limit(limits))
-    bounded = Request(request.scope, _bounded_receive(request.receive, limit, limits))
-    try:
-        form = await bounded.form(max_files=1, max_fields=64, max_part_size=limits.max_upload_bytes + 1)
-    except RequestError:
-        raise
-    except ClientDisconnect:
-        raise RequestError(499, "the client closed the connection before its request was complete") from None
-    except Exception as exc:  # the multipart parser's own errors: over a limit, malformed
-        text = str(exc).splitlines()[0].removeprefix("400: ")[:160]
-        if "too many files" in text.lower():
-            raise RequestError(422, "the image field is given more than once; send one image") from None
-        over = any(word in text.lower() for word in ("exceed", "too many", "too large"))
-        raise RequestError(413 if over else 422, f"{'form over a limit' if over else 'malformed form'}: {text}") \
-            from None
-    fields: dict[str, str] = {}
-    prompts: list[str] = []
-    upload: UploadFile | None = None
-    for name, value in form.multi_items():
-        if isinstance(value, str):
-            if name == "prompt":
-                prompts.append(value)
-            elif name in fields:
-                raise RequestError(422, f"the {name} field is given more than once; give it once")
-            else:
-                fields[name] = value
-        elif name == "image":
-            upload = value
-        else:
-            raise RequestError(422, f"unexpected file field {name!r}; the guidance image goes in the image field")
-    if "image" in fields:
-        raise RequestError(415, "the image field must be a file upload (curl -F image=@photo.jpg)")
-    return fields, prompts, upload
