@@ -396,10 +396,17 @@ def _serve_on_ray(options: Any, host: str, port: int) -> None:
     from .serve.ray_app import build_application
 
     ray.init(logging_level=logging.ERROR, log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port})
-    err.print(f"serving {options.backend} on Ray Serve, {options.replicas} replica(s), http://{host}:{port} "
-              "(Ctrl-C stops)", highlight=False)
-    serve.run(build_application(options), blocking=True)
+    _handle_stop_signals()  # ray.init installs a native handler that dumps a stack trace on SIGTERM
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        err.print(f"serving {options.backend} on Ray Serve, {options.replicas} replica(s), http://{host}:{port} "
+                  "(Ctrl-C stops)", highlight=False)
+        serve.run(build_application(options), blocking=True)
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: a local Ray goes down with the command
+        err.print("stopped serving", highlight=False)
+        raise typer.Exit(exc.exit_code if isinstance(exc, Terminated) else 130) from None
+    finally:
+        ray.shutdown()
 
 
 class Terminated(KeyboardInterrupt):
@@ -432,9 +439,13 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
     """Plug-and-Play Diffusion Features image translation: PyTorch, ONNX Runtime, TensorRT."""
 
 
-def main() -> None:
+def _handle_stop_signals() -> None:
     for signum in STOP_SIGNALS:
         signal.signal(signum, _stop)
+
+
+def main() -> None:
+    _handle_stop_signals()
     parsing = _click_exceptions()
     try:
         code = app(prog_name="pnp-trt", standalone_mode=False)

@@ -118,8 +118,8 @@ SCHEMA: dict[str, type | tuple[type, ...]] = {
     "model_id": str, "export_id": str, "weights_sha256": str, "dims": dict, "precision": str, "injection_points": list,
     "tokenizer": dict, "files": dict,
 }
-"""Top-level keys a backend reads, with their JSON types."""
-DIMS = {"text_length": int, "text_dim": int, "latent_channels": int, "vae_factor": int, "unet_channels": list}
+"""Top-level keys a backend reads, with their JSON types (`vae_scaling_factor` and `graphs` are recorded for
+people and tools: the scaling is inside the VAE graphs, the I/O is read from the graphs themselves)."""
 
 
 def schema_problem(manifest: dict[str, Any], directory: Path) -> str | None:
@@ -128,9 +128,6 @@ def schema_problem(manifest: dict[str, Any], directory: Path) -> str | None:
     for key, kind in SCHEMA.items():
         if not isinstance(manifest.get(key), kind):
             return f"`{key}` is missing or not a {getattr(kind, '__name__', kind)}"
-    for key, kind in DIMS.items():
-        if not isinstance(manifest["dims"].get(key), kind):
-            return f"`dims.{key}` is missing or not a {kind.__name__}"
     try:
         dims = ModelDims.from_dict(manifest["dims"])
         tokenizer = manifest["tokenizer"]

@@ -445,14 +445,17 @@ def _ray_available() -> bool:
 
 
 @pytest.mark.skipif(not _ray_available(), reason="Ray Serve not installed (pip install -e '.[ray]')")
-def test_ray_serve_spreads_requests_and_restarts_a_killed_replica(exported: Path, guide_png: bytes) -> None:
+def test_ray_serve_spreads_requests_and_restarts_a_killed_replica(exported: Path, guide_png: bytes,
+                                                                  tmp_path: Path) -> None:
     """`pnp-trt serve --ray --replicas 2`: both model replicas answer (a second image goes to the other replica,
     the same image back to the one holding its source); after one replica's process is killed every request
-    gets an answer — its images or a JSON 503 — none hangs, and Ray brings a new replica up."""
+    gets an answer — its images or a JSON 503 — none hangs, and Ray brings a new replica up. SIGTERM then stops
+    it as the shell expects (exit 143, one line; Ray's native handler printed a stack dump)."""
     port = _free_port()
+    log = tmp_path / "serve.log"
     process = subprocess.Popen([sys.executable, "-m", "pnp_trt.cli", "serve", "--engines", str(exported), "--port",
                                 str(port), "--ray", "--replicas", "2"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+                               stderr=log.open("w"), start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, process, 180)
@@ -480,6 +483,9 @@ def test_ray_serve_spreads_requests_and_restarts_a_killed_replica(exported: Path
                        for a in answers), [a.text[:200] for a in answers]
             after |= {a.json()["served_by"] for a in answers if a.status_code == 200}
         assert after - served, f"no restarted replica answered within 120 s: {after}"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=90) == 143
+        assert "stopped serving" in log.read_text() and "SIGTERM received" not in log.read_text()
     finally:
         os.killpg(process.pid, signal.SIGINT)
         try:
