@@ -216,10 +216,11 @@ def export(
     model: str = typer.Option("stabilityai/stable-diffusion-2-1-base", help="Hub id or diffusers directory."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory to create (must not exist)."),
     precision: str = typer.Option("fp32", help="fp32 | fp16 (mixed: norms, softmax, timestep embedding fp32)."),
-    opset: int = typer.Option(17, help="ONNX opset."),
+    opset: int | None = typer.Option(None, help="ONNX opset (default 17; 23 with --attention onnx)."),
     attention: str = typer.Option("standard", help="standard: plain ONNX ops, for every backend (TensorRT fuses "
-                                  "them itself) | onnxruntime: ONNX Runtime's fused memory-efficient attention, "
-                                  "far less memory at large sizes, not loadable by TensorRT."),
+                                  "them itself) | onnx: one ONNX Attention node (opset 23) per layer, fused by "
+                                  "ONNX Runtime and by TensorRT ≥ 10.14 | onnxruntime: ONNX Runtime's fused "
+                                  "attention, not loadable by TensorRT."),
 ) -> None:
     """Export text encoder, VAE encoder/decoder and the PnP UNet to ONNX, validated against PyTorch."""
     require("torch", "pnp-trt export")
@@ -239,7 +240,7 @@ def export(
     for report in reports:
         errors = "  ".join(f"{name} {error:.1e}" for name, error in report.errors.items())
         err.print(f"  {report.name}: {errors}", highlight=False, soft_wrap=True)
-    err.print(f"exported {model} ({precision}, opset {opset}, {attention} attention) to {out}", highlight=False)
+    err.print(f"exported {model} ({precision}, {attention} attention) to {out}", highlight=False)
 
 
 @app.command()

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import validation
 from .contract import PRECISIONS, ModelDims
+from .engines.availability import TENSORRT_ATTENTION, tensorrt_release
 from .errors import PnPError
 
 FORMAT_VERSION = 3
@@ -24,9 +25,10 @@ EXPORT_ID_KEY = "pnp_trt.export_id"
 """The ONNX metadata key under which each graph carries the id of the export that wrote it."""
 MANIFEST = "manifest.json"
 GRAPHS = ("text_encoder", "vae_encoder", "vae_decoder", "unet")
-ATTENTION = ("standard", "onnxruntime")
+ATTENTION = ("standard", "onnx", "onnxruntime")
 """How an export spells attention (`attention` in the manifest, absent: standard): plain ONNX ops, for every
-backend, or ONNX Runtime's fused memory-efficient op (`export/fused_attention.py`), for ONNX Runtime only."""
+backend; the ONNX standard's fused `Attention` (opset 23), for ONNX Runtime and TensorRT ≥ 10.14; or ONNX
+Runtime's fused memory-efficient op, for ONNX Runtime only (`export/fused_attention.py`)."""
 
 
 def sha256(path: Path) -> str:
@@ -63,20 +65,25 @@ def free_directory(directory: Path) -> Path:
     return next((c for c in candidates if not os.path.lexists(c)), candidates[-1])
 
 
-def require_standard_attention(manifest: dict[str, Any], directory: Path) -> None:
-    """TensorRT parses plain ONNX attention only: refuse an export with ONNX Runtime's fused op, saying how to
-    export for TensorRT."""
+def require_tensorrt_attention(manifest: dict[str, Any], directory: Path, tensorrt_version: str | None = None) -> None:
+    """Refuse an export whose attention TensorRT cannot parse: ONNX Runtime's fused op always, the standard
+    `Attention` before TensorRT 10.14 (checked once `tensorrt_version` is known), saying which export suits."""
     attention = manifest.get("attention", "standard")
-    if attention != "standard":
-        raise PnPError(f"{directory} was exported with --attention {attention}, which only ONNX Runtime runs; "
-                       f"for TensorRT export again with `{rebuild_hint(manifest, Path('NEW_DIR'), 'standard')}` "
-                       "(--attention standard)")
+    standard = f"`{rebuild_hint(manifest, Path('NEW_DIR'), 'standard')}` (--attention standard)"
+    if attention == "onnxruntime":
+        raise PnPError(f"{directory} was exported with --attention onnxruntime, which only ONNX Runtime runs; "
+                       f"for TensorRT export again with {standard}")
+    if attention == "onnx" and tensorrt_version is not None \
+            and tensorrt_release(tensorrt_version) < TENSORRT_ATTENTION:
+        raise PnPError(f"{directory} was exported with --attention onnx, whose Attention op TensorRT parses from "
+                       f"{'.'.join(map(str, TENSORRT_ATTENTION))} on; this is TensorRT {tensorrt_version}: upgrade "
+                       f"TensorRT, or export for it with {standard}")
 
 
 def read_manifest_for_tensorrt(directory: Path) -> dict[str, Any]:
     """`read_manifest`, refusing what TensorRT cannot build or run (checked before TensorRT is looked for)."""
     manifest = read_manifest(directory)
-    require_standard_attention(manifest, directory)
+    require_tensorrt_attention(manifest, directory)
     return manifest
 
 

@@ -21,7 +21,14 @@ from polygraphy.logger import G_LOGGER
 from ..contract import ModelDims, graph_specs
 from ..errors import PnPError
 from ..fileio import atomic_write
-from ..manifest import GRAPHS, check_graph_identity, onnx_export_id, read_manifest_for_tensorrt, sha256
+from ..manifest import (
+    GRAPHS,
+    check_graph_identity,
+    onnx_export_id,
+    read_manifest_for_tensorrt,
+    require_tensorrt_attention,
+    sha256,
+)
 from .availability import require_tensorrt
 from .compat import ENGINES_MANIFEST, EngineEntry, Platform, entries_json
 from .profiles import BuildShapes, Profile, profile_shapes
@@ -133,6 +140,7 @@ def build_all(directory: Path, shapes: BuildShapes, optimization_level: int = 3,
     built under staging names and moved into place only once all four are built."""
     require_tensorrt("pnp-trt build")
     manifest = read_manifest_for_tensorrt(directory)
+    require_tensorrt_attention(manifest, directory, trt.__version__)
     dims = ModelDims.from_dict(manifest["dims"])
     shapes.check(dims.size_multiple)
     specs, here, entries = graph_specs(dims), current_platform(), {}

@@ -68,7 +68,7 @@ def export_one(name: str, module: torch.nn.Module, model: TorchModel, out: Path,
         raw = scratch / path.name
         export_graph(module, spec, random_feeds(spec, axis_sizes(model.dims, *TRACE_SIZE), "float32", 0, vocab),
                      raw, opset)
-        clean_graph(raw, path)
+        clean_graph(raw, path, opset)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if precision == "fp16":
@@ -105,38 +105,48 @@ def write_side_files(model: TorchModel, out: Path, precision: str, opset: int, a
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
-def export_model(model_id: str, out: Path, precision: str = "fp32", opset: int = 17, attention: str = "standard",
+def export_model(model_id: str, out: Path, precision: str = "fp32", opset: int | None = None,
+                 attention: str = "standard",
                  on_graph: Callable[[str], None] = lambda name: None,
                  versions: dict[str, str] | None = None) -> list[GraphReport]:
     """Load a diffusers model (hub id or directory) on the CPU in fp32 and export it."""
-    _check_destination(out, precision, opset, attention)
+    opset = _check_destination(out, precision, opset, attention)
     return export_loaded(load_diffusers(model_id, torch.device("cpu"), torch.float32), out, precision, opset,
                          attention, on_graph, versions)
 
 
 OPSETS = range(17, 21)
 """17: LayerNormalization is one op (older opsets decompose it); 20: the newest the TorchScript exporter writes."""
+ATTENTION_OPSET = 23
+"""`--attention onnx`: the opset of the `Attention` op, the one such an export is written at."""
 
 
-def _check_destination(out: Path, precision: str, opset: int, attention: str) -> None:
+def _check_destination(out: Path, precision: str, opset: int | None, attention: str) -> int:
+    """The opset to export at (None: 17, or 23 for `--attention onnx`), once the settings and `out` are fine."""
     if attention not in ATTENTION:
-        raise PnPError(f"--attention must be {' or '.join(ATTENTION)}, got {attention!r}")
+        raise PnPError(f"--attention must be {', '.join(ATTENTION)}, got {attention!r}")
     if precision not in TOLERANCE:
         raise PnPError(f"--precision must be fp32 or fp16, got {precision!r}")
-    if opset not in OPSETS:
+    if attention == "onnx" and opset not in (None, ATTENTION_OPSET):
+        raise PnPError(f"--attention onnx writes the opset-{ATTENTION_OPSET} Attention op: leave --opset out (or "
+                       f"give {ATTENTION_OPSET}), got {opset}")
+    if opset is None:
+        opset = ATTENTION_OPSET if attention == "onnx" else OPSETS.start
+    if attention != "onnx" and opset not in OPSETS:
         raise PnPError(f"--opset must be {OPSETS.start} to {OPSETS.stop - 1}, got {opset}")
     if out.exists():
         raise PnPError(f"{out} already exists; choose a new --out directory (or remove it)")
     if not out.parent.is_dir():
         raise PnPError(f"cannot write {out}: directory {out.parent} does not exist")
+    return opset
 
 
-def export_loaded(model: TorchModel, out: Path, precision: str = "fp32", opset: int = 17,
+def export_loaded(model: TorchModel, out: Path, precision: str = "fp32", opset: int | None = None,
                   attention: str = "standard", on_graph: Callable[[str], None] = lambda name: None,
                   versions: dict[str, str] | None = None) -> list[GraphReport]:
     """Export every graph of a loaded fp32 CPU model into a temporary directory beside `out`, then rename
     it into place: an interrupted or failed export leaves nothing behind. `attention`: see `ATTENTION`."""
-    _check_destination(out, precision, opset, attention)
+    opset = _check_destination(out, precision, opset, attention)
     with two_pass_group_norms(model.unet, model.vae), attention_for_export(attention, model.unet, model.vae), \
             staging_directory(out) as tmp:
         graphs, reports, export_id = torch_graphs(model), [], uuid.uuid4().hex

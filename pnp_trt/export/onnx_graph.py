@@ -14,6 +14,8 @@ import torch
 from ..contract import GraphSpec
 
 TWO_GB = 2**31
+TORCH_MAX_OPSET = 20
+"""The newest opset the TorchScript exporter writes; newer standard ops are traced under a placeholder domain."""
 
 
 def dynamic_axes(spec: GraphSpec) -> dict[str, dict[int, str]]:
@@ -22,12 +24,14 @@ def dynamic_axes(spec: GraphSpec) -> dict[str, dict[int, str]]:
 
 def export_graph(module: torch.nn.Module, spec: GraphSpec, example: Mapping[str, np.ndarray], path: Path,
                  opset: int) -> None:
-    """Trace `module` (TorchScript exporter: it keeps batch/height/width dynamic on the UNet, DESIGN §3)."""
+    """Trace `module` (TorchScript exporter: it keeps batch/height/width dynamic on the UNet, DESIGN §3) at
+    `opset`, or at the exporter's newest below it (`clean_graph` raises it)."""
     args = tuple(torch.from_numpy(np.asarray(example[name])) for name in spec.input_names)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, str(path), input_names=spec.input_names, output_names=spec.output_names,
-                          dynamic_axes=dynamic_axes(spec), opset_version=opset, dynamo=False)
+                          dynamic_axes=dynamic_axes(spec), opset_version=min(opset, TORCH_MAX_OPSET),
+                          dynamo=False)
 
 
 def _weight_bytes(model: onnx.ModelProto) -> int:
@@ -44,14 +48,32 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
                     location=f"{path.name}.data" if large else None)
 
 
-def clean_graph(raw: Path, path: Path) -> None:
+def promote_newer_ops(model: onnx.ModelProto, opset: int) -> None:
+    """Nodes traced under the placeholder domain become the standard ops they are, and the graph's standard
+    opset becomes `opset` (opsets 21–23 add types and ops; the ops the exporter wrote at 20 mean the same)."""
+    from .fused_attention import PLACEHOLDER_DOMAIN
+
+    for node in model.graph.node:
+        if node.domain == PLACEHOLDER_DOMAIN:
+            node.domain = ""
+    kept = [o for o in model.opset_import if o.domain != PLACEHOLDER_DOMAIN]
+    for entry in kept:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = max(entry.version, opset)
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+
+
+def clean_graph(raw: Path, path: Path, opset: int) -> None:
     """Fold constants, drop dead nodes, sort; save `raw` (the exporter's output, possibly one file per
-    weight) as `path` (one external data file past 2 GB) and infer shapes (path-based: works past 2 GB)."""
+    weight) as `path` (one external data file past 2 GB) at `opset` and infer shapes (path-based: works past
+    2 GB)."""
     import onnx_graphsurgeon as gs
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)  # folding runs ORT; its optimizer notes are not the user's concern
     model = onnx.load(str(raw))
+    promote_newer_ops(model, opset)
     graph = gs.import_onnx(model)
     if _weight_bytes(model) < TWO_GB:  # folding serializes the model for ORT: impossible past 2 GB; the
         graph.fold_constants()         # torch exporter has already folded what it could

@@ -21,7 +21,7 @@ from ..engines.buffers import shared_activation_bytes
 from ..engines.compat import ENGINES_MANIFEST, EngineEntry, build_command, check_entry, read_entries
 from ..engines.profiles import check_request, profile_index, profile_shapes
 from ..errors import PnPError
-from ..manifest import GRAPHS, require_standard_attention
+from ..manifest import GRAPHS, require_tensorrt_attention
 from .backend import LoadedModel
 from .cuda_graphs import CudaGraphs, signature
 from .exported import open_exported
@@ -177,6 +177,6 @@ def open_tensorrt(directory: Path, cuda_graphs: bool = True) -> LoadedModel:
     """An exported directory with engines built by `pnp-trt build`, on TensorRT (UNet CUDA graphs unless
     switched off)."""
     exported = open_exported(directory)
-    require_standard_attention(exported.manifest, exported.directory)
+    require_tensorrt_attention(exported.manifest, exported.directory, trt.__version__)
     backend = TensorRTBackend(exported.directory, exported.manifest, read_entries(exported.directory), cuda_graphs)
     return LoadedModel(backend, exported.tokenizer, exported.schedule, exported.dims, exported.identity("tensorrt"))
