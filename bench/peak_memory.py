@@ -3,8 +3,9 @@ README can say what a size costs and `--max-output-mpx` has a measured default.
 
     python bench/peak_memory.py [--sizes 256 512 768 1024] [--steps 2] [--sd21-sizes 256 512]
 
-Cases: the tiny model on ONNX Runtime (CPU; exported with standard and with ONNX Runtime's fused attention,
-`--attention onnxruntime`) and torch (CPU); the SD 2.1-base shape (random weights) on torch.
+Cases: the tiny model on ONNX Runtime (CPU; exported with standard attention, the ONNX standard's fused
+`Attention`, `--attention onnx`, and ONNX Runtime's fused op, `--attention onnxruntime`) and torch (CPU); the
+SD 2.1-base shape (random weights) on torch.
 Reported: peak RSS of the process (includes the weights), and its growth over the same process loaded but
 idle, i.e. what the translation itself took; and the translation's wall time (first call: sessions are made
 in it).
@@ -68,7 +69,7 @@ def main() -> None:
     print(f"    {'model':<28} {'backend':<12} {'size':>6} {'peak RSS':>12} {'translation':>12} {'time':>10}")
     with tempfile.TemporaryDirectory() as tmp:
         tiny = make_tiny_model(Path(tmp) / "tiny")
-        for attention in ("standard", "onnxruntime"):
+        for attention in ("standard", "onnx", "onnxruntime"):
             exported = Path(tmp) / f"tiny-{attention}"
             subprocess.run([sys.executable, "-m", "pnp_trt.cli", "export", "--model", str(tiny), "--out",
                             str(exported), "--attention", attention], check=True, capture_output=True)

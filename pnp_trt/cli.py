@@ -285,6 +285,9 @@ def build(
         progress.update(graph_task, completed=4)
     platform = next(iter(entries.values())).platform
     err.print(f"built {len(entries)} engines in {directory} for {platform.gpu} (TensorRT {platform.tensorrt})")
+    from .engines.fusion import fusion_report
+    for line in fusion_report(directory, ["unet", "vae_encoder", "vae_decoder"]):  # *.layers.json: per layer
+        err.print(f"  {line}", highlight=False)
 
 
 @app.command()

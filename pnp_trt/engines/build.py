@@ -31,6 +31,7 @@ from ..manifest import (
 )
 from .availability import require_tensorrt
 from .compat import ENGINES_MANIFEST, EngineEntry, Platform, entries_json
+from .fusion import layers_file
 from .profiles import BuildShapes, Profile, profile_shapes
 
 LOGGER = get_trt_logger()
@@ -73,11 +74,12 @@ def _write_atomic(path: Path, data: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(memoryview(data)))
 
 
-def build_engine(onnx_path: Path, engine_path: Path, profiles: list[Profile],
+def build_engine(onnx_path: Path, engine_path: Path, layers_path: Path, profiles: list[Profile],
                  optimization_level: int, timing_cache: Path | None, on_step: PhaseCallback) -> None:
-    """Build one engine with these optimization profiles through Polygraphy's loaders; reuse the timing cache
-    and update it once the plan is written (best effort: a cache that cannot be saved only warns). fp32
-    layers (the fp16 graphs' fp32 islands, fp32 exports) build without TF32, as ONNX Runtime runs them."""
+    """Build one engine with these optimization profiles through Polygraphy's loaders, and write its layer
+    information (which kernels run what) to `layers_path`; reuse the timing cache and update it once the plan
+    is written (best effort: a cache that cannot be saved only warns). fp32 layers (the fp16 graphs' fp32
+    islands, fp32 exports) build without TF32, as ONNX Runtime runs them."""
     used: list[trt.IBuilderConfig] = []
 
     def with_timing_cache(builder: trt.Builder, network: trt.INetworkDefinition, config: trt.IBuilderConfig) -> None:
@@ -86,7 +88,7 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[Profile],
 
     config = CreateConfig(profiles=[polygraphy_profile(p) for p in profiles], progress_monitor=BuildProgress(on_step),
                           builder_optimization_level=optimization_level, tf32=False,
-                          profiling_verbosity=trt.ProfilingVerbosity.LAYER_NAMES_ONLY)
+                          profiling_verbosity=trt.ProfilingVerbosity.DETAILED)
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)  # lazy: parse errors land below
     try:
         with G_LOGGER.verbosity(G_LOGGER.WARNING):  # Polygraphy's own progress lines would break the bars
@@ -96,8 +98,17 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[Profile],
                        "it with `pnp-trt export`, or try a smaller --max-size/--max-batch or a lower "
                        "--optimization-level") from None
     _write_atomic(engine_path, serialized)
+    _write_atomic(layers_path, layer_information(serialized).encode())
     if timing_cache and used:
         _save_timing_cache(used[0], timing_cache)
+
+
+def layer_information(serialized: Any) -> str:
+    """The engine inspector's JSON for a serialized plan (detailed: built with ProfilingVerbosity.DETAILED)."""
+    engine = trt.Runtime(LOGGER).deserialize_cuda_engine(serialized)
+    if engine is None:
+        raise PnPError("TensorRT could not load the engine it just built; see its log above")
+    return engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
 
 
 def polygraphy_profile(profile: Profile) -> Any:
@@ -137,7 +148,8 @@ def build_all(directory: Path, shapes: BuildShapes, optimization_level: int = 3,
               on_graph: Callable[[str], None] = lambda graph: None,
               on_step: PhaseCallback = lambda phase, step, total: None) -> dict[str, EngineEntry]:
     """Build every graph's engine next to its ONNX and record them in engines.json (written last). Plans are
-    built under staging names and moved into place only once all four are built."""
+    built under staging names and moved into place only once all four are built, each with its layer
+    information (`engines/fusion.py` reads it)."""
     require_tensorrt("pnp-trt build")
     manifest = read_manifest_for_tensorrt(directory)
     require_tensorrt_attention(manifest, directory, trt.__version__)
@@ -145,19 +157,21 @@ def build_all(directory: Path, shapes: BuildShapes, optimization_level: int = 3,
     shapes.check(dims.size_multiple)
     specs, here, entries = graph_specs(dims), current_platform(), {}
     staged = {graph: directory / f".{graph}.plan.building" for graph in GRAPHS}
+    staged_layers = {graph: directory / f".{graph}.layers.building" for graph in GRAPHS}
     try:
         for graph in GRAPHS:
             on_graph(graph)
             check_graph_identity(onnx_export_id(directory / f"{graph}.onnx"), manifest, directory / f"{graph}.onnx")
-            build_engine(directory / f"{graph}.onnx", staged[graph], profile_shapes(specs[graph], dims, shapes),
-                         optimization_level, timing_cache, on_step)
+            build_engine(directory / f"{graph}.onnx", staged[graph], staged_layers[graph],
+                         profile_shapes(specs[graph], dims, shapes), optimization_level, timing_cache, on_step)
             entries[graph] = EngineEntry(graph, f"{graph}.plan", sha256(staged[graph]),
                                          manifest["files"][f"{graph}.onnx"]["sha256"], manifest["export_id"], here,
                                          shapes)
         for graph, path in staged.items():  # the whole set or nothing: old plans stay with their record
             path.replace(directory / f"{graph}.plan")
+            staged_layers[graph].replace(layers_file(directory, graph))
     finally:
-        for path in staged.values():
+        for path in (*staged.values(), *staged_layers.values()):
             path.unlink(missing_ok=True)
     _write_atomic(directory / ENGINES_MANIFEST, entries_json(entries).encode())
     return entries
