@@ -78,7 +78,7 @@ THREADS_HELP = "ONNX Runtime threads per graph (default: one per core; the same 
 
 def set_threads(threads: int | None) -> None:
     """`--threads`, bounded as the variable it sets is (checked now, before any work)."""
-    from .runtime.onnxruntime_backend import MAX_THREADS, THREADS_VARIABLE, intra_op_threads
+    from .runtime.onnxruntime_sessions import MAX_THREADS, THREADS_VARIABLE, intra_op_threads
 
     if threads is not None:
         os.environ[THREADS_VARIABLE] = str(validation.integer("--threads", threads, 1, MAX_THREADS))

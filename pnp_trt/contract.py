@@ -144,6 +144,15 @@ class GraphSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
+    def check_feeds(self, feeds: Collection[str]) -> None:
+        """Every backend's `run` checks its feeds' names here first: a name the graph lacks was dropped silently
+        before (a misspelt injected tensor ran the UNet uninjected); the first input sets the call's sizes."""
+        unknown = set(feeds) - set(self.input_names)
+        if unknown:
+            raise ValueError(f"{self.name} has no input(s) {', '.join(sorted(unknown))}")
+        if self.inputs[0].name not in feeds:
+            raise ValueError(f"{self.name} needs its {self.inputs[0].name} input")
+
     def read_outputs(self, wanted: Collection[str] | None) -> list[str]:
         """The outputs a call returns, in contract order: those `wanted` (None: all of them)."""
         if wanted is None:

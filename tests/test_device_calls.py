@@ -202,3 +202,35 @@ def test_a_graph_collected_while_hooks_are_installed_does_not_deadlock(tiny_mode
         gc.enable()
     assert not worker.is_alive(), "install_hooks deadlocked on a finalizer's release_hooks"
     assert not any(m._forward_hooks for m in unet.modules()) and any(m._forward_hooks for m in other.modules())
+
+
+def _same_memory(a: Any, b: Any) -> bool:
+    return np.shares_memory(a, b) if isinstance(a, np.ndarray) else a.untyped_storage().data_ptr() == \
+        b.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_the_arrays_a_run_returns_are_the_callers(backend: str, tiny32: LoadedModel, exported: Path) -> None:
+    """The Backend contract: `run`'s arrays belong to the caller (the sampler keeps captured features, text
+    embeddings and latents across many calls); a second run neither writes into them nor returns them again.
+    The TensorRT backend wrote `noise_pred` into a reused buffer: it now allocates every output read, and its
+    CUDA-graph path copies outputs out, as torch's does."""
+    model = tiny32 if backend == "torch" else open_onnxruntime(exported)
+    spec = graph_specs(model.dims)["unet"]
+    feeds = random_feeds(spec, axis_sizes(model.dims, 2, *SIZE), "float32", 0, 10)
+    feeds = {name: model.backend.asarray(value) for name, value in feeds.items()}
+    first = model.backend.run("unet", feeds)
+    kept = {name: model.backend.to_numpy(array).copy() for name, array in first.items()}
+    second = model.backend.run("unet", {**feeds, "sample": model.backend.asarray(np.zeros_like(
+        model.backend.to_numpy(feeds["sample"])))})
+    for name, array in first.items():
+        np.testing.assert_array_equal(model.backend.to_numpy(array), kept[name])
+        assert not _same_memory(array, second[name]), name
+
+
+def test_a_feed_the_graph_lacks_is_refused_by_every_backend(tiny32: LoadedModel, exported: Path) -> None:
+    """A misspelt feed name was dropped silently (the UNet ran uninjected); the contract now refuses it."""
+    for model in (tiny32, open_onnxruntime(exported)):
+        with pytest.raises(ValueError, match="unet has no input.s. injected_featur"):
+            model.backend.run("unet", {"sample": model.backend.asarray(np.zeros((1, 4, 8, 8), np.float32)),
+                                       "injected_featur": model.backend.asarray(np.zeros(1, np.float32))})

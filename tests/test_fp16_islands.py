@@ -53,7 +53,7 @@ def norm_fp16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("norm")
     example = {"x": np.random.default_rng(0).standard_normal((1, 64, 8, 8), dtype=np.float32)}
     export_graph(NormThenConv().eval(), NORM_SPEC, example, folder / "raw.onnx", 17)
-    clean_graph(folder / "raw.onnx", folder / "norm.onnx")
+    clean_graph(folder / "raw.onnx", folder / "norm.onnx", 17)
     to_mixed_fp16(folder / "norm.onnx", NORM_SPEC)
     return folder / "norm.onnx"
 

@@ -99,7 +99,7 @@ def check_graph(path: Path) -> None:
 def run_onnxruntime(path: Path, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
-    from ..runtime.onnxruntime_backend import session_options
+    from ..runtime.onnxruntime_sessions import session_options
 
     session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]

@@ -26,7 +26,12 @@ class Backend(Protocol):
     def run(self, graph: str, feeds: Mapping[str, Array], outputs: Collection[str] | None = None) -> dict[str, Array]:
         """Run one of the graphs of `contract.graph_specs`; feeds and outputs keyed by tensor name.
 
-        `outputs`: the ones the caller reads (None: all). The rest are never copied out or kept."""
+        `outputs`: the ones the caller reads (None: all). The rest are never copied out or kept. Feeds the
+        graph lacks are an error (`GraphSpec.check_feeds`); absent injected inputs are zeros, gates off.
+
+        The arrays returned belong to the caller: no later `run` writes into them (the sampler keeps captured
+        features, text embeddings and latents across many calls), so a backend that reuses buffers (CUDA-graph
+        replays, TensorRT's bindings) hands out copies or fresh allocations of what is read."""
 
     def worker_stream(self) -> AbstractContextManager[None]:
         """Run the calling thread's work inside this block on a stream of its own (GPU backends: not the

@@ -18,7 +18,7 @@ import torch
 
 from ..contract import ZeroBuffers, call_sizes
 from ..errors import PnPError
-from .onnxruntime_backend import OnnxRuntimeSessions, session_options
+from .onnxruntime_sessions import OnnxRuntimeSessions, session_options
 from .torch_arrays import NUMPY_DTYPES, TORCH_DTYPES, TorchArrays
 
 
@@ -85,6 +85,7 @@ class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
     def run(self, graph: str, feeds: Mapping[str, Any], outputs: Collection[str] | None = None,
             ) -> dict[str, torch.Tensor]:
         spec, read = self.specs[graph], self.specs[graph].read_outputs(outputs)
+        spec.check_feeds(feeds)
         given = {t.name: self.tensor(feeds[t.name], t) for t in spec.inputs if feeds.get(t.name) is not None}
         sizes = call_sizes(self.dims, graph, tuple(given[spec.inputs[0].name].shape))
         if graph == "unet" and self.cuda_graphs:

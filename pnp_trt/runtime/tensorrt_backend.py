@@ -117,6 +117,7 @@ class TensorRTBackend(TorchArrays):
 
     def run(self, graph: str, feeds: Mapping[str, Any], outputs: Collection[str] | None = None,
             ) -> dict[str, torch.Tensor]:
+        self.specs[graph].check_feeds(feeds)
         self._check_profile(graph, feeds)
         read = self.specs[graph].read_outputs(outputs)
         inputs = {t.name: None if feeds.get(t.name) is None else
@@ -130,7 +131,7 @@ class TensorRTBackend(TorchArrays):
                  context: trt.IExecutionContext | None = None) -> dict[str, torch.Tensor]:
         """Bind every input (absent: a zero buffer or a false gate) and output, and enqueue the engine on the
         current stream (inside a CUDA graph capture: the capture stream). Returns the outputs named in
-        `read` (None: all); the others are written to reused scratch buffers."""
+        `read` (None: all), each in fresh memory; the others are written to reused scratch buffers."""
         spec = self.specs[graph]
         first = inputs[spec.inputs[0].name]
         if first is None:
@@ -152,10 +153,8 @@ class TensorRTBackend(TorchArrays):
         for tensor in spec.outputs:
             shape = _dims(context.get_tensor_shape(tensor.name))
             kept = read is None or tensor.name in read
-            if tensor.name == "noise_pred" or not kept:  # consumed before the next call, or never read:
-                out = self.zeros.get(tensor, shape)  # one reused buffer per shape
-            else:  # captured tensors outlive the call (they are fed back later): fresh memory
-                out = self.allocate(tensor, shape)
+            # what is read is the caller's (the Backend contract): fresh memory; what is not, one scratch buffer
+            out = self.allocate(tensor, shape) if kept else self.zeros.get(tensor, shape)
             _bind(context, tensor.name, out)
             if kept:
                 outputs[tensor.name] = out

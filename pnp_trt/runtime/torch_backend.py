@@ -52,6 +52,7 @@ class TorchBackend(TorchArrays):
     def run(self, graph: str, feeds: Mapping[str, Any], outputs: Collection[str] | None = None,
             ) -> dict[str, torch.Tensor]:
         spec, read = self.specs[graph], self.specs[graph].read_outputs(outputs)
+        spec.check_feeds(feeds)
         args = {t.name: None if t.name not in feeds else self.tensor(feeds[t.name], t) for t in spec.inputs}
         if graph == "unet":
             return self.unet_graphs(args, read) if self.unet_graphs is not None else self._run_unet(args, read)
