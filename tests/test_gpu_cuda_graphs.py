@@ -103,3 +103,27 @@ def test_fused_attention_on_onnxruntime_cuda_matches_torch(tiny_model_dir: Path,
         scores = _psnrs(ours, reference)
         print(f"onnxruntime CUDA {precision} fused attention (CUDA graphs {cuda_graphs}) vs torch PSNR: {scores}")
         assert min(scores) >= bound
+
+
+def test_a_failed_capture_runs_that_signature_eagerly_with_one_warning() -> None:
+    """A function that fails only while being captured (as TensorRT's enqueue can): the first call warns with the
+    function's own error and answers eagerly; later calls of that signature run eagerly without warning; other
+    signatures still capture. Proves `CudaGraphs` falls back instead of raising through `capture_end`."""
+    import warnings
+
+    from pnp_trt.runtime.cuda_graphs import CudaGraphs
+
+    def function(inputs):
+        if torch.cuda.is_current_stream_capturing() and inputs["x"].shape[0] == 2:
+            raise RuntimeError("enqueue refused during capture")
+        return {"y": inputs["x"] * 2}
+
+    graphs = CudaGraphs(function, CUDA)
+    x = torch.ones(2, 3, device=CUDA)
+    with pytest.warns(RuntimeWarning, match="enqueue refused during capture"):
+        assert torch.equal(graphs({"x": x})["y"], x * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(graphs({"x": x})["y"], x * 2)
+        assert torch.equal(graphs({"x": torch.ones(1, 3, device=CUDA)})["y"], torch.full((1, 3), 2.0, device=CUDA))
+    assert len(graphs) == 1

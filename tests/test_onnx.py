@@ -115,6 +115,36 @@ def test_io_binding_backend_matches_the_numpy_backend(exported: Path, tmp_path: 
         (reference.stats.unet_calls, reference.stats.unet_evaluations)
 
 
+def test_a_shape_onnxruntime_refuses_to_capture_runs_eagerly_after_one_warning(exported: Path, tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    """A graph session that ONNX Runtime refuses at creation (CPU-placed shape nodes, say) was reported as a
+    broken export; now that shape runs eagerly after one warning. The refusal is injected here (the CPU provider
+    has no CUDA graphs to refuse): what is tested is the device backend's handling of it."""
+    from dataclasses import replace
+
+    from pnp_trt.errors import PnPError
+    from pnp_trt.manifest import read_manifest
+    from pnp_trt.runtime.onnxruntime_device import OnnxRuntimeDeviceBackend
+
+    backend = OnnxRuntimeDeviceBackend(exported, read_manifest(exported), "cpu", device=torch.device("cpu"))
+    assert backend.concurrent_calls  # no CUDA graphs here; with them it is False (a capture is process-global)
+    backend.cuda_graphs = True
+    refused = []
+
+    def refuse(sizes):
+        refused.append(dict(sizes))
+        raise PnPError("cannot load unet.onnx (This session cannot use the graph capture feature)")
+
+    monkeypatch.setattr(backend, "_open_graphed", refuse)
+    numpy_model = open_onnxruntime(exported)
+    config = TranslateConfig(steps=2, height=64, width=64)
+    with pytest.warns(RuntimeWarning, match="runs without one") as caught:
+        ours = translate(replace(numpy_model, backend=backend), ["a cat"], config, source_prompt="a house")
+    reference = translate(numpy_model, ["a cat"], config, source_prompt="a house")
+    assert rel_err(ours.latents, reference.latents) <= 1e-6
+    assert len(caught) == len(refused) == len({tuple(s.values()) for s in refused})  # one per shape, once
+
+
 def test_cli_translate_onnxruntime(exported: Path, tmp_path: Path) -> None:
     guide = random_image(tmp_path / "in.png", 64, 64)
     result = runner.invoke(app, ["translate", str(guide), "--backend", "onnxruntime", "--engines", str(exported),

@@ -9,6 +9,7 @@ optional inputs are present), warm-up, capture on the owner's stream, replay, th
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
@@ -45,22 +46,31 @@ class CudaGraphs:
     def __init__(self, function: GraphFunction, device: torch.device):
         self.function, self.device = function, device
         self.stream = torch.cuda.Stream(device)
-        self._graphs: dict[tuple, _Captured] = {}
+        self._graphs: dict[tuple, _Captured | None] = {}
+        """Per signature its graph, or None where capture failed (that signature runs eagerly)."""
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._graphs)
+        """Graphs captured (signatures that failed to capture and run eagerly are not counted)."""
+        return sum(entry is not None for entry in self._graphs.values())
 
     def __call__(self, inputs: Tensors, read: Collection[str] | None = None) -> dict[str, torch.Tensor]:
         """Replay the graph of this signature (capturing it first if new); copies out the outputs named in
         `read` (None: all) — the others stay in the graph's static buffers."""
         caller = torch.cuda.current_stream(self.device)
         with self._lock:
-            entry = self._graphs.get(signature(inputs))
+            key = signature(inputs)
+            if key in self._graphs and self._graphs[key] is None:  # capture failed once: eager from then on
+                return {name: out for name, out in self.function(inputs).items() if read is None or name in read}
+            entry = self._graphs.get(key)
             self.stream.wait_stream(caller)
             with torch.cuda.stream(self.stream):
                 if entry is None:
                     entry = self._capture(inputs)
+                    if entry is None:
+                        caller.wait_stream(self.stream)
+                        return {name: out for name, out in self.function(inputs).items()
+                                if read is None or name in read}
                 for name, static in entry.inputs.items():
                     if static is not None:
                         static.copy_(inputs[name])  # type: ignore[arg-type]
@@ -70,14 +80,28 @@ class CudaGraphs:
             self.stream.wait_stream(caller)  # the next replay, from any thread, waits for these copies
             return copies
 
-    def _capture(self, inputs: Tensors) -> _Captured:
-        """Static copies of the inputs, warm-up runs, then one captured run whose outputs stay static."""
+    def _capture(self, inputs: Tensors) -> _Captured | None:
+        """Static copies of the inputs, warm-up runs, then one captured run whose outputs stay static. A run that
+        fails inside the capture (e.g. TensorRT's enqueue returning False) marks the signature eager, with one
+        warning giving that run's own error (`capture_end` would raise another one, hiding it)."""
         static = {name: None if t is None else t.clone() for name, t in inputs.items()}
         for _ in range(WARMUP_RUNS):
             self.function(static)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-            outputs = dict(self.function(static))
+        graph, failure = torch.cuda.CUDAGraph(), None
+        try:
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                try:
+                    outputs = dict(self.function(static))
+                except Exception as exc:
+                    failure = exc
+        except Exception as exc:  # capture_end's own error, after (or instead of) the run's
+            failure = failure or exc
+        if failure is not None:
+            self._graphs[signature(inputs)] = None
+            shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in inputs.items() if t is not None)[:120]
+            warnings.warn(f"CUDA graph capture failed ({str(failure).splitlines()[0][:160]}); these shapes "
+                          f"({shapes}) run eagerly from now on", RuntimeWarning, stacklevel=3)
+            return None
         entry = _Captured(graph, static, outputs)
         self._graphs[signature(inputs)] = entry
         return entry

@@ -10,6 +10,7 @@ dimensions pinned from the contract's axis sizes, with static input/output buffe
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,9 @@ class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
         self.device = device or torch.device("cuda" if self.provider != "CPUExecutionProvider" else "cpu")
         self.dtype = TORCH_DTYPES[self.precision]
         self.cuda_graphs = cuda_graphs and self.provider == "CUDAExecutionProvider"
-        self._graphed: dict[tuple[int, int, int], GraphedSession] = {}
+        self.concurrent_calls = not self.cuda_graphs
+        """ONNX Runtime captures in global mode: another thread's allocation during a capture spoils it."""
+        self._graphed: dict[tuple[int, int, int], GraphedSession | None] = {}
         self._opening = threading.Lock()
         self.zeros = ZeroBuffers(self.shared_zeros)
 
@@ -88,8 +91,9 @@ class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
         spec.check_feeds(feeds)
         given = {t.name: self.tensor(feeds[t.name], t) for t in spec.inputs if feeds.get(t.name) is not None}
         sizes = call_sizes(self.dims, graph, tuple(given[spec.inputs[0].name].shape))
-        if graph == "unet" and self.cuda_graphs:
-            return self._graphed_session(sizes)(given, self.synchronize, read)
+        graphed = self._graphed_session(sizes) if graph == "unet" and self.cuda_graphs else None
+        if graphed is not None:
+            return graphed(given, self.synchronize, read)
         binding = self.session(graph).io_binding()
         for tensor in spec.inputs:
             value = given.get(tensor.name)
@@ -102,11 +106,19 @@ class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
         self.session(graph).run_with_iobinding(binding)  # returns once ORT's stream is done
         return results
 
-    def _graphed_session(self, sizes: Mapping[str, int]) -> GraphedSession:
+    def _graphed_session(self, sizes: Mapping[str, int]) -> GraphedSession | None:
+        """The shape's graph-enabled session; None where ONNX Runtime refused to capture it (it then runs
+        eagerly, after one warning: the export is fine, its graph capture is not)."""
         key = (sizes["batch"], sizes["height"], sizes["width"])
         with self._opening:
             if key not in self._graphed:
-                self._graphed[key] = self._open_graphed(sizes)
+                try:
+                    self._graphed[key] = self._open_graphed(sizes)
+                except PnPError as exc:
+                    self._graphed[key] = None
+                    warnings.warn(f"ONNX Runtime refused to run the UNet at batch {key[0]}, {key[1]}x{key[2]} "
+                                  f"latents as a CUDA graph ({str(exc)[:200]}); that shape runs without one "
+                                  "(--no-cuda-graphs turns them off)", RuntimeWarning, stacklevel=2)
             return self._graphed[key]
 
     def _open_graphed(self, sizes: Mapping[str, int]) -> GraphedSession:

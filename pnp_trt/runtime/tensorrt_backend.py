@@ -73,7 +73,11 @@ class TensorRTBackend(TorchArrays):
         """An execution context on the shared activation region, set to one optimization profile."""
         context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         context.set_device_memory(self.activations.data_ptr(), self.activations.numel())
-        if not context.set_optimization_profile_async(profile, torch.cuda.current_stream().cuda_stream):
+        try:  # the Python bindings raise RuntimeError where the C++ API returns false
+            accepted = context.set_optimization_profile_async(profile, torch.cuda.current_stream().cuda_stream)
+        except RuntimeError:
+            accepted = False
+        if not accepted:
             raise PnPError(f"TensorRT refused optimization profile {profile} of the {graph} engine; rebuild: "
                            f"`{build_command(self.directory, self.entries[graph].shapes)}`")
         torch.cuda.current_stream().synchronize()  # set before any other stream enqueues on it
@@ -142,7 +146,8 @@ class TensorRTBackend(TorchArrays):
             value = inputs[tensor.name]
             if value is None:  # not injected: a zero buffer (or a false gate), allocated once per shape
                 value = self.zeros.get(tensor, tensor.shape(sizes))
-            if not context.set_input_shape(tensor.name, tuple(value.shape)):
+            if tuple(value.shape) != _dims(context.get_tensor_shape(tensor.name)) \
+                    and not context.set_input_shape(tensor.name, tuple(value.shape)):  # unchanged: not set again
                 raise PnPError(f"the {graph} engine refuses {tensor.name} of shape {tuple(value.shape)}; rebuild: "
                                f"`{build_command(self.directory, self.entries[graph].shapes)}`")
             _bind(context, tensor.name, value)
@@ -159,8 +164,12 @@ class TensorRTBackend(TorchArrays):
             if kept:
                 outputs[tensor.name] = out
         if not context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
-            raise RuntimeError(f"TensorRT failed to run the {graph} engine")
+            raise EnqueueFailed(f"TensorRT failed to run the {graph} engine")
         return outputs
+
+
+class EnqueueFailed(RuntimeError):
+    """`execute_async_v3` returned False (inside a CUDA-graph capture: the capture is abandoned)."""
 
 
 def _dims(dims: trt.Dims) -> tuple[int, ...]:
