@@ -145,6 +145,23 @@ def test_a_shape_onnxruntime_refuses_to_capture_runs_eagerly_after_one_warning(e
     assert len(caught) == len(refused) == len({tuple(s.values()) for s in refused})  # one per shape, once
 
 
+def test_device_provider_options(tmp_path: Path) -> None:
+    """What the GPU sessions are opened with (the H100 ran out of memory with ORT's default arena growth): the
+    arena grows by what is asked, no maximal cuDNN workspace; TensorRT keeps its engines in the export and has
+    the CUDA provider behind it, so what it does not take stays on the GPU."""
+    from pnp_trt.runtime.onnxruntime_device import ENGINE_CACHE, device_providers, engine_cache
+
+    (cuda, options), = device_providers("CUDAExecutionProvider", 1, "float32", cuda_graph=True)
+    assert cuda == "CUDAExecutionProvider" and options["enable_cuda_graph"] == "1" and options["use_tf32"] == "0"
+    assert options["arena_extend_strategy"] == "kSameAsRequested" and options["cudnn_conv_use_max_workspace"] == "0"
+    cache = engine_cache(tmp_path)
+    assert cache == tmp_path / ENGINE_CACHE and cache.is_dir()
+    (trt, trt_options), (after, _) = device_providers("TensorrtExecutionProvider", 0, "float16", cache=cache)
+    assert (trt, after) == ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+    assert trt_options["trt_engine_cache_enable"] == "1" and trt_options["trt_engine_cache_path"] == str(cache)
+    assert "trt_fp16_enable" not in trt_options  # the export's own types decide (fp32 islands stay fp32)
+
+
 def test_cli_translate_onnxruntime(exported: Path, tmp_path: Path) -> None:
     guide = random_image(tmp_path / "in.png", 64, 64)
     result = runner.invoke(app, ["translate", str(guide), "--backend", "onnxruntime", "--engines", str(exported),

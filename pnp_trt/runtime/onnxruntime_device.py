@@ -61,6 +61,40 @@ class GraphedSession:
             return copies
 
 
+TENSORRT_PROVIDER, CUDA_PROVIDER = "TensorrtExecutionProvider", "CUDAExecutionProvider"
+ENGINE_CACHE = "ort-tensorrt-cache"
+"""Inside the export directory: the engines ONNX Runtime's TensorRT provider builds, kept for the next start."""
+
+
+def device_providers(provider: str, device_id: int, precision: str, cuda_graph: bool = False,
+                     cache: Path | None = None) -> list[Any]:
+    """The `providers` argument of a device session. CUDA: an fp32 export computes in fp32 (no TF32), the arena
+    grows by what is asked (it never shrinks), no maximal cuDNN workspace. TensorRT: its engine and timing
+    caches in `cache`, and the CUDA provider after it, so nodes TensorRT does not take stay on the GPU."""
+    cuda = {"device_id": str(device_id), "use_tf32": "0" if precision == "float32" else "1",
+            "arena_extend_strategy": "kSameAsRequested", "cudnn_conv_use_max_workspace": "0"}
+    if provider == CUDA_PROVIDER:
+        return [(provider, {**cuda, "enable_cuda_graph": "1"} if cuda_graph else cuda)]
+    if provider != TENSORRT_PROVIDER:
+        return [provider]
+    tensorrt = {"device_id": str(device_id)}  # no trt_fp16_enable: it would run the fp32 islands in fp16 too
+    if cache is not None:
+        tensorrt |= {"trt_engine_cache_enable": "1", "trt_engine_cache_path": str(cache),
+                     "trt_timing_cache_enable": "1", "trt_timing_cache_path": str(cache)}
+    return [(provider, tensorrt), (CUDA_PROVIDER, cuda)]
+
+
+def engine_cache(directory: Path) -> Path | None:
+    """The TensorRT provider's cache folder in the export (None, with a warning, where it cannot be made)."""
+    try:
+        (directory / ENGINE_CACHE).mkdir(exist_ok=True)
+    except OSError as exc:
+        warnings.warn(f"cannot keep ONNX Runtime's TensorRT engines in {directory / ENGINE_CACHE} "
+                      f"({exc.strerror}); they are rebuilt at every start", RuntimeWarning, stacklevel=3)
+        return None
+    return directory / ENGINE_CACHE
+
+
 class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
     """`run(graph, feeds)` with torch tensors on `device` bound in place; absent inputs are zeros, gates off."""
 
@@ -69,7 +103,7 @@ class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
         super().__init__(directory, manifest, provider)
         self.device = device or torch.device("cuda" if self.provider != "CPUExecutionProvider" else "cpu")
         self.dtype = TORCH_DTYPES[self.precision]
-        self.cuda_graphs = cuda_graphs and self.provider == "CUDAExecutionProvider"
+        self.cuda_graphs = cuda_graphs and self.provider == CUDA_PROVIDER
         self.concurrent_calls = not self.cuda_graphs
         """ONNX Runtime captures in global mode: another thread's allocation during a capture spoils it."""
         self._graphed: dict[tuple[int, int, int], GraphedSession | None] = {}
@@ -77,13 +111,8 @@ class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
         self.zeros = ZeroBuffers(self.shared_zeros)
 
     def providers(self, cuda_graph: bool = False) -> list[Any]:
-        """CUDA provider options: an fp32 export computes in fp32 (no TF32 matmuls), fp16 ones as exported."""
-        if self.provider != "CUDAExecutionProvider":
-            return [self.provider]
-        options = {"device_id": str(self.device.index or 0), "use_tf32": "0" if self.precision == "float32" else "1"}
-        if cuda_graph:
-            options["enable_cuda_graph"] = "1"
-        return [(self.provider, options)]
+        return device_providers(self.provider, self.device.index or 0, self.precision, cuda_graph,
+                                engine_cache(self.directory) if self.provider == TENSORRT_PROVIDER else None)
 
     def run(self, graph: str, feeds: Mapping[str, Any], outputs: Collection[str] | None = None,
             ) -> dict[str, torch.Tensor]:

@@ -106,11 +106,22 @@ class OnnxRuntimeSessions:
         if declared:
             raise PnPError(f"{self.directory / graph}.onnx disagrees with {MANIFEST} ({declared}); rebuild with "
                            f"`{rebuild_hint(self.manifest, Path('NEW_DIR'))}`")
-        if session.get_providers()[0] != self.provider:  # ORT falls back to the CPU when a GPU provider fails
+        if session.get_providers()[0] != self.provider:  # ORT falls back when a GPU provider fails to start
             raise PnPError(f"onnxruntime could not start {self.provider} (it fell back to "
-                           f"{session.get_providers()[0]}); check that CUDA and cuDNN libraries are on the "
-                           "library path, or use --provider cpu")
+                           f"{session.get_providers()[0]}); {_provider_libraries(self.provider)}, or use "
+                           "--provider cpu")
         return session
+
+
+def _provider_libraries(provider: str) -> str:
+    """What a GPU provider needs on the library path, for the message when it does not start."""
+    import onnxruntime as ort
+
+    if provider == PROVIDERS["tensorrt"]:
+        return (f"onnxruntime-gpu {ort.__version__} loads the TensorRT libraries it was built against (libnvinfer "
+                "of the TensorRT major version its release notes name; check `pip show tensorrt` and "
+                "LD_LIBRARY_PATH), besides CUDA and cuDNN")
+    return "check that the CUDA and cuDNN libraries onnxruntime-gpu was built for are on the library path"
 
 
 ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
