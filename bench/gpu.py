@@ -1,6 +1,7 @@
 """Whole edits on a GPU, every path side by side in one process: torch eager, torch + CUDA graphs, ONNX Runtime
-CUDA with IO binding, ± its CUDA graphs. SD 2.1-base shapes with random weights (speed depends on shapes, not
-weight values; --model names a real one), fp16, real-image guidance.
+CUDA with IO binding, ± its CUDA graphs, on the standard export and on one with `--attention onnx`. SD 2.1-base
+shapes with random weights (speed depends on shapes, not weight values; --model names a real one), fp16,
+real-image guidance.
 
 Per path: a full edit with 1 prompt, a cached re-edit (source from the cache, a new prompt), 8 prompts in one
 batch; UNet calls (the critical path) and evaluations, ms per call, achieved TFLOP/s in the UNet stages
@@ -35,13 +36,14 @@ from pnp_trt.runtime.translation import translate
 UNET_TFLOP_PER_SAMPLE_512 = 0.804
 UNET_STAGES = ("invert", "generate", "capture", "inject")
 PROMPTS = [f"a painting of a castle, style {i}" for i in range(9)]
-PATHS = ("torch-eager", "torch-cuda-graphs", "onnxruntime-cuda", "onnxruntime-cuda-graphs")
+PATHS = ("torch-eager", "torch-cuda-graphs", "onnxruntime-cuda", "onnxruntime-cuda-graphs",
+         "onnxruntime-cuda-attention-onnx", "onnxruntime-cuda-graphs-attention-onnx")
 EXPORT = """
 import sys, torch
 from pathlib import Path
 from pnp_trt.random_models import random_sd21_model
 from pnp_trt.export.exporter import export_loaded
-reports = export_loaded(random_sd21_model(0), Path(sys.argv[1]), "fp16")
+reports = export_loaded(random_sd21_model(0), Path(sys.argv[1]), "fp16", attention=sys.argv[2])
 print({r.name: r.worst for r in reports})
 """
 
@@ -142,12 +144,13 @@ class TorchModels:
         free()
 
 
-def export(directory: Path) -> float:
+def export(directory: Path, attention: str = "standard") -> float:
     """Export the random SD 2.1-shaped model as fp16 graphs (log beside the directory); seconds taken."""
     start = time.perf_counter()
-    print(f"== export to {directory}", flush=True)
+    print(f"== export to {directory} ({attention} attention)", flush=True)
     with directory.with_suffix(".log").open("w") as log:
-        subprocess.run([sys.executable, "-c", EXPORT, str(directory)], stdout=log, stderr=subprocess.STDOUT)
+        subprocess.run([sys.executable, "-c", EXPORT, str(directory), attention], stdout=log,
+                       stderr=subprocess.STDOUT)
     return time.perf_counter() - start
 
 
@@ -206,6 +209,9 @@ def main() -> None:
             raise SystemExit("with --model, export it first (`pnp-trt export --precision fp16`) and pass --onnx")
         export_s = export(args.export_to)
     onnx_dir = args.onnx or args.export_to
+    attention_dir = onnx_dir.with_name(onnx_dir.name + "-attention-onnx")
+    if any(p.endswith("attention-onnx") for p in paths) and not attention_dir.exists():
+        export(attention_dir, "onnx")
     if args.images:
         args.images.mkdir(parents=True, exist_ok=True)
     bench = Bench(args.steps, args.size)
@@ -230,6 +236,8 @@ def main() -> None:
         "torch-cuda-graphs": lambda: models.open(torch.float16, True),
         "onnxruntime-cuda": lambda: onnxruntime_model(exported(onnx_dir), False),
         "onnxruntime-cuda-graphs": lambda: onnxruntime_model(exported(onnx_dir), True),
+        "onnxruntime-cuda-attention-onnx": lambda: onnxruntime_model(exported(attention_dir), False),
+        "onnxruntime-cuda-graphs-attention-onnx": lambda: onnxruntime_model(exported(attention_dir), True),
     }
     for name in paths:
         result = run_path(name, openers[name], lambda model: bench.measure(model, references), record, args.images)
