@@ -86,14 +86,15 @@ def test_onnxruntime_cuda_fp16_near_torch_fp16(exported_fp16: Path, tiny_model_d
 
 @needs_ort_cuda
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("attention", ["onnx", "onnxruntime"])
 def test_fused_attention_on_onnxruntime_cuda_matches_torch(tiny_model_dir: Path, image, tmp_path: Path,
-                                                           precision: str) -> None:
-    """`--attention onnxruntime` on the CUDA provider (its memory-efficient attention kernels), ± CUDA graphs,
+                                                           precision: str, attention: str) -> None:
+    """`--attention onnx` and `onnxruntime` on the CUDA provider (its fused attention kernels), ± CUDA graphs,
     against torch at the same precision."""
     from pnp_trt.export.exporter import export_model
     from pnp_trt.runtime.onnxruntime_backend import open_onnxruntime
 
-    export_model(str(tiny_model_dir), tmp_path / "fused", precision, attention="onnxruntime")
+    export_model(str(tiny_model_dir), tmp_path / "fused", precision, attention=attention)
     dtype, bound = (torch.float32, 45) if precision == "fp32" else (torch.float16, 35)
     reference = translate(open_torch(str(tiny_model_dir), CUDA, dtype, cuda_graphs=False), PROMPTS, CONFIG,
                           image=image)
@@ -101,7 +102,8 @@ def test_fused_attention_on_onnxruntime_cuda_matches_torch(tiny_model_dir: Path,
         ours = translate(open_onnxruntime(tmp_path / "fused", "cuda", cuda_graphs=cuda_graphs), PROMPTS, CONFIG,
                          image=image)
         scores = _psnrs(ours, reference)
-        print(f"onnxruntime CUDA {precision} fused attention (CUDA graphs {cuda_graphs}) vs torch PSNR: {scores}")
+        print(f"onnxruntime CUDA {precision} {attention} attention (CUDA graphs {cuda_graphs}) vs torch PSNR: "
+              f"{scores}")
         assert min(scores) >= bound
 
 
