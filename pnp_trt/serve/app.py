@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
-import io
 import math
 import os
 import socket
@@ -22,17 +20,18 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import PnPError
-from ..images import normalize_guidance, png_bytes
-from ..runtime.translation import Translation, plan_size
-from .batching import Coalescer, DeadlineExceeded, Group, group_key
+from ..images import png_bytes
+from ..runtime.translation import Translation
+from .batching import Coalescer, DeadlineExceeded, Group
 from .forms import read_form, read_upload
-from .limits import RequestError, ServeLimits, check_prompts, check_text, settings_from_form
+from .limits import RequestError, ServeLimits
 from .metrics import ServerMetrics
+from .requests import CheckedRequest, check_request, share_of
 
 SERVED_BY = f"{socket.gethostname()}:{os.getpid()}"
 UNCOUNTED = {"/metrics", "/healthz", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
@@ -78,42 +77,28 @@ class Server:
         """Validate, queue (or refuse when full) and wait for this request's share of a translation."""
         if self.translator is None:
             raise RequestError(503, self.load_error or "the model is still loading; retry shortly")
-        source_prompt = fields.pop("source_prompt", None)
-        check_text({"source_prompt": source_prompt or ""}, self.limits)
-        config = settings_from_form(fields, self.limits)
-        check_prompts(prompts, self.limits)
-        if (upload is None) == (source_prompt is None):
-            raise RequestError(422, "give exactly one guidance: an image file field or a source_prompt field")
-        data = await read_upload(upload, self.limits) if upload is not None else b""
-        image = _decode_image(data, self.limits) if upload is not None else None
-        self.limits.output.check_output(*plan_size(self.translator.model, config, image))
+        data = await read_upload(upload, self.limits) if upload is not None else None
+        request = check_request(fields, prompts, data, self.translator.model, self.limits)
         if self.in_flight >= self.limits.queue_length:
             raise RequestError(429, f"the server is busy ({self.in_flight} requests queued); retry shortly")
-        key = group_key(data, source_prompt, config.to_dict())
         self.in_flight += 1
         self.metrics.queue_depth.set(self.in_flight)
         try:
-            return await self._wait(key, image, source_prompt, config, prompts)
+            return await self._wait(request)
         finally:
             self.in_flight -= 1
             self.metrics.queue_depth.set(self.in_flight)
 
-    async def _wait(self, key: str, image: Image.Image | None, source_prompt: str | None, config: Any,
-                    prompts: list[str]) -> Translation:
+    async def _wait(self, request: CheckedRequest) -> Translation:
         deadline = time.monotonic() + self.limits.deadline_s
-        share = self.coalescer.submit(key, image, source_prompt, config, prompts, deadline)
+        share = self.coalescer.submit(request.key, request.image, request.source_prompt, request.config,
+                                      request.prompts, deadline)
         try:
             result, part = await asyncio.wait_for(share, self.limits.deadline_s)
         except (asyncio.TimeoutError, DeadlineExceeded):
             raise RequestError(504, f"no result within this server's {self.limits.deadline_s:g} s deadline; "
                                     "try fewer steps or prompts") from None
-        return _share(result, part)
-
-
-def _share(result: Translation, part: slice) -> Translation:
-    """One request's images out of a coalesced translation (the rest of the record is the group's)."""
-    return dataclasses.replace(result, images=result.images[part], prompts=result.prompts[part],
-                               latents=result.latents[part])
+        return share_of(result, part)
 
 
 def wants_png(accept: str) -> bool:
@@ -128,28 +113,6 @@ def wants_png(accept: str) -> bool:
             weights[kind.lower()] = 0.0
     png = weights.get("image/png", 0.0)
     return png > 0 and png >= weights.get("application/json", 0.0)
-
-
-def _decode_image(data: bytes, limits: ServeLimits) -> Image.Image:
-    """The upload as upright RGB; not an image → 415, too many pixels (read from the header) → 413."""
-    try:
-        opened = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:  # Pillow's own refusal, from the header, past ~179 Mpx
-        raise RequestError(413, f"the image is over this server's {limits.max_input_pixels / 1e6:g} Mpx limit "
-                                "(its header says more than 179 Mpx); downscale it first") from None
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise RequestError(415, "the image field is not an image this server reads; send a PNG, JPEG or WebP "
-                                "file") from None
-    width, height = opened.size
-    if width * height > limits.max_input_pixels:
-        raise RequestError(413, f"the image is {width}x{height}, over this server's "
-                                f"{limits.max_input_pixels / 1e6:g} Mpx limit; downscale it first")
-    try:
-        opened.load()
-    except (OSError, ValueError, SyntaxError):
-        raise RequestError(415, "the image file is truncated or corrupt; send a valid PNG, JPEG or WebP file") \
-            from None
-    return normalize_guidance(opened, "upload")
 
 
 def _png_base64(image: Image.Image) -> str:
