@@ -391,6 +391,70 @@ def serve(
     uvicorn.run(application, host=host, port=port, log_level="info")  # one access line per request
 
 
+@app.command("triton-repo")
+@user_errors
+def triton_repo(
+    out: Path = typer.Argument(..., help="Triton model repository (an existing directory; other models there "
+                                         "stay as they are)."),
+    engines: Path | None = typer.Option(None, help="Exported/built directory (onnxruntime, tensorrt)."),
+    backend: str = typer.Option("onnxruntime", help="torch | onnxruntime | tensorrt."),
+    model: str | None = typer.Option(None, help="Hub id or diffusers directory (torch backend)."),
+    provider: str = typer.Option("cpu", help="onnxruntime execution provider: cpu | cuda | tensorrt."),
+    name: str = typer.Option("pnp_trt", help="Model name: the directory written inside OUT."),
+    instances: int = typer.Option(1, help="Model instances (each loads the model): per GPU with --kind gpu."),
+    kind: str = typer.Option("auto", help="auto | cpu | gpu: Triton's instance kind (auto: gpu for tensorrt, "
+                                          "the cuda/tensorrt providers and torch on a CUDA machine)."),
+    cache_dir: Path | None = typer.Option(None, help="Keep sources on disk too (see translate --cache-dir)."),
+    cuda_graphs: bool = typer.Option(True, help="On CUDA, replay the UNet as CUDA graphs."),
+    max_batch_size: int = typer.Option(8, help="Requests Triton's dynamic batcher hands over at once; those on "
+                                               "the same guidance and settings run as one translation."),
+    queue_delay_ms: float = typer.Option(10.0, help="How long the batcher waits to fill a batch."),
+    max_upload_mb: float = typer.Option(SERVE.max_upload_mb, help="Largest IMAGE, MiB."),
+    max_input_mpx: float = typer.Option(SERVE.max_input_mpx, help="Largest guidance image, megapixels."),
+    max_output_mpx: float = typer.Option(SERVE.max_output_mpx, help="Largest output, megapixels."),
+    max_prompts: int = typer.Option(SERVE.max_prompts, help="Prompts per request."),
+    max_steps: int = typer.Option(SERVE.max_steps, help="Sampling or inversion steps per request."),
+) -> None:
+    """Write a Triton Inference Server model (Python backend) serving pnp-trt: OUT/NAME/config.pbtxt and
+    OUT/NAME/1/model.py. Inputs IMAGE or SOURCE_PROMPT, PROMPT, optional settings; outputs IMAGES, RECORD."""
+    from .config import check_backend
+    from .serve.triton_repo import write_repository
+
+    check_backend(backend)
+    validation.one_of("--kind", kind, ("auto", "cpu", "gpu"))
+    for flag, value, top in (("--instances", instances, 64), ("--max-batch-size", max_batch_size, 1024)):
+        validation.integer(flag, value, 1, top)
+    validation.number("--queue-delay-ms", queue_delay_ms, 0, 60_000)
+    check_positive({"--max-upload-mb": max_upload_mb, "--max-input-mpx": max_input_mpx,
+                    "--max-output-mpx": max_output_mpx, "--max-prompts": max_prompts, "--max-steps": max_steps})
+    if backend != "torch":
+        from .manifest import read_manifest
+        if engines is None:
+            raise PnPError(f"--backend {backend} serves an exported directory: pass --engines DIR")
+        read_manifest(engines)  # a broken export is one line now, not a model that never gets ready
+    options = ServeOptions(backend=backend, model=model, engines=str(engines.resolve()) if engines else None,
+                           provider=provider, cuda_graphs=cuda_graphs,
+                           cache_dir=str(cache_dir.resolve()) if cache_dir else None, max_upload_mb=max_upload_mb,
+                           max_input_mpx=max_input_mpx, max_output_mpx=max_output_mpx, max_prompts=max_prompts,
+                           max_steps=max_steps)
+    gpu = kind == "gpu" or (kind == "auto" and _wants_gpu(backend, provider))
+    target = write_repository(out, name, options, instances, gpu, max_batch_size, int(queue_delay_ms * 1000))
+    err.print(f"wrote Triton model {name} to {target} ({instances} {'GPU' if gpu else 'CPU'} instance(s), "
+              f"{backend}); start Triton with --model-repository {out}", highlight=False, soft_wrap=True)
+
+
+def _wants_gpu(backend: str, provider: str) -> bool:
+    if backend == "tensorrt" or (backend == "onnxruntime" and provider != "cpu"):
+        return True
+    if backend != "torch":
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
 def _serve_on_ray(options: Any, host: str, port: int) -> None:
     """The same app on Ray Serve (a local Ray unless RAY_ADDRESS names a cluster), until interrupted."""
     require("ray", "--ray")

@@ -202,7 +202,7 @@ MALFORMED_MANIFESTS = [
     (lambda m: [m], "not a manifest"),
     (lambda m: {**m, "files": list(m["files"])}, "`files` is missing or not a dict"),
     (lambda m: {**m, "dims": None}, "`dims` is missing"),
-    (lambda m: {**m, "dims": {**m["dims"], "text_dim": "wide"}}, "`dims.text_dim`"),
+    (lambda m: {**m, "dims": {**m["dims"], "text_dim": "wide"}}, "dims.text_dim must be"),
     (lambda m: {**m, "precision": "int8"}, "`precision` is 'int8'"),
     (lambda m: {**m, "attention": "flash"}, "`attention` is 'flash'"),
     (lambda m: {**m, "files": {**m["files"], "unet.onnx": {"sha256": "0" * 64}}}, "needs `sha256` and `bytes`"),

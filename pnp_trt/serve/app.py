@@ -25,7 +25,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import PnPError
-from ..images import png_bytes
+from ..images import Guidance, png_bytes
 from ..runtime.translation import Translation
 from .batching import Coalescer, DeadlineExceeded, Group
 from .forms import read_form, read_upload
@@ -44,7 +44,7 @@ class Translates(Protocol):
 
     model: Any
 
-    def translate(self, prompts: list[str], image: Image.Image | None, source_prompt: str | None,
+    def translate(self, prompts: list[str], image: Guidance | None, source_prompt: str | None,
                   progress: Callable[[str, int], Callable[[], None]], **settings: Any) -> Translation: ...
 
 

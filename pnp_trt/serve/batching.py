@@ -17,9 +17,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
-
 from ..config import TranslateConfig
+from ..images import Guidance
 from ..runtime.translation import Translation
 
 
@@ -37,7 +36,7 @@ class DeadlineExceeded(Exception):
 class Group:
     """Requests that share one translation: the guidance, the settings and, per request, its prompts."""
 
-    image: Image.Image | None
+    image: Guidance | None
     source_prompt: str | None
     config: TranslateConfig
     members: list[tuple[list[str], asyncio.Future[tuple[Translation, slice]]]] = field(default_factory=list)
@@ -66,7 +65,7 @@ class Coalescer:
         self.run, self.executor, self.window_s = run, executor, window_s
         self._open: dict[str, Group] = {}
 
-    async def submit(self, key: str, image: Image.Image | None, source_prompt: str | None, config: TranslateConfig,
+    async def submit(self, key: str, image: Guidance | None, source_prompt: str | None, config: TranslateConfig,
                      prompts: list[str], deadline: float) -> tuple[Translation, slice]:
         """This request's share of its group's translation: the translation and the slice of its images."""
         group = self._open.get(key)

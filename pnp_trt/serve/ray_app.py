@@ -29,7 +29,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ..config import TranslateConfig
 from ..contract import ModelDims
 from ..errors import PnPError
-from ..images import png_bytes
+from ..images import Guidance, png_bytes
 from ..runtime.sampler import Stats, no_progress
 from ..runtime.translation import Translation
 from .app import SERVED_BY, create_app
@@ -82,9 +82,9 @@ class RemoteTranslator:
         self.model = SimpleNamespace(backend=SimpleNamespace(name=info["backend"]), identity=info["identity"],
                                      dims=ModelDims.from_dict(info["dims"]))
 
-    def translate(self, prompts: list[str], image: Image.Image | None, source_prompt: str | None,
+    def translate(self, prompts: list[str], image: Guidance | None, source_prompt: str | None,
                   progress: Callable[..., Any] | None = None, **settings: Any) -> Translation:
-        png = png_bytes(image) if image is not None else b""
+        png = png_bytes(image.image) if image is not None else b""
         key = group_key(png, source_prompt, settings)
         seconds_left = progress.seconds_left() if isinstance(progress, DeadlineCheck) else None
         try:

@@ -12,7 +12,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from ..config import TranslateConfig
-from ..images import normalize_guidance
+from ..images import Guidance, normalize_guidance
 from ..runtime.translation import Translation, plan_size
 from .batching import group_key
 from .limits import RequestError, ServeLimits, check_prompts, check_text, settings_from_form
@@ -24,7 +24,8 @@ class CheckedRequest:
 
     prompts: list[str]
     config: TranslateConfig
-    image: Image.Image | None
+    image: Guidance | None
+    """Checked once here: the translator does not normalise it again."""
     source_prompt: str | None
     key: str
 
@@ -40,8 +41,8 @@ def check_request(fields: dict[str, str], prompts: list[str], image_data: bytes 
     check_prompts(prompts, limits)
     if (image_data is None) == (source_prompt is None):
         raise RequestError(422, "give exactly one guidance: an image or a source_prompt")
-    image = decode_image(image_data, limits) if image_data is not None else None
-    limits.output.check_output(*plan_size(model, config, image))
+    image = Guidance(decode_image(image_data, limits)) if image_data is not None else None
+    limits.output.check_output(*plan_size(model, config, image.image if image else None))
     return CheckedRequest(prompts, config, image, source_prompt,
                           group_key(image_data or b"", source_prompt, config.to_dict()))
 
