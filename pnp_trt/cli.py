@@ -121,7 +121,7 @@ def _progress() -> Progress:
 @app.command()
 @user_errors
 def translate(
-    image: Path | None = typer.Argument(None, help="Guidance image (PNG/JPEG/...). Omit with --source-prompt."),
+    image: str | None = typer.Argument(None, help="Guidance image (PNG/JPEG/...). Omit with --source-prompt."),
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Target prompt; repeat for several."),
     out: str = typer.Option(..., "--out", "-o", help="Output .png (one prompt) or directory (several). An existing "
                              "one is replaced only if pnp-trt wrote it (see --overwrite)."),
@@ -186,6 +186,8 @@ def translate(
                              prompt_batch_size=prompt_batch_size)
     check_positive({"--cache-dir-gib": cache_dir_gib, "--max-output-mpx": max_output_mpx})
     limits = Limits(max_output_pixels=int(max_output_mpx * 1e6))
+    if cache_dir is not None and len(prompt) > 1 and Path(cache_dir).resolve().is_relative_to(Path(out).resolve()):
+        raise PnPError(f"--cache-dir {cache_dir} is inside --out {out}; keep the cache in a directory of its own")
     companions = [guidance_beside(Path(out))] if save_guidance and len(prompt) == 1 else []
     check_destination(out, len(prompt) > 1, overwrite, [image] if image else [], companions)  # text: a final /
     guidance = check_guidance(image) if image is not None else None  # before the model's slow load
@@ -383,6 +385,7 @@ def serve(
                            workers=workers, max_upload_mb=max_upload_mb, max_input_mpx=max_input_mpx,
                            max_output_mpx=max_output_mpx, max_prompts=max_prompts, max_steps=max_steps, queue=queue,
                            deadline_s=deadline_s)
+    check_listening(host, port)
     if use_ray:
         _serve_on_ray(options, host, port)
         return
@@ -455,6 +458,21 @@ def _wants_gpu(backend: str, provider: str) -> bool:
     return bool(torch.cuda.is_available())
 
 
+def check_listening(host: str, port: int) -> None:
+    """The address can be listened on (not taken, a real address): one line now, not the server's own
+    traceback after the model has loaded."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:  # socket.gaierror too
+        raise PnPError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port or --host")\
+            from None
+
+
 def _serve_on_ray(options: Any, host: str, port: int) -> None:
     """The same app on Ray Serve (a local Ray unless RAY_ADDRESS names a cluster), until interrupted."""
     require("ray", "--ray")
@@ -524,8 +542,15 @@ def main() -> None:
         where = f"; see `{exc.ctx.command_path} -h`" if exc.ctx else ""
         err.print(f"[bold red]error:[/] {escape(exc.format_message())}{where}", highlight=False, soft_wrap=True)
         code = 2
-    except parsing.Abort:
+    except typer.Abort:
         code = 130
+    except Exception as exc:  # not a user error: a bug, said in one line (PNP_TRT_DEBUG=1 shows the traceback)
+        if os.environ.get("PNP_TRT_DEBUG"):
+            raise
+        text = str(exc).splitlines()[0][:300] if str(exc) else ""
+        err.print(f"[bold red]internal error:[/] {escape(type(exc).__name__)}: {escape(text)} — a pnp-trt bug; "
+                  "rerun with PNP_TRT_DEBUG=1 for the traceback and report it", highlight=False, soft_wrap=True)
+        code = 1
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import numpy as np
+
 from .contract import SIZE_MULTIPLE
 from .errors import PnPError
 from .validation import integer, number, text
@@ -68,6 +70,10 @@ class TranslateConfig:
         integer("--seed", self.seed, 0, 2**32 - 1)
         if self.prompt_batch_size is not None:
             integer("prompt batch size", self.prompt_batch_size, 1, 1024)
+        for field in fields(self):  # numpy scalars (accepted above) as plain numbers: records are JSON
+            value = getattr(self, field.name)
+            if isinstance(value, np.generic):
+                object.__setattr__(self, field.name, value.item())
 
     @classmethod
     def of(cls, settings: Mapping[str, Any]) -> TranslateConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import stat
 import warnings
 from collections.abc import Mapping
@@ -52,9 +53,10 @@ def _to_8bit(values: np.ndarray, top: float) -> np.ndarray:
 def load_guidance(path: Path | str) -> Image.Image:
     """The guidance image from a file, as `normalize_guidance` gives it; a clear error for missing or
     unreadable files."""
-    path = Path(path)
+    given, path = os.fspath(path), Path(path)
     try:
-        mode = path.stat().st_mode  # one look, through links: a dangling link does not exist either
+        mode = os.stat(given).st_mode  # one look, through links (a dangling link does not exist either), as
+        # typed: "photo.png/" names a directory, and is refused as the system refuses it
     except FileNotFoundError:
         raise PnPError(f"guidance image {path} does not exist; pass the path of a PNG/JPEG image") from None
     except OSError as exc:  # a name too long, a path through a file, ...
@@ -65,7 +67,7 @@ def load_guidance(path: Path | str) -> Image.Image:
     if not stat.S_ISREG(mode):
         raise PnPError(f"guidance image {path} is not a regular file (a FIFO or device); pass the path of a "
                        "PNG/JPEG image")
-    return _open_checked(path, str(path))
+    return _open_checked(path, f"guidance image {path}")
 
 
 def _open_checked(source: Path | IO[bytes], name: str) -> Image.Image:
@@ -78,7 +80,7 @@ def _open_checked(source: Path | IO[bytes], name: str) -> Image.Image:
             opened.load()
             return normalize_guidance(opened, name)
     except Image.DecompressionBombError:  # Pillow's own refusal, from the header, past ~179 Mpx
-        raise PnPError(f"guidance image {name} has more than 179 Mpx (its header says so); the limit is "
+        raise PnPError(f"{name} has more than 179 Mpx (its header says so); the limit is "
                        f"{MAX_PIXELS / 1e6:.0f} Mpx: downscale it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise PnPError(f"cannot read {name} as an image ({type(exc).__name__}); "
@@ -102,6 +104,11 @@ def check_guidance(value: object) -> Guidance:
     if isinstance(value, (str, Path)):
         return Guidance(load_guidance(value), str(value))
     if isinstance(value, Image.Image):
+        try:
+            value.load()  # a closed or truncated image fails here, not as "damaged EXIF" further on
+        except (ValueError, OSError) as exc:
+            raise PnPError(f"the guidance image cannot be read ({str(exc)[:80]}); pass an open, complete PIL "
+                           "image") from None
         return Guidance(normalize_guidance(value))
     if isinstance(value, (bytes, bytearray, memoryview)):
         return Guidance(decode_guidance(bytes(value)))
@@ -146,9 +153,9 @@ def _upright(image: Image.Image, name: str) -> Image.Image:
 def _check_size(image: Image.Image, name: str) -> None:
     width, height = image.size
     if min(width, height) < MIN_SIDE:
-        raise PnPError(f"guidance image {name} is {width}×{height}; both sides must be at least {MIN_SIDE} px")
+        raise PnPError(f"{name} is {width}×{height}; both sides must be at least {MIN_SIDE} px")
     if width * height > MAX_PIXELS:
-        raise PnPError(f"guidance image {name} is {width}×{height} ({width * height / 1e6:.0f} Mpx); "
+        raise PnPError(f"{name} is {width}×{height} ({width * height / 1e6:.0f} Mpx); "
                        f"the limit is {MAX_PIXELS / 1e6:.0f} Mpx: downscale it first")
 
 

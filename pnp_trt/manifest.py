@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import validation
-from .contract import PRECISIONS, ModelDims
+from .contract import PRECISIONS, ModelDims, graph_specs
 from .engines.availability import TENSORRT_ATTENTION, tensorrt_release
 from .errors import PnPError
 
@@ -125,8 +125,16 @@ SCHEMA: dict[str, type | tuple[type, ...]] = {
     "model_id": str, "export_id": str, "weights_sha256": str, "dims": dict, "precision": str, "injection_points": list,
     "tokenizer": dict, "files": dict,
 }
-"""Top-level keys a backend reads, with their JSON types (`vae_scaling_factor` and `graphs` are recorded for
-people and tools: the scaling is inside the VAE graphs, the I/O is read from the graphs themselves)."""
+"""Top-level keys a backend reads, with their JSON types. `vae_scaling_factor`, `opset` and `graphs` are recorded
+for people and tools (the scaling is inside the VAE graphs, the I/O is read from the graphs themselves), and
+checked all the same: a manifest says only what is true of its export."""
+
+
+def contract_record(dims: ModelDims) -> dict[str, Any]:
+    """The `graphs` record of an export with these dims: every graph's inputs and outputs, as JSON holds them."""
+    return json.loads(json.dumps({name: {"inputs": [vars(t) for t in spec.inputs],
+                                         "outputs": [vars(t) for t in spec.outputs]}
+                                  for name, spec in graph_specs(dims).items()}))
 
 
 def schema_problem(manifest: dict[str, Any], directory: Path) -> str | None:
@@ -137,12 +145,16 @@ def schema_problem(manifest: dict[str, Any], directory: Path) -> str | None:
             return f"`{key}` is missing or not a {getattr(kind, '__name__', kind)}"
     try:
         dims = ModelDims.from_dict(manifest["dims"])
+        validation.number("vae_scaling_factor", manifest.get("vae_scaling_factor"), 1e-6, 1e3)
+        validation.integer("opset", manifest.get("opset"), 7, 30)
         tokenizer = manifest["tokenizer"]
         validation.integer("tokenizer.max_length", tokenizer.get("max_length"), dims.text_length, dims.text_length)
         validation.integer("tokenizer.pad_id", tokenizer.get("pad_id"), 0, 2**31 - 1)
         validation.text("tokenizer.pad_token", tokenizer.get("pad_token"))
     except PnPError as exc:
         return str(exc)
+    if manifest.get("graphs") != contract_record(dims):
+        return "`graphs` is not the I/O contract of these dims (edited, or from another export)"
     if not re.fullmatch(r"[0-9a-f]{32}", manifest["export_id"]):
         return f"`export_id` is {manifest['export_id'][:40]!r}, not 32 hex digits"
     if manifest["precision"] not in PRECISIONS:

@@ -76,6 +76,7 @@ def _check_layout(model: str) -> None:
     if missing:
         raise PnPError(f"{model} is not a Stable Diffusion diffusers directory (missing {', '.join(missing)}); "
                        "pass a directory written by `save_pretrained` or `pnp-trt make-tiny-model`")
+    _check_config_files(path)
 
 
 def load_diffusers(model: str = DEFAULT_MODEL, device: torch.device | None = None,
@@ -111,7 +112,6 @@ def load_diffusers(model: str = DEFAULT_MODEL, device: torch.device | None = Non
         raise PnPError(f"cannot load model {model}: {str(exc).splitlines()[0]}{hint}") from None
     tokenizer = PromptTokenizer(hf_tokenizer.backend_tokenizer, int(hf_tokenizer.model_max_length),
                                 int(hf_tokenizer.pad_token_id), str(hf_tokenizer.pad_token))
-    _check_configs(model, unet.config, vae.config, text_encoder.config)
     dims = ModelDims.from_configs(unet.config, vae.config, tokenizer.max_length,
                                   int(text_encoder.config.hidden_size))
     parts: list[Any] = [unet, vae, text_encoder]
@@ -120,18 +120,57 @@ def load_diffusers(model: str = DEFAULT_MODEL, device: torch.device | None = Non
     return TorchModel(model, unet, vae, text_encoder, tokenizer, scheduler_config, dims, device, dtype)
 
 
-def _check_configs(model: str, unet: Any, vae: Any, text_encoder: Any) -> None:
-    """The config values pnp-trt itself reads, typed and bounded (diffusers and transformers accept some
-    mistyped ones and fail later, deep inside)."""
+CONFIG_FIELDS: dict[str, dict[str, str]] = {
+    "unet/config.json": {"in_channels": "count", "out_channels": "count", "sample_size": "count",
+                         "layers_per_block": "count", "block_out_channels": "counts",
+                         "attention_head_dim": "count or counts", "cross_attention_dim": "count or counts"},
+    "vae/config.json": {"in_channels": "count", "latent_channels": "count", "block_out_channels": "counts",
+                        "scaling_factor": "scale"},
+    "text_encoder/config.json": {"hidden_size": "count", "num_hidden_layers": "count", "num_attention_heads": "count",
+                                 "intermediate_size": "count", "vocab_size": "count",
+                                 "max_position_embeddings": "count"},
+}
+"""The config values of a model directory checked before diffusers and transformers see them (they accept some
+mistyped ones and fail later, deep inside, with messages that name neither the file nor the field)."""
+
+
+def _check_value(name: str, value: Any, kind: str) -> None:
+    if kind == "scale":
+        validation.number(name, value, 1e-6, 1e3)
+    elif isinstance(value, list) and "counts" in kind:
+        if not value:
+            raise PnPError(f"{name} must be a non-empty list")
+        for i, item in enumerate(value):
+            validation.integer(f"{name}[{i}]", item, 1, 1 << 20)
+    elif kind == "counts":
+        raise PnPError(f"{name} must be a list of whole numbers, got {value!r:.40}")
+    else:
+        validation.integer(name, value, 1, 1 << 20)
+
+
+def _check_config_files(path: Path) -> None:
+    """Every config file PnP loads is a JSON object whose sizes are typed and bounded; the tokenizer's files read."""
     try:
-        validation.integer("unet in_channels", unet.in_channels, 1, 64)
-        if not isinstance(unet.block_out_channels, (list, tuple)):
-            raise PnPError(f"unet block_out_channels must be a list, got {unet.block_out_channels!r:.40}")
-        validation.integer("text_encoder hidden_size", text_encoder.hidden_size, 1, 65536)
-        validation.number("vae scaling_factor", vae.scaling_factor, 1e-6, 1e3)
+        for file, fields in CONFIG_FIELDS.items():
+            try:
+                config = json.loads((path / file).read_text())
+            except FileNotFoundError:
+                raise PnPError(f"{file} is missing") from None
+            except (OSError, ValueError) as exc:
+                raise PnPError(f"{file} cannot be read as JSON ({str(exc)[:60]})") from None
+            if not isinstance(config, dict):
+                raise PnPError(f"{file} is not a JSON object")
+            for key, kind in fields.items():
+                if key in config:
+                    _check_value(f"{file} {key}", config[key], kind)
+        try:
+            vocab = json.loads((path / "tokenizer" / "vocab.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise PnPError(f"tokenizer/vocab.json cannot be read as JSON ({str(exc)[:60]})") from None
+        if not isinstance(vocab, dict) or not (path / "tokenizer" / "merges.txt").is_file():
+            raise PnPError("tokenizer/ needs vocab.json (a JSON object) and merges.txt")
     except PnPError as exc:
-        raise PnPError(f"model {model} has a damaged config: {exc}; fix the config.json or re-save the model") \
-            from None
+        raise PnPError(f"model {path} has a damaged config: {exc}; fix it or re-save the model") from None
 
 
 def model_identity(model_id: str) -> str:

@@ -115,7 +115,7 @@ def make_tiny_model(out: Path, seed: int = 0, full_size: bool = False) -> Path:
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD21_SCHEDULER, indent=2))
         (tmp / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
-        (tmp / MARKER).write_text(json.dumps(recipe(seed, full_size)))
+        (tmp / MARKER).write_text(json.dumps({**recipe(seed, full_size), "files": _files(tmp)}))
     return out
 
 
@@ -124,13 +124,23 @@ MARKER = "pnp_trt_random_model.json"
 
 
 def recipe(seed: int, full_size: bool) -> dict[str, Any]:
-    return {"seed": seed, "full_size": full_size, "format": 1}
+    return {"seed": seed, "full_size": full_size, "format": 2}
+
+
+def _files(directory: Path) -> dict[str, Any]:
+    """sha256 and size of every file the model holds (the marker aside)."""
+    from .manifest import file_entries
+
+    return {name: entry for name, entry in file_entries(directory).items() if name != MARKER}
 
 
 def made_with(directory: Path, seed: int, full_size: bool) -> bool:
-    """Whether `directory` is a model this function made with these settings (then it can be reused)."""
+    """Whether `directory` is a model this function made with these settings, every file as it wrote it (then
+    it can be reused; one changed byte, and it is not)."""
     try:
-        return json.loads((Path(directory) / MARKER).read_text()) == recipe(seed, full_size)
+        marker = json.loads((Path(directory) / MARKER).read_text())
+        return isinstance(marker, dict) and marker.pop("files", None) == _files(Path(directory)) \
+            and marker == recipe(seed, full_size)
     except (OSError, ValueError):
         return False
 

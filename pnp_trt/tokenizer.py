@@ -34,7 +34,17 @@ class PromptTokenizer:
         if not 0 <= int(settings["pad_id"]) < tok.get_vocab_size():
             raise PnPError(f"tokenizer pad_id {settings['pad_id']} is outside its vocabulary of "
                            f"{tok.get_vocab_size()}; re-run `pnp-trt export`")
-        return cls(tok, int(settings["max_length"]), int(settings["pad_id"]), str(settings["pad_token"]))
+        pad_id, pad_token = int(settings["pad_id"]), str(settings["pad_token"])
+        if tok.token_to_id(pad_token) != pad_id:
+            raise PnPError(f"tokenizer pad_token {pad_token[:20]!r} is not token {pad_id} of {path}; re-run "
+                           "`pnp-trt export`")
+        tokenizer = cls(tok, int(settings["max_length"]), pad_id, pad_token)
+        try:  # a vocabulary without its unknown or end token fails only when text is encoded
+            tokenizer.encode(["a photo of a cat"])
+        except Exception as exc:
+            raise PnPError(f"tokenizer {path} cannot encode text ({str(exc)[:100]}); re-run `pnp-trt export`") \
+                from None
+        return tokenizer
 
     def settings(self) -> dict[str, Any]:
         return {"max_length": self.max_length, "pad_id": self.pad_id, "pad_token": self.pad_token}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -298,3 +299,55 @@ def test_the_guidance_is_checked_once_per_call_and_its_file_recorded(tiny_torch,
     assert len(calls) == 2 and images.check_guidance(checked) is checked
     assert translate(tiny_torch, ["a cat"], TranslateConfig(steps=2, height=64, width=128), checked).guidance_file \
         == str(path) and len(calls) == 2
+
+
+def test_eviction_never_deletes_a_file_the_cache_did_not_write(tiny_torch, guide, tmp_path: Path) -> None:
+    """A budget smaller than one entry evicts entries only: a user's file with an entry's kind of name (64 hex
+    digits + .safetensors, even a valid safetensors file) stays (eviction went by the name alone)."""
+    from safetensors.numpy import save_file
+
+    cache_dir = tmp_path / "c"
+    cache_dir.mkdir()
+    theirs = cache_dir / f"{'cd' * 32}.safetensors"
+    save_file({"w": np.zeros(3, np.float32)}, str(theirs))
+    raw = cache_dir / f"{'ef' * 32}.safetensors"
+    raw.write_bytes(b"\0" * 100)
+    old = SourceCache(directory=cache_dir, disk_budget_bytes=1)
+    Translator(tiny_torch, old).translate(["a cat"], guide, **SETTINGS)
+    Translator(tiny_torch, SourceCache(directory=cache_dir, disk_budget_bytes=1)).translate(
+        ["a cat"], guide, **SETTINGS, seed=3, source_prompt=None, inversion_steps=8)
+    assert theirs.exists() and raw.exists()
+    assert len(list(cache_dir.glob("*.safetensors"))) == 3  # theirs, raw, and the newest entry only
+
+
+@pytest.mark.parametrize(("call", "fragment"), [
+    (lambda t, g: SourceCache(budget_bytes=-1), "cache_bytes must be between 0"),
+    (lambda t, g: SourceCache(budget_bytes="2GB"), "cache_bytes must be a whole number"),
+    (lambda t, g: SourceCache(directory=5), "cache_dir must be a path"),
+    (lambda t, g: SourceCache(disk_budget_bytes=-5), "cache_dir_bytes must be between 0"),
+    (lambda t, g: t.translate(["a"], g, **SETTINGS, progress=lambda stage, total: None),
+     "must return a function advance()"),
+    (lambda t, g: t.translate(["a"], g, **SETTINGS, decode_guidance="yes"), "decode_guidance must be true or"),
+    (lambda t, g: t.translate(["a"], _closed(g), **SETTINGS), "the guidance image cannot be read"),
+    (lambda t, g: t.translate(["a"], g, **SETTINGS).save(5), "save's directory must be a path"),
+    (lambda t, g: t.translate(["a"], g, **SETTINGS).save_image(5), "save_image's path must be a path"),
+])
+def test_api_arguments_of_the_wrong_kind_are_one_line(tiny_torch, guide, call, fragment: str) -> None:
+    with pytest.raises(PnPError, match=re.escape(fragment)):
+        call(Translator(tiny_torch), guide)
+
+
+def _closed(image):
+    copy = image.copy()
+    copy.close()
+    return copy
+
+
+def test_numpy_numbers_are_settings_like_any_other(tiny_torch, guide) -> None:
+    """numpy integers and floats pass validation and reach the record as plain JSON numbers."""
+    import json
+
+    result = Translator(tiny_torch).translate(["a"], guide, steps=np.int64(2), height=np.int64(64), width=128,
+                                              guidance_scale=np.float32(5.0))
+    record = json.loads(json.dumps(result.record()))
+    assert record["settings"]["steps"] == 2 and type(result.settings.steps) is int

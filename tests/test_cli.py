@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -162,6 +163,13 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     ("blank-prompt", ["{guide}", "-p", "   "], "prompt 1 must not be empty"),
     ("huge-scale", ["{guide}", "--guidance-scale", "1e308"], "--guidance-scale must be between -1000 and 1000"),
     ("long-guidance-name", ["{tmp}/" + "x" * 300 + ".png"], "(File name too long)"),
+    ("guidance-ends-in-slash", ["{guide}/"], "(Not a directory)"),
+    ("blank-source-prompt", ["--source-prompt", "   "], "the source prompt must not be empty"),
+    ("onnxruntime-with-model", ["{guide}", "--backend", "onnxruntime", "--engines", "{tmp}"],
+     "--model is for the torch backend"),
+    ("torch-with-engines", ["{guide}", "--engines", "{tmp}"], "--engines is for the onnxruntime and tensorrt"),
+    ("cache-inside-out", ["{guide}", "-p", "a dog", "--out", "{tmp}/res", "--cache-dir", "{tmp}/res/cache"],
+     "is inside --out"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tiny_model_dir: Path, tmp_path: Path, case: str,
                                                    args: list[str], fragment: str) -> None:
@@ -376,17 +384,76 @@ def test_a_pickle_only_model_is_one_line_saying_why(tiny_model_dir: Path, tmp_pa
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-@pytest.mark.parametrize("config,key,value", [("text_encoder", "hidden_size", "32"), ("unet", "in_channels", "four"),
-                                              ("unet", "block_out_channels", 32), ("vae", "scaling_factor", "big")])
-def test_a_model_config_of_wrong_types_is_one_line(tiny_model_dir: Path, tmp_path: Path, config: str, key: str,
-                                                   value: object) -> None:
+def _set(key: str, value: object):
+    return lambda text: json.dumps({**json.loads(text), key: value})
+
+
+@pytest.mark.parametrize("file,change,fragment", [
+    ("text_encoder/config.json", _set("hidden_size", "32"), "text_encoder/config.json hidden_size must be a whole"),
+    ("unet/config.json", _set("in_channels", "four"), "unet/config.json in_channels must be a whole number"),
+    ("unet/config.json", _set("in_channels", "4"), "unet/config.json in_channels must be a whole number"),
+    ("unet/config.json", _set("block_out_channels", 32), "block_out_channels must be a list of whole numbers"),
+    ("unet/config.json", _set("attention_head_dim", 0), "unet/config.json attention_head_dim must be between 1"),
+    ("vae/config.json", _set("scaling_factor", "big"), "vae/config.json scaling_factor must be a number"),
+    ("unet/config.json", lambda text: "[1, 2, 3]", "unet/config.json is not a JSON object"),
+    ("vae/config.json", lambda text: "{not json", "vae/config.json cannot be read as JSON"),
+    ("tokenizer/vocab.json", lambda text: "{not json", "tokenizer/vocab.json cannot be read as JSON"),
+])
+def test_a_model_config_of_wrong_types_is_one_line_naming_file_and_field(tiny_model_dir: Path, tmp_path: Path,
+                                                                          file: str, change, fragment: str) -> None:
+    """Checked before diffusers or transformers read them (their messages named neither the file nor the field,
+    or were cut off, or blamed the hub)."""
     import shutil
 
     model = tmp_path / "damaged"
     shutil.copytree(tiny_model_dir, model)
-    path = model / config / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+    (model / file).write_text(change((model / file).read_text()))
     result = run("translate", "--source-prompt", "a", "-p", "b", "--model", model, "--out", tmp_path / "x.png",
                  "--steps", "1", "--height", "64", "--width", "64")
-    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "Traceback" not in result.output and not (tmp_path / "x.png").exists()
+    assert_user_error(result, fragment)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_tiny_model_changed_since_it_was_made_is_not_reused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """make-tiny-model reuses a directory only if every file is as it wrote it (one flipped byte: refused)."""
+    import shutil
+
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_model_dir, model)
+    assert "reusing it" in run("make-tiny-model", model).output
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert_user_error(run("make-tiny-model", model), "is not a model made with these settings")
+
+
+def test_an_internal_error_is_one_line_naming_it_a_bug(tmp_path: Path) -> None:
+    """An exception no check anticipated (a bug) reaches the user as one line with exit 1, not a traceback (the
+    handler itself once failed on a name typer's click lacks); PNP_TRT_DEBUG=1 shows the traceback."""
+    code = ("import sys; import pnp_trt.cli as cli\n"
+            "cli.app.command('boom')(lambda: 1 / 0)\n"
+            "sys.argv = ['pnp-trt', 'boom']; cli.main()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "internal error: ZeroDivisionError: division by zero" in result.stderr and "Traceback" not in result.stderr
+    debug = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "PNP_TRT_DEBUG": "1"})
+    assert "Traceback" in debug.stderr and "ZeroDivisionError" in debug.stderr
+
+
+def test_serve_on_an_address_it_cannot_listen_on_is_one_line(exported: Path) -> None:
+    """A port taken or a host that is no address: refused before the model loads (uvicorn's own exit left a
+    traceback)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for host, fragment in (("127.0.0.1", f"cannot listen on 127.0.0.1:{port}"), ("999.1.1.1", "cannot listen")):
+            result = subprocess.run([sys.executable, "-m", "pnp_trt.cli", "serve", "--engines", str(exported),
+                                     "--host", host, "--port", str(port)], capture_output=True, text=True,
+                                    timeout=120)
+            assert result.returncode == 2 and fragment in result.stderr, result.stderr
+            assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr

@@ -221,13 +221,31 @@ MALFORMED_MANIFESTS = [
     (lambda m: {**m, "dims": {**m["dims"], "unet_channels": ["a", "b"]}}, "must be a whole number, got 'a'"),
     (lambda m: {**m, "tokenizer": {**m["tokenizer"], "max_length": 5}}, "tokenizer.max_length must be between 77"),
     (lambda m: {**m, "tokenizer": {**m["tokenizer"], "pad_id": -1}}, "tokenizer.pad_id must be between 0"),
+    (lambda m: {**m, "vae_scaling_factor": float("nan")}, "vae_scaling_factor must be a finite number"),
+    (lambda m: {**m, "vae_scaling_factor": "0.18215"}, "vae_scaling_factor must be a number"),
+    (lambda m: {**m, "opset": "17"}, "opset must be a whole number"),
+    (lambda m: {**m, "graphs": {k: v for k, v in m["graphs"].items() if k != "vae_encoder"}},
+     "`graphs` is not the I/O contract"),
+    (lambda m: {**m, "graphs": {**m["graphs"], "unet": {**m["graphs"]["unet"], "inputs": [
+        {**m["graphs"]["unet"]["inputs"][0], "dtype": "float16"}, *m["graphs"]["unet"]["inputs"][1:]]}}},
+     "`graphs` is not the I/O contract"),
 ]
 DISAGREEING_MANIFESTS = [
     (lambda m: {**m, "tokenizer": {**m["tokenizer"], "pad_id": 10**6}}, "pad_id 1000000 is outside its vocabulary"),
-    (lambda m: {**m, "dims": {**m["dims"], "text_dim": 33}}, "axis 2 is 32, the manifest's dims say 33"),
+    (lambda m: _with_dims(m, text_dim=33), "axis 2 is 32, the manifest's dims say 33"),
+    (lambda m: {**m, "tokenizer": {**m["tokenizer"], "pad_token": "<|zzz|>"}}, "is not token 0 of"),
     (lambda m: {**m, "precision": "fp16"}, "is tensor(float), the manifest's fp16 export means tensor(float16)"),
 ]
 """Well-formed manifests that disagree with the files they describe: found when those are opened."""
+
+
+def _with_dims(manifest: dict, **changes) -> dict:
+    """Dims changed and the recorded contract rewritten to match them: consistent on paper, not with the graphs."""
+    from pnp_trt.contract import ModelDims
+    from pnp_trt.manifest import contract_record
+
+    dims = {**manifest["dims"], **changes}
+    return {**manifest, "dims": dims, "graphs": contract_record(ModelDims.from_dict(dims))}
 
 
 def _rewrite(directory: Path, change) -> None:

@@ -16,7 +16,7 @@ import torch
 from ..contract import INJECTION_POINTS, PRECISIONS, TOLERANCE, axis_sizes, graph_specs
 from ..errors import PnPError
 from ..fileio import staging_directory
-from ..manifest import ATTENTION, FORMAT_VERSION, GRAPHS, MANIFEST, file_entries
+from ..manifest import ATTENTION, FORMAT_VERSION, GRAPHS, MANIFEST, contract_record, file_entries
 from ..models import TorchModel, load_diffusers, weights_hash
 from ..torch_graphs import PnPUNetGraph, TextEncoderGraph, VaeDecoderGraph, VaeEncoderGraph
 from .fused_attention import attention_for_export
@@ -97,8 +97,7 @@ def write_side_files(model: TorchModel, out: Path, precision: str, opset: int, a
         "dims": model.dims.to_dict(), "vae_scaling_factor": model.scaling_factor,
         "injection_points": [p.name for p in INJECTION_POINTS], "precision": precision, "opset": opset,
         "attention": attention, "tokenizer": model.tokenizer.settings(),
-        "graphs": {name: {"inputs": [vars(t) for t in spec.inputs], "outputs": [vars(t) for t in spec.outputs]}
-                   for name, spec in graph_specs(model.dims).items()},
+        "graphs": contract_record(model.dims),
         "validation_relative_error": {r.name: r.errors for r in reports},
         "versions": versions, "files": file_entries(out),
     }

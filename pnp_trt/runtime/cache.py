@@ -23,8 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from .. import validation
 from ..config import DEFAULT_CACHE_BYTES, DEFAULT_DISK_CACHE_BYTES, TranslateConfig
 from ..contract import array_precision
+from ..errors import PnPError
 from ..fileio import atomic_write
 from .backend import Array, Backend
 from .sampler import Source
@@ -61,7 +63,10 @@ class SourceCache:
 
     def __init__(self, budget_bytes: int = DEFAULT_CACHE_BYTES, directory: Path | str | None = None,
                  disk_budget_bytes: int = DEFAULT_DISK_CACHE_BYTES):
-        self.budget_bytes, self.disk_budget_bytes = budget_bytes, disk_budget_bytes
+        self.budget_bytes = validation.integer("cache_bytes", budget_bytes, 0, 2**50)
+        self.disk_budget_bytes = validation.integer("cache_dir_bytes", disk_budget_bytes, 0, 2**60)
+        if directory is not None and not isinstance(directory, (str, Path)):
+            raise PnPError(f"cache_dir must be a path (str or Path), got {type(directory).__name__}")
         self.directory = Path(directory) if directory is not None else None
         self._entries: OrderedDict[str, Source] = OrderedDict()
         self._bytes = 0
@@ -161,7 +166,7 @@ def trim_directory(directory: Path, budget_bytes: int, keep: str) -> None:
     the one just written); other files there are not ours and stay."""
     entries = []
     for path in directory.glob("*.safetensors"):
-        if len(path.stem) == 64 and path.stem != keep:
+        if len(path.stem) == 64 and path.stem != keep and is_entry(path):
             with contextlib.suppress(OSError):
                 stat = path.stat()
                 entries.append((stat.st_mtime, stat.st_size, path))
@@ -172,6 +177,19 @@ def trim_directory(directory: Path, budget_bytes: int, keep: str) -> None:
             break
         path.unlink(missing_ok=True)
         total -= size
+
+
+def is_entry(path: Path) -> bool:
+    """A file this cache wrote: its safetensors header says so (only the header is read). A user's file of the
+    same shape of name is not one, and eviction never touches it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+    except Exception:  # not a safetensors file at all
+        return False
+    return metadata.get("format") == DISK_FORMAT and metadata.get("key") == path.stem
 
 
 def _host(backend: Backend, array: Array) -> np.ndarray:

@@ -19,6 +19,12 @@ def open_model(backend: str, model: str | Path | None, engines: Path | str | Non
     for name, value in (("model", model), ("engines", engines), ("provider", provider)):
         if value is not None and not isinstance(value, (str, Path)):
             raise PnPError(f"{name} must be a path or a name (text), got {type(value).__name__}")
+    if backend == "torch" and engines is not None:
+        raise PnPError("--engines is for the onnxruntime and tensorrt backends; the torch backend runs --model "
+                       "(a hub id or diffusers directory)")
+    if backend != "torch" and model is not None:
+        raise PnPError(f"--model is for the torch backend; --backend {backend} runs the exported directory "
+                       "--engines, whose model is the one it was exported from")
     if backend == "torch":
         require("torch", "the torch backend")
         from ..models import DEFAULT_MODEL

@@ -74,6 +74,7 @@ class Translation:
         """One PNG per prompt plus `translate.json` in `directory`, all or nothing (a previous run's results
         there are replaced as one set; a directory holding anything else is refused); returns the image paths."""
         extra = {GUIDANCE_FILE: self.guidance_image} if self.guidance_image is not None else {}
+        _check_path("save's directory", directory)
         with writing(Path(directory)):
             return save_directory(Path(directory), self.prompts, self.images, self.record(), extra,
                                   inputs=self._inputs())
@@ -84,12 +85,33 @@ class Translation:
         pnp-trt wrote it, or with `overwrite` (never the guidance image itself)."""
         if len(self.images) != 1:
             raise PnPError(f"save_image writes one image and this translation has {len(self.images)}; use save(DIR)")
+        _check_path("save_image's path", path)
         with writing(Path(path)):
             return save_file(Path(path), self.images[0], self.record(), self.guidance_image, overwrite,
                              inputs=self._inputs())
 
     def _inputs(self) -> list[str]:
         return [self.guidance_file] if self.guidance_file else []
+
+
+def _check_path(name: str, value: object) -> None:
+    if not isinstance(value, (str, Path)):
+        raise PnPError(f"{name} must be a path (str or Path), got {type(value).__name__}")
+
+
+def checked_progress(progress: Progress) -> Progress:
+    """`progress` as given, checked: a function of (stage, total) returning the advance() called per step."""
+    if not callable(progress):
+        raise PnPError(f"progress must be a function progress(stage, total) -> advance(), got "
+                       f"{type(progress).__name__}")
+
+    def checked(stage: str, total: int) -> Callable[[], None]:
+        advance = progress(stage, total)
+        if not callable(advance):
+            raise PnPError(f"progress(stage, total) must return a function advance() (called once per step), "
+                           f"got {type(advance).__name__}")
+        return advance
+    return checked
 
 
 def plan_size(model: LoadedModel, config: TranslateConfig, image: Image.Image | None) -> tuple[int, int]:
@@ -150,11 +172,10 @@ def translate(model: LoadedModel, prompts: Sequence[str] | str, config: Translat
     if (image is None) == (source_prompt is None):
         raise PnPError("give exactly one guidance: an image or a source prompt")
     prompts = validation.prompts(prompts)
-    if not callable(progress):
-        raise PnPError(f"progress must be a function progress(stage, total) -> advance(), got "
-                       f"{type(progress).__name__}")
+    progress = checked_progress(progress)
+    validation.boolean("decode_guidance", decode_guidance)
     if source_prompt is not None:
-        validation.text("the source prompt", source_prompt)
+        validation.text("the source prompt", source_prompt, non_blank=True)
     config = config or TranslateConfig()
     guidance = check_guidance(image) if image is not None else None
     image = guidance.image if guidance is not None else None

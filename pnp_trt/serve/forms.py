@@ -16,6 +16,8 @@ from .limits import RequestError, ServeLimits
 FORM_SLACK_BYTES = 1 << 20
 """What a form may hold beyond its image: the text fields (64 at most, each bounded)."""
 MAX_FIELDS = 64
+MAX_FILES = 2
+"""One image, and room for one more file part, so that a second one is named (`_fields`) instead of counted."""
 
 
 class StrictMultiPartParser(MultiPartParser):
@@ -66,7 +68,7 @@ async def read_form(request: Request, limits: ServeLimits) -> tuple[dict[str, st
     limit = limits.max_upload_bytes + FORM_SLACK_BYTES
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:  # refused before a byte of the body is read
-        raise RequestError(413, over_upload_limit(limits))
+        raise RequestError(413, over_request_limit(limits))
     return _fields(await _parse(request, limit, limits))
 
 
@@ -74,7 +76,8 @@ async def _parse(request: Request, limit: int, limits: ServeLimits) -> FormData:
     stream = Request(request.scope, _bounded_receive(request.receive, limit, limits)).stream()
     part_size = limits.max_upload_bytes + 1
     parser: FormParser | MultiPartParser = (
-        StrictMultiPartParser(request.headers, stream, max_files=1, max_fields=MAX_FIELDS, max_part_size=part_size)
+        StrictMultiPartParser(request.headers, stream, max_files=MAX_FILES, max_fields=MAX_FIELDS,
+                              max_part_size=part_size)
         if request.headers["content-type"].startswith("multipart/") else
         StrictFormParser(request.headers, stream, max_fields=MAX_FIELDS, max_part_size=part_size))
     try:
@@ -86,7 +89,8 @@ async def _parse(request: Request, limit: int, limits: ServeLimits) -> FormData:
     except MultiPartException as exc:  # the parser's own refusals: over a limit, malformed, not UTF-8
         text = exc.message.splitlines()[0][:160]
         if "too many files" in text.lower():
-            raise RequestError(422, "the image field is given more than once; send one image") from None
+            raise RequestError(422, "the form has several file parts; send the image as the one file field "
+                                    "(prompts and settings are text fields)") from None
         over = any(word in text.lower() for word in ("exceed", "too many", "too large"))
         raise RequestError(413 if over else 422, f"{'form over a limit' if over else 'malformed form'}: {text}") \
             from None
@@ -104,8 +108,10 @@ def _fields(form: FormData) -> tuple[dict[str, str], list[str], UploadFile | Non
                 raise RequestError(422, f"the {name} field is given more than once; give it once")
             else:
                 fields[name] = value
-        elif name == "image":
+        elif name == "image" and upload is None:
             upload = value
+        elif name == "image":
+            raise RequestError(422, "the image field is given more than once; send one image")
         else:
             raise RequestError(422, f"unexpected file field {name!r}; the guidance image goes in the image field")
     if "image" in fields:
@@ -125,6 +131,11 @@ def over_upload_limit(limits: ServeLimits) -> str:
             "smaller file")
 
 
+def over_request_limit(limits: ServeLimits) -> str:
+    return (f"the request is over this server's limit (an image of up to {limits.max_upload_bytes / 2**20:g} MiB "
+            f"plus {FORM_SLACK_BYTES / 2**20:g} MiB of text fields); send a smaller image or shorter text")
+
+
 def _bounded_receive(receive: Callable[[], Any], limit: int, limits: ServeLimits) -> Callable[[], Any]:
     """`receive` that refuses the body as soon as it passes `limit` bytes (a chunked upload declares no
     length), so an oversized upload is never spooled to disk in full."""
@@ -136,6 +147,6 @@ def _bounded_receive(receive: Callable[[], Any], limit: int, limits: ServeLimits
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
             if received > limit:
-                raise RequestError(413, over_upload_limit(limits))
+                raise RequestError(413, over_request_limit(limits))
         return message
     return bounded

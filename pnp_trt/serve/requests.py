@@ -11,7 +11,9 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from .. import validation
 from ..config import TranslateConfig
+from ..errors import PnPError
 from ..images import Guidance, normalize_guidance
 from ..runtime.translation import Translation, plan_size
 from .batching import group_key
@@ -41,6 +43,11 @@ def check_request(fields: dict[str, str], prompts: list[str], image_data: bytes 
     check_prompts(prompts, limits)
     if (image_data is None) == (source_prompt is None):
         raise RequestError(422, "give exactly one guidance: an image or a source_prompt")
+    if source_prompt is not None:
+        try:
+            validation.text("source_prompt", source_prompt, non_blank=True)  # the rule translate() applies
+        except PnPError as exc:
+            raise RequestError(422, str(exc)) from None
     image = Guidance(decode_image(image_data, limits)) if image_data is not None else None
     limits.output.check_output(*plan_size(model, config, image.image if image else None))
     return CheckedRequest(prompts, config, image, source_prompt,

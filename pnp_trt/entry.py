@@ -1,0 +1,19 @@
+"""The `pnp-trt` console script: stop signals are handled from its first moment (importing the CLI takes a
+quarter of a second, and Ctrl-C there printed a traceback), then the CLI runs with its own handlers."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+
+def _quit(signum: int, frame: object) -> None:
+    sys.exit(128 + signum)  # nothing has been written yet: the shell's code for the signal, no traceback
+
+
+def main() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _quit)
+    from .cli import main as run
+
+    run()
