@@ -43,7 +43,12 @@ def triton_venv() -> Path:
     shutil.rmtree(VENV, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     pip = [str(VENV / "bin" / "python"), "-m", "pip", "install", "--quiet"]
-    subprocess.run([*pip, *TRITON_PACKAGES, "-e", str(ROOT)], check=True, timeout=600)
+    made = subprocess.run([*pip, *TRITON_PACKAGES, "-e", str(ROOT)], capture_output=True, text=True, timeout=600)
+    if made.returncode != 0:
+        if os.environ.get("CI") == "true":  # CI must run these tests, never skip them
+            raise RuntimeError(f"could not make {VENV}: {made.stderr[-2000:]}")
+        pytest.skip(f"Triton's environment could not be installed (pip needs the package index once): "
+                    f"{made.stderr.strip().splitlines()[-1][:160] if made.stderr.strip() else made.returncode}")
     ready.write_text(" ".join(TRITON_PACKAGES) + "\n")
     return VENV
 
