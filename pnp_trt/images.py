@@ -83,8 +83,8 @@ def _open_checked(source: Path | IO[bytes], name: str) -> Image.Image:
         raise PnPError(f"{name} has more than 179 Mpx (its header says so); the limit is "
                        f"{MAX_PIXELS / 1e6:.0f} Mpx: downscale it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise PnPError(f"cannot read {name} as an image ({type(exc).__name__}); "
-                       "pass a valid PNG/JPEG/WebP file") from None
+        detail = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
+        raise PnPError(f"cannot read {name} as an image ({detail}); pass a valid PNG/JPEG/WebP file") from None
 
 
 @dataclass(frozen=True)

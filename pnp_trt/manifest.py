@@ -114,7 +114,8 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     for name, entry in manifest["files"].items():
         file = directory / name
         if not file.is_file():
-            raise PnPError(f"{file} is missing; rebuild with `{rebuild_hint(manifest, directory)}`")
+            what = "is not a regular file" if os.path.lexists(file) else "is missing"
+            raise PnPError(f"{file} {what}; rebuild with `{rebuild_hint(manifest, directory)}`")
         if file.stat().st_size != entry["bytes"]:
             raise PnPError(f"{file} is {file.stat().st_size} bytes, the manifest says {entry['bytes']} "
                            f"(truncated or replaced); rebuild with `{rebuild_hint(manifest, directory)}`")
