@@ -148,6 +148,21 @@ def _check_value(name: str, value: Any, kind: str) -> None:
         validation.integer(name, value, 1, 1 << 20)
 
 
+def _check_tokenizer_files(tokenizer: Path) -> None:
+    """A fast tokenizer's tokenizer.json, or a slow one's vocab.json and merges.txt: the JSON files readable."""
+    fast, vocab = tokenizer / "tokenizer.json", tokenizer / "vocab.json"
+    if not fast.is_file() and not (vocab.is_file() and (tokenizer / "merges.txt").is_file()):
+        raise PnPError("tokenizer/ needs tokenizer.json, or vocab.json and merges.txt")
+    for file in (fast, vocab):
+        if file.is_file():
+            try:
+                readable = isinstance(json.loads(file.read_text()), dict)
+            except (OSError, ValueError):
+                readable = False
+            if not readable:
+                raise PnPError(f"tokenizer/{file.name} cannot be read as a JSON object")
+
+
 def _check_config_files(path: Path) -> None:
     """Every config file PnP loads is a JSON object whose sizes are typed and bounded; the tokenizer's files read."""
     try:
@@ -163,12 +178,7 @@ def _check_config_files(path: Path) -> None:
             for key, kind in fields.items():
                 if key in config:
                     _check_value(f"{file} {key}", config[key], kind)
-        try:
-            vocab = json.loads((path / "tokenizer" / "vocab.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise PnPError(f"tokenizer/vocab.json cannot be read as JSON ({str(exc)[:60]})") from None
-        if not isinstance(vocab, dict) or not (path / "tokenizer" / "merges.txt").is_file():
-            raise PnPError("tokenizer/ needs vocab.json (a JSON object) and merges.txt")
+        _check_tokenizer_files(path / "tokenizer")
     except PnPError as exc:
         raise PnPError(f"model {path} has a damaged config: {exc}; fix it or re-save the model") from None
 

@@ -397,7 +397,7 @@ def _set(key: str, value: object):
     ("vae/config.json", _set("scaling_factor", "big"), "vae/config.json scaling_factor must be a number"),
     ("unet/config.json", lambda text: "[1, 2, 3]", "unet/config.json is not a JSON object"),
     ("vae/config.json", lambda text: "{not json", "vae/config.json cannot be read as JSON"),
-    ("tokenizer/vocab.json", lambda text: "{not json", "tokenizer/vocab.json cannot be read as JSON"),
+    ("tokenizer/vocab.json", lambda text: "{not json", "tokenizer/vocab.json cannot be read as a JSON object"),
 ])
 def test_a_model_config_of_wrong_types_is_one_line_naming_file_and_field(tiny_model_dir: Path, tmp_path: Path,
                                                                           file: str, change, fragment: str) -> None:

@@ -5,6 +5,7 @@ loopback only."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import shutil
@@ -492,7 +493,8 @@ def test_ray_serve_spreads_requests_and_restarts_a_killed_replica(exported: Path
         assert process.wait(timeout=90) == 143
         assert "stopped serving" in log.read_text() and "SIGTERM received" not in log.read_text()
     finally:
-        os.killpg(process.pid, signal.SIGINT)
+        with contextlib.suppress(ProcessLookupError):  # after the SIGTERM above the group may be gone
+            os.killpg(process.pid, signal.SIGINT)
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
