@@ -98,9 +98,13 @@ def test_fused_attention_on_onnxruntime_cuda_matches_torch(tiny_model_dir: Path,
     dtype, bound = (torch.float32, 45) if precision == "fp32" else (torch.float16, 35)
     reference = translate(open_torch(str(tiny_model_dir), CUDA, dtype, cuda_graphs=False), PROMPTS, CONFIG,
                           image=image)
+    import warnings
+
     for cuda_graphs in (False, True):
-        ours = translate(open_onnxruntime(tmp_path / "fused", "cuda", cuda_graphs=cuda_graphs), PROMPTS, CONFIG,
-                         image=image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a graph that fell back to eager would warn
+            ours = translate(open_onnxruntime(tmp_path / "fused", "cuda", cuda_graphs=cuda_graphs), PROMPTS, CONFIG,
+                             image=image)
         scores = _psnrs(ours, reference)
         print(f"onnxruntime CUDA {precision} {attention} attention (CUDA graphs {cuda_graphs}) vs torch PSNR: "
               f"{scores}")
@@ -129,3 +133,28 @@ def test_a_failed_capture_runs_that_signature_eagerly_with_one_warning() -> None
         assert torch.equal(graphs({"x": x})["y"], x * 2)
         assert torch.equal(graphs({"x": torch.ones(1, 3, device=CUDA)})["y"], torch.full((1, 3), 2.0, device=CUDA))
     assert len(graphs) == 1
+
+
+def test_a_capture_cuda_invalidated_turns_graphs_off_for_good_with_one_warning() -> None:
+    """A host sync inside the capture invalidates it and `capture_end` raises (torch's allocator is then left
+    mid-capture): that signature and every later one run eagerly on the caller's stream, correct results."""
+    import warnings
+
+    from pnp_trt.runtime.cuda_graphs import CudaGraphs
+
+    def function(inputs):
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.current_stream().synchronize()  # not allowed while capturing
+        return {"y": inputs["x"] + 1}
+
+    graphs = CudaGraphs(function, CUDA)
+    x = torch.zeros(2, 3, device=CUDA)
+    with pytest.warns(RuntimeWarning, match="until the process restarts"):
+        first = graphs({"x": x})["y"]
+    torch.cuda.synchronize()
+    assert torch.equal(first, x + 1) and graphs.broken and len(graphs) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other = graphs({"x": torch.zeros(5, 3, device=CUDA)})["y"]
+    torch.cuda.synchronize()
+    assert torch.equal(other, torch.ones(5, 3, device=CUDA))

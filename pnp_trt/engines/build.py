@@ -98,7 +98,11 @@ def build_engine(onnx_path: Path, engine_path: Path, layers_path: Path, profiles
                        "it with `pnp-trt export`, or try a smaller --max-size/--max-batch or a lower "
                        "--optimization-level") from None
     _write_atomic(engine_path, serialized)
-    _write_atomic(layers_path, layer_information(serialized).encode())
+    try:  # diagnostic only: a plan that is built stays built
+        _write_atomic(layers_path, layer_information(serialized).encode())
+    except Exception as exc:
+        warnings.warn(f"could not read {engine_path.name}'s layer information ({str(exc)[:120]}); the engine "
+                      "is built", stacklevel=2)
     if timing_cache and used:
         _save_timing_cache(used[0], timing_cache)
 
@@ -108,7 +112,9 @@ def layer_information(serialized: Any) -> str:
     engine = trt.Runtime(LOGGER).deserialize_cuda_engine(serialized)
     if engine is None:
         raise PnPError("TensorRT could not load the engine it just built; see its log above")
-    return engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    information = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    del engine  # its weights leave the GPU before the next graph builds
+    return information
 
 
 def polygraphy_profile(profile: Profile) -> Any:
@@ -169,7 +175,8 @@ def build_all(directory: Path, shapes: BuildShapes, optimization_level: int = 3,
                                          shapes)
         for graph, path in staged.items():  # the whole set or nothing: old plans stay with their record
             path.replace(directory / f"{graph}.plan")
-            staged_layers[graph].replace(layers_file(directory, graph))
+            if staged_layers[graph].exists():
+                staged_layers[graph].replace(layers_file(directory, graph))
     finally:
         for path in (*staged.values(), *staged_layers.values()):
             path.unlink(missing_ok=True)

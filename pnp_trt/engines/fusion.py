@@ -4,9 +4,13 @@
 An attention layer of the ONNX graph is its `Attention` node (`--attention onnx`) or its `Softmax` (standard
 exports). In the engine it is
 - fused: inside a layer whose type or tactic is an attention kernel (`IAttention`, fused MHA, flash);
-- compiled: inside a layer TensorRT compiled as a region (Myelin), which does not say what it fused;
+- compiled: inside a region TensorRT compiled (Myelin, kgen), which may well be fused but does not say;
 - unfused: a layer of its own (the score matrix is materialised);
-- unseen: no layer names it (an engine built without layer names, or TensorRT renamed it)."""
+- unseen: no layer names it (an engine built without layer names, or TensorRT renamed it).
+A node is found by its exact name in a layer's ONNX metadata (`[ONNX Layer: NAME]`) or its `+`-joined name;
+reformatting copies (named after the layer they feed) and other profiles' repeats do not count, and of the
+layers naming a node the most fused one decides. Which strings TensorRT prints for its attention kernels is
+unconfirmed until a first GPU run."""
 
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ ATTENTION_NODES = ("Attention", "Softmax")
 FUSED_KERNEL = re.compile(r"mha|attention|flash", re.IGNORECASE)
 COMPILED_REGION = re.compile(r"myelin|kgen", re.IGNORECASE)
 KINDS = ("fused", "compiled", "unfused", "unseen")
+NOT_COMPUTE = re.compile(r"^Reformatting CopyNode|\[profile [1-9]|^(NoOp|Signal|Wait)\b", re.IGNORECASE)
+METADATA_NAME = re.compile(r"\[ONNX Layer: ([^\]\x1e]+)\]")
 
 
 def attention_nodes(onnx_path: Path) -> list[str]:
@@ -32,7 +38,7 @@ def attention_nodes(onnx_path: Path) -> list[str]:
 
 def engine_layers(information: str) -> list[Any]:
     """The layers of `get_engine_information(JSON)`: dicts (DETAILED verbosity) or names (LAYER_NAMES_ONLY)."""
-    data = json.loads(information)
+    data = json.loads(information, strict=False)  # layer names may hold control characters
     layers = data.get("Layers", []) if isinstance(data, dict) else []
     return layers if isinstance(layers, list) else []
 
@@ -46,14 +52,28 @@ def _kind(layer: Any) -> str:
     return "compiled" if COMPILED_REGION.search(kernel) else "unfused"
 
 
+def _names(layer: Any) -> set[str]:
+    """The ONNX node names a layer says it computes (its metadata, else its `+`-joined name)."""
+    if not isinstance(layer, dict):
+        return {part.strip() for part in str(layer).split(" + ")}
+    found = set(METADATA_NAME.findall(str(layer.get("Metadata", ""))))
+    name = str(layer.get("Name", "")).removeprefix("{ForeignNode[").removesuffix("]}")  # Myelin: [first...last]
+    found |= {part.strip() for joined in name.split(" + ") for part in joined.split("...")}
+    return found
+
+
 def attention_fusion(information: str, nodes: list[str]) -> Counter[str]:
     """How many of the attention `nodes` fall in each of `KINDS`."""
-    layers = [(json.dumps(layer), layer) for layer in engine_layers(information)]
+    layers = [layer for layer in engine_layers(information)
+              if not NOT_COMPUTE.search(str(layer.get("Name", "")) if isinstance(layer, dict) else str(layer))]
+    holders: dict[str, list[Any]] = {}
+    for layer in layers:
+        for name in _names(layer):
+            holders.setdefault(name, []).append(layer)
     counts: Counter[str] = Counter({kind: 0 for kind in KINDS})
     for node in nodes:
-        named = re.compile(re.escape(node) + r"(?!\w)")  # not /Softmax inside /Softmax_1
-        holder = next((layer for text, layer in layers if named.search(text)), None)
-        counts["unseen" if holder is None else _kind(holder)] += 1
+        kinds = [_kind(layer) for layer in holders.get(node, [])]
+        counts[min(kinds, key=KINDS.index) if kinds else "unseen"] += 1
     return counts
 
 
@@ -64,7 +84,9 @@ def layers_file(directory: Path, graph: str) -> Path:
 def fusion_report(directory: Path, graphs: list[str]) -> list[str]:
     """One line per graph built in `directory` (from its layers file and its ONNX graph)."""
     return [describe(graph, attention_fusion(layers_file(directory, graph).read_text(),
-                                             attention_nodes(directory / f"{graph}.onnx"))) for graph in graphs]
+                                             attention_nodes(directory / f"{graph}.onnx")))
+            if layers_file(directory, graph).is_file() else f"{graph}: no layer information"
+            for graph in graphs]
 
 
 def describe(graph: str, counts: Counter[str]) -> str:
@@ -72,5 +94,6 @@ def describe(graph: str, counts: Counter[str]) -> str:
     total = sum(counts.values())
     if not total:
         return f"{graph}: no attention layers"
-    parts = ", ".join(f"{counts[kind]} {kind}" for kind in KINDS[1:] if counts[kind])
+    parts = ", ".join(f"{counts[kind]} {'compiled (may be fused)' if kind == 'compiled' else kind}"
+                      for kind in KINDS[1:] if counts[kind])
     return f"{graph}: {counts['fused']} of {total} attention layers fused" + (f" ({parts})" if parts else "")

@@ -12,9 +12,12 @@ import onnx
 import torch
 
 from ..contract import GraphSpec
+from ..errors import PnPError
 
 TWO_GB = 2**31
 TORCH_MAX_OPSET = 20
+MEANING_CHANGED_AFTER_20 = {"GroupNormalization"}
+"""Ops whose meaning changed in opsets 21-23 (GroupNormalization-21: per-channel scale and bias)."""
 """The newest opset the TorchScript exporter writes; newer standard ops are traced under a placeholder domain."""
 
 
@@ -53,6 +56,9 @@ def promote_newer_ops(model: onnx.ModelProto, opset: int) -> None:
     opset becomes `opset` (opsets 21–23 add types and ops; the ops the exporter wrote at 20 mean the same)."""
     from .fused_attention import PLACEHOLDER_DOMAIN
 
+    changed = sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")} & MEANING_CHANGED_AFTER_20)
+    if opset > TORCH_MAX_OPSET and changed:
+        raise PnPError(f"cannot raise the opset to {opset}: {', '.join(changed)} means something else there")
     for node in model.graph.node:
         if node.domain == PLACEHOLDER_DOMAIN:
             node.domain = ""

@@ -47,7 +47,9 @@ class CudaGraphs:
         self.function, self.device = function, device
         self.stream = torch.cuda.Stream(device)
         self._graphs: dict[tuple, _Captured | None] = {}
-        """Per signature its graph, or None where capture failed (that signature runs eagerly)."""
+        """Per signature its graph, or None where its capture failed (that signature runs eagerly)."""
+        self.broken = False
+        """A capture CUDA itself invalidated leaves torch's allocator unable to capture again: all eager."""
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -56,21 +58,21 @@ class CudaGraphs:
 
     def __call__(self, inputs: Tensors, read: Collection[str] | None = None) -> dict[str, torch.Tensor]:
         """Replay the graph of this signature (capturing it first if new); copies out the outputs named in
-        `read` (None: all) — the others stay in the graph's static buffers."""
+        `read` (None: all) — the others stay in the graph's static buffers. Where capture failed, the function
+        runs eagerly on the caller's stream."""
         caller = torch.cuda.current_stream(self.device)
         with self._lock:
             key = signature(inputs)
-            if key in self._graphs and self._graphs[key] is None:  # capture failed once: eager from then on
+            if not self.broken and key not in self._graphs:
+                self.stream.wait_stream(caller)
+                with torch.cuda.stream(self.stream):
+                    self._graphs[key] = self._capture(inputs)
+                caller.wait_stream(self.stream)
+            entry = None if self.broken else self._graphs[key]
+            if entry is None:
                 return {name: out for name, out in self.function(inputs).items() if read is None or name in read}
-            entry = self._graphs.get(key)
             self.stream.wait_stream(caller)
             with torch.cuda.stream(self.stream):
-                if entry is None:
-                    entry = self._capture(inputs)
-                    if entry is None:
-                        caller.wait_stream(self.stream)
-                        return {name: out for name, out in self.function(inputs).items()
-                                if read is None or name in read}
                 for name, static in entry.inputs.items():
                     if static is not None:
                         static.copy_(inputs[name])  # type: ignore[arg-type]
@@ -81,9 +83,10 @@ class CudaGraphs:
             return copies
 
     def _capture(self, inputs: Tensors) -> _Captured | None:
-        """Static copies of the inputs, warm-up runs, then one captured run whose outputs stay static. A run that
-        fails inside the capture (e.g. TensorRT's enqueue returning False) marks the signature eager, with one
-        warning giving that run's own error (`capture_end` would raise another one, hiding it)."""
+        """Static copies of the inputs, warm-up runs, then one captured run whose outputs stay static; None, with
+        one warning giving the run's own error, where the run fails inside the capture (e.g. TensorRT's
+        enqueue returning False). If CUDA invalidated the capture (`capture_end` raises), torch's allocator
+        cannot capture again in this process: every signature runs eagerly from then on (`broken`)."""
         static = {name: None if t is None else t.clone() for name, t in inputs.items()}
         for _ in range(WARMUP_RUNS):
             self.function(static)
@@ -95,13 +98,12 @@ class CudaGraphs:
                 except Exception as exc:
                     failure = exc
         except Exception as exc:  # capture_end's own error, after (or instead of) the run's
-            failure = failure or exc
-        if failure is not None:
-            self._graphs[signature(inputs)] = None
-            shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in inputs.items() if t is not None)[:120]
-            warnings.warn(f"CUDA graph capture failed ({str(failure).splitlines()[0][:160]}); these shapes "
-                          f"({shapes}) run eagerly from now on", RuntimeWarning, stacklevel=3)
-            return None
-        entry = _Captured(graph, static, outputs)
-        self._graphs[signature(inputs)] = entry
-        return entry
+            failure, self.broken = failure or exc, True
+        if failure is None:
+            return _Captured(graph, static, outputs)
+        shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in inputs.items() if t is not None)[:120]
+        scope = "every shape runs eagerly until the process restarts" if self.broken else \
+            f"these shapes ({shapes}) run eagerly from now on"
+        warnings.warn(f"CUDA graph capture failed ({str(failure).splitlines()[0][:160]}); {scope}",
+                      RuntimeWarning, stacklevel=4)
+        return None

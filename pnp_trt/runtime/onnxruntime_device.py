@@ -9,6 +9,7 @@ dimensions pinned from the contract's axis sizes, with static input/output buffe
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from collections.abc import Callable, Collection, Mapping
@@ -101,7 +102,8 @@ class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
     def __init__(self, directory: Path, manifest: dict[str, Any], provider: str = "cuda", cuda_graphs: bool = True,
                  device: torch.device | None = None):
         super().__init__(directory, manifest, provider)
-        self.device = device or torch.device("cuda" if self.provider != "CPUExecutionProvider" else "cpu")
+        self.device = device or (torch.device("cuda", torch.cuda.current_device())  # the instance's GPU
+                                 if self.provider != "CPUExecutionProvider" else torch.device("cpu"))
         self.dtype = TORCH_DTYPES[self.precision]
         self.cuda_graphs = cuda_graphs and self.provider == CUDA_PROVIDER
         self.concurrent_calls = not self.cuda_graphs
@@ -122,7 +124,10 @@ class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
         sizes = call_sizes(self.dims, graph, tuple(given[spec.inputs[0].name].shape))
         graphed = self._graphed_session(sizes) if graph == "unet" and self.cuda_graphs else None
         if graphed is not None:
-            return graphed(given, self.synchronize, read)
+            try:
+                return graphed(given, self.synchronize, read)
+            except PnPError as exc:  # ORT captures at its first runs: a refusal there, too, means run eagerly
+                self._give_up_graph(sizes, exc)
         binding = self.session(graph).io_binding()
         for tensor in spec.inputs:
             value = given.get(tensor.name)
@@ -144,11 +149,17 @@ class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
                 try:
                     self._graphed[key] = self._open_graphed(sizes)
                 except PnPError as exc:
-                    self._graphed[key] = None
-                    warnings.warn(f"ONNX Runtime refused to run the UNet at batch {key[0]}, {key[1]}x{key[2]} "
-                                  f"latents as a CUDA graph ({str(exc)[:200]}); that shape runs without one "
-                                  "(--no-cuda-graphs turns them off)", RuntimeWarning, stacklevel=2)
+                    self._give_up_graph(sizes, exc, locked=True)
             return self._graphed[key]
+
+    def _give_up_graph(self, sizes: Mapping[str, int], exc: PnPError, locked: bool = False) -> None:
+        """That shape runs eagerly from now on, after one warning (the export is fine, its capture is not)."""
+        key = (sizes["batch"], sizes["height"], sizes["width"])
+        with contextlib.nullcontext() if locked else self._opening:
+            self._graphed[key] = None
+        warnings.warn(f"ONNX Runtime could not run the UNet at batch {key[0]}, {key[1]}x{key[2]} latents as a "
+                      f"CUDA graph ({str(exc).split('; rebuild')[0][:200]}); that shape runs without one "
+                      "(--no-cuda-graphs turns them off)", RuntimeWarning, stacklevel=3)
 
     def _open_graphed(self, sizes: Mapping[str, int]) -> GraphedSession:
         """A UNet session with every free dimension pinned (so ORT folds its shape arithmetic and runs every

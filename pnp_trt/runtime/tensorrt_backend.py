@@ -45,7 +45,7 @@ class TensorRTBackend(TorchArrays):
         self.dims = ModelDims.from_dict(manifest["dims"])
         self.specs = graph_specs(self.dims)
         self.dtype = TORCH_DTYPES[PRECISIONS[manifest["precision"]]]
-        self.device = torch.device("cuda")
+        self.device = torch.device("cuda", torch.cuda.current_device())  # the instance's GPU (Triton's set_device)
         runtime = trt.Runtime(LOGGER)
         here = current_platform()
         self.engines: dict[str, trt.ICudaEngine] = {}
@@ -74,12 +74,13 @@ class TensorRTBackend(TorchArrays):
         context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         context.set_device_memory(self.activations.data_ptr(), self.activations.numel())
         try:  # the Python bindings raise RuntimeError where the C++ API returns false
-            accepted = context.set_optimization_profile_async(profile, torch.cuda.current_stream().cuda_stream)
-        except RuntimeError:
-            accepted = False
-        if not accepted:
-            raise PnPError(f"TensorRT refused optimization profile {profile} of the {graph} engine; rebuild: "
-                           f"`{build_command(self.directory, self.entries[graph].shapes)}`")
+            refused = "" if context.set_optimization_profile_async(profile, torch.cuda.current_stream().cuda_stream) \
+                else "it returned false"
+        except RuntimeError as exc:
+            refused = str(exc).splitlines()[0][:120]
+        if refused:
+            raise PnPError(f"TensorRT refused optimization profile {profile} of the {graph} engine ({refused}); "
+                           f"rebuild: `{build_command(self.directory, self.entries[graph].shapes)}`")
         torch.cuda.current_stream().synchronize()  # set before any other stream enqueues on it
         return context
 
