@@ -4,9 +4,10 @@ the same load against `pnp-trt serve` in the same run, side by side.
     python bench/triton_load.py [--requests 500] [--concurrency 8] [--venv .triton-venv]
 
 Triton is the tritonserver of nvidia-pytriton (`tools/pytriton-tritonserver.sh`), from the venv the Triton tests
-make (`.triton-venv`: `python -m pytest tests/test_triton.py` once). Requests go over gRPC (a client per worker
-thread), 1 prompt each, 16 guidance images in turn; reported: requests/s, p50/p99 latency, failures, the
-server's RSS (tritonserver and its Python-backend stub together) before and after.
+make (`.triton-venv`: `python -m pytest tests/test_triton.py` once), whose tritonclient sends the requests (this
+script again, `--client`, in that venv): gRPC, a client per worker thread, 1 prompt each, 16 guidance images in
+turn; reported: requests/s, p50/p99 latency, failures, the server's RSS (tritonserver and its Python-backend
+stub together) before and after.
 """
 
 from __future__ import annotations
@@ -24,25 +25,25 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from serve_load import free_port, load, png, rss_mib, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"STEPS": 2, "HEIGHT": 64, "WIDTH": 128}
 
 
 def start_triton(repository: Path, venv: Path, log: Path) -> tuple[subprocess.Popen, int]:
+    import httpx
+    from serve_load import free_port
+
     http, grpc, metrics = free_port(), free_port(), free_port()
     process = subprocess.Popen([str(ROOT / "tools" / "pytriton-tritonserver.sh"), str(repository), str(http),
                                 str(grpc), str(metrics)], env={**os.environ, "VENV": str(venv)},
                                stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    import tritonclient.grpc as client_module
-
-    client, deadline = client_module.InferenceServerClient(f"127.0.0.1:{grpc}"), time.monotonic() + 180
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
-            if client.is_model_ready("pnp_trt"):
+            if httpx.get(f"http://127.0.0.1:{http}/v2/models/pnp_trt/ready", timeout=5).status_code == 200:
                 return process, grpc
-        except Exception:  # not listening yet
+        except httpx.TransportError:  # not listening yet
             pass
         if process.poll() is not None:
             raise SystemExit(f"tritonserver exited: {log.read_text()[-2000:]}")
@@ -52,14 +53,17 @@ def start_triton(repository: Path, venv: Path, log: Path) -> tuple[subprocess.Po
 
 def group_rss_mib(pid: int) -> float:
     """RSS of the server and its children (the Python backend runs the model in a stub process)."""
+    from serve_load import rss_mib
+
     children = subprocess.run(["pgrep", "-g", str(os.getpgid(pid))], capture_output=True, text=True).stdout.split()
     return sum(rss_mib(int(child)) for child in children)
 
 
-def triton_load(port: int, requests: int, concurrency: int, images_n: int) -> None:
+def triton_load(port: int, requests: int, concurrency: int, images: list[bytes]) -> None:
+    """In the Triton venv (tritonclient): the load, its summary printed."""
     import tritonclient.grpc as module
 
-    images, local = [png(i) for i in range(images_n)], threading.local()
+    images_n, local = len(images), threading.local()
 
     def one(i: int) -> tuple[bool, float]:
         if not hasattr(local, "client"):
@@ -95,7 +99,15 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--venv", type=Path, default=ROOT / ".triton-venv")
+    parser.add_argument("--client", nargs=4, help=argparse.SUPPRESS)  # PORT REQUESTS CONCURRENCY IMAGES_DIR
     args = parser.parse_args()
+    if args.client:
+        port, requests, concurrency, folder = args.client
+        triton_load(int(port), int(requests), int(concurrency),
+                    [p.read_bytes() for p in sorted(Path(folder).glob("*.png"))])
+        return
+    from serve_load import free_port, load, png, rss_mib, start_server, stop_server
+
     if not (args.venv / "bin" / "python").exists():
         raise SystemExit(f"no Triton venv at {args.venv}: run `python -m pytest tests/test_triton.py` once")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; tiny model, ONNX Runtime CPU, 64x128, 2 steps, "
@@ -107,12 +119,20 @@ def main() -> None:
         repository.mkdir()
         subprocess.run([sys.executable, "-m", "pnp_trt.cli", "triton-repo", str(repository), "--engines",
                         str(engines)], check=True, capture_output=True)
+        images = Path(tmp) / "images"
+        images.mkdir()
+        for i in range(args.images):
+            (images / f"{i:03d}.png").write_bytes(png(i))
         process, port = start_triton(repository, args.venv, Path(tmp) / "triton.log")
+
+        def client(requests: int) -> None:
+            subprocess.run([str(args.venv / "bin" / "python"), __file__, "--client", str(port), str(requests),
+                            str(args.concurrency), str(images)], check=True)
         try:
             print("Triton (nvidia-pytriton's tritonserver 2.51, Python backend, dynamic batching, gRPC):")
             before = group_rss_mib(process.pid)
-            triton_load(port, 8, 8, args.images)  # warm-up: sessions are made at first use
-            triton_load(port, args.requests, args.concurrency, args.images)
+            client(8)  # warm-up: sessions are made at first use
+            client(args.requests)
             print(f"    server RSS: {before:.0f} MiB before, {group_rss_mib(process.pid):.0f} MiB after")
         finally:
             os.killpg(process.pid, 15)

@@ -1,10 +1,12 @@
 """`pnp-trt triton-repo` served by a real Triton Inference Server: the tritonserver bundled in nvidia-pytriton
 0.7.0 (Triton 2.51, Python backend, CPU), started by `tools/pytriton-tritonserver.sh` from its own virtual
 environment (numpy < 2, as pytriton needs), made once in `.triton-venv/` and reused. Clients: tritonclient over
-HTTP and gRPC, from this test process."""
+HTTP and gRPC, run from that venv too (`tests/triton_client_job.py`: tritonclient's gRPC half pins a protobuf
+that Ray's cannot share)."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -18,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import in_threads, random_image
+from conftest import random_image
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".triton-venv"
-TRITON_PACKAGES = ["numpy<2", "nvidia-pytriton==0.7.0"]
+TRITON_PACKAGES = ["numpy<2", "nvidia-pytriton==0.7.0", "tritonclient[http,grpc]==2.73.0"]
 SETTINGS = {"STEPS": 2, "HEIGHT": 64, "WIDTH": 128}
 pytestmark = pytest.mark.timeout(900)
 
@@ -38,7 +40,7 @@ def triton_venv() -> Path:
     """The server's environment: pytriton (its tritonserver), numpy < 2 and this checkout of pnp-trt (editable,
     so it runs the code under test). Made once; a half-made one (no `.ready`) is made again."""
     ready = VENV / ".ready"
-    if ready.exists():
+    if ready.exists() and ready.read_text() == " ".join(TRITON_PACKAGES) + "\n":
         return VENV
     shutil.rmtree(VENV, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
@@ -64,17 +66,21 @@ class Triton:
         self.process = subprocess.Popen(command, env={**os.environ, "VENV": str(triton_venv())},
                                         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
-    def wait_live(self, seconds: float = 180) -> None:
-        import tritonclient.http as http
+    def ready(self, model: str) -> bool:
+        """KServe v2 readiness of a model (the server's own is false while any model is not ready)."""
+        import httpx
 
-        client, deadline = http.InferenceServerClient(f"127.0.0.1:{self.http}"), time.monotonic() + seconds
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.http}/v2/models/{model}/ready", timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def wait_live(self, seconds: float = 180) -> None:
+        deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.log.read_text()[-3000:]
-            try:
-                if client.is_server_live() and client.is_model_ready("pnp_trt"):
-                    return
-            except Exception:  # not listening yet
-                pass
+            if self.ready("pnp_trt"):
+                return
             time.sleep(0.5)
         raise AssertionError(f"tritonserver not ready within {seconds} s: {self.log.read_text()[-3000:]}")
 
@@ -112,34 +118,24 @@ def triton(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         server.stop()
 
 
-def _inputs(module, guidance: dict, prompts: list[str], **settings) -> list:
-    """tritonclient inputs (http or grpc `module`): IMAGE bytes or SOURCE_PROMPT, PROMPT, settings."""
-    arrays = {"PROMPT": np.array([[p.encode() for p in prompts]], dtype=np.object_)}
-    if "image" in guidance:
-        arrays["IMAGE"] = np.array([[guidance["image"]]], dtype=np.object_)
-    if "source_prompt" in guidance:
-        arrays["SOURCE_PROMPT"] = np.array([[guidance["source_prompt"].encode()]], dtype=np.object_)
-    for name, value in settings.items():
-        arrays[name] = np.array([[value]], dtype=np.float32 if isinstance(value, float) else np.int64)
-    inputs = []
-    for name, array in arrays.items():
-        kind = "BYTES" if array.dtype == np.object_ else "FP32" if array.dtype == np.float32 else "INT64"
-        tensor = module.InferInput(name, list(array.shape), kind)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
+def ask(server: Triton, protocol: str, requests: list[dict], concurrent: bool = False) -> list[dict]:
+    """Send `requests` ({"guidance": {"image": bytes} | {"source_prompt": str}, "prompts": [...], "settings":
+    {...}, "types": {...}}) with tritonclient from the Triton venv (`tests/triton_client_job.py`); one answer
+    each."""
+    job = {"protocol": protocol, "concurrent": concurrent,
+           "address": f"127.0.0.1:{server.http if protocol == 'http' else server.grpc}",
+           "requests": [{"image": base64.b64encode(r["guidance"]["image"]).decode() if "image" in r["guidance"]
+                         else None, "source_prompt": r["guidance"].get("source_prompt"), "prompts": r["prompts"],
+                         "settings": r.get("settings", {}), "types": r.get("types", {})} for r in requests]}
+    done = subprocess.run([str(VENV / "bin" / "python"), str(ROOT / "tests" / "triton_client_job.py")],
+                          input=json.dumps(job), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
 
 
-def _client(protocol: str, server: Triton):
-    if protocol == "http":
-        import tritonclient.http as module
-        return module, module.InferenceServerClient(f"127.0.0.1:{server.http}", network_timeout=600)
-    import tritonclient.grpc as module
-    return module, module.InferenceServerClient(f"127.0.0.1:{server.grpc}")
-
-
-def _images(result) -> list[np.ndarray]:
-    return [np.asarray(Image.open(io.BytesIO(png))) for png in result.as_numpy("IMAGES")[0]]
+def _images(answer: dict) -> list[np.ndarray]:
+    assert "images" in answer, answer
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(png)))) for png in answer["images"]]
 
 
 @pytest.fixture(scope="module")
@@ -155,16 +151,16 @@ def test_a_translation_through_triton_equals_the_translator(triton: Triton, expo
     same settings (ONNX Runtime CPU in both processes), and the record a CLI run writes."""
     from pnp_trt import Translator
 
-    module, client = _client(protocol, triton)
     guidance = {"image": guide} if source == "image" else {"source_prompt": "a house"}
     prompts = ["a photo of a cat", "a castle"]
-    result = client.infer("pnp_trt", _inputs(module, guidance, prompts, **SETTINGS, GUIDANCE_SCALE=5.0))
+    answer, = ask(triton, protocol, [{"guidance": guidance, "prompts": prompts,
+                                      "settings": {**SETTINGS, "GUIDANCE_SCALE": 5.0}}])
     direct = Translator.open("onnxruntime", engines=exported).translate(
         prompts, guidance.get("image"), guidance.get("source_prompt"), steps=2, height=64, width=128,
         guidance_scale=5.0)
-    for served, image in zip(_images(result), direct.images, strict=True):
+    for served, image in zip(_images(answer), direct.images, strict=True):
         np.testing.assert_array_equal(served, np.asarray(image))
-    record = json.loads(result.as_numpy("RECORD")[0, 0])
+    record = answer["record"]
     assert record["prompts"] == prompts and record["settings"]["guidance_scale"] == 5.0
     if record["source_cache_hit"]:  # the other protocol's request on this guidance captured the source
         assert record["unet_evaluations"] < direct.unet_evaluations
@@ -177,13 +173,9 @@ def test_concurrent_requests_on_one_image_share_translations(triton: Triton, gui
     run as one translation, each request getting its own prompt's image back."""
     before = triton.metric("pnp_trt_translations_total")
     prompts = [f"prompt {i}" for i in range(6)]
-
-    def ask(prompt: str):  # a client per thread: tritonclient's clients are not shared between threads
-        module, client = _client("grpc", triton)
-        return client.infer("pnp_trt", _inputs(module, {"image": guide}, [prompt], **SETTINGS, SEED=7))
-
-    results = in_threads([lambda p=p: ask(p) for p in prompts])
-    records = [json.loads(r.as_numpy("RECORD")[0, 0]) for r in results]
+    answers = ask(triton, "grpc", [{"guidance": {"image": guide}, "prompts": [p], "settings": {**SETTINGS, "SEED": 7}}
+                                   for p in prompts], concurrent=True)
+    records = [a["record"] for a in answers]
     assert [r["prompts"] for r in records] == [[p] for p in prompts]
     translations = triton.metric("pnp_trt_translations_total") - before
     assert 1 <= translations < len(prompts), translations
@@ -223,30 +215,24 @@ def _png(image: Image.Image) -> bytes:
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_bad_requests_get_one_line_errors_and_the_server_stays_ready(triton: Triton, guide: bytes,
                                                                     protocol: str) -> None:
-    from tritonclient.utils import InferenceServerException
-
-    module, client = _client(protocol, triton)
     cases = _bad_cases(guide)
     assert len(cases) >= 15
-    for name, guidance, prompts, settings, fragment in cases:
-        with pytest.raises(InferenceServerException) as caught:
-            client.infer("pnp_trt", _inputs(module, guidance, prompts, **settings))
-        message = caught.value.message()
+    requests = [{"guidance": guidance, "prompts": prompts, "settings": settings}
+                for _, guidance, prompts, settings, _ in cases]
+    requests.append({"guidance": {"image": guide}, "prompts": ["a"], "settings": {**SETTINGS, "STEPS": 2.5},
+                     "types": {"STEPS": "FP32"}})  # Triton's own check of the declared type
+    requests.append({"guidance": {"image": guide}, "prompts": ["a"], "settings": SETTINGS})  # still serving
+    answers = ask(triton, protocol, requests)
+    for (name, _, _, _, fragment), answer in zip(cases, answers, strict=False):
+        message = answer.get("error", "")
         assert fragment.lower() in message.lower() and "\n" not in message and "Traceback" not in message, \
-            (name, message)
-    wrong_type = module.InferInput("STEPS", [1, 1], "FP32")
-    wrong_type.set_data_from_numpy(np.array([[2.5]], dtype=np.float32))
-    with pytest.raises(InferenceServerException):  # Triton's own check of the declared type
-        client.infer("pnp_trt", [*_inputs(module, {"image": guide}, ["a"], HEIGHT=64, WIDTH=128), wrong_type])
-    assert client.is_server_live() and client.is_model_ready("pnp_trt")  # (server_ready: no, "broken" is not)
-    assert len(_images(client.infer("pnp_trt", _inputs(module, {"image": guide}, ["a"], **SETTINGS)))) == 1
+            (name, answer)
+    assert "error" in answers[-2] and len(_images(answers[-1])) == 1
+    assert triton.ready("pnp_trt")
 
 
 def test_a_model_over_a_broken_export_is_not_ready_and_the_log_says_why(triton: Triton) -> None:
-    import tritonclient.http as http
-
-    client = http.InferenceServerClient(f"127.0.0.1:{triton.http}")
-    assert client.is_model_ready("pnp_trt") and not client.is_model_ready("broken")
+    assert triton.ready("pnp_trt") and not triton.ready("broken")
     reason = [line for line in triton.log.read_text().splitlines() if "pnp-trt could not load the model" in line]
     assert reason and "unet.onnx" in reason[0] and "pnp-trt export" in reason[0], reason
 
