@@ -188,6 +188,10 @@ def translate(
     limits = Limits(max_output_pixels=int(max_output_mpx * 1e6))
     if cache_dir is not None and len(prompt) > 1 and Path(cache_dir).resolve().is_relative_to(Path(out).resolve()):
         raise PnPError(f"--cache-dir {cache_dir} is inside --out {out}; keep the cache in a directory of its own")
+    if cache_dir is not None and engines is not None and Path(cache_dir).resolve().is_relative_to(
+            Path(engines).resolve()):
+        raise PnPError(f"--cache-dir {cache_dir} is inside the exported directory {engines}; keep the cache in a "
+                       "directory of its own")
     companions = [guidance_beside(Path(out))] if save_guidance and len(prompt) == 1 else []
     check_destination(out, len(prompt) > 1, overwrite, [image] if image else [], companions)  # text: a final /
     guidance = check_guidance(image) if image is not None else None  # before the model's slow load
@@ -320,6 +324,7 @@ def make_tiny_model(
     from .random_models import made_with
     from .random_models import make_tiny_model as make
 
+    validation.integer("--seed", seed, 0, 2**32 - 1)
     if made_with(directory, seed, full_size):
         err.print(f"{directory} already holds this model (seed {seed}); reusing it")
         return
@@ -420,10 +425,10 @@ def triton_repo(
 ) -> None:
     """Write a Triton Inference Server model (Python backend) serving pnp-trt: OUT/NAME/config.pbtxt and
     OUT/NAME/1/model.py. Inputs IMAGE or SOURCE_PROMPT, PROMPT, optional settings; outputs IMAGES, RECORD."""
-    from .config import check_backend
+    from .runtime.loading import check_source
     from .serve.triton_repo import write_repository
 
-    check_backend(backend)
+    check_source(backend, model, engines, provider)
     validation.one_of("--kind", kind, ("auto", "cpu", "gpu"))
     for flag, value, top in (("--instances", instances, 64), ("--max-batch-size", max_batch_size, 1024)):
         validation.integer(flag, value, 1, top)
@@ -505,9 +510,14 @@ class Terminated(KeyboardInterrupt):
 
 
 
+STOPPED_BY: list[int] = []
+"""The stop signal received, if one was: the exit code where the parser turned it into a plain abort."""
+
+
 def _stop(signum: int, frame: Any) -> None:
     """The first stop signal unwinds the command (cleaning up as it goes); later ones are ignored, so that a
     second Ctrl-C cannot cut the cleanup short or kill the process by signal."""
+    STOPPED_BY.append(signum)
     for other in STOP_SIGNALS:
         signal.signal(other, signal.SIG_IGN)
     raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
@@ -542,8 +552,8 @@ def main() -> None:
         where = f"; see `{exc.ctx.command_path} -h`" if exc.ctx else ""
         err.print(f"[bold red]error:[/] {escape(exc.format_message())}{where}", highlight=False, soft_wrap=True)
         code = 2
-    except typer.Abort:
-        code = 130
+    except typer.Abort:  # a stop signal before the command ran (the parser turns it into an abort)
+        code = 128 + STOPPED_BY[0] if STOPPED_BY else 130
     except Exception as exc:  # not a user error: a bug, said in one line (PNP_TRT_DEBUG=1 shows the traceback)
         if os.environ.get("PNP_TRT_DEBUG"):
             raise

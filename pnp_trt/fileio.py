@@ -35,9 +35,12 @@ def staging_prefix(name: str) -> str:
 def new_staging(parent: Path, name: str, directory: bool = False, suffix: str = "") -> Path:
     """A fresh staging file or directory in `parent`, after sweeping what killed runs left there."""
     sweep_stale_staging(parent)
-    if directory:
-        return Path(tempfile.mkdtemp(prefix=staging_prefix(name), dir=parent))
-    fd, tmp = tempfile.mkstemp(prefix=staging_prefix(name), suffix=suffix, dir=parent)
+    try:
+        if directory:
+            return Path(tempfile.mkdtemp(prefix=staging_prefix(name), dir=parent))
+        fd, tmp = tempfile.mkstemp(prefix=staging_prefix(name), suffix=suffix, dir=parent)
+    except OSError as exc:
+        raise PnPError(f"cannot write in {parent} ({exc.strerror}); choose a place you can write to") from None
     os.close(fd)
     return Path(tmp)
 
@@ -114,7 +117,10 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
 
 @contextlib.contextmanager
 def staging_directory(out: Path) -> Iterator[Path]:
-    """A temporary directory beside `out`, renamed to `out` when the block completes, removed otherwise."""
+    """A temporary directory beside `out`, renamed to `out` when the block completes, removed otherwise; `out`
+    must not exist, not even as a link to nowhere (checked before any work)."""
+    if os.path.lexists(out):
+        raise PnPError(f"{out} already exists (perhaps as a link); choose a new directory")
     tmp = new_staging(out.parent, out.name, directory=True)
     try:
         yield tmp

@@ -24,6 +24,8 @@ MAX_PIXELS = 50_000_000
 """Largest guidance image read (an 8K photo is 33 Mpx): a larger header is refused before decoding."""
 
 
+GUIDANCE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF", "PPM", "TGA", "ICO", "JPEG2000")
+"""What a guidance may be. Not EPS/PS (Pillow runs Ghostscript on them: an outside program on a user's file)."""
 NO_BRIGHTNESS_RANGE = {"I": "32-bit integer", "F": "32-bit float"}
 """Modes whose values have no standard black and white: stretching them to their own maximum turned a
 near-black picture white; refused instead."""
@@ -54,6 +56,8 @@ def load_guidance(path: Path | str) -> Image.Image:
     """The guidance image from a file, as `normalize_guidance` gives it; a clear error for missing or
     unreadable files."""
     given, path = os.fspath(path), Path(path)
+    if not given:
+        raise PnPError("the guidance image's path is empty; pass the path of a PNG/JPEG image")
     try:
         mode = os.stat(given).st_mode  # one look, through links (a dangling link does not exist either), as
         # typed: "photo.png/" names a directory, and is refused as the system refuses it
@@ -74,7 +78,7 @@ def _open_checked(source: Path | IO[bytes], name: str) -> Image.Image:
     try:
         with warnings.catch_warnings():  # our own pixel limit answers, before Pillow's bomb warning matters
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(source)
+            opened = Image.open(source, formats=GUIDANCE_FORMATS)
         with opened:
             _check_size(opened, name)
             opened.load()

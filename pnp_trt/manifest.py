@@ -100,8 +100,10 @@ def read_manifest(directory: Path) -> dict[str, Any]:
                        f"create one with `{rebuild_hint(None, directory)}`")
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise PnPError(f"{path} is not valid JSON; rebuild with `{rebuild_hint(None, directory)}`") from None
+    except OSError as exc:
+        raise PnPError(f"cannot read {path} ({exc.strerror}); check its permissions") from None
     if not isinstance(manifest, dict):
         raise PnPError(f"{path} is not a manifest (a JSON object); rebuild with `{rebuild_hint(None, directory)}`")
     version = manifest.get("format_version")
@@ -197,5 +199,9 @@ def onnx_export_id(path: Path) -> str | None:
 def verify(directory: Path) -> list[str]:
     """Names of files whose sha256 differs from the manifest (empty when all match)."""
     manifest = read_manifest(directory)
-    return [name for name, entry in manifest["files"].items() if sha256(Path(directory) / name) != entry["sha256"]]
+    try:
+        return [name for name, entry in manifest["files"].items()
+                if sha256(Path(directory) / name) != entry["sha256"]]
+    except OSError as exc:
+        raise PnPError(f"cannot read {exc.filename} ({exc.strerror}); check its permissions") from None
 

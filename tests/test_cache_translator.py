@@ -351,3 +351,13 @@ def test_numpy_numbers_are_settings_like_any_other(tiny_torch, guide) -> None:
                                               guidance_scale=np.float32(5.0))
     record = json.loads(json.dumps(result.record()))
     assert record["settings"]["steps"] == 2 and type(result.settings.steps) is int
+
+
+@pytest.mark.parametrize(("call", "fragment"), [
+    (lambda t, g: t.translate(["a"], g, **SETTINGS, progress=lambda: None), "progress must be a function"),
+    (lambda t, g: Translator.open("torch", model="m", cuda_graphs="no"), "cuda_graphs must be true or false"),
+    (lambda t, g: Translator.open("torch", model="m", limits={"max_steps": 5}), "limits must be a pnp_trt"),
+])
+def test_more_api_arguments_of_the_wrong_kind(tiny_torch, guide, call, fragment: str) -> None:
+    with pytest.raises(PnPError, match=re.escape(fragment)):
+        call(Translator(tiny_torch), guide)

@@ -457,3 +457,30 @@ def test_serve_on_an_address_it_cannot_listen_on_is_one_line(exported: Path) -> 
                                     timeout=120)
             assert result.returncode == 2 and fragment in result.stderr, result.stderr
             assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["make-tiny-model", "{tmp}/m", "--seed", "-1"], "--seed must be between 0 and 4294967295"),
+    (["export", "--model", "{tiny}", "--out", "{file}/e"], "is a file, not a directory"),
+    (["export", "--model", "{tiny}", "--out", "{dangling}"], "is a link to nowhere"),
+    (["make-tiny-model", "{dangling}"], "already exists (perhaps as a link)"),
+    (["translate", "", "-p", "a", "--model", "{tiny}", "--out", "{tmp}/o.png"], "path is empty"),
+    (["translate", "{file}", "-p", "a", "--model", "", "--out", "{tmp}/o.png"], "--model is empty"),
+    (["translate", "{eps}", "-p", "a", "--model", "{tiny}", "--out", "{tmp}/o.png"], "cannot read guidance image"),
+    (["translate", "{file}", "-p", "a", "--model", "{tiny}", "--provider", "gpu", "--out", "{tmp}/o.png"],
+     "--provider must be one of 'cpu', 'cuda', 'tensorrt'"),
+    (["triton-repo", "{tmp}", "--backend", "torch", "--engines", "{tmp}"], "--engines is for the onnxruntime"),
+    (["triton-repo", "{tmp}", "--engines", "{tmp}", "--provider", "gpu"], "--provider must be one of"),
+])
+def test_more_commands_refuse_bad_input_in_one_line_before_any_work(tiny_model_dir: Path, tmp_path: Path,
+                                                                     args: list[str], fragment: str) -> None:
+    """Corpus round 3: each of these was accepted, misreported, or an internal error after the work was done (an
+    EPS guidance even ran Ghostscript: only raster formats are opened now)."""
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    guide = random_image(tmp_path / "g.png", 64, 64)
+    eps = tmp_path / "x.eps"
+    eps.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\nshowpage\n")
+    names = {"tmp": tmp_path, "tiny": tiny_model_dir, "file": guide, "dangling": tmp_path / "dangling", "eps": eps}
+    before = sorted(tmp_path.rglob("*"))
+    assert_user_error(run(*[a.format(**names) for a in args]), fragment)
+    assert sorted(tmp_path.rglob("*")) == before

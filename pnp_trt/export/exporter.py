@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import uuid
@@ -133,10 +134,12 @@ def _check_destination(out: Path, precision: str, opset: int | None, attention: 
         opset = ATTENTION_OPSET if attention == "onnx" else OPSETS.start
     if attention != "onnx" and opset not in OPSETS:
         raise PnPError(f"--opset must be {OPSETS.start} to {OPSETS.stop - 1}, got {opset}")
-    if out.exists():
-        raise PnPError(f"{out} already exists; choose a new --out directory (or remove it)")
+    if os.path.lexists(out):
+        what = "is a link to nowhere" if out.is_symlink() and not out.exists() else "already exists"
+        raise PnPError(f"{out} {what}; choose a new --out directory (or remove it)")
     if not out.parent.is_dir():
-        raise PnPError(f"cannot write {out}: directory {out.parent} does not exist")
+        what = "is a file, not a directory" if out.parent.exists() else "does not exist"
+        raise PnPError(f"cannot write {out}: {out.parent} {what}")
     return opset
 
 

@@ -4,32 +4,43 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import validation
 from ..config import check_backend
 from ..errors import PnPError
 from ..extras import require
 from .backend import LoadedModel
+from .onnxruntime_sessions import PROVIDERS
 
 
-def open_model(backend: str, model: str | Path | None, engines: Path | str | None, provider: str = "cpu",
-               cuda_graphs: bool = True) -> LoadedModel:
-    """torch runs a diffusers model (hub id or dir, as str or Path); the others run an exported/built
-    directory. `cuda_graphs`: replay the UNet as CUDA graphs where the backend runs on CUDA."""
+def check_source(backend: str, model: object, engines: object, provider: object) -> None:
+    """What a backend runs from, checked by kind and for conflicts (`open_model`, `triton-repo`)."""
     check_backend(backend)
-    model = str(model) if isinstance(model, Path) else model
     for name, value in (("model", model), ("engines", engines), ("provider", provider)):
         if value is not None and not isinstance(value, (str, Path)):
             raise PnPError(f"{name} must be a path or a name (text), got {type(value).__name__}")
+        if value is not None and not str(value):
+            raise PnPError(f"--{name} is empty; give a value or leave the flag out")
+    validation.one_of("--provider", provider, tuple(PROVIDERS))
     if backend == "torch" and engines is not None:
         raise PnPError("--engines is for the onnxruntime and tensorrt backends; the torch backend runs --model "
                        "(a hub id or diffusers directory)")
     if backend != "torch" and model is not None:
         raise PnPError(f"--model is for the torch backend; --backend {backend} runs the exported directory "
                        "--engines, whose model is the one it was exported from")
+
+
+def open_model(backend: str, model: str | Path | None, engines: Path | str | None, provider: str = "cpu",
+               cuda_graphs: bool = True) -> LoadedModel:
+    """torch runs a diffusers model (hub id or dir, as str or Path); the others run an exported/built
+    directory. `cuda_graphs`: replay the UNet as CUDA graphs where the backend runs on CUDA."""
+    check_source(backend, model, engines, provider)
+    validation.boolean("cuda_graphs", cuda_graphs)
+    model = str(model) if isinstance(model, Path) else model
     if backend == "torch":
         require("torch", "the torch backend")
         from ..models import DEFAULT_MODEL
         from .torch_backend import open_torch
-        return open_torch(model or DEFAULT_MODEL, cuda_graphs=cuda_graphs)
+        return open_torch(DEFAULT_MODEL if model is None else model, cuda_graphs=cuda_graphs)
     if engines is None:
         raise PnPError(f"--backend {backend} runs exported graphs: pass --engines DIR "
                        "(written by `pnp-trt export --model ID_OR_DIR --out DIR`)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,9 +102,13 @@ def _check_path(name: str, value: object) -> None:
 
 def checked_progress(progress: Progress) -> Progress:
     """`progress` as given, checked: a function of (stage, total) returning the advance() called per step."""
-    if not callable(progress):
+    try:
+        inspect.signature(progress).bind("stage", 1)
+    except TypeError:
         raise PnPError(f"progress must be a function progress(stage, total) -> advance(), got "
-                       f"{type(progress).__name__}")
+                       f"{getattr(progress, '__name__', type(progress).__name__)}") from None
+    except ValueError:  # a builtin without a signature: taken on trust
+        pass
 
     def checked(stage: str, total: int) -> Callable[[], None]:
         advance = progress(stage, total)

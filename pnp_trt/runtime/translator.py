@@ -11,6 +11,7 @@ from typing import Any
 from PIL import Image
 
 from ..config import DEFAULT_CACHE_BYTES, DEFAULT_DISK_CACHE_BYTES, Limits, TranslateConfig
+from ..errors import PnPError
 from ..images import Guidance, check_guidance
 from .backend import LoadedModel
 from .cache import SourceCache
@@ -35,6 +36,8 @@ class Translator:
              cache_dir: Path | str | None = None, cuda_graphs: bool = True,
              cache_dir_bytes: int = DEFAULT_DISK_CACHE_BYTES, limits: Limits | None = None) -> Translator:
         """Load a model (torch: hub id or diffusers dir; onnxruntime/tensorrt: an exported directory)."""
+        if limits is not None and not isinstance(limits, Limits):
+            raise PnPError(f"limits must be a pnp_trt.config.Limits, got {type(limits).__name__}")
         cache = SourceCache(cache_bytes, cache_dir, cache_dir_bytes)
         return cls(open_model(backend, model, engines, provider, cuda_graphs), cache, limits)
 
