@@ -396,6 +396,8 @@ def serve(
         return
     application = create_app(options.load, options.limits(), coalesce_ms, workers)
     err.print(f"serving {backend} on http://{host}:{port} (docs at /docs; Ctrl-C stops)", highlight=False)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM; SIGHUP (a closed terminal) is made to mean the same
+    signal.signal(signal.SIGHUP, lambda signum, frame: signal.raise_signal(signal.SIGTERM))
     uvicorn.run(application, host=host, port=port, log_level="info")  # one access line per request
 
 

@@ -530,3 +530,20 @@ def test_a_deadline_travels_as_seconds_left_and_stops_work_there() -> None:
     assert 29 < replica.seconds_left() <= 30
     with pytest.raises(DeadlineExceeded, match="past the deadline in invert"):
         DeadlineCheck.within(-0.001)("invert", 10)
+
+
+def test_sighup_stops_the_server_as_sigterm_does(exported: Path, tmp_path: Path) -> None:
+    """A closed terminal (SIGHUP) stops `pnp-trt serve` gracefully, as SIGTERM does (it raised into uvicorn's loop:
+    two CancelledError tracebacks)."""
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    process = subprocess.Popen([sys.executable, "-m", "pnp_trt.cli", "serve", "--engines", str(exported),
+                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", process, 60)
+        process.send_signal(signal.SIGHUP)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "Traceback" not in log.read_text() and "Shutting down" in log.read_text(), log.read_text()[-2000:]
