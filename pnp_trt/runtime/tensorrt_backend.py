@@ -64,8 +64,8 @@ class TensorRTBackend(TorchArrays):
             engine.num_optimization_profiles)] for graph, engine in self.engines.items()}
         """Per graph, one execution context per optimization profile (`profile_index` picks one per call)."""
         self.zeros = ZeroBuffers(self.shared_zeros)
-        """Stand-ins for absent inputs; also the `noise_pred` buffer (consumed before the next call) and scratch
-        for outputs no caller reads, one per shape (their names never collide with an input's)."""
+        """Stand-ins for absent inputs; also scratch for outputs no caller reads, one per shape (their names never
+        collide with an input's). Outputs that are read get fresh memory: they are the caller's."""
         self.unet_graphs = CudaGraphs(self._execute_graphed, self.device) if cuda_graphs else None
         self._graph_contexts: dict[tuple, trt.IExecutionContext] = {}
 

@@ -30,7 +30,7 @@ class TritonPythonModel:
         except PnPError as exc:  # Triton logs the message; the model stays not ready
             raise pb_utils.TritonModelException(f"pnp-trt could not load the model: {exc}") from None
         self.limits = options.limits()
-        self.metrics = _metrics(args.get("model_name", "pnp_trt"))
+        self._metric_families, self.metrics = _metrics(args.get("model_name", "pnp_trt"))  # families outlive metrics
 
     def execute(self, requests: list[Any]) -> list[Any]:
         """One response per request, in order; requests of this batch on the same guidance and settings share a
@@ -82,12 +82,12 @@ def _error(message: str, code: Any) -> Any:
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
 
 
-def _metrics(model: str) -> dict[str, Any]:
-    """Counters beside Triton's own nv_inference_* ones on its metrics endpoint."""
+def _metrics(model: str) -> tuple[list[Any], dict[str, Any]]:
+    """Counters beside Triton's own nv_inference_* ones on its metrics endpoint: their families (which must be
+    kept alive longer than the metrics) and the metrics by name."""
     described = {"translations": "translations run (a shared one counts once)",
                  "unet_evaluations": "UNet sample evaluations", "source_cache_hits": "translations whose source "
                  "(inversion and captured features) came from the cache"}
     families = {name: pb_utils.MetricFamily(name=f"pnp_trt_{name}_total", description=text,
                                             kind=pb_utils.MetricFamily.COUNTER) for name, text in described.items()}
-    return {name: family.Metric(labels={"model": model}) for name, family in families.items()} | \
-        {f"{name}_family": family for name, family in families.items()}  # a family must outlive its metrics
+    return list(families.values()), {name: family.Metric(labels={"model": model}) for name, family in families.items()}
