@@ -26,7 +26,7 @@ from .config import DEFAULT_DISK_CACHE_BYTES, Limits, TranslateConfig
 from .destination import check_destination
 from .errors import PnPError
 from .extras import require
-from .fileio import STOP_SIGNALS, written_before
+from .fileio import STOP_SIGNALS, ignore_stop_signals, written_before
 from .results import guidance_beside, versions
 from .serve.limits import ServeOptions
 
@@ -519,9 +519,9 @@ STOPPED_BY: list[int] = []
 def _stop(signum: int, frame: Any) -> None:
     """The first stop signal unwinds the command (cleaning up as it goes); later ones are ignored, so that a
     second Ctrl-C cannot cut the cleanup short or kill the process by signal."""
+    if STOPPED_BY:  # the handler stays: SIG_IGN now would turn a signal received before this one was
+        return  # handled into "OSError: Signal 15 ignored due to race condition" in the cleanup
     STOPPED_BY.append(signum)
-    for other in STOP_SIGNALS:
-        signal.signal(other, signal.SIG_IGN)
     raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
@@ -563,6 +563,7 @@ def main() -> None:
         err.print(f"[bold red]internal error:[/] {escape(type(exc).__name__)}: {escape(text)} — a pnp-trt bug; "
                   "rerun with PNP_TRT_DEBUG=1 for the traceback and report it", highlight=False, soft_wrap=True)
         code = 1
+    ignore_stop_signals()  # from here the process only exits; Python's handlers end before its shutdown does
     sys.exit(code if isinstance(code, int) else 0)
 
 

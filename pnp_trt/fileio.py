@@ -161,6 +161,19 @@ def swap_in(staging: Path, out: Path) -> None:
         shutil.rmtree(retired)
 
 
+def ignore_stop_signals() -> None:
+    """Make the system discard `STOP_SIGNALS` from now on (so they cannot cut a cleanup short, nor kill
+    interpreter shutdown, where Python handlers are gone). One that arrived just before is consumed here: left
+    pending, Python would raise "Signal 15 ignored due to race condition" wherever it next checks for signals."""
+    while True:
+        try:  # each call first runs pending handlers; the last, with all ignored, takes any left over
+            for signum in (*STOP_SIGNALS, STOP_SIGNALS[0]):
+                signal.signal(signum, signal.SIG_IGN)
+            return
+        except OSError:  # a pending signal whose handler is already SIG_IGN: consumed, as wanted
+            continue
+
+
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """`STOP_SIGNALS` arriving inside the block take effect when it ends: for steps that must not be split,

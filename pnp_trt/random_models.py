@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,8 @@ def tiny_unet_config() -> dict[str, Any]:
             "cross_attention_dim": 32, "norm_num_groups": 8, "sample_size": 64}
 
 
-def _vae(full: bool) -> Any:
+def vae(full: bool) -> Any:
+    """The SD 2.1 VAE topology, at full or tiny widths."""
     from diffusers import AutoencoderKL
     widths, layers, groups = ((128, 256, 512, 512), 2, 32) if full else ((8, 16, 32, 32), 1, 8)
     return AutoencoderKL(block_out_channels=widths, down_block_types=("DownEncoderBlock2D",) * 4,
@@ -48,8 +50,8 @@ def _vae(full: bool) -> Any:
                          latent_channels=4, sample_size=512, scaling_factor=0.18215)
 
 
-def _write_clip_tokenizer(directory: Path) -> Any:
-    """A CLIP BPE tokenizer over single bytes plus a few whole words, as vocab.json + merges.txt."""
+def write_clip_tokenizer(directory: Path, words: Sequence[str] = _TOKEN_WORDS) -> Any:
+    """A CLIP BPE tokenizer over single bytes plus `words` as whole tokens, as vocab.json + merges.txt."""
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
 
@@ -58,7 +60,7 @@ def _write_clip_tokenizer(directory: Path) -> Any:
     for token in chars + [c + "</w>" for c in chars]:
         vocab.setdefault(token, len(vocab))
     merges = []
-    for word in _TOKEN_WORDS:
+    for word in words:
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         while len(pieces) > 1:
             merges.append(f"{pieces[0]} {pieces[1]}")
@@ -76,11 +78,10 @@ def _write_clip_tokenizer(directory: Path) -> Any:
     return tokenizer
 
 
-def _text_encoder(full: bool, vocab_size: int, bos: int, eos: int) -> Any:
-    """The SD 2.1 OpenCLIP-H text tower (23 layers, 1024 wide) or a 2-layer, 32-wide one."""
+def text_encoder(vocab_size: int, bos: int, eos: int, width: int, layers: int, heads: int, intermediate: int) -> Any:
+    """A CLIP text tower of SD 2.1's kind (the real one: 23 layers, 1024 wide, 16 heads, 4096 intermediate)."""
     from transformers import CLIPTextConfig, CLIPTextModel
-    width, layers, heads = (1024, 23, 16) if full else (32, 2, 2)
-    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width if full else 64,
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=intermediate,
                             num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
                             hidden_act="gelu", bos_token_id=bos, eos_token_id=eos, pad_token_id=0,
                             projection_dim=width)
@@ -108,13 +109,14 @@ def make_tiny_model(out: Path, seed: int = 0, full_size: bool = False) -> Path:
         if not full_size:
             _sharpen_self_attention(unet, 4.0)
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        _vae(full=full_size).save_pretrained(tmp / "vae", safe_serialization=True)
-        tokenizer = _write_clip_tokenizer(tmp / "tokenizer")
-        text_encoder = _text_encoder(full_size, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-        text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        vae(full=full_size).save_pretrained(tmp / "vae", safe_serialization=True)
+        tokenizer = write_clip_tokenizer(tmp / "tokenizer")
+        encoder = text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+                               *((1024, 23, 16, 4096) if full_size else (32, 2, 2, 64)))
+        encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD21_SCHEDULER, indent=2))
-        (tmp / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
+        (tmp / "model_index.json").write_text(json.dumps(model_index(), indent=2))
         (tmp / MARKER).write_text(json.dumps({**recipe(seed, full_size), "files": _files(tmp)}))
     return out
 
@@ -145,7 +147,7 @@ def made_with(directory: Path, seed: int, full_size: bool) -> bool:
         return False
 
 
-def _model_index() -> dict[str, Any]:
+def model_index() -> dict[str, Any]:
     return {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "DDIMScheduler"],
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
@@ -163,13 +165,14 @@ def random_sd21_model(seed: int = 0, device: torch.device | None = None, dtype: 
     torch.manual_seed(seed)
     device = device or torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        hf_tokenizer = _write_clip_tokenizer(Path(tmp) / "tokenizer")
+        hf_tokenizer = write_clip_tokenizer(Path(tmp) / "tokenizer")
     tokenizer = PromptTokenizer(hf_tokenizer.backend_tokenizer, 77, 0, "!")
     unet: Any = UNet2DConditionModel(**sd21_unet_config())
-    vae = _vae(full=True)
-    text_encoder = _text_encoder(True, len(hf_tokenizer), hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id)
-    for module in (unet, vae, text_encoder):
+    autoencoder = vae(full=True)
+    encoder = text_encoder(len(hf_tokenizer), hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id,
+                           1024, 23, 16, 4096)
+    for module in (unet, autoencoder, encoder):
         module.to(device, dtype).eval().requires_grad_(False)
-    dims = ModelDims.from_configs(unet.config, vae.config, 77, 1024)
-    return TorchModel("random-sd21-base-shape", unet, vae, text_encoder, tokenizer, dict(SD21_SCHEDULER), dims,
+    dims = ModelDims.from_configs(unet.config, autoencoder.config, 77, 1024)
+    return TorchModel("random-sd21-base-shape", unet, autoencoder, encoder, tokenizer, dict(SD21_SCHEDULER), dims,
                       device, dtype)
