@@ -66,6 +66,22 @@ def user_errors(command: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
+def path_text(value: str) -> Path:
+    """A path flag's text: empty would silently mean the current directory."""
+    if not value:
+        raise typer.BadParameter("is empty; give a path")
+    return Path(value)
+
+
+def refuse_unused(ctx: typer.Context, rules: dict[str, tuple[bool, str]]) -> None:
+    """A flag given on the command line that does nothing in this run is refused, saying when it applies:
+    `rules` maps a parameter name to (whether it applies now, when it does)."""
+    for name, (applies, when) in rules.items():
+        source = ctx.get_parameter_source(name)
+        if not applies and source is not None and source.name == "COMMANDLINE":
+            raise PnPError(f"--{name.replace('_', '-')} applies {when}; leave it out")
+
+
 def check_positive(flags: dict[str, float]) -> None:
     """Sizes, counts and durations given as flags must be finite and above zero."""
     for name, value in flags.items():
@@ -121,6 +137,7 @@ def _progress() -> Progress:
 @app.command()
 @user_errors
 def translate(
+    ctx: typer.Context,
     image: str | None = typer.Argument(None, help="Guidance image (PNG/JPEG/...). Omit with --source-prompt."),
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Target prompt; repeat for several."),
     out: str = typer.Option(..., "--out", "-o", help="Output .png (one prompt) or directory (several). An existing "
@@ -130,7 +147,8 @@ def translate(
     model: str | None = typer.Option(None, help="Hub id or diffusers directory (torch backend; default "
                                                    "stabilityai/stable-diffusion-2-1-base)."),
     backend: str = typer.Option("torch", help="torch | onnxruntime | tensorrt."),
-    engines: Path | None = typer.Option(None, help="Exported/built directory (onnxruntime, tensorrt)."),
+    engines: Path | None = typer.Option(None, help="Exported/built directory (onnxruntime, tensorrt).",
+                                              parser=path_text),
     provider: str = typer.Option("cpu", help="onnxruntime execution provider: cpu | cuda | tensorrt "
                                              "(cuda/tensorrt need onnxruntime-gpu)."),
     steps: int = typer.Option(SETTINGS.steps, help="Sampling steps."),
@@ -156,7 +174,8 @@ def translate(
     prompt_batch_size: int | None = typer.Option(None, help="Target prompts per injection batch (default: from "
                                                             "free GPU memory; 4 on the CPU)."),
     cache_dir: Path | None = typer.Option(None, help="Keep inverted latents + captured features here (safetensors) "
-                                                     "and reuse them for later prompts on the same image/settings."),
+                                                     "and reuse them for later prompts on the same image/settings.",
+                                                     parser=path_text),
     max_output_mpx: float = typer.Option(Limits.max_output_pixels / 1e6, help="Largest output in megapixels "
                                          "(height × width: 1024²). Memory grows fast with size: see the README."),
     save_guidance: bool = typer.Option(False, help="With --source-prompt: also write the generated guidance "
@@ -177,6 +196,11 @@ def translate(
     if save_guidance and source_prompt is None:
         raise PnPError("--save-guidance saves a guidance generated from --source-prompt; an IMAGE is already saved")
     check_backend(backend)
+    refuse_unused(ctx, {"provider": (backend == "onnxruntime", "to --backend onnxruntime"),
+                        "cache_dir_gib": (cache_dir is not None, "with --cache-dir"),
+                        "source_guidance_scale": (source_prompt is not None, "with --source-prompt"),
+                        "seed": (source_prompt is not None, "with --source-prompt (an IMAGE's inversion has "
+                                                            "no noise to seed)")})
     validation.prompts(prompt)
     set_threads(threads)
     config = TranslateConfig(steps=steps, inversion_steps=inversion_steps, inversion_prompt=inversion_prompt,
@@ -220,7 +244,7 @@ def translate(
 @user_errors
 def export(
     model: str = typer.Option("stabilityai/stable-diffusion-2-1-base", help="Hub id or diffusers directory."),
-    out: Path = typer.Option(..., "--out", "-o", help="Directory to create (must not exist)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to create (must not exist).", parser=path_text),
     precision: str = typer.Option("fp32", help="fp32 | fp16 (mixed: norms, softmax, timestep embedding fp32)."),
     opset: int | None = typer.Option(None, help="ONNX opset (default 17; 23 with --attention onnx)."),
     attention: str = typer.Option("standard", help="standard: plain ONNX ops, for every backend (TensorRT fuses "
@@ -252,7 +276,8 @@ def export(
 @app.command()
 @user_errors
 def build(
-    directory: Path = typer.Argument(..., help="An exported directory (pnp-trt export); engines are added to it."),
+    directory: Path = typer.Argument(..., help="An exported directory (pnp-trt export); engines are added to it.",
+                                          parser=path_text),
     opt_batch: int = typer.Option(1, help="Prompt batch (prompts per injection batch) to optimize for; every "
                                           "engine also takes batch 1."),
     max_batch: int = typer.Option(4, help="Largest prompt batch (the UNet engine takes 2x this)."),
@@ -260,7 +285,8 @@ def build(
     opt_size: str = typer.Option("512x512", help="Image size to optimize for."),
     max_size: str = typer.Option("768x768", help="Largest image HEIGHTxWIDTH."),
     static: str | None = typer.Option(None, help="HEIGHTxWIDTH: one fixed size and --opt-batch (fastest)."),
-    timing_cache: Path | None = typer.Option(None, help="Timing cache file, read and updated (faster rebuilds)."),
+    timing_cache: Path | None = typer.Option(None, help="Timing cache file, read and updated (faster rebuilds).",
+                                                   parser=path_text),
     optimization_level: int = typer.Option(3, help="TensorRT builder optimization level 0-5."),
 ) -> None:
     """Compile the exported graphs to TensorRT engines (needs a CUDA GPU and TensorRT 10.x/11.x)."""
@@ -298,7 +324,7 @@ def build(
 
 @app.command()
 @user_errors
-def verify(directory: Path = typer.Argument(..., help="An exported directory.")) -> None:
+def verify(directory: Path = typer.Argument(..., help="An exported directory.", parser=path_text)) -> None:
     """Check every file of an exported directory against the sha256 in its manifest."""
     from .manifest import read_manifest, rebuild_hint
     from .manifest import verify as verify_files
@@ -314,7 +340,7 @@ def verify(directory: Path = typer.Argument(..., help="An exported directory."))
 @user_errors
 def make_tiny_model(
     directory: Path = typer.Argument(..., help="Where to write the model (must not exist, or hold this very "
-                                                "model: then it is reused)."),
+                                                "model: then it is reused).", parser=path_text),
     seed: int = typer.Option(0, help="Seed of the random weights."),
     full_size: bool = typer.Option(False, help="Full SD 2.1-base widths (~5 GB; honest speed tests offline)."),
 ) -> None:
@@ -342,13 +368,16 @@ def make_tiny_model(
 @app.command()
 @user_errors
 def serve(
+    ctx: typer.Context,
     backend: str = typer.Option("onnxruntime", help="torch | onnxruntime | tensorrt."),
     model: str | None = typer.Option(None, help="Hub id or diffusers directory (torch backend)."),
-    engines: Path | None = typer.Option(None, help="Exported/built directory (onnxruntime, tensorrt)."),
+    engines: Path | None = typer.Option(None, help="Exported/built directory (onnxruntime, tensorrt).",
+                                              parser=path_text),
     provider: str = typer.Option("cpu", help="onnxruntime execution provider: cpu | cuda | tensorrt."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, help="TCP port."),
-    cache_dir: Path | None = typer.Option(None, help="Keep sources on disk too (see translate --cache-dir)."),
+    cache_dir: Path | None = typer.Option(None, help="Keep sources on disk too (see translate --cache-dir).",
+                                                parser=path_text),
     cuda_graphs: bool = typer.Option(True, help="On CUDA, replay the UNet as CUDA graphs."),
     max_upload_mb: float = typer.Option(SERVE.max_upload_mb, help="Largest image upload, MiB (413 beyond)."),
     max_input_mpx: float = typer.Option(SERVE.max_input_mpx, help="Largest guidance image, megapixels (413 "
@@ -374,6 +403,10 @@ def serve(
     from .config import check_backend
 
     check_backend(backend)
+    refuse_unused(ctx, {"provider": (backend == "onnxruntime", "to --backend onnxruntime"),
+                        "replicas": (use_ray, "with --ray"), "gpus_per_replica": (use_ray, "with --ray")})
+    from .runtime.loading import check_source
+    check_source(backend, model, engines, provider)
     validation.integer("--port", port, 1, 65535)
     set_threads(threads)
     validation.number("--coalesce-ms", coalesce_ms, 0, 60_000)
@@ -405,8 +438,9 @@ def serve(
 @user_errors
 def triton_repo(
     out: Path = typer.Argument(..., help="Triton model repository (an existing directory; other models there "
-                                         "stay as they are)."),
-    engines: Path | None = typer.Option(None, help="Exported/built directory (onnxruntime, tensorrt)."),
+                                         "stay as they are).", parser=path_text),
+    engines: Path | None = typer.Option(None, help="Exported/built directory (onnxruntime, tensorrt).",
+                                              parser=path_text),
     backend: str = typer.Option("onnxruntime", help="torch | onnxruntime | tensorrt."),
     model: str | None = typer.Option(None, help="Hub id or diffusers directory (torch backend)."),
     provider: str = typer.Option("cpu", help="onnxruntime execution provider: cpu | cuda | tensorrt."),
@@ -414,7 +448,8 @@ def triton_repo(
     instances: int = typer.Option(1, help="Model instances (each loads the model): per GPU with --kind gpu."),
     kind: str = typer.Option("auto", help="auto | cpu | gpu: Triton's instance kind (auto: gpu for tensorrt, "
                                           "the cuda/tensorrt providers and torch on a CUDA machine)."),
-    cache_dir: Path | None = typer.Option(None, help="Keep sources on disk too (see translate --cache-dir)."),
+    cache_dir: Path | None = typer.Option(None, help="Keep sources on disk too (see translate --cache-dir).",
+                                                parser=path_text),
     cuda_graphs: bool = typer.Option(True, help="On CUDA, replay the UNet as CUDA graphs."),
     max_batch_size: int = typer.Option(8, help="Requests Triton's dynamic batcher hands over at once; those on "
                                                "the same guidance and settings run as one translation."),

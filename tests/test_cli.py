@@ -188,6 +188,8 @@ def test_bad_input_one_line_exit_2_nothing_written(tiny_model_dir: Path, tmp_pat
     ([], "does not exist"),
     (["--steps", "abc"], "Invalid value for '--steps'"),  # the parser's own refusals: one line as well
     (["--bogus-flag"], "No such option: --bogus-flag"),
+    (["--cache-dir", ""], "Invalid value for '--cache-dir': is empty; give a path"),  # Path('') would be "."
+    (["--engines", "", "--backend", "onnxruntime"], "Invalid value for '--engines': is empty; give a path"),
     (["--out", "{tmp}/x.png/o.png"], "x.png does not exist"),
     (["--backend", "onnxruntime", "--engines", __file__], "is a file, not a directory"),
 ])
@@ -230,6 +232,36 @@ def test_process_settings_are_bounded(args: list[str], env: dict, fragment: str,
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("PNP_TRT_THREADS", raising=False) if not env else None
     assert_user_error(run(*args), fragment)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["translate", "x.png", "-p", "a", "--out", "o.png", "--provider", "cpu"],
+     "--provider applies to --backend onnxruntime"),
+    (["translate", "x.png", "-p", "a", "--out", "o.png", "--backend", "tensorrt", "--provider", "cuda"],
+     "--provider applies to --backend onnxruntime"),
+    (["translate", "x.png", "-p", "a", "--out", "o.png", "--cache-dir-gib", "1"],
+     "--cache-dir-gib applies with --cache-dir"),
+    (["translate", "x.png", "-p", "a", "--out", "o.png", "--source-guidance-scale", "3"],
+     "--source-guidance-scale applies with --source-prompt"),
+    (["translate", "x.png", "-p", "a", "--out", "o.png", "--seed", "3"], "--seed applies with --source-prompt"),
+    (["serve", "--replicas", "2"], "--replicas applies with --ray"),
+    (["serve", "--gpus-per-replica", "0"], "--gpus-per-replica applies with --ray"),
+    (["serve", "--backend", "torch", "--provider", "cuda"], "--provider applies to --backend onnxruntime"),
+    (["serve", "--backend", "torch", "--engines", "e"], "--engines is for the onnxruntime and tensorrt backends"),
+    (["serve", "--model", "m"], "--model is for the torch backend"),
+])
+def test_a_flag_that_does_nothing_here_is_refused(args: list[str], fragment: str) -> None:
+    """Flags that would be silently ignored in this run (they apply to another backend or mode) are refused,
+    saying when they apply, before anything is loaded."""
+    assert_user_error(run(*args), fragment)
+
+
+def test_the_api_refuses_a_provider_for_another_backend() -> None:
+    from pnp_trt import Translator
+    from pnp_trt.errors import PnPError
+
+    with pytest.raises(PnPError, match="--provider is for the onnxruntime backend"):
+        Translator.open("torch", provider="cuda")
 
 
 def test_help_is_h_too_and_keeps_every_flag_name_whole() -> None:
@@ -474,8 +506,8 @@ def test_serve_on_an_address_it_cannot_listen_on_is_one_line(exported: Path) -> 
     (["translate", "", "-p", "a", "--model", "{tiny}", "--out", "{tmp}/o.png"], "path is empty"),
     (["translate", "{file}", "-p", "a", "--model", "", "--out", "{tmp}/o.png"], "--model is empty"),
     (["translate", "{eps}", "-p", "a", "--model", "{tiny}", "--out", "{tmp}/o.png"], "cannot read guidance image"),
-    (["translate", "{file}", "-p", "a", "--model", "{tiny}", "--provider", "gpu", "--out", "{tmp}/o.png"],
-     "--provider must be one of 'cpu', 'cuda', 'tensorrt'"),
+    (["translate", "{file}", "-p", "a", "--backend", "onnxruntime", "--engines", "{tmp}", "--provider", "gpu",
+      "--out", "{tmp}/o.png"], "--provider must be one of 'cpu', 'cuda', 'tensorrt'"),
     (["triton-repo", "{tmp}", "--backend", "torch", "--engines", "{tmp}"], "--engines is for the onnxruntime"),
     (["triton-repo", "{tmp}", "--engines", "{tmp}", "--provider", "gpu"], "--provider must be one of"),
 ])

@@ -21,6 +21,9 @@ def check_source(backend: str, model: object, engines: object, provider: object)
         if value is not None and not str(value):
             raise PnPError(f"--{name} is empty; give a value or leave the flag out")
     validation.one_of("--provider", provider, tuple(PROVIDERS))
+    if backend != "onnxruntime" and provider not in (None, "cpu"):
+        raise PnPError(f"--provider is for the onnxruntime backend; --backend {backend} picks its device itself "
+                       "(CUDA where it is available)")
     if backend == "torch" and engines is not None:
         raise PnPError("--engines is for the onnxruntime and tensorrt backends; the torch backend runs --model "
                        "(a hub id or diffusers directory)")
