@@ -163,9 +163,10 @@ def translate(
                                               help="τ_A: fraction of steps injecting self-attention q/k."),
     seed: int = typer.Option(SETTINGS.seed, help="Seed of the noise a generated guidance starts from."),
     height: int | None = typer.Option(None, help="Output height, a multiple of 64 (default: keep the "
-                                                    "aspect ratio, short side 512). With --width too, the "
-                                                    "guidance is resized to exactly that size (stretched if "
-                                                    "its aspect ratio differs)."),
+                                                    "aspect ratio, short side the model's native size: 512 "
+                                                    "for SD 2.1-base, 128 for the demo model). With --width "
+                                                    "too, the guidance is resized to exactly that size "
+                                                    "(stretched if its aspect ratio differs)."),
     width: int | None = typer.Option(None, help="Output width (multiple of 64); see --height."),
     source_prompt: str | None = typer.Option(None, help="Generate the guidance from this prompt instead of "
                                                            "an IMAGE."),
@@ -363,6 +364,21 @@ def make_tiny_model(
     make(directory, seed, full_size)
     kind = "full-size" if full_size else "tiny"
     err.print(f"wrote a {kind} random-weight SD 2.1-topology model to {directory}")
+
+
+@app.command("make-demo-model")
+@user_errors
+def make_demo_model(
+    directory: Path = typer.Argument(..., help="Where to write the model (must not exist, or hold the demo model: "
+                                               "then it is reused).", parser=path_text),
+) -> None:
+    """Write the demo model: the SD 2.1 topology at small widths, trained on pictures of coloured shapes
+    (128×128; prompts like "a red circle on a blue background"), so PnP's edits show offline."""
+    from .demo import make_demo_model as make
+
+    made = make(directory)
+    err.print(f"wrote the demo model to {directory}" if made else f"{directory} already holds the demo model; "
+              "reusing it")
 
 
 @app.command()

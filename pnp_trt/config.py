@@ -41,9 +41,9 @@ class TranslateConfig:
     seed: int = 0
     """Seed of the Gaussian noise generated guidance starts from (real images need none)."""
     height: int | None = None
-    """Output height in pixels; None keeps the aspect ratio with the short side 512."""
+    """Output height in pixels; None keeps the aspect ratio with the model's native short side (SD 2.1-base: 512)."""
     width: int | None = None
-    """Output width in pixels; None keeps the aspect ratio with the short side 512."""
+    """Output width in pixels; None keeps the aspect ratio with the model's native short side (SD 2.1-base: 512)."""
     source_guidance_scale: float = 7.5
     """Guidance scale used to generate the guidance image from a source prompt."""
     prompt_batch_size: int | None = None

@@ -75,19 +75,22 @@ class ModelDims:
     vae_factor: int
     unet_channels: tuple[int, ...]
     """UNet `block_out_channels` (down order)."""
+    native_size: int = 512
+    """The side the model was trained at (UNet `sample_size` × VAE factor): a translation's default short side."""
 
     @classmethod
     def from_configs(cls, unet: Mapping[str, Any], vae: Mapping[str, Any], text_length: int,
                      text_dim: int) -> ModelDims:
+        factor, sample = 2 ** (len(vae["block_out_channels"]) - 1), unet.get("sample_size")
         return cls(text_length=text_length, text_dim=text_dim,
-                   latent_channels=int(unet["in_channels"]),
-                   vae_factor=2 ** (len(vae["block_out_channels"]) - 1),
-                   unet_channels=tuple(int(c) for c in unet["block_out_channels"]))
+                   latent_channels=int(unet["in_channels"]), vae_factor=factor,
+                   unet_channels=tuple(int(c) for c in unet["block_out_channels"]),
+                   native_size=int(sample) * factor if isinstance(sample, int) and sample > 0 else 512)
 
     def to_dict(self) -> dict[str, Any]:
         return {"text_length": self.text_length, "text_dim": self.text_dim,
                 "latent_channels": self.latent_channels, "vae_factor": self.vae_factor,
-                "unet_channels": list(self.unet_channels)}
+                "unet_channels": list(self.unet_channels), "native_size": self.native_size}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelDims:
@@ -103,7 +106,8 @@ class ModelDims:
                    latent_channels=validation.integer("dims.latent_channels", data.get("latent_channels"), 1, 64),
                    vae_factor=factor,
                    unet_channels=tuple(validation.integer(f"dims.unet_channels[{i}]", c, 1, 65536)
-                                       for i, c in enumerate(channels)))
+                                       for i, c in enumerate(channels)),
+                   native_size=validation.integer("dims.native_size", data.get("native_size", 512), 8, 16384))
 
     @property
     def size_multiple(self) -> int:

@@ -164,15 +164,15 @@ def _check_size(image: Image.Image, name: str) -> None:
 
 
 def output_size(width: int, height: int, out_height: int | None, out_width: int | None,
-                multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
-    """(height, width): the given sides, else the aspect ratio kept, short side 512, multiples of `multiple`
-    (the model's; 64 for every SD 1.x/2.x)."""
+                multiple: int = SIZE_MULTIPLE, short_side: int = SHORT_SIDE) -> tuple[int, int]:
+    """(height, width): the given sides, else the aspect ratio kept with `short_side` (the model's native size),
+    multiples of `multiple` (the model's; 64 for every SD 1.x/2.x)."""
     if out_height and out_width:
         return out_height, out_width
     if out_height or out_width:
         scale = (out_height / height) if out_height else (out_width / width)  # type: ignore[operator]
     else:
-        scale = SHORT_SIDE / min(width, height)
+        scale = short_side / min(width, height)
     h = out_height or max(multiple, round(height * scale / multiple) * multiple)
     w = out_width or max(multiple, round(width * scale / multiple) * multiple)
     return h, w

@@ -120,10 +120,10 @@ def checked_progress(progress: Progress) -> Progress:
 
 
 def plan_size(model: LoadedModel, config: TranslateConfig, image: Image.Image | None) -> tuple[int, int]:
-    multiple = model.dims.size_multiple
+    multiple, native = model.dims.size_multiple, model.dims.native_size
     if image is None:
-        return config.height or 512, config.width or 512
-    return output_size(image.width, image.height, config.height, config.width, multiple)
+        return config.height or native, config.width or native
+    return output_size(image.width, image.height, config.height, config.width, multiple, native)
 
 
 def source_fits(model: LoadedModel, config: TranslateConfig, size: tuple[int, int]) -> Callable[[Source], bool]:
