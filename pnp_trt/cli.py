@@ -73,6 +73,22 @@ def path_text(value: str) -> Path:
     return Path(value)
 
 
+def whole_number(text: str) -> int:
+    """An integer flag's text: ASCII digits only (Python's int() also takes "1_0", " 5" and other scripts' digits)."""
+    try:
+        return int(validation.number_text(int, text))
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a whole number (digits, e.g. 50)") from None
+
+
+def real_number(text: str) -> float:
+    """A number flag's text, by the same rule as form fields."""
+    try:
+        return float(validation.number_text(float, text))
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a number (e.g. 7.5)") from None
+
+
 def refuse_unused(ctx: typer.Context, rules: dict[str, tuple[bool, str]]) -> None:
     """A flag given on the command line that does nothing in this run is refused, saying when it applies:
     `rules` maps a parameter name to (whether it applies now, when it does)."""
@@ -151,42 +167,49 @@ def translate(
                                               parser=path_text),
     provider: str = typer.Option("cpu", help="onnxruntime execution provider: cpu | cuda | tensorrt "
                                              "(cuda/tensorrt need onnxruntime-gpu)."),
-    steps: int = typer.Option(SETTINGS.steps, help="Sampling steps."),
+    steps: int = typer.Option(SETTINGS.steps, help="Sampling steps.", parser=whole_number),
     inversion_steps: int | None = typer.Option(None, help="DDIM inversion steps (default: --steps; "
-                                                             "the paper's preprocessing uses 999)."),
+                                                             "the paper's preprocessing uses 999).",
+                                                             parser=whole_number),
     inversion_prompt: str = typer.Option(SETTINGS.inversion_prompt, help="Prompt used to invert the guidance image."),
-    guidance_scale: float = typer.Option(SETTINGS.guidance_scale, help="Classifier-free guidance scale."),
+    guidance_scale: float = typer.Option(SETTINGS.guidance_scale, help="Classifier-free guidance scale.",
+                                                                  parser=real_number),
     negative_prompt: str = typer.Option(SETTINGS.negative_prompt, help="Negative prompt."),
     feature_injection: float = typer.Option(SETTINGS.feature_injection,
-                                            help="τ_f: fraction of steps injecting the ResBlock feature."),
+                                            help="τ_f: fraction of steps injecting the ResBlock feature.",
+                                            parser=real_number),
     attention_injection: float = typer.Option(SETTINGS.attention_injection,
-                                              help="τ_A: fraction of steps injecting self-attention q/k."),
-    seed: int = typer.Option(SETTINGS.seed, help="Seed of the noise a generated guidance starts from."),
+                                              help="τ_A: fraction of steps injecting self-attention q/k.",
+                                              parser=real_number),
+    seed: int = typer.Option(SETTINGS.seed, help="Seed of the noise a generated guidance starts from.",
+                                            parser=whole_number),
     height: int | None = typer.Option(None, help="Output height, a multiple of 64 (default: keep the "
                                                     "aspect ratio, short side the model's native size: 512 "
                                                     "for SD 2.1-base, 128 for the demo model). With --width "
                                                     "too, the guidance is resized to exactly that size "
-                                                    "(stretched if its aspect ratio differs)."),
-    width: int | None = typer.Option(None, help="Output width (multiple of 64); see --height."),
+                                                    "(stretched if its aspect ratio differs).", parser=whole_number),
+    width: int | None = typer.Option(None, help="Output width (multiple of 64); see --height.", parser=whole_number),
     source_prompt: str | None = typer.Option(None, help="Generate the guidance from this prompt instead of "
                                                            "an IMAGE."),
     source_guidance_scale: float = typer.Option(SETTINGS.source_guidance_scale,
-                                                help="Guidance scale for --source-prompt generation."),
+                                                help="Guidance scale for --source-prompt generation.",
+                                                parser=real_number),
     prompt_batch_size: int | None = typer.Option(None, help="Target prompts per injection batch (default: from "
-                                                            "free GPU memory; 4 on the CPU)."),
+                                                            "free GPU memory; 4 on the CPU).", parser=whole_number),
     cache_dir: Path | None = typer.Option(None, help="Keep inverted latents + captured features here (safetensors) "
                                                      "and reuse them for later prompts on the same image/settings.",
                                                      parser=path_text),
     max_output_mpx: float = typer.Option(Limits.max_output_pixels / 1e6, help="Largest output in megapixels "
-                                         "(height × width: 1024²). Memory grows fast with size: see the README."),
+                                         "(height × width: 1024²). Memory grows fast with size: see the README.",
+                                         parser=real_number),
     save_guidance: bool = typer.Option(False, help="With --source-prompt: also write the generated guidance "
                                                    "(guidance.png in the --out directory; with one prompt "
                                                    "NAME.guidance.png beside --out)."),
     cache_dir_gib: float = typer.Option(DEFAULT_DISK_CACHE_BYTES / 2**30, help="Most GiB --cache-dir may hold; the "
-                                        "least recently used sources are deleted beyond it."),
+                                        "least recently used sources are deleted beyond it.", parser=real_number),
     cuda_graphs: bool = typer.Option(True, help="On CUDA, replay the UNet as CUDA graphs (captured once per "
                                                 "shape; the torch, onnxruntime-cuda and tensorrt backends)."),
-    threads: int | None = typer.Option(None, help=THREADS_HELP),
+    threads: int | None = typer.Option(None, help=THREADS_HELP, parser=whole_number),
 ) -> None:
     """Translate a guidance image (or a generated one) into each --prompt, keeping its layout."""
     from .config import check_backend
@@ -247,7 +270,8 @@ def export(
     model: str = typer.Option("stabilityai/stable-diffusion-2-1-base", help="Hub id or diffusers directory."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory to create (must not exist).", parser=path_text),
     precision: str = typer.Option("fp32", help="fp32 | fp16 (mixed: norms, softmax, timestep embedding fp32)."),
-    opset: int | None = typer.Option(None, help="ONNX opset (default 17; 23 with --attention onnx)."),
+    opset: int | None = typer.Option(None, help="ONNX opset (default 17; 23 with --attention onnx).",
+                                           parser=whole_number),
     attention: str = typer.Option("standard", help="standard: plain ONNX ops, for every backend (TensorRT fuses "
                                   "them itself) | onnx: one ONNX Attention node (opset 23) per layer, fused by "
                                   "ONNX Runtime and by TensorRT ≥ 10.14 | onnxruntime: ONNX Runtime's fused "
@@ -280,15 +304,15 @@ def build(
     directory: Path = typer.Argument(..., help="An exported directory (pnp-trt export); engines are added to it.",
                                           parser=path_text),
     opt_batch: int = typer.Option(1, help="Prompt batch (prompts per injection batch) to optimize for; every "
-                                          "engine also takes batch 1."),
-    max_batch: int = typer.Option(4, help="Largest prompt batch (the UNet engine takes 2x this)."),
+                                          "engine also takes batch 1.", parser=whole_number),
+    max_batch: int = typer.Option(4, help="Largest prompt batch (the UNet engine takes 2x this).", parser=whole_number),
     min_size: str = typer.Option("256x256", help="Smallest image HEIGHTxWIDTH."),
     opt_size: str = typer.Option("512x512", help="Image size to optimize for."),
     max_size: str = typer.Option("768x768", help="Largest image HEIGHTxWIDTH."),
     static: str | None = typer.Option(None, help="HEIGHTxWIDTH: one fixed size and --opt-batch (fastest)."),
     timing_cache: Path | None = typer.Option(None, help="Timing cache file, read and updated (faster rebuilds).",
                                                    parser=path_text),
-    optimization_level: int = typer.Option(3, help="TensorRT builder optimization level 0-5."),
+    optimization_level: int = typer.Option(3, help="TensorRT builder optimization level 0-5.", parser=whole_number),
 ) -> None:
     """Compile the exported graphs to TensorRT engines (needs a CUDA GPU and TensorRT 10.x/11.x)."""
     from .engines.availability import require_tensorrt
@@ -342,7 +366,7 @@ def verify(directory: Path = typer.Argument(..., help="An exported directory.", 
 def make_tiny_model(
     directory: Path = typer.Argument(..., help="Where to write the model (must not exist, or hold this very "
                                                 "model: then it is reused).", parser=path_text),
-    seed: int = typer.Option(0, help="Seed of the random weights."),
+    seed: int = typer.Option(0, help="Seed of the random weights.", parser=whole_number),
     full_size: bool = typer.Option(False, help="Full SD 2.1-base widths (~5 GB; honest speed tests offline)."),
 ) -> None:
     """Write a random-weight model with the SD 2.1 topology and tiny widths (offline demos and tests)."""
@@ -391,29 +415,34 @@ def serve(
                                               parser=path_text),
     provider: str = typer.Option("cpu", help="onnxruntime execution provider: cpu | cuda | tensorrt."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
-    port: int = typer.Option(8000, help="TCP port."),
+    port: int = typer.Option(8000, help="TCP port.", parser=whole_number),
     cache_dir: Path | None = typer.Option(None, help="Keep sources on disk too (see translate --cache-dir).",
                                                 parser=path_text),
     cuda_graphs: bool = typer.Option(True, help="On CUDA, replay the UNet as CUDA graphs."),
-    max_upload_mb: float = typer.Option(SERVE.max_upload_mb, help="Largest image upload, MiB (413 beyond)."),
+    max_upload_mb: float = typer.Option(SERVE.max_upload_mb, help="Largest image upload, MiB (413 beyond).",
+                                                             parser=real_number),
     max_input_mpx: float = typer.Option(SERVE.max_input_mpx, help="Largest guidance image, megapixels (413 "
-                                                                   "beyond)."),
-    max_output_mpx: float = typer.Option(SERVE.max_output_mpx, help="Largest output, megapixels (422 beyond)."),
-    max_prompts: int = typer.Option(SERVE.max_prompts, help="Prompts per request (422 beyond)."),
-    max_steps: int = typer.Option(SERVE.max_steps, help="Sampling or inversion steps per request (422 beyond)."),
+                                                                   "beyond).", parser=real_number),
+    max_output_mpx: float = typer.Option(SERVE.max_output_mpx, help="Largest output, megapixels (422 beyond).",
+                                                               parser=real_number),
+    max_prompts: int = typer.Option(SERVE.max_prompts, help="Prompts per request (422 beyond).", parser=whole_number),
+    max_steps: int = typer.Option(SERVE.max_steps, help="Sampling or inversion steps per request (422 beyond).",
+                                                   parser=whole_number),
     queue: int = typer.Option(SERVE.queue, help="Requests waiting or running at once (429 with Retry-After "
-                                                "beyond)."),
-    deadline_s: float = typer.Option(SERVE.deadline_s, help="Seconds before an unanswered request gets 504."),
+                                                "beyond).", parser=whole_number),
+    deadline_s: float = typer.Option(SERVE.deadline_s, help="Seconds before an unanswered request gets 504.",
+                                                       parser=real_number),
     coalesce_ms: float = typer.Option(SERVE.coalesce_ms, help="Window in which requests on the same image and "
                                                               "settings join one translation (one capture, one "
-                                                              "injection batch)."),
+                                                              "injection batch).", parser=real_number),
     workers: int = typer.Option(SERVE.workers, help="Translations run at once (1 suits one GPU: its calls queue "
-                                                    "anyway)."),
-    threads: int | None = typer.Option(None, help=THREADS_HELP),
+                                                    "anyway).", parser=whole_number),
+    threads: int | None = typer.Option(None, help=THREADS_HELP, parser=whole_number),
     use_ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve (replicas across GPUs and nodes)."),
-    replicas: int = typer.Option(SERVE.replicas, help="With --ray: model replicas (each loads the model)."),
+    replicas: int = typer.Option(SERVE.replicas, help="With --ray: model replicas (each loads the model).",
+                                                 parser=whole_number),
     gpus_per_replica: float = typer.Option(SERVE.gpus_per_replica, help="With --ray: GPUs each replica reserves "
-                                                                        "(1 on GPU nodes)."),
+                                                                        "(1 on GPU nodes).", parser=real_number),
 ) -> None:
     """Serve translations over HTTP: POST /v1/translate, GET /healthz, /metrics, / (a page to try it), /docs."""
     from .config import check_backend
@@ -461,20 +490,24 @@ def triton_repo(
     model: str | None = typer.Option(None, help="Hub id or diffusers directory (torch backend)."),
     provider: str = typer.Option("cpu", help="onnxruntime execution provider: cpu | cuda | tensorrt."),
     name: str = typer.Option("pnp_trt", help="Model name: the directory written inside OUT."),
-    instances: int = typer.Option(1, help="Model instances (each loads the model): per GPU with --kind gpu."),
+    instances: int = typer.Option(1, help="Model instances (each loads the model): per GPU with --kind gpu.",
+                                     parser=whole_number),
     kind: str = typer.Option("auto", help="auto | cpu | gpu: Triton's instance kind (auto: gpu for tensorrt, "
                                           "the cuda/tensorrt providers and torch on a CUDA machine)."),
     cache_dir: Path | None = typer.Option(None, help="Keep sources on disk too (see translate --cache-dir).",
                                                 parser=path_text),
     cuda_graphs: bool = typer.Option(True, help="On CUDA, replay the UNet as CUDA graphs."),
     max_batch_size: int = typer.Option(8, help="Requests Triton's dynamic batcher hands over at once; those on "
-                                               "the same guidance and settings run as one translation."),
-    queue_delay_ms: float = typer.Option(10.0, help="How long the batcher waits to fill a batch."),
-    max_upload_mb: float = typer.Option(SERVE.max_upload_mb, help="Largest IMAGE, MiB."),
-    max_input_mpx: float = typer.Option(SERVE.max_input_mpx, help="Largest guidance image, megapixels."),
-    max_output_mpx: float = typer.Option(SERVE.max_output_mpx, help="Largest output, megapixels."),
-    max_prompts: int = typer.Option(SERVE.max_prompts, help="Prompts per request."),
-    max_steps: int = typer.Option(SERVE.max_steps, help="Sampling or inversion steps per request."),
+                                               "the same guidance and settings run as one translation.",
+                                               parser=whole_number),
+    queue_delay_ms: float = typer.Option(10.0, help="How long the batcher waits to fill a batch.", parser=real_number),
+    max_upload_mb: float = typer.Option(SERVE.max_upload_mb, help="Largest IMAGE, MiB.", parser=real_number),
+    max_input_mpx: float = typer.Option(SERVE.max_input_mpx, help="Largest guidance image, megapixels.",
+                                                             parser=real_number),
+    max_output_mpx: float = typer.Option(SERVE.max_output_mpx, help="Largest output, megapixels.", parser=real_number),
+    max_prompts: int = typer.Option(SERVE.max_prompts, help="Prompts per request.", parser=whole_number),
+    max_steps: int = typer.Option(SERVE.max_steps, help="Sampling or inversion steps per request.",
+                                                   parser=whole_number),
 ) -> None:
     """Write a Triton Inference Server model (Python backend) serving pnp-trt: OUT/NAME/config.pbtxt and
     OUT/NAME/1/model.py. Inputs IMAGE or SOURCE_PROMPT, PROMPT, optional settings; outputs IMAGES, RECORD."""

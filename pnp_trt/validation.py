@@ -5,12 +5,28 @@ scheduler configs, manifests and tokenizer records all go through these few func
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from .errors import PnPError
+
+NUMBER_TEXT = {int: re.compile(r"[+-]?[0-9]+"),
+               float: re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(inf|infinity|nan)",
+                                 re.IGNORECASE)}
+"""How a number is written in a flag or a form field: ASCII digits (int() and float() also take "1_0" and
+non-ASCII digits)."""
+
+
+def number_text(kind: type, text: Any) -> int | float:
+    """A flag's or form field's text as an int or float, by `NUMBER_TEXT`; ValueError otherwise."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return kind(text)  # a default, already a number
+    if not isinstance(text, str) or not NUMBER_TEXT[kind].fullmatch(text.strip()):
+        raise ValueError(text)
+    return kind(text)
 
 
 def _shown(value: Any) -> str:

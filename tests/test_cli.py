@@ -187,6 +187,9 @@ def test_bad_input_one_line_exit_2_nothing_written(tiny_model_dir: Path, tmp_pat
 @pytest.mark.parametrize("args,fragment", [
     ([], "does not exist"),
     (["--steps", "abc"], "Invalid value for '--steps'"),  # the parser's own refusals: one line as well
+    (["--steps", "1_0"], "'1_0' is not a whole number"),  # int() reads it as 10
+    (["--steps", "2.0"], "'2.0' is not a whole number"),
+    (["--guidance-scale", "7_5"], "'7_5' is not a number"),
     (["--bogus-flag"], "No such option: --bogus-flag"),
     (["--cache-dir", ""], "Invalid value for '--cache-dir': is empty; give a path"),  # Path('') would be "."
     (["--engines", "", "--backend", "onnxruntime"], "Invalid value for '--engines': is empty; give a path"),

@@ -3,7 +3,6 @@ fields of a request turned into settings with the CLI's validation and wording (
 
 from __future__ import annotations
 
-import re
 import types
 import typing
 from collections.abc import Mapping
@@ -109,10 +108,7 @@ def value_types(cls: Any) -> dict[str, type]:
 
 
 FIELD_TYPES = value_types(TranslateConfig)
-NUMBER_TEXT = {int: re.compile(r"[+-]?[0-9]+"),
-               float: re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(inf|infinity|nan)",
-                                 re.IGNORECASE)}
-"""How a number is written in a form field: ASCII digits, as on the command line."""
+
 
 
 def settings_from_form(fields: Mapping[str, str], limits: ServeLimits) -> TranslateConfig:
@@ -128,9 +124,7 @@ def settings_from_form(fields: Mapping[str, str], limits: ServeLimits) -> Transl
         if text == "" and kind is not str:
             continue
         try:
-            if kind in (int, float) and not NUMBER_TEXT[kind].fullmatch(text.strip()):
-                raise ValueError(text)  # int() and float() also take "1_0" and non-ASCII digits
-            values[name] = kind(text)
+            values[name] = validation.number_text(kind, text) if kind in (int, float) else kind(text)
         except ValueError:
             raise RequestError(422, f"{name} must be {kind.__name__}, got {text!r}") from None
     try:
