@@ -113,8 +113,12 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     problem = schema_problem(manifest, directory)
     if problem:
         raise PnPError(f"{path} is malformed ({problem}); rebuild with `{rebuild_hint(manifest, directory)}`")
+    root = directory.resolve()
     for name, entry in manifest["files"].items():
         file = directory / name
+        if not file.resolve().is_relative_to(root) or file.is_symlink():
+            raise PnPError(f"{file} is a link (to {os.path.realpath(file)}); an exported directory holds its own "
+                           f"files: rebuild with `{rebuild_hint(manifest, directory)}`")
         if not file.is_file():
             what = "is not a regular file" if os.path.lexists(file) else "is missing"
             raise PnPError(f"{file} {what}; rebuild with `{rebuild_hint(manifest, directory)}`")
@@ -164,12 +168,11 @@ def schema_problem(manifest: dict[str, Any], directory: Path) -> str | None:
         return f"`precision` is {manifest['precision']!r}"
     if manifest.get("attention", "standard") not in ATTENTION:
         return f"`attention` is {manifest['attention']!r}"
-    root = directory.resolve()
     for name, entry in manifest["files"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) \
                 or not isinstance(entry.get("bytes"), int):
             return f"the entry of {name!r} needs `sha256` and `bytes`"
-        if Path(name).is_absolute() or not (root / name).resolve().is_relative_to(root):
+        if Path(name).is_absolute() or ".." in Path(name).parts:
             return f"file name {name!r} leads outside the directory"
     missing = [f"{graph}.onnx" for graph in GRAPHS if f"{graph}.onnx" not in manifest["files"]]
     return f"no entry for {', '.join(missing)}" if missing else None

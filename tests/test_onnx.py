@@ -429,3 +429,16 @@ def test_dims_read_back_from_a_manifest_or_a_ray_message(exported: Path) -> None
 
     dims = ModelDims.from_dict(json.loads((exported / "manifest.json").read_text())["dims"])
     assert ModelDims.from_dict(dataclasses.asdict(dims)) == dims == ModelDims.from_dict(dims.to_dict())
+
+
+def test_a_listed_file_replaced_by_a_link_is_named_not_the_manifest(exported: Path, tmp_path: Path) -> None:
+    """Corpus round 4: a tokenizer.json swapped for a link to an outside copy (same bytes) was reported as a
+    malformed manifest; the file is named, and why an export holds its own files."""
+    copy = tmp_path / "e"
+    shutil.copytree(exported, copy)
+    outside = tmp_path / "tok.json"
+    shutil.move(copy / "tokenizer.json", outside)
+    (copy / "tokenizer.json").symlink_to(outside)
+    result = CliRunner().invoke(app, ["verify", str(copy)])
+    assert result.exit_code == 2 and "tokenizer.json is a link (to" in result.output
+    assert "malformed" not in result.output

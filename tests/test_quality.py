@@ -60,3 +60,13 @@ def torch_scores() -> dict[str, list[judge.Score]]:
     translator = Translator.open("torch", model=MODEL)
     return {"pnp": translations(translator, {}),
             "none": translations(translator, {"feature_injection": 0.0, "attention_injection": 0.0})}
+
+
+@pytest.fixture(scope="module", params=["fp32", "fp16"])
+def onnxruntime_scores(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[judge.Score]]:
+    from pnp_trt import Translator
+    from pnp_trt.export.exporter import export_model
+
+    out = tmp_path_factory.mktemp("demo-export") / request.param
+    export_model(str(MODEL), out, request.param)
+    return request.param, translations(Translator.open("onnxruntime", engines=out), {})
