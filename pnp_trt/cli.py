@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import importlib
 import logging
@@ -22,7 +23,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from . import validation
-from .config import DEFAULT_DISK_CACHE_BYTES, Limits, TranslateConfig
+from .config import DEFAULT_DISK_CACHE_BYTES, GENERATION_SETTINGS, Limits, TranslateConfig
 from .destination import check_destination
 from .errors import PnPError
 from .extras import require
@@ -39,7 +40,42 @@ app = typer.Typer(help="Plug-and-Play Diffusion Features image translation: PyTo
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   rich_markup_mode=None,  # plain help: rich's option table cut flag names at 80 columns
                   context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-err = Console(stderr=True)
+
+
+class ForgivingStream:
+    """stderr (as it is at each call) for messages and progress: once it cannot be written (a closed pipe,
+    `2>/dev/full`), the rest is dropped and the work goes on: the results, not the chatter about them, are what a
+    run is for."""
+
+    def __init__(self) -> None:
+        self._broken: set[int] = set()
+
+    @property
+    def broken(self) -> bool:
+        return id(sys.stderr) in self._broken
+
+    def _attempt(self, action: Callable[[], Any]) -> None:
+        if not self.broken:
+            try:
+                action()
+            except (OSError, ValueError):  # ValueError: the stream was closed
+                self._broken.add(id(sys.stderr))
+
+    def write(self, text: str) -> int:
+        self._attempt(lambda: sys.stderr.write(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._attempt(sys.stderr.flush)
+
+    def isatty(self) -> bool:
+        return not self.broken and sys.stderr.isatty()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(sys.stderr, name)
+
+
+err = Console(file=ForgivingStream())
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
@@ -58,12 +94,35 @@ def user_errors(command: Callable[..., None]) -> Callable[..., None]:
         except PnPError as exc:
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except Exception as exc:  # an OSError, or a library's own error carrying one (safetensors: a full disk)
+            problem = file_system_problem(exc)
+            if problem is None:
+                raise
+            err.print(f"[bold red]error:[/] {escape(problem)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt as exc:
             written = written_before(exc)
             err.print(f"interrupted; {written} had been written in full" if written else
                       "interrupted; nothing was written", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code if isinstance(exc, Terminated) else 130) from None
     return wrapper
+
+
+FILE_SYSTEM_REFUSALS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
+                        errno.ENAMETOOLONG: "choose a shorter name", errno.EROFS: "choose a writable place",
+                        errno.EACCES: "check its permissions", errno.EPERM: "check its permissions"}
+"""File-system refusals a user fixes (the fix named); pnp-trt's staging leaves nothing behind in each case."""
+
+
+def file_system_problem(exc: BaseException) -> str | None:
+    """The one line for a file-system refusal, or None for any other error (a bug: shown as one)."""
+    number = getattr(exc, "errno", None)
+    if number is None and "No space left on device" in str(exc):
+        number = errno.ENOSPC
+    if number not in FILE_SYSTEM_REFUSALS:
+        return None
+    where = f": {getattr(exc, 'filename', None)!s:.120}" if getattr(exc, "filename", None) else ""
+    return f"{os.strerror(number)}{where}; {FILE_SYSTEM_REFUSALS[number]}"
 
 
 def path_text(value: str) -> Path:
@@ -105,7 +164,8 @@ def check_positive(flags: dict[str, float]) -> None:
             raise PnPError(f"{name} must be a positive number, got {value}")
 
 
-THREADS_HELP = "ONNX Runtime threads per graph (default: one per core; the same as PNP_TRT_THREADS=N)."
+THREADS_HELP = ("Threads per ONNX Runtime graph, or torch's intra-op threads (default: one per core; the same "
+                "as PNP_TRT_THREADS=N).")
 
 
 def set_threads(threads: int | None) -> None:
@@ -222,9 +282,8 @@ def translate(
     check_backend(backend)
     refuse_unused(ctx, {"provider": (backend == "onnxruntime", "to --backend onnxruntime"),
                         "cache_dir_gib": (cache_dir is not None, "with --cache-dir"),
-                        "source_guidance_scale": (source_prompt is not None, "with --source-prompt"),
-                        "seed": (source_prompt is not None, "with --source-prompt (an IMAGE's inversion has "
-                                                            "no noise to seed)")})
+                        **{name: (source_prompt is not None, "with --source-prompt (an IMAGE's inversion has "
+                                                             "no noise to seed)") for name in GENERATION_SETTINGS}})
     validation.prompts(prompt)
     set_threads(threads)
     config = TranslateConfig(steps=steps, inversion_steps=inversion_steps, inversion_prompt=inversion_prompt,
@@ -468,6 +527,11 @@ def serve(
                            workers=workers, max_upload_mb=max_upload_mb, max_input_mpx=max_input_mpx,
                            max_output_mpx=max_output_mpx, max_prompts=max_prompts, max_steps=max_steps, queue=queue,
                            deadline_s=deadline_s)
+    if backend != "torch":  # before the server starts: a missing or broken export is one line, not a 503 later
+        from .manifest import read_manifest
+        if engines is None:
+            raise PnPError(f"--backend {backend} serves an exported directory: pass --engines DIR")
+        read_manifest(engines)
     check_listening(host, port)
     if use_ray:
         _serve_on_ray(options, host, port)
@@ -648,7 +712,19 @@ def main() -> None:
                   "rerun with PNP_TRT_DEBUG=1 for the traceback and report it", highlight=False, soft_wrap=True)
         code = 1
     ignore_stop_signals()  # from here the process only exits; Python's handlers end before its shutdown does
+    _quiet_broken_streams()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _quiet_broken_streams() -> None:
+    """A standard stream that cannot be flushed (a closed pipe) is pointed at /dev/null, so that Python's own
+    flush at exit neither prints "Exception ignored" nor turns the exit code into 120."""
+    for number, stream in ((1, sys.stdout), (2, sys.stderr)):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), number)
 
 
 def _click_exceptions() -> Any:

@@ -22,6 +22,11 @@ DEFAULT_DISK_CACHE_BYTES = 16 << 30
 """What an on-disk source cache (`--cache-dir`) may hold."""
 
 
+GENERATION_SETTINGS = ("seed", "source_guidance_scale")
+"""Settings that act only on a guidance generated from a source prompt: given with an image they would do nothing,
+and every surface refuses them there."""
+
+
 @dataclass(frozen=True)
 class TranslateConfig:
     steps: int = 50

@@ -28,6 +28,8 @@ def check_destination(out: Path | str, several: bool, overwrite: bool = False, i
     """Fail, in one line, before anything is written if the results may not go to `out` (a directory with
     `several`, else one PNG file, with `companions` written beside it), given the `inputs` read. `out` as
     typed (str) keeps a final `/`, which names a directory."""
+    if not str(out):
+        raise PnPError("--out is empty; give the output .png file (one --prompt) or a directory (several)")
     if not several and str(out).endswith(("/", os.sep)):
         raise PnPError(f"--out {out} ends in /, naming a directory; with one --prompt give the output .png file")
     out = Path(out)
@@ -40,28 +42,29 @@ def check_destination(out: Path | str, several: bool, overwrite: bool = False, i
     if several:
         _check_directory(out, read)
     else:
-        for path in (out, *companions):
-            _check_file(path, overwrite, read)
+        _check_file(out, overwrite, read, f"--out {out}")
+        for path in companions:  # --overwrite is about --out alone: a user's file here is never replaced
+            _check_file(path, False, read, f"the generated guidance's file {path} (beside --out)")
     try:
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as exc:
         raise PnPError(f"cannot write to {parent} ({exc.strerror}); choose another --out") from None
 
 
-def _check_file(path: Path, overwrite: bool, inputs: list[Path]) -> None:
+def _check_file(path: Path, overwrite: bool, inputs: list[Path], label: str) -> None:
     _check_name(path)
     kind = _kind(path)
     if kind not in (None, "file", "directory"):
-        raise PnPError(f"--out {path} is {kind}; pnp-trt never replaces one: give the path of a new .png file")
+        raise PnPError(f"{label} is {kind}; pnp-trt never replaces one: give the path of a new .png file")
     if kind == "directory":
-        raise PnPError(f"--out {path} is a directory; with one --prompt it is the output image file")
+        raise PnPError(f"{label} is a directory; with one --prompt it is the output image file")
     if kind == "file" and any(_same_file(path, p) for p in inputs):
-        raise PnPError(f"--out {path} is the guidance image; write the result to another file")
+        raise PnPError(f"{label} is the guidance image; write the result to another file")
     if path.suffix.lower() != SUFFIX:
-        raise PnPError(f"--out {path}: the result is a PNG image; give a name ending in .png")
+        raise PnPError(f"{label}: the result is a PNG image; give a name ending in .png")
     if kind == "file" and not overwrite and not written_by_pnp_trt(path):
-        raise PnPError(f"--out {path} exists and was not written by pnp-trt; choose another name, or pass "
-                       "--overwrite to replace it")
+        raise PnPError(f"{label} exists and was not written by pnp-trt; choose another name"
+                       + (", or pass --overwrite to replace it" if label.startswith("--out") else ""))
 
 
 def _check_directory(out: Path, inputs: list[Path]) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from . import validation
 from .contract import SIZE_MULTIPLE
 from .errors import PnPError
 
@@ -106,7 +107,7 @@ def check_guidance(value: object) -> Guidance:
     if isinstance(value, Guidance):
         return value
     if isinstance(value, (str, Path)):
-        return Guidance(load_guidance(value), str(value))
+        return Guidance(load_guidance(validation.path("the guidance image's path", value)), str(value))
     if isinstance(value, Image.Image):
         try:
             value.load()  # a closed or truncated image fails here, not as "damaged EXIF" further on

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ def _check_layout(model: str) -> None:
         raise PnPError(f"{model} is not a Stable Diffusion diffusers directory (missing {', '.join(missing)}); "
                        "pass a directory written by `save_pretrained` or `pnp-trt make-tiny-model`")
     _check_config_files(path)
+    _check_weight_files(path)
 
 
 def load_diffusers(model: str = DEFAULT_MODEL, device: torch.device | None = None,
@@ -88,28 +90,18 @@ def load_diffusers(model: str = DEFAULT_MODEL, device: torch.device | None = Non
     _check_layout(model)
     default_device, default_dtype = default_device_dtype()
     device, dtype = device or default_device, dtype or default_dtype
-    try:
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", use_safetensors=True,
-                                                    torch_dtype=dtype)
-        missing = missing_layers(unet)
-        if missing:
-            raise PnPError(f"{model}'s UNet lacks layers PnP needs ({', '.join(missing[:3])}); "
-                           "PnP supports Stable Diffusion 1.x/2.x UNets, not SDXL or others")
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", use_safetensors=True, torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", use_safetensors=True,
-                                                     torch_dtype=dtype)
-        hf_tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-        scheduler_config = dict(DDIMScheduler.load_config(model, subfolder="scheduler"))
-    except PnPError:
-        raise
-    except Exception as exc:  # diffusers, transformers and huggingface_hub raise many types (OSError, config
-        # validation errors of their own): each is the model's fault, said in one line
-        hint = "" if Path(model).exists() else (" (a hub id: is the model hub reachable? Otherwise pass a local "
-                                                "diffusers directory)")
-        if "safetensors" in str(exc) and Path(model).exists():
-            hint = (" (pnp-trt loads only safetensors weights, never pickled .bin/.ckpt files: convert them with "
-                    "diffusers' save_pretrained(safe_serialization=True) in a trusted environment)")
-        raise PnPError(f"cannot load model {model}: {str(exc).splitlines()[0]}{hint}") from None
+    weights = {"use_safetensors": True, "torch_dtype": dtype}
+    unet = _load_part(model, "unet", lambda: UNet2DConditionModel.from_pretrained(model, subfolder="unet", **weights))
+    missing = missing_layers(unet)
+    if missing:
+        raise PnPError(f"{model}'s UNet lacks layers PnP needs ({', '.join(missing[:3])}); "
+                       "PnP supports Stable Diffusion 1.x/2.x UNets, not SDXL or others")
+    vae = _load_part(model, "vae", lambda: AutoencoderKL.from_pretrained(model, subfolder="vae", **weights))
+    text_encoder = _load_part(model, "text_encoder", lambda: CLIPTextModel.from_pretrained(
+        model, subfolder="text_encoder", **weights))
+    hf_tokenizer = _load_part(model, "tokenizer", lambda: CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"))
+    scheduler_config = _load_part(model, "scheduler", lambda: dict(DDIMScheduler.load_config(model,
+                                                                                            subfolder="scheduler")))
     tokenizer = PromptTokenizer(hf_tokenizer.backend_tokenizer, int(hf_tokenizer.model_max_length),
                                 int(hf_tokenizer.pad_token_id), str(hf_tokenizer.pad_token))
     dims = ModelDims.from_configs(unet.config, vae.config, tokenizer.max_length,
@@ -129,9 +121,54 @@ CONFIG_FIELDS: dict[str, dict[str, str]] = {
     "text_encoder/config.json": {"hidden_size": "count", "num_hidden_layers": "count", "num_attention_heads": "count",
                                  "intermediate_size": "count", "vocab_size": "count",
                                  "max_position_embeddings": "count"},
+    "scheduler/scheduler_config.json": {},  # read by `Schedule.from_config` (which types its fields); an object
 }
 """The config values of a model directory checked before diffusers and transformers see them (they accept some
 mistyped ones and fail later, deep inside, with messages that name neither the file nor the field)."""
+
+
+MISMATCH_SIGNS = ("size mismatch", "expected shape", "look at the above report", "ignore_mismatched_sizes")
+"""How diffusers and transformers say that a part's weights do not fit its config."""
+
+
+def _load_part(model: str, part: str, load: Callable[[], Any]) -> Any:
+    """One part loaded by diffusers or transformers, whose many error types (OSError, their own config and
+    weight errors) become one line naming the part: each is the model's fault, not a bug."""
+    try:
+        return load()
+    except PnPError:
+        raise
+    except Exception as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if any(sign in str(exc) for sign in MISMATCH_SIGNS):
+            raise PnPError(f"cannot load model {model}: the weights in {part}/ do not fit {part}/config.json (a "
+                           "tensor's shape differs: parts of different models?); re-save the model") from None
+        hint = "" if Path(model).exists() else (" (a hub id: is the model hub reachable? Otherwise pass a local "
+                                                "diffusers directory)")
+        if "safetensors" in str(exc):
+            hint = (" (pnp-trt loads only safetensors weights, never pickled .bin/.ckpt files: convert them with "
+                    "diffusers' save_pretrained(safe_serialization=True) in a trusted environment)")
+        raise PnPError(f"cannot load model {model} ({part}): {text[:200]}{hint}") from None
+
+
+def _check_weight_files(path: Path) -> None:
+    """Each weighted part holds safetensors files whose headers read (a truncated or empty one fails here, named,
+    instead of diffusers looking for pickled weights and saying so)."""
+    from safetensors import safe_open
+
+    for part in ("unet", "vae", "text_encoder"):
+        files = sorted((path / part).glob("*.safetensors"))
+        if not files:
+            raise PnPError(f"model {path}: {part}/ has no .safetensors weights (pnp-trt never loads pickled "
+                           ".bin/.ckpt files: convert them with diffusers' save_pretrained(safe_serialization=True) "
+                           "in a trusted environment)")
+        for file in files:
+            try:
+                with safe_open(str(file), framework="numpy") as weights:
+                    weights.keys()
+            except Exception as exc:
+                raise PnPError(f"model {path}: {part}/{file.name} is not a complete safetensors file "
+                               f"({str(exc)[:80]}); re-save the model") from None
 
 
 def _check_value(name: str, value: Any, kind: str) -> None:

@@ -44,10 +44,11 @@ def save_directory(out: Path, prompts: Sequence[str], images: Sequence[Image.Ima
             image.save(staging / name, format="PNG")
         (staging / RECORD).write_text(json.dumps({**record, "outputs": [*names, *extra]}, indent=2))
         staging.chmod(0o755)
-        with committing(out):
-            swap_in(staging, out)
+        with committing(out):  # the previous set (at `staging` after an exchange) is removed inside too: a stop
+            swap_in(staging, out)  # signal there cut the removal short and was told "nothing was written"
+            shutil.rmtree(staging, ignore_errors=True)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)  # after an exchange: the previous set
+        shutil.rmtree(staging, ignore_errors=True)  # a set that never went in
     return [out / n for n in names]
 
 

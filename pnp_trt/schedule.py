@@ -46,6 +46,8 @@ class Schedule:
     def from_config(cls, config: Mapping[str, Any]) -> Schedule:
         """Read a diffusers scheduler config dict, every field it uses typed and bounded; refuse what DDIM
         eta 0 here does not implement."""
+        if not isinstance(config, Mapping):
+            raise PnPError(f"the scheduler config must be a JSON object, got {type(config).__name__}")
         field = _config_reader(config)
         for flag in ("thresholding", "rescale_betas_zero_snr"):
             if field(flag, False, validation.boolean):

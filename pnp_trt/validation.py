@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,6 +73,18 @@ def boolean(name: str, value: Any) -> bool:
     return bool(value)
 
 
+def path(name: str, value: Any) -> Path:
+    """A path given as str or Path: not empty (that would mean the current directory) and without NUL bytes
+    (which no file system allows: Python raises a bare ValueError)."""
+    if not isinstance(value, (str, Path)):
+        raise PnPError(f"{name} must be a path (str or Path), got {_shown(value)}")
+    if not str(value):
+        raise PnPError(f"{name} is empty; give a path")
+    if "\x00" in str(value):
+        raise PnPError(f"{name} {str(value)[:60]!r} contains a NUL byte, which no file name can hold")
+    return Path(value)
+
+
 def text(name: str, value: Any, non_blank: bool = False) -> str:
     """A string of valid Unicode (argv bytes that are not UTF-8 are refused here), optionally not blank."""
     if not isinstance(value, str):
@@ -79,8 +93,10 @@ def text(name: str, value: Any, non_blank: bool = False) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise PnPError(f"{name} is not valid UTF-8 text; check the terminal's or file's encoding") from None
-    if non_blank and not value.strip():
-        raise PnPError(f"{name} must not be empty or only spaces")
+    if "\x00" in value:
+        raise PnPError(f"{name} contains a NUL character; remove it")
+    if non_blank and not any(unicodedata.category(c)[0] not in "CZ" for c in value):
+        raise PnPError(f"{name} must not be empty or only spaces, control or invisible characters")
     return value
 
 

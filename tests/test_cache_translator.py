@@ -361,3 +361,17 @@ def test_numpy_numbers_are_settings_like_any_other(tiny_torch, guide) -> None:
 def test_more_api_arguments_of_the_wrong_kind(tiny_torch, guide, call, fragment: str) -> None:
     with pytest.raises(PnPError, match=re.escape(fragment)):
         call(Translator(tiny_torch), guide)
+
+
+def test_a_users_file_under_an_entrys_name_is_never_read_replaced_or_deleted(tiny_torch, guide,
+                                                                              tmp_path: Path) -> None:
+    """Corpus round 5: a user's file named exactly like the entry a translation writes was overwritten by it
+    (and a non-safetensors one deleted as "corrupt"); the cache now warns and leaves it."""
+    store = tmp_path / "cache"
+    translate(tiny_torch, ["a cat"], TranslateConfig(**SETTINGS), image=guide, cache=SourceCache(directory=store))
+    (entry,) = store.glob("*.safetensors")
+    entry.write_text("my notes")
+    with pytest.warns(RuntimeWarning, match="is not an entry this cache wrote"):
+        again = translate(tiny_torch, ["a cat"], TranslateConfig(**SETTINGS), image=guide,
+                          cache=SourceCache(directory=store))
+    assert not again.source_cache_hit and entry.read_text() == "my notes"

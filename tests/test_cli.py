@@ -512,6 +512,9 @@ def test_serve_on_an_address_it_cannot_listen_on_is_one_line(exported: Path) -> 
     (["translate", "{file}", "-p", "a", "--backend", "onnxruntime", "--engines", "{tmp}", "--provider", "gpu",
       "--out", "{tmp}/o.png"], "--provider must be one of 'cpu', 'cuda', 'tensorrt'"),
     (["triton-repo", "{tmp}", "--backend", "torch", "--engines", "{tmp}"], "--engines is for the onnxruntime"),
+    (["serve", "--engines", "{tmp}/none"], "none does not exist; pass the directory"),  # was: serving, then 503s
+    (["serve"], "--backend onnxruntime serves an exported directory: pass --engines DIR"),
+    (["make-tiny-model", "{tmp}/" + "m" * 300], "File name too long"),
     (["triton-repo", "{tmp}", "--engines", "{tmp}", "--provider", "gpu"], "--provider must be one of"),
 ])
 def test_more_commands_refuse_bad_input_in_one_line_before_any_work(tiny_model_dir: Path, tmp_path: Path,
@@ -526,3 +529,15 @@ def test_more_commands_refuse_bad_input_in_one_line_before_any_work(tiny_model_d
     before = sorted(tmp_path.rglob("*"))
     assert_user_error(run(*[a.format(**names) for a in args]), fragment)
     assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_stderr_that_cannot_be_written_does_not_stop_the_work(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Corpus round 5: with stderr on /dev/full (or a closed pipe) the run died at its first progress line, exit 1,
+    no result; messages are now dropped and the result is written."""
+    guide = random_image(tmp_path / "in.png", 64, 64)
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "pnp_trt.cli", "translate", str(guide), "--model",
+                               str(tiny_model_dir), "-p", "a", "--steps", "2", "--out", str(tmp_path / "o.png")],
+                              stderr=full, stdout=subprocess.DEVNULL, timeout=120)
+    assert done.returncode == 0 and (tmp_path / "o.png").is_file()

@@ -189,6 +189,9 @@ def test_api_settings_are_typed_and_bounded(tiny_torch, settings: dict, fragment
     ([], "give at least one target prompt"), (None, "give at least one target prompt"),
     ([1, 2], "prompt 1 must be text, got 1 (int)"), (["a cat", "  "], "prompt 2 must not be empty"),
     (["\udcff"], "prompt 1 is not valid UTF-8"),
+    (["\u200b"], "prompt 1 must not be empty or only spaces, control or invisible"),  # corpus round 5
+    (["\x07\x1b"], "prompt 1 must not be empty or only spaces, control or invisible"),
+    (["a c\x00at"], "prompt 1 contains a NUL character"),
 ])
 def test_prompts_follow_one_rule_everywhere(tiny_torch, prompts, fragment: str) -> None:
     with pytest.raises(PnPError, match=re.escape(fragment)):

@@ -128,9 +128,12 @@ def test_a_generated_guidance_beside_a_result_is_ours_and_a_users_is_not(tmp_pat
     assert written_by_pnp_trt(tmp_path / "r.guidance.png")
     save_file(out, image, {}, guidance=image)  # a rerun replaces both
     (tmp_path / "s.guidance.png").write_bytes(b"a user's file")
-    with pytest.raises(PnPError, match="s.guidance.png exists and was not written by pnp-trt"):
+    with pytest.raises(PnPError, match="the generated guidance's file .*s.guidance.png .beside --out. exists and "
+                                       "was not written by pnp-trt; choose another name$"):
         save_file(tmp_path / "s.png", image, {}, guidance=image)
-    assert not (tmp_path / "s.png").exists()
+    with pytest.raises(PnPError, match="s.guidance.png .beside --out. exists"):  # --overwrite is for --out alone
+        save_file(tmp_path / "s.png", image, {}, guidance=image, overwrite=True)
+    assert not (tmp_path / "s.png").exists() and (tmp_path / "s.guidance.png").read_bytes() == b"a user's file"
 
 
 def test_a_results_set_is_exchanged_in_one_step(tmp_path: Path, monkeypatch) -> None:

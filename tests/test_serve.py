@@ -105,6 +105,9 @@ def test_translate_returns_one_png_per_prompt_as_the_library_does(client: TestCl
     single = client.post("/v1/translate", files={"image": ("g.png", guide_png)}, headers={"accept": "image/png"},
                          data={"prompt": "a cat", **SETTINGS})
     assert single.headers["content-type"] == "image/png" and Image.open(io.BytesIO(single.content)).size == (128, 64)
+    two = client.post("/v1/translate", files={"image": ("g.png", guide_png)}, headers={"accept": "image/png"},
+                      data={"prompt": ["a cat", "a dog"], **SETTINGS})  # corpus round 5: was 200 with JSON
+    assert two.status_code == 406 and "image/png holds one image" in two.json()["error"]
     generated = post(client, None, ["a dog"], source_prompt="a cat")
     assert generated.status_code == 200 and len(decoded(generated)) == 1
 
@@ -112,6 +115,8 @@ def test_translate_returns_one_png_per_prompt_as_the_library_does(client: TestCl
 @pytest.mark.parametrize(("fields", "files", "status", "message"), [
     ({"prompt": "a", "steps": "x"}, True, 422, "steps must be int, got 'x'"),
     ({"prompt": "a", "stepz": "2"}, True, 422, "unknown field(s) stepz"),
+    ({"prompt": "a", "seed": "3"}, True, 422, "seed applies with source_prompt"),  # as on the CLI
+    ({"prompt": "\u200b"}, True, 422, "must not be empty or only spaces, control or invisible"),
     ({"prompt": "a", "guidance_scale": "nan"}, True, 422, "must be a finite number"),
     ({"prompt": "a", "feature_injection": "2"}, True, 422, "between 0 and 1"),
     ({"prompt": "a", "steps": "1000"}, True, 422, "over this server's limit of 100"),
@@ -286,6 +291,14 @@ def test_accept_is_read_with_its_weights(accept: str, png: bool) -> None:
     from pnp_trt.serve.app import wants_png
 
     assert wants_png(accept) == png
+
+
+@pytest.mark.parametrize("accept,json_ok", [("", True), ("image/png", False), ("image/png, */*;q=0.1", True),
+                                            ("application/json;q=0", False), ("application/*", True)])
+def test_json_acceptability_is_read_with_its_weights(accept: str, json_ok: bool) -> None:
+    from pnp_trt.serve.app import accepts_json
+
+    assert accepts_json(accept) == json_ok
 
 
 def test_two_image_fields_are_refused_as_such(client: TestClient, guide_png: bytes) -> None:

@@ -180,8 +180,8 @@ def trim_directory(directory: Path, budget_bytes: int, keep: str) -> None:
 
 
 def is_entry(path: Path) -> bool:
-    """A file this cache wrote: its safetensors header says so (only the header is read). A user's file of the
-    same shape of name is not one, and eviction never touches it."""
+    """A file this cache wrote (perhaps since copied or renamed): its safetensors header says so (only the header
+    is read). A user's file of the same shape of name is not one: it is never read, replaced or deleted."""
     from safetensors import safe_open
 
     try:
@@ -189,7 +189,7 @@ def is_entry(path: Path) -> bool:
             metadata = f.metadata() or {}
     except Exception:  # not a safetensors file at all
         return False
-    return metadata.get("format") == DISK_FORMAT and metadata.get("key") == path.stem
+    return metadata.get("format") == DISK_FORMAT
 
 
 def _host(backend: Backend, array: Array) -> np.ndarray:
@@ -215,17 +215,20 @@ def write_source(directory: Path, key: str, source: Source, backend: Backend) ->
         tensors["guidance"] = _host(backend, source.guidance)
     metadata = {"format": DISK_FORMAT, "key": key, "steps": str(len(source.captured)),
                 "sha256": _checksum(tensors)}
-    atomic_write(directory / f"{key}.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata))
+    path = directory / f"{key}.safetensors"
+    if os.path.lexists(path) and not (path.is_file() and not path.is_symlink() and is_entry(path)):
+        raise PnPError(f"{path} is not an entry this cache wrote; it is left as it is")
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata))
 
 
 def read_source(directory: Path, key: str, backend: Backend) -> Source | None:
-    """The stored source, or None (and the file removed) when missing, corrupt, not this key's, or not a
-    well-formed source (`stored_steps`)."""
+    """The stored source, or None: when missing or not an entry of this cache (left alone), or when an entry
+    is corrupt or not a well-formed source (`stored_steps`; then it is removed)."""
     from safetensors import safe_open
 
     path = directory / f"{key}.safetensors"
-    if not path.is_file():
-        return None
+    if not path.is_file() or path.is_symlink() or not is_entry(path):
+        return None  # absent, or a file this cache did not write: never read as a source, never deleted
     try:
         with safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata() or {}

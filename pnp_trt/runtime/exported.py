@@ -40,6 +40,8 @@ def open_exported(directory: Path | str) -> Exported:
     try:
         tokenizer = PromptTokenizer.from_file(directory / "tokenizer.json", manifest["tokenizer"])
         scheduler = json.loads((directory / "scheduler_config.json").read_text())
+        if not isinstance(scheduler, dict):
+            raise PnPError(f"{directory / 'scheduler_config.json'} is not a JSON object; rebuild with `{rebuild}`")
         schedule = Schedule.from_config(scheduler)
         dims = ModelDims.from_dict(manifest["dims"])
     except PnPError:

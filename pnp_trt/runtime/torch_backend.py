@@ -14,6 +14,7 @@ from ..schedule import Schedule
 from ..torch_graphs import PnPUNetGraph, TextEncoderGraph, VaeDecoderGraph, VaeEncoderGraph
 from .backend import LoadedModel
 from .cuda_graphs import CudaGraphs
+from .onnxruntime_sessions import intra_op_threads
 from .torch_arrays import TorchArrays
 
 
@@ -63,6 +64,9 @@ def open_torch(model: str | TorchModel, device: torch.device | None = None, dtyp
                cuda_graphs: bool = True) -> LoadedModel:
     """A diffusers model (hub id or directory, loaded here on `device`/`dtype`; or already loaded) on the torch
     backend, the UNet replayed as CUDA graphs on CUDA unless switched off."""
+    threads = intra_op_threads()  # --threads / PNP_TRT_THREADS: the same count as ONNX Runtime's sessions
+    if threads is not None:
+        torch.set_num_threads(threads)
     if isinstance(model, str):
         model = load_diffusers(model, device, dtype)
     return LoadedModel(TorchBackend(model, cuda_graphs), model.tokenizer,

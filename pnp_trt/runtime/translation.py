@@ -75,7 +75,7 @@ class Translation:
         """One PNG per prompt plus `translate.json` in `directory`, all or nothing (a previous run's results
         there are replaced as one set; a directory holding anything else is refused); returns the image paths."""
         extra = {GUIDANCE_FILE: self.guidance_image} if self.guidance_image is not None else {}
-        _check_path("save's directory", directory)
+        validation.path("save's directory", directory)
         with writing(Path(directory)):
             return save_directory(Path(directory), self.prompts, self.images, self.record(), extra,
                                   inputs=self._inputs())
@@ -86,7 +86,7 @@ class Translation:
         pnp-trt wrote it, or with `overwrite` (never the guidance image itself)."""
         if len(self.images) != 1:
             raise PnPError(f"save_image writes one image and this translation has {len(self.images)}; use save(DIR)")
-        _check_path("save_image's path", path)
+        validation.path("save_image's path", path)
         with writing(Path(path)):
             return save_file(Path(path), self.images[0], self.record(), self.guidance_image, overwrite,
                              inputs=self._inputs())
@@ -95,9 +95,6 @@ class Translation:
         return [self.guidance_file] if self.guidance_file else []
 
 
-def _check_path(name: str, value: object) -> None:
-    if not isinstance(value, (str, Path)):
-        raise PnPError(f"{name} must be a path (str or Path), got {type(value).__name__}")
 
 
 def checked_progress(progress: Progress) -> Progress:
@@ -202,6 +199,9 @@ def translate(model: LoadedModel, prompts: Sequence[str] | str, config: Translat
             source, hit = cache.get_or_build(key, model.backend, build, source_fits(model, config, size))
         per_batch = prompt_batch(model, source, config.prompt_batch_size)
         decoded, latents = sample_targets(sampler, source, prompts, config, per_batch)
+        if not (np.isfinite(latents).all() and all(np.isfinite(image).all() for image in decoded)):
+            raise PnPError("the model produced NaN or infinite values (damaged weights, or an fp16 overflow): "
+                           "nothing was written; check the model's weights (`pnp-trt verify` for an export)")
         images = [to_pil(image) for image in decoded]
         guidance_image = None
         if decode_guidance and source.guidance is not None:

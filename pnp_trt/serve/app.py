@@ -103,6 +103,20 @@ class Server:
 
 def wants_png(accept: str) -> bool:
     """Whether an Accept header asks for image/png (with q > 0, and not below application/json's q)."""
+    weights = accept_weights(accept)
+    png = weights.get("image/png", 0.0)
+    return png > 0 and png >= weights.get("application/json", 0.0)
+
+
+def accepts_json(accept: str) -> bool:
+    """Whether the JSON answer is acceptable: no Accept header, or one that names it (or a wildcard) with q > 0."""
+    weights = accept_weights(accept)
+    return not accept.strip() or any(weights.get(kind, 0.0) > 0 for kind in ("application/json", "application/*",
+                                                                             "*/*"))
+
+
+def accept_weights(accept: str) -> dict[str, float]:
+    """Media type → q of an Accept header (a malformed q counts as 0)."""
     weights: dict[str, float] = {}
     for item in accept.split(","):
         kind, *params = [part.strip() for part in item.split(";")]
@@ -111,8 +125,7 @@ def wants_png(accept: str) -> bool:
             weights[kind.lower()] = float(q)
         except ValueError:
             weights[kind.lower()] = 0.0
-    png = weights.get("image/png", 0.0)
-    return png > 0 and png >= weights.get("application/json", 0.0)
+    return weights
 
 
 def _png_base64(image: Image.Image) -> str:
@@ -205,6 +218,12 @@ def _add_routes(app: FastAPI, server: Server) -> None:
         """multipart/form-data: `image` (file) or `source_prompt`; `prompt` (repeat for several); any
         TranslateConfig setting (steps, guidance_scale, feature_injection, ...) as a field."""
         fields, prompts, upload = await read_form(request, server.limits)
+        accept = request.headers.get("accept", "")
+        if len(prompts) > 1 and wants_png(accept) and not accepts_json(accept):
+            if upload is not None:
+                await upload.close()
+            return _error(406, f"image/png holds one image and this request has {len(prompts)} prompts; accept "
+                               "application/json (every image, base64), or send one prompt")
         try:
             result = await server.translate(fields, prompts, upload)
         finally:
