@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -541,3 +542,34 @@ def test_a_stderr_that_cannot_be_written_does_not_stop_the_work(tiny_model_dir: 
                                str(tiny_model_dir), "-p", "a", "--steps", "2", "--out", str(tmp_path / "o.png")],
                               stderr=full, stdout=subprocess.DEVNULL, timeout=120)
     assert done.returncode == 0 and (tmp_path / "o.png").is_file()
+
+
+def test_weights_that_yield_nan_are_refused_and_nothing_is_written(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Corpus round 5: UNet weights damaged in place (same size) gave exit 0 and a black PNG."""
+    from safetensors.numpy import load_file, save_file
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["conv_out.weight"] = np.full_like(tensors["conv_out.weight"], np.nan)
+    save_file(tensors, str(weights))
+    guide = random_image(tmp_path / "in.png", 64, 64)
+    result = run("translate", guide, "--model", model, "-p", "a", "--steps", "2", "--out", tmp_path / "o.png")
+    assert_user_error(result, "the model produced NaN or infinite values")
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    (lambda w: w.write_bytes(b""), "text_encoder/model.safetensors is not a complete safetensors file"),
+    (lambda w: w.write_bytes(w.read_bytes()[:w.stat().st_size // 2]), "is not a complete safetensors file"),
+    (lambda w: w.unlink(), "text_encoder/ has no .safetensors weights"),
+])
+def test_damaged_weight_files_are_named(tiny_model_dir: Path, tmp_path: Path, damage, fragment: str) -> None:
+    """Corpus rounds 4-5: an empty or truncated weights file was "header too small" or blamed on pickled weights."""
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    damage(model / "text_encoder" / "model.safetensors")
+    guide = random_image(tmp_path / "in.png", 64, 64)
+    assert_user_error(run("translate", guide, "--model", model, "-p", "a", "--steps", "2", "--out",
+                          tmp_path / "o.png"), fragment)
