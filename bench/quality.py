@@ -8,7 +8,7 @@ the target kind for shape edits), for
   with the target prompt) at two strengths, on torch fp32;
 - PnP with the defaults on ONNX Runtime fp32 and fp16 exports of the same model.
 
-    python bench/quality.py [--edits 60] [--steps 50] [--json bench/results/quality.json]
+    python bench/quality.py [--edits 60] [--steps 25] [--json bench/results/quality.json] [--strip docs/demo.png]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pnp_trt.config import TranslateConfig
-from pnp_trt.demo import MODEL, judge
+from pnp_trt.demo import MODEL, SETTINGS, judge
 from pnp_trt.runtime.sampler import Sampler, start_noise
 from pnp_trt.runtime.translator import Translator
 from pnp_trt.schedule import classifier_free_guidance, ddim_step, sampling_timesteps
@@ -41,7 +41,7 @@ SDEDIT_STRENGTHS = (0.5, 0.75)
 
 
 def pnp(translator: Translator, edit: judge.Edit, steps: int, settings: dict[str, Any]) -> np.ndarray:
-    result = translator.translate(edit.prompt, edit.guidance.draw(), steps=steps, **SIZE, **settings)
+    result = translator.translate(edit.prompt, edit.guidance.draw(), steps=steps, **SIZE, **SETTINGS, **settings)
     return np.asarray(result.images[0])
 
 
@@ -116,7 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=MODEL, help="a demo-world diffusers directory")
     parser.add_argument("--edits", type=int, default=60)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--strip", type=Path, help="also write a PNG of the first edits: guidance, PnP, no "
                                                    "injection, SDEdit")

@@ -203,6 +203,7 @@ def main() -> None:
     began = time.monotonic()
     args.work.mkdir(parents=True, exist_ok=True)
     autoencoder = train_vae(args.work, args.seed, args.vae_steps)
+    vae_loss = json.loads((args.work / "vae" / "state.json").read_text())["losses"][-1]
     bank = latent_bank(args.work, args.seed, autoencoder, args.scenes)
     scale = float(1 / bank["latents"].std())
     autoencoder.register_to_config(scaling_factor=scale)
@@ -223,7 +224,7 @@ def main() -> None:
                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("work", "out")),
             "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "scenes": args.scenes,
             "scaling_factor": scale, "final_unet_loss_mean_last_200": sum(tail) / len(tail),
-            "minutes": (time.monotonic() - began) / 60}, indent=2))
+            "final_vae_loss": vae_loss, "minutes_of_the_last_run": (time.monotonic() - began) / 60}, indent=2))
     print(f"wrote {args.out} in {(time.monotonic() - began) / 60:.1f} min", flush=True)
 
 

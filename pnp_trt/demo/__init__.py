@@ -9,6 +9,10 @@ from pathlib import Path
 from ..errors import PnPError
 from ..fileio import staging_directory
 
+SETTINGS = {"negative_prompt": ""}
+"""What the demo model is run with besides PnP's defaults: its captions are its whole vocabulary, so its negative
+prompt is the empty one it learned classifier-free guidance with (the paper's "ugly, blurry, …" are unknown
+words to it)."""
 MODEL = Path(__file__).parent / "model"
 """The trained weights, shipped in the package (a diffusers directory; `training.json` says how they were made)."""
 
