@@ -85,12 +85,14 @@ def test_disk_store_reused_and_corruption_rebuilt(tiny_torch, guide, tmp_path: P
     rebuilt = translate(tiny_torch, ["a cat"], TranslateConfig(**SETTINGS), image=guide,
                         cache=SourceCache(directory=store))
     assert not rebuilt.source_cache_hit and np.array_equal(rebuilt.latents, first.latents)
-    (store / entry.name).write_bytes(b"not safetensors")
-    assert not translate(tiny_torch, ["a cat"], TranslateConfig(**SETTINGS), image=guide,
-                         cache=SourceCache(directory=store)).source_cache_hit
+    entry_bytes = entry.read_bytes()
+    entry.write_bytes(b"not safetensors")  # not an entry any more: never read, never replaced (see below)
+    with pytest.warns(RuntimeWarning, match="is not an entry this cache wrote"):
+        assert not translate(tiny_torch, ["a cat"], TranslateConfig(**SETTINGS), image=guide,
+                             cache=SourceCache(directory=store)).source_cache_hit
+    assert entry.read_bytes() == b"not safetensors"
     foreign = store / f"{'0' * 64}.safetensors"
-    entry_bytes = (store / entry.name).read_bytes()
-    foreign.write_bytes(entry_bytes)  # a valid file stored under another key is not trusted either
+    foreign.write_bytes(entry_bytes)  # a valid entry stored under another key is not trusted either
     assert SourceCache(directory=store).get("0" * 64, tiny_torch.backend) is None and not foreign.exists()
 
 

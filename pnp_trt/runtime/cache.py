@@ -217,7 +217,7 @@ def write_source(directory: Path, key: str, source: Source, backend: Backend) ->
                 "sha256": _checksum(tensors)}
     path = directory / f"{key}.safetensors"
     if os.path.lexists(path) and not (path.is_file() and not path.is_symlink() and is_entry(path)):
-        raise PnPError(f"{path} is not an entry this cache wrote; it is left as it is")
+        raise PnPError(f"{key[:16]}….safetensors is not an entry this cache wrote; left as it is")
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata))
 
 
