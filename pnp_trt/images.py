@@ -107,7 +107,8 @@ def check_guidance(value: object) -> Guidance:
     if isinstance(value, Guidance):
         return value
     if isinstance(value, (str, Path)):
-        return Guidance(load_guidance(validation.path("the guidance image's path", value)), str(value))
+        validation.path("the guidance image's path", value)
+        return Guidance(load_guidance(value), str(value))  # as given: Path() would drop a final "/"
     if isinstance(value, Image.Image):
         try:
             value.load()  # a closed or truncated image fails here, not as "damaged EXIF" further on

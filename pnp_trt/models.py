@@ -159,9 +159,9 @@ def _check_weight_files(path: Path) -> None:
     for part in ("unet", "vae", "text_encoder"):
         files = sorted((path / part).glob("*.safetensors"))
         if not files:
-            raise PnPError(f"model {path}: {part}/ has no .safetensors weights (pnp-trt never loads pickled "
-                           ".bin/.ckpt files: convert them with diffusers' save_pretrained(safe_serialization=True) "
-                           "in a trusted environment)")
+            raise PnPError(f"model {path}: {part}/ has no .safetensors weights (pnp-trt loads only safetensors "
+                           "weights, never pickled .bin/.ckpt files: convert them with diffusers' "
+                           "save_pretrained(safe_serialization=True) in a trusted environment)")
         for file in files:
             try:
                 with safe_open(str(file), framework="numpy") as weights:
