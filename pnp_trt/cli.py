@@ -711,9 +711,18 @@ def main() -> None:
         err.print(f"[bold red]internal error:[/] {escape(type(exc).__name__)}: {escape(text)} — a pnp-trt bug; "
                   "rerun with PNP_TRT_DEBUG=1 for the traceback and report it", highlight=False, soft_wrap=True)
         code = 1
-    ignore_stop_signals()  # from here the process only exits; Python's handlers end before its shutdown does
     _quiet_broken_streams()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def run_as_program() -> None:
+    """`main` as the whole life of a process (the console script, `python -m pnp_trt.cli`): once it is done, stop
+    signals are ignored by the system, since Python's handlers end before its shutdown does. (Not in `main`
+    itself: a caller in the same process, such as a test, keeps its Ctrl-C.)"""
+    try:
+        main()
+    finally:
+        ignore_stop_signals()
 
 
 def _quiet_broken_streams() -> None:
@@ -736,4 +745,4 @@ def _click_exceptions() -> Any:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_program()

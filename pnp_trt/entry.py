@@ -14,6 +14,6 @@ def _quit(signum: int, frame: object) -> None:
 def main() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _quit)
-    from .cli import main as run
+    from .cli import run_as_program
 
-    run()
+    run_as_program()

@@ -90,7 +90,7 @@ def load_diffusers(model: str = DEFAULT_MODEL, device: torch.device | None = Non
     _check_layout(model)
     default_device, default_dtype = default_device_dtype()
     device, dtype = device or default_device, dtype or default_dtype
-    weights = {"use_safetensors": True, "torch_dtype": dtype}
+    weights: dict[str, Any] = {"use_safetensors": True, "torch_dtype": dtype}
     unet = _load_part(model, "unet", lambda: UNet2DConditionModel.from_pretrained(model, subfolder="unet", **weights))
     missing = missing_layers(unet)
     if missing:

@@ -193,12 +193,12 @@ def test_concurrent_requests_on_one_source_share_one_translation(translator: Tra
     prompts = ["a cat", "a dog", "a bird", "a fish"]
     with TestClient(create_app(lambda: translator, coalesce_ms=300)) as client:
         ready(client)
-        answers = in_threads([lambda p=p: post(client, guide_png, [p], seed="5") for p in prompts])
+        answers = in_threads([lambda p=p: post(client, guide_png, [p], guidance_scale="5") for p in prompts])
         metrics = client.get("/metrics").text
     assert all(a.status_code == 200 for a in answers)
     assert "pnp_translations_total 1.0" in metrics
     together = translator.translate(prompts, Image.open(io.BytesIO(guide_png)), steps=2, height=64, width=128,
-                                    seed=5)
+                                    guidance_scale=5.0)
     for answer, image in zip(answers, together.images, strict=True):
         (served,) = decoded(answer)
         np.testing.assert_array_equal(served, np.asarray(image))

@@ -173,7 +173,8 @@ def test_concurrent_requests_on_one_image_share_translations(triton: Triton, gui
     run as one translation, each request getting its own prompt's image back."""
     before = triton.metric("pnp_trt_translations_total")
     prompts = [f"prompt {i}" for i in range(6)]
-    answers = ask(triton, "grpc", [{"guidance": {"image": guide}, "prompts": [p], "settings": {**SETTINGS, "SEED": 7}}
+    settings = {**SETTINGS, "GUIDANCE_SCALE": 5.0}
+    answers = ask(triton, "grpc", [{"guidance": {"image": guide}, "prompts": [p], "settings": settings}
                                    for p in prompts], concurrent=True)
     records = [a["record"] for a in answers]
     assert [r["prompts"] for r in records] == [[p] for p in prompts]
@@ -201,6 +202,7 @@ def _bad_cases(guide: bytes) -> list[tuple[str, dict, list[str], dict, str]]:
         ("height not a multiple of 64", image, ["a"], {**SETTINGS, "HEIGHT": 100}, "multiple of 64"),
         ("output too large", image, ["a"], {**SETTINGS, "HEIGHT": 4096, "WIDTH": 4096}, "Mpx limit"),
         ("seed negative", image, ["a"], {**SETTINGS, "SEED": -1}, "between 0 and 4294967295"),
+        ("seed with an image", image, ["a"], {**SETTINGS, "SEED": 7}, "seed applies with source_prompt"),
         ("inversion steps missing timesteps", image, ["a"], {**SETTINGS, "INVERSION_STEPS": 3}, "never visits"),
         ("1 MB prompt", image, ["x" * 2**20], SETTINGS, "characters"),
     ]
