@@ -63,8 +63,12 @@ def test_an_interrupt_while_results_are_swapped_in_leaves_one_whole_set(tmp_path
 
     monkeypatch.setattr(Path, "rename", rename_then_interrupt)
     monkeypatch.setattr(fileio, "exchange", lambda a, b: False)
-    with pytest.raises(KeyboardInterrupt) as interrupt:
-        save_directory(out, ["new"], [image], {})
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job inherits SIG_IGN
+    try:
+        with pytest.raises(KeyboardInterrupt) as interrupt:
+            save_directory(out, ["new"], [image], {})
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert len(calls) == 2 and sorted(p.name for p in out.iterdir()) == ["0_new.png", "translate.json"]
     assert written_before(interrupt.value) == out  # so the CLI does not say "nothing was written"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
