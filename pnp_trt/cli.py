@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import typer
 from rich.console import Console
@@ -75,7 +75,7 @@ class ForgivingStream:
         return getattr(sys.stderr, name)
 
 
-err = Console(file=ForgivingStream())
+err = Console(file=cast(IO[str], ForgivingStream()))  # duck-typed: write, flush, isatty and the rest from stderr
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
