@@ -482,9 +482,10 @@ def test_ray_serve_spreads_requests_and_restarts_a_killed_replica(exported: Path
     try:
         _wait_healthy(url, process, 180)
 
-        def ask(prompt: str, seed: int) -> httpx.Response:  # the seed is part of a source's key: any replica
+        def ask(prompt: str, seed: int) -> httpx.Response:  # the inversion prompt is part of a source's key
             return httpx.post(f"{url}/v1/translate", files={"image": ("g.png", guide_png)},
-                              data={"prompt": prompt, "seed": str(seed), **SETTINGS}, timeout=120)
+                              data={"prompt": prompt, "inversion_prompt": f"a photo {seed}", **SETTINGS},
+                              timeout=120)
 
         served: set[str] = set()
         for round_ in range(5):
