@@ -20,8 +20,8 @@ def check_source(backend: str, model: object, engines: object, provider: object)
             raise PnPError(f"{name} must be a path or a name (text), got {type(value).__name__}")
         if value is not None and not str(value):
             raise PnPError(f"--{name} is empty; give a value or leave the flag out")
-        if value is not None and "\x00" in str(value):
-            raise PnPError(f"--{name} {str(value)[:60]!r} contains a NUL byte, which no file name can hold")
+        if value is not None:
+            validation.path(f"--{name}", value)  # the NUL rule every path follows
     validation.one_of("--provider", provider, tuple(PROVIDERS))
     if backend != "onnxruntime" and provider not in (None, "cpu"):
         raise PnPError(f"--provider is for the onnxruntime backend; --backend {backend} picks its device itself "
