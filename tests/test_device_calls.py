@@ -234,3 +234,53 @@ def test_a_feed_the_graph_lacks_is_refused_by_every_backend(tiny32: LoadedModel,
         with pytest.raises(ValueError, match="unet has no input.s. injected_featur"):
             model.backend.run("unet", {"sample": model.backend.asarray(np.zeros((1, 4, 8, 8), np.float32)),
                                        "injected_featur": model.backend.asarray(np.zeros(1, np.float32))})
+
+
+def test_a_capture_waits_for_the_runs_under_way_and_holds_off_new_ones() -> None:
+    """Issue 20 §3: no uncaptured device work may run anywhere in the process while a CUDA graph is captured.
+    The capture lock lets runs share it, makes a capture wait for the runs under way, and holds new runs off
+    until the capture is done. (Waits that must not end are given 0.2 s: a slow machine can only hide a bug.)"""
+    import threading
+    import time
+
+    from pnp_trt.runtime.cuda_graphs import CaptureLock
+
+    lock, order = CaptureLock(), list[str]()
+    run_in, end_run, capture_in, end_capture = (threading.Event() for _ in range(4))
+
+    def first_run() -> None:
+        with lock.running():
+            run_in.set()
+            end_run.wait(10)
+            order.append("first run ends")
+
+    def capture() -> None:
+        with lock.capturing():
+            order.append("capture")
+            capture_in.set()
+            end_capture.wait(10)
+            order.append("capture ends")
+
+    def second_run() -> None:
+        with lock.running():
+            order.append("second run")
+
+    threads = [threading.Thread(target=f) for f in (first_run, capture, second_run)]
+    threads[0].start()
+    assert run_in.wait(10)
+    threads[1].start()
+    deadline = time.monotonic() + 10
+    while not lock._capturing and time.monotonic() < deadline:  # the capture is waiting for the first run
+        time.sleep(0.01)
+    threads[2].start()
+    assert not capture_in.wait(0.2) and order == []
+    end_run.set()
+    assert capture_in.wait(10)
+    time.sleep(0.2)
+    assert order == ["first run ends", "capture"]  # the second run waits for the capture
+    end_capture.set()
+    for thread in threads:
+        thread.join(10)
+    assert order == ["first run ends", "capture", "capture ends", "second run"]
+    with lock.running(), lock.running():  # runs share it
+        pass

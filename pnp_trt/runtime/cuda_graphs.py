@@ -8,9 +8,10 @@ optional inputs are present), warm-up, capture on the owner's stream, replay, th
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,47 @@ import torch
 Tensors = Mapping[str, torch.Tensor | None]
 GraphFunction = Callable[[Tensors], Mapping[str, torch.Tensor]]
 """Inputs by name (None: an optional input left out) → outputs by name; no host syncs inside."""
+
+class CaptureLock:
+    """Process-wide: while a CUDA graph is captured no other thread launches CUDA work ("no non-captured CUDA work
+    may run in this process while capture is underway", PyTorch's CUDA notes; ONNX Runtime captures in global
+    mode). Runs share the lock with each other; a capture waits for the runs under way and holds off new ones."""
+
+    def __init__(self) -> None:
+        self._state = threading.Condition()
+        self._running = 0
+        self._capturing = False
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Around uncaptured device work: waits while a capture is under way."""
+        with self._state:
+            self._state.wait_for(lambda: not self._capturing)
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._running -= 1
+                self._state.notify_all()
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[None]:
+        """Around a capture (never inside `running` on the same thread): alone on the device."""
+        with self._state:
+            self._state.wait_for(lambda: not self._capturing)
+            self._capturing = True
+            self._state.wait_for(lambda: self._running == 0)
+        try:
+            yield
+        finally:
+            with self._state:
+                self._capturing = False
+                self._state.notify_all()
+
+
+CAPTURE = CaptureLock()
+"""The one capture lock of this process: every backend's device work takes it."""
 
 WARMUP_RUNS = 2
 """Eager runs on the capture stream before capturing (lazy library initialisation, autotuning)."""
@@ -65,22 +107,28 @@ class CudaGraphs:
             key = signature(inputs)
             if not self.broken and key not in self._graphs:
                 self.stream.wait_stream(caller)
-                with torch.cuda.stream(self.stream):
+                with CAPTURE.capturing(), torch.cuda.stream(self.stream):
                     self._graphs[key] = self._capture(inputs)
                 caller.wait_stream(self.stream)
             entry = None if self.broken else self._graphs[key]
-            if entry is None:
-                return {name: out for name, out in self.function(inputs).items() if read is None or name in read}
-            self.stream.wait_stream(caller)
-            with torch.cuda.stream(self.stream):
-                for name, static in entry.inputs.items():
-                    if static is not None:
-                        static.copy_(inputs[name])  # type: ignore[arg-type]
-                entry.graph.replay()
-            caller.wait_stream(self.stream)
-            copies = {name: out.clone() for name, out in entry.outputs.items() if read is None or name in read}
-            self.stream.wait_stream(caller)  # the next replay, from any thread, waits for these copies
-            return copies
+            with CAPTURE.running():
+                if entry is None:
+                    return {name: out for name, out in self.function(inputs).items() if read is None or name in read}
+                return self._replay(entry, inputs, caller, read)
+
+    def _replay(self, entry: _Captured, inputs: Tensors, caller: torch.cuda.Stream,
+                read: Collection[str] | None) -> dict[str, torch.Tensor]:
+        """The inputs copied into the graph's static buffers, one replay, the outputs read copied out."""
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            for name, static in entry.inputs.items():
+                if static is not None:
+                    static.copy_(inputs[name])  # type: ignore[arg-type]
+            entry.graph.replay()
+        caller.wait_stream(self.stream)
+        copies = {name: out.clone() for name, out in entry.outputs.items() if read is None or name in read}
+        self.stream.wait_stream(caller)  # the next replay, from any thread, waits for these copies
+        return copies
 
     def _capture(self, inputs: Tensors) -> _Captured | None:
         """Static copies of the inputs, warm-up runs, then one captured run whose outputs stay static; None, with

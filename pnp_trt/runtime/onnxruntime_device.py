@@ -2,9 +2,12 @@
 the device (captured outputs are bound as the next pass's inputs: no host round trip per call), and the
 DDIM arithmetic between calls runs on the device too.
 
-With `cuda_graphs` the UNet replays the CUDA graph ONNX Runtime captures (`enable_cuda_graph`). A graph
-needs fixed shapes and fixed buffer addresses, so each (batch, size) gets its own session, its free
-dimensions pinned from the contract's axis sizes, with static input/output buffers bound once.
+With `cuda_graphs` the UNet replays the CUDA graphs ONNX Runtime captures (`enable_cuda_graph`). A graph
+needs fixed shapes and fixed buffer addresses: one graph-enabled session serves every shape, each (batch, size)
+with static buffers bound once and a graph id of its own (`gpu_graph_id`, onnxruntime ≥ 1.18). Where ONNX
+Runtime refuses capture on the dynamic graph, each shape gets a session with its dimensions pinned, all of them
+sharing one copy of the weights (`SessionOptions.add_initializer`): a session per shape with weights of its own
+was what ran the H100 out of memory.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch
 
 from ..contract import ZeroBuffers, call_sizes
 from ..errors import PnPError
-from .onnxruntime_sessions import OnnxRuntimeSessions, session_options
+from .cuda_graphs import CAPTURE
+from .onnxruntime_sessions import CaptureRefused, OnnxRuntimeSessions, session_options
 from .torch_arrays import NUMPY_DTYPES, TORCH_DTYPES, TorchArrays
 
 
@@ -30,16 +34,27 @@ def bind(bind_method: Callable[..., None], name: str, tensor: torch.Tensor) -> N
                 list(tensor.shape), tensor.data_ptr())
 
 
-class GraphedSession:
-    """A fixed-shape UNet session replaying its CUDA graph: static buffers bound once, calls take turns."""
+ORT_RUNS_TO_CAPTURE = 2
+"""ONNX Runtime's CUDA provider runs a graph id once uncaptured (allocating its memory), then captures it."""
 
-    def __init__(self, session: Any, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]):
+
+class GraphedSession:
+    """One shape's CUDA graph in a graph-enabled UNet session: static buffers bound once, its own graph id,
+    calls take turns. Its capturing runs hold the process's capture lock (`cuda_graphs.CAPTURE`)."""
+
+    def __init__(self, session: Any, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
+                 graph_id: int):
+        import onnxruntime as ort
+
         self.session, self.inputs, self.outputs = session, inputs, outputs
         self.binding = session.io_binding()
         for name, tensor in inputs.items():
             bind(self.binding.bind_input, name, tensor)
         for name, tensor in outputs.items():
             bind(self.binding.bind_output, name, tensor)
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        self.runs = 0
         self._lock = threading.Lock()
 
     def __call__(self, feeds: Mapping[str, torch.Tensor], synchronize: Callable[[], None],
@@ -53,10 +68,12 @@ class GraphedSession:
                     static.zero_()
             synchronize()
             try:
-                self.session.run_with_iobinding(self.binding)
+                with CAPTURE.capturing() if self.runs < ORT_RUNS_TO_CAPTURE else CAPTURE.running():
+                    self.session.run_with_iobinding(self.binding, self.run_options)
             except Exception as exc:  # ORT's own types: capture refused (a node outside the GPU provider)
                 raise PnPError(f"ONNX Runtime cannot run the UNet as a CUDA graph ({str(exc).splitlines()[0][:200]})"
                                "; run without CUDA graphs (--no-cuda-graphs)") from None
+            self.runs += 1
             copies = {name: self.outputs[name].clone() for name in read}
             synchronize()  # copied out before the next replay (perhaps from another stream) overwrites them
             return copies
@@ -109,6 +126,12 @@ class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
         self.concurrent_calls = not self.cuda_graphs
         """ONNX Runtime captures in global mode: another thread's allocation during a capture spoils it."""
         self._graphed: dict[tuple[int, int, int], GraphedSession | None] = {}
+        """Per (batch, height, width) its CUDA graph, or None where ONNX Runtime refused one (run eagerly)."""
+        self._graph_session: Any = None
+        """The one graph-enabled UNet session of every shape; False once ONNX Runtime refused it (then
+        `_pinned_session` per shape)."""
+        self._weights: dict[str, Any] | None = None
+        """The UNet's initializers on the device, shared by the pinned sessions (kept alive as long as they)."""
         self._opening = threading.Lock()
         self.zeros = ZeroBuffers(self.shared_zeros)
 
@@ -120,7 +143,8 @@ class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
             ) -> dict[str, torch.Tensor]:
         spec, read = self.specs[graph], self.specs[graph].read_outputs(outputs)
         spec.check_feeds(feeds)
-        given = {t.name: self.tensor(feeds[t.name], t) for t in spec.inputs if feeds.get(t.name) is not None}
+        with CAPTURE.running():  # uploads allocate: never while another thread captures
+            given = {t.name: self.tensor(feeds[t.name], t) for t in spec.inputs if feeds.get(t.name) is not None}
         sizes = call_sizes(self.dims, graph, tuple(given[spec.inputs[0].name].shape))
         graphed = self._graphed_session(sizes) if graph == "unet" and self.cuda_graphs else None
         if graphed is not None:
@@ -128,6 +152,13 @@ class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
                 return graphed(given, self.synchronize, read)
             except PnPError as exc:  # ORT captures at its first runs: a refusal there, too, means run eagerly
                 self._give_up_graph(sizes, exc)
+        with CAPTURE.running():
+            return self._run_eagerly(graph, given, sizes, read)
+
+    def _run_eagerly(self, graph: str, given: Mapping[str, torch.Tensor], sizes: Mapping[str, int],
+                     read: Collection[str]) -> dict[str, torch.Tensor]:
+        """One uncaptured run: inputs bound (absent: zeros), fresh outputs for what is read."""
+        spec = self.specs[graph]
         binding = self.session(graph).io_binding()
         for tensor in spec.inputs:
             value = given.get(tensor.name)
@@ -162,13 +193,38 @@ class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
                       "(--no-cuda-graphs turns them off)", RuntimeWarning, stacklevel=3)
 
     def _open_graphed(self, sizes: Mapping[str, int]) -> GraphedSession:
-        """A UNet session with every free dimension pinned (so ORT folds its shape arithmetic and runs every
-        node on the GPU, as graph capture requires) and static buffers for every input and output."""
+        """The shape's graph (id = shapes opened so far + 1) in the shared graph-enabled session, or in a pinned
+        session of its own; static buffers for every input and output."""
+        if self._graph_session is None:
+            try:
+                self._graph_session = self.open_session("unet", session_options(), self.providers(cuda_graph=True))
+            except CaptureRefused:  # e.g. shape arithmetic left to the CPU with copies between
+                self._graph_session = False
+        session = self._graph_session or self._pinned_session(sizes)
+        spec = self.specs["unet"]
+        inputs = {t.name: self.allocate(t, t.shape(sizes), zero=True) for t in spec.inputs}
+        outputs = {t.name: self.allocate(t, t.shape(sizes)) for t in spec.outputs}
+        return GraphedSession(session, inputs, outputs, graph_id=len(self._graphed) + 1)
+
+    def _pinned_session(self, sizes: Mapping[str, int]) -> Any:
+        """A UNet session with every free dimension pinned (so ORT folds its shape arithmetic and runs every node
+        on the GPU, as capture requires), on the weights all pinned sessions share."""
         options = session_options()
         for axis, size in sizes.items():
             options.add_free_dimension_override_by_name(axis, size)
-        spec = self.specs["unet"]
-        session = self.open_session("unet", options, self.providers(cuda_graph=True))
-        inputs = {t.name: self.allocate(t, t.shape(sizes), zero=True) for t in spec.inputs}
-        outputs = {t.name: self.allocate(t, t.shape(sizes)) for t in spec.outputs}
-        return GraphedSession(session, inputs, outputs)
+        for name, value in self.shared_weights().items():
+            options.add_initializer(name, value)
+        return self.open_session("unet", options, self.providers(cuda_graph=True))
+
+    def shared_weights(self) -> dict[str, Any]:
+        """The UNet's initializers as device OrtValues, read from its graph once."""
+        if self._weights is None:
+            import onnx
+            import onnxruntime as ort
+            from onnx import numpy_helper
+
+            graph = onnx.load(str(self.directory / "unet.onnx")).graph  # its external data beside it
+            self._weights = {weight.name: ort.OrtValue.ortvalue_from_numpy(
+                numpy_helper.to_array(weight), self.device.type, self.device.index or 0)
+                for weight in graph.initializer}
+        return self._weights

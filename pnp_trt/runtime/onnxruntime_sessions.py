@@ -60,6 +60,15 @@ def check_provider(provider: str) -> str:
     return name
 
 
+class CaptureRefused(PnPError):
+    """ONNX Runtime would not create a graph-enabled session (a node outside the CUDA provider, copies between):
+    the export is fine, its CUDA-graph capture is not."""
+
+
+CAPTURE_REFUSAL = "cannot use the CUDA Graph feature"
+"""What ONNX Runtime's session creation says when it refuses `enable_cuda_graph`."""
+
+
 class OnnxRuntimeSessions:
     """An exported directory's graphs as lazily created ORT sessions (one per graph) on one provider."""
 
@@ -92,6 +101,9 @@ class OnnxRuntimeSessions:
         try:
             session = ort.InferenceSession(str(self.directory / f"{graph}.onnx"), options, providers=providers)
         except Exception as exc:  # ORT raises its own types for unreadable/corrupt graphs
+            if CAPTURE_REFUSAL in str(exc):
+                raise CaptureRefused(f"ONNX Runtime refuses to capture {graph} as a CUDA graph "
+                                     f"({str(exc).splitlines()[0][-160:]}); --no-cuda-graphs runs without") from None
             raise PnPError(f"cannot load {self.directory / graph}.onnx ({str(exc).splitlines()[0][:160]}); "
                            f"rebuild it with `pnp-trt export`") from None
         check_graph_identity(session.get_modelmeta().custom_metadata_map.get(EXPORT_ID_KEY), self.manifest,

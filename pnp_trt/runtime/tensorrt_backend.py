@@ -23,7 +23,7 @@ from ..engines.profiles import check_request, profile_index, profile_shapes
 from ..errors import PnPError
 from ..manifest import GRAPHS, require_tensorrt_attention
 from .backend import LoadedModel
-from .cuda_graphs import CudaGraphs, signature
+from .cuda_graphs import CAPTURE, CudaGraphs, signature
 from .exported import open_exported
 from .torch_arrays import TORCH_DTYPES, TorchArrays
 
@@ -68,6 +68,7 @@ class TensorRTBackend(TorchArrays):
         collide with an input's). Outputs that are read get fresh memory: they are the caller's."""
         self.unet_graphs = CudaGraphs(self._execute_graphed, self.device) if cuda_graphs else None
         self._graph_contexts: dict[tuple, trt.IExecutionContext] = {}
+        self._graph_outputs: dict[tuple, dict[str, torch.Tensor]] = {}
 
     def _context(self, graph: str, engine: trt.ICudaEngine, profile: int) -> trt.IExecutionContext:
         """An execution context on the shared activation region, set to one optimization profile."""
@@ -86,12 +87,16 @@ class TensorRTBackend(TorchArrays):
 
     def _execute_graphed(self, inputs: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
         """The UNet for `CudaGraphs`: a context of its own per captured graph (a graph keeps the state its
-        context had at capture), made at the first, uncaptured warm-up run."""
+        context had at capture) and its outputs allocated once, both at the first, uncaptured warm-up run; the
+        other warm-up and the captured run write the same buffers (no allocation inside the capture)."""
         key, sample = signature(inputs), inputs["sample"]
         if key not in self._graph_contexts and sample is not None:
             profile = profile_index("unet", int(sample.shape[0]))
             self._graph_contexts[key] = self._context("unet", self.engines["unet"], profile)
-        return self._execute("unet", inputs, context=self._graph_contexts.get(key))
+        outputs = self._execute("unet", inputs, context=self._graph_contexts.get(key),
+                                into=self._graph_outputs.get(key))
+        self._graph_outputs.setdefault(key, outputs)  # as trtexec: the capture writes the warm-ups' buffers
+        return outputs
 
     def _check_engine(self, graph: str, engine: trt.ICudaEngine, entry: EngineEntry) -> None:
         """The plan itself must match the contract's dtypes and engines.json's limits (a plan rebuilt with other
@@ -125,18 +130,21 @@ class TensorRTBackend(TorchArrays):
         self.specs[graph].check_feeds(feeds)
         self._check_profile(graph, feeds)
         read = self.specs[graph].read_outputs(outputs)
-        inputs = {t.name: None if feeds.get(t.name) is None else
-                  self.tensor(feeds[t.name], t)
-                  for t in self.specs[graph].inputs}
+        with CAPTURE.running():  # uploads allocate: never while another thread captures
+            inputs = {t.name: None if feeds.get(t.name) is None else self.tensor(feeds[t.name], t)
+                      for t in self.specs[graph].inputs}
         if graph == "unet" and self.unet_graphs is not None:
             return self.unet_graphs(inputs, read)
-        return self._execute(graph, inputs, read)
+        with CAPTURE.running():
+            return self._execute(graph, inputs, read)
 
     def _execute(self, graph: str, inputs: Mapping[str, torch.Tensor | None], read: Collection[str] | None = None,
-                 context: trt.IExecutionContext | None = None) -> dict[str, torch.Tensor]:
+                 context: trt.IExecutionContext | None = None,
+                 into: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Bind every input (absent: a zero buffer or a false gate) and output, and enqueue the engine on the
         current stream (inside a CUDA graph capture: the capture stream). Returns the outputs named in
-        `read` (None: all), each in fresh memory; the others are written to reused scratch buffers."""
+        `read` (None: all), each in fresh memory (or `into`'s buffers, where given); the others are written to
+        reused scratch buffers."""
         spec = self.specs[graph]
         first = inputs[spec.inputs[0].name]
         if first is None:
@@ -160,7 +168,8 @@ class TensorRTBackend(TorchArrays):
             shape = _dims(context.get_tensor_shape(tensor.name))
             kept = read is None or tensor.name in read
             # what is read is the caller's (the Backend contract): fresh memory; what is not, one scratch buffer
-            out = self.allocate(tensor, shape) if kept else self.zeros.get(tensor, shape)
+            out = (into[tensor.name] if into is not None else self.allocate(tensor, shape)) if kept \
+                else self.zeros.get(tensor, shape)
             _bind(context, tensor.name, out)
             if kept:
                 outputs[tensor.name] = out

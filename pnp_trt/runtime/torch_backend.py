@@ -13,7 +13,7 @@ from ..models import TorchModel, load_diffusers, model_identity
 from ..schedule import Schedule
 from ..torch_graphs import PnPUNetGraph, TextEncoderGraph, VaeDecoderGraph, VaeEncoderGraph
 from .backend import LoadedModel
-from .cuda_graphs import CudaGraphs
+from .cuda_graphs import CAPTURE, CudaGraphs
 from .onnxruntime_sessions import intra_op_threads
 from .torch_arrays import TorchArrays
 
@@ -54,10 +54,14 @@ class TorchBackend(TorchArrays):
             ) -> dict[str, torch.Tensor]:
         spec, read = self.specs[graph], self.specs[graph].read_outputs(outputs)
         spec.check_feeds(feeds)
-        args = {t.name: None if t.name not in feeds else self.tensor(feeds[t.name], t) for t in spec.inputs}
-        if graph == "unet":
-            return self.unet_graphs(args, read) if self.unet_graphs is not None else self._run_unet(args, read)
-        return dict(zip(spec.output_names, self.graphs[graph](*args.values()), strict=True))
+        with CAPTURE.running():  # uploads allocate: never while another thread captures
+            args = {t.name: None if t.name not in feeds else self.tensor(feeds[t.name], t) for t in spec.inputs}
+        if graph == "unet" and self.unet_graphs is not None:
+            return self.unet_graphs(args, read)
+        with CAPTURE.running():
+            if graph == "unet":
+                return self._run_unet(args, read)
+            return dict(zip(spec.output_names, self.graphs[graph](*args.values()), strict=True))
 
 
 def open_torch(model: str | TorchModel, device: torch.device | None = None, dtype: torch.dtype | None = None,
