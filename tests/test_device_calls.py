@@ -282,5 +282,32 @@ def test_a_capture_waits_for_the_runs_under_way_and_holds_off_new_ones() -> None
     for thread in threads:
         thread.join(10)
     assert order == ["first run ends", "capture", "capture ends", "second run"]
-    with lock.running(), lock.running():  # runs share it
+
+
+def test_the_capture_lock_never_waits_for_itself() -> None:
+    """A run nested in a run of the same thread goes ahead even while a capture waits (it would wait for itself);
+    a capture started inside a run is a programming error raised at once; an interrupted capture frees the lock."""
+    import threading
+
+    from pnp_trt.runtime.cuda_graphs import CaptureLock
+
+    lock, nested, waiting = CaptureLock(), threading.Event(), threading.Event()
+    with lock.running():
+        capture = threading.Thread(target=lambda: lock.capturing().__enter__() and None)
+        capture.daemon = True
+        capture.start()
+        while not lock._capturing:
+            waiting.wait(0.01)
+        with lock.running():
+            nested.set()
+        with pytest.raises(RuntimeError, match="inside a run"), lock.capturing():
+            pass
+    capture.join(10)
+    assert nested.is_set() and not capture.is_alive()
+    interrupted = CaptureLock()
+    interrupted._running = 1  # a run under way on another thread
+    waits = iter([True])  # the first wait (no other capture) passes; the wait for the run is interrupted
+    interrupted._state.wait_for = lambda predicate: next(waits, None) or (_ for _ in ()).throw(KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt), interrupted.capturing():
         pass
+    assert not interrupted._capturing and next(waits, "spent") == "spent"

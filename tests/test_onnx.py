@@ -195,9 +195,11 @@ def test_cuda_graphs_share_one_unet_session_or_one_copy_of_its_weights(exported:
         assert opened.count("unet") == len(unet_sessions) == 1 and backend._weights is None
 
 
-def test_a_graph_session_onnxruntime_refuses_is_not_called_a_broken_export(exported: Path, monkeypatch) -> None:
-    """ONNX Runtime's refusal of `enable_cuda_graph` at session creation is a `CaptureRefused` that names
-    --no-cuda-graphs, not "rebuild it with pnp-trt export"."""
+@pytest.mark.parametrize("wording", ["graph capture feature", "CUDA Graph feature"])  # onnxruntime ≥ 1.18; before
+def test_a_graph_session_onnxruntime_refuses_is_not_called_a_broken_export(exported: Path, monkeypatch,
+                                                                         wording: str) -> None:
+    """ONNX Runtime's refusal of `enable_cuda_graph` at session creation (its words, as onnxruntime 1.32's library
+    holds them) is a `CaptureRefused` that names --no-cuda-graphs, not "rebuild it with pnp-trt export"."""
     import onnxruntime as ort
 
     from pnp_trt.manifest import read_manifest
@@ -205,9 +207,9 @@ def test_a_graph_session_onnxruntime_refuses_is_not_called_a_broken_export(expor
     from pnp_trt.runtime.onnxruntime_sessions import CaptureRefused, session_options
 
     def refuse(*args, **kwargs):
-        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : This session cannot use the CUDA Graph feature as "
+        raise RuntimeError(f"[ONNXRuntimeError] : 1 : FAIL : This session cannot use the {wording} as "
                            "requested by the user  as all compute graph nodes have not been partitioned to the "
-                           "CUDA EP.")
+                           "CUDAExecutionProvider.")
 
     backend = OnnxRuntimeBackend(exported, read_manifest(exported))
     monkeypatch.setattr(ort, "InferenceSession", refuse)

@@ -136,7 +136,17 @@ def latent_bank(work: Path, seed: int, autoencoder: Any, count: int) -> dict[str
     return {"latents": bank, "captions": captions}
 
 
-def train_unet(work: Path, seed: int, steps: int, bank: dict[str, Any], tokenizer: Any, scale: float) -> tuple:
+def unet_lr(step: int, steps: int, decay_from: int | None) -> float:
+    """200 warm-up steps, then constant; from `decay_from` on (if given) a cosine down to zero at `steps`. A run
+    stopped before `decay_from` and resumed with more steps is the run it would have been from the start."""
+    lr = UNET["lr"] * min(1.0, (step + 1) / 200)
+    if decay_from is None or step < decay_from:
+        return lr
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - decay_from) / max(1, steps - decay_from)))
+
+
+def train_unet(work: Path, seed: int, steps: int, bank: dict[str, Any], tokenizer: Any, scale: float,
+               decay_from: int | None = None) -> tuple:
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -172,7 +182,7 @@ def train_unet(work: Path, seed: int, steps: int, bank: dict[str, Any], tokenize
         noisy = a.sqrt() * latents[rows] + (1 - a).sqrt() * noise
         loss = ((unet(noisy, t, encoder(tokens).last_hidden_state).sample - noise) ** 2).mean()
         for group in optimizer.param_groups:
-            group["lr"] = UNET["lr"] * min(1.0, (step + 1) / 200)
+            group["lr"] = unet_lr(step, steps, decay_from)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -196,6 +206,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=2500)
     parser.add_argument("--unet-steps", type=int, default=5000)
+    parser.add_argument("--lr-decay-from", type=int, default=None,
+                        help="the UNet step from which its learning rate decays (cosine) to zero at the end")
     parser.add_argument("--scenes", type=int, default=32768, help="scenes in the latent bank")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -209,7 +221,8 @@ def main() -> None:
     autoencoder.register_to_config(scaling_factor=scale)
     with tempfile.TemporaryDirectory() as tmp_tokenizer:
         tokenizer = write_clip_tokenizer(Path(tmp_tokenizer) / "tokenizer", world.WORDS)
-    unet, encoder, losses = train_unet(args.work, args.seed, args.unet_steps, bank, tokenizer, scale)
+    unet, encoder, losses = train_unet(args.work, args.seed, args.unet_steps, bank, tokenizer, scale,
+                                       args.lr_decay_from)
     with staging_directory(args.out) as tmp:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         autoencoder.save_pretrained(tmp / "vae", safe_serialization=True)
@@ -221,8 +234,10 @@ def main() -> None:
         tail = losses[-200:]
         (tmp / "training.json").write_text(json.dumps({
             "command": "python tools/train_demo_model.py " + " ".join(
-                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("work", "out")),
-            "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "scenes": args.scenes,
+                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                if k not in ("work", "out") and v is not None),
+            "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
+            "lr_decay_from": args.lr_decay_from, "scenes": args.scenes,
             "scaling_factor": scale, "final_unet_loss_mean_last_200": sum(tail) / len(tail),
             "final_vae_loss": vae_loss, "minutes_of_the_last_run": (time.monotonic() - began) / 60}, indent=2))
     print(f"wrote {args.out} in {(time.monotonic() - began) / 60:.1f} min", flush=True)

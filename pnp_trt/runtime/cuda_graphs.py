@@ -23,33 +23,47 @@ GraphFunction = Callable[[Tensors], Mapping[str, torch.Tensor]]
 class CaptureLock:
     """Process-wide: while a CUDA graph is captured no other thread launches CUDA work ("no non-captured CUDA work
     may run in this process while capture is underway", PyTorch's CUDA notes; ONNX Runtime captures in global
-    mode). Runs share the lock with each other; a capture waits for the runs under way and holds off new ones."""
+    mode). Runs share the lock with each other (a thread may nest them); a capture waits for the runs under way
+    and holds off new ones. It covers what the backends launch in `run`, not the sampler's own arithmetic."""
 
     def __init__(self) -> None:
         self._state = threading.Condition()
         self._running = 0
         self._capturing = False
+        self._depth = threading.local()
+        """Per thread: how many `running` blocks it is inside (a nested one never waits)."""
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
         """Around uncaptured device work: waits while a capture is under way."""
+        depth = getattr(self._depth, "value", 0)
         with self._state:
-            self._state.wait_for(lambda: not self._capturing)
+            if depth == 0:
+                self._state.wait_for(lambda: not self._capturing)
             self._running += 1
+        self._depth.value = depth + 1
         try:
             yield
         finally:
+            self._depth.value = depth
             with self._state:
                 self._running -= 1
                 self._state.notify_all()
 
     @contextlib.contextmanager
     def capturing(self) -> Iterator[None]:
-        """Around a capture (never inside `running` on the same thread): alone on the device."""
+        """Around a capture: alone on the device. Never from inside `running` (it would wait for itself)."""
+        if getattr(self._depth, "value", 0):
+            raise RuntimeError("a CUDA graph capture was started inside a run holding the capture lock")
         with self._state:
             self._state.wait_for(lambda: not self._capturing)
             self._capturing = True
-            self._state.wait_for(lambda: self._running == 0)
+            try:
+                self._state.wait_for(lambda: self._running == 0)
+            except BaseException:  # interrupted while waiting: the others must not wait for it for ever
+                self._capturing = False
+                self._state.notify_all()
+                raise
         try:
             yield
         finally:
@@ -93,6 +107,10 @@ class CudaGraphs:
         self.broken = False
         """A capture CUDA itself invalidated leaves torch's allocator unable to capture again: all eager."""
         self._lock = threading.Lock()
+
+    def settled(self, key: tuple) -> bool:
+        """Whether the signature `key` was captured, or failed to be (its calls are no longer warm-ups)."""
+        return self.broken or key in self._graphs
 
     def __len__(self) -> int:
         """Graphs captured (signatures that failed to capture and run eagerly are not counted)."""

@@ -6,8 +6,9 @@ With `cuda_graphs` the UNet replays the CUDA graphs ONNX Runtime captures (`enab
 needs fixed shapes and fixed buffer addresses: one graph-enabled session serves every shape, each (batch, size)
 with static buffers bound once and a graph id of its own (`gpu_graph_id`, onnxruntime ≥ 1.18). Where ONNX
 Runtime refuses capture on the dynamic graph, each shape gets a session with its dimensions pinned, all of them
-sharing one copy of the weights (`SessionOptions.add_initializer`): a session per shape with weights of its own
-was what ran the H100 out of memory.
+handed one copy of the weights (`SessionOptions.add_initializer`): a session per shape with weights of its own
+was what ran the H100 out of memory. (ORT's graph optimizers bake the file's weights into the initializers they
+rewrite, e.g. fused or reordered ones; those stay per session. What is shared on a GPU is measured there.)
 """
 
 from __future__ import annotations
@@ -34,13 +35,11 @@ def bind(bind_method: Callable[..., None], name: str, tensor: torch.Tensor) -> N
                 list(tensor.shape), tensor.data_ptr())
 
 
-ORT_RUNS_TO_CAPTURE = 2
-"""ONNX Runtime's CUDA provider runs a graph id once uncaptured (allocating its memory), then captures it."""
-
-
 class GraphedSession:
     """One shape's CUDA graph in a graph-enabled UNet session: static buffers bound once, its own graph id,
-    calls take turns. Its capturing runs hold the process's capture lock (`cuda_graphs.CAPTURE`)."""
+    calls take turns. ONNX Runtime's CUDA provider keeps its graphs per OS thread and warms up and captures
+    inside a thread's first run of a graph id: that run holds the process's capture lock (`cuda_graphs.CAPTURE`)
+    alone, later ones (replays) share it."""
 
     def __init__(self, session: Any, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
                  graph_id: int):
@@ -54,7 +53,8 @@ class GraphedSession:
             bind(self.binding.bind_output, name, tensor)
         self.run_options = ort.RunOptions()
         self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        self.runs = 0
+        self.captured_on: set[int] = set()
+        """The threads that have captured this graph id (ORT's graphs are per thread)."""
         self._lock = threading.Lock()
 
     def __call__(self, feeds: Mapping[str, torch.Tensor], synchronize: Callable[[], None],
@@ -67,13 +67,14 @@ class GraphedSession:
                 else:  # absent: not injected, gate off
                     static.zero_()
             synchronize()
+            thread = threading.get_ident()
             try:
-                with CAPTURE.capturing() if self.runs < ORT_RUNS_TO_CAPTURE else CAPTURE.running():
+                with CAPTURE.running() if thread in self.captured_on else CAPTURE.capturing():
                     self.session.run_with_iobinding(self.binding, self.run_options)
             except Exception as exc:  # ORT's own types: capture refused (a node outside the GPU provider)
                 raise PnPError(f"ONNX Runtime cannot run the UNet as a CUDA graph ({str(exc).splitlines()[0][:200]})"
                                "; run without CUDA graphs (--no-cuda-graphs)") from None
-            self.runs += 1
+            self.captured_on.add(thread)
             copies = {name: self.outputs[name].clone() for name in read}
             synchronize()  # copied out before the next replay (perhaps from another stream) overwrites them
             return copies
@@ -150,8 +151,8 @@ class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
         if graphed is not None:
             try:
                 return graphed(given, self.synchronize, read)
-            except PnPError as exc:  # ORT captures at its first runs: a refusal there, too, means run eagerly
-                self._give_up_graph(sizes, exc)
+            except PnPError as exc:  # ORT captures at its first run: a refusal there, too, means run eagerly
+                self._give_up_graph(sizes, exc, session=graphed.session)
         with CAPTURE.running():
             return self._run_eagerly(graph, given, sizes, read)
 
@@ -183,11 +184,16 @@ class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
                     self._give_up_graph(sizes, exc, locked=True)
             return self._graphed[key]
 
-    def _give_up_graph(self, sizes: Mapping[str, int], exc: PnPError, locked: bool = False) -> None:
-        """That shape runs eagerly from now on, after one warning (the export is fine, its capture is not)."""
+    def _give_up_graph(self, sizes: Mapping[str, int], exc: PnPError, locked: bool = False,
+                       session: Any = None) -> None:
+        """That shape runs eagerly from now on, after one warning (the export is fine, its capture is not); so does
+        every other shape of `session` (a failed capture leaves the session's state unknown)."""
         key = (sizes["batch"], sizes["height"], sizes["width"])
         with contextlib.nullcontext() if locked else self._opening:
             self._graphed[key] = None
+            for other, graphed in self._graphed.items():
+                if graphed is not None and session is not None and graphed.session is session:
+                    self._graphed[other] = None
         warnings.warn(f"ONNX Runtime could not run the UNet at batch {key[0]}, {key[1]}x{key[2]} latents as a "
                       f"CUDA graph ({str(exc).split('; rebuild')[0][:200]}); that shape runs without one "
                       "(--no-cuda-graphs turns them off)", RuntimeWarning, stacklevel=3)
@@ -212,19 +218,27 @@ class OnnxRuntimeDeviceBackend(TorchArrays, OnnxRuntimeSessions):
         options = session_options()
         for axis, size in sizes.items():
             options.add_free_dimension_override_by_name(axis, size)
-        for name, value in self.shared_weights().items():
-            options.add_initializer(name, value)
+        try:
+            for name, (_, value) in self.shared_weights().items():
+                options.add_initializer(name, value)
+        except Exception as exc:  # ORT's own types
+            self._weights = None  # not kept on the device for nothing
+            raise PnPError(f"ONNX Runtime would not share the UNet's weights between sessions "
+                           f"({str(exc).splitlines()[0][-160:]})") from None
         return self.open_session("unet", options, self.providers(cuda_graph=True))
 
-    def shared_weights(self) -> dict[str, Any]:
-        """The UNet's initializers as device OrtValues, read from its graph once."""
+    def shared_weights(self) -> dict[str, tuple[torch.Tensor, Any]]:
+        """The UNet's initializers, read from its graph once, as device tensors and the OrtValues that view them
+        (`add_initializer` takes only memory its caller owns: DLPack views of torch's tensors, kept alive here)."""
         if self._weights is None:
             import onnx
             import onnxruntime as ort
             from onnx import numpy_helper
 
             graph = onnx.load(str(self.directory / "unet.onnx")).graph  # its external data beside it
-            self._weights = {weight.name: ort.OrtValue.ortvalue_from_numpy(
-                numpy_helper.to_array(weight), self.device.type, self.device.index or 0)
-                for weight in graph.initializer}
+            weights = {}
+            for weight in graph.initializer:
+                tensor = torch.from_numpy(numpy_helper.to_array(weight).copy()).to(self.device)
+                weights[weight.name] = (tensor, ort.OrtValue.from_dlpack(tensor.__dlpack__()))
+            self._weights = weights
         return self._weights

@@ -65,8 +65,8 @@ class CaptureRefused(PnPError):
     the export is fine, its CUDA-graph capture is not."""
 
 
-CAPTURE_REFUSAL = "cannot use the CUDA Graph feature"
-"""What ONNX Runtime's session creation says when it refuses `enable_cuda_graph`."""
+CAPTURE_REFUSALS = ("cannot use the graph capture feature", "cannot use the CUDA Graph feature")
+"""What ONNX Runtime's session creation says when it refuses `enable_cuda_graph` (1.18 on; before)."""
 
 
 class OnnxRuntimeSessions:
@@ -101,7 +101,7 @@ class OnnxRuntimeSessions:
         try:
             session = ort.InferenceSession(str(self.directory / f"{graph}.onnx"), options, providers=providers)
         except Exception as exc:  # ORT raises its own types for unreadable/corrupt graphs
-            if CAPTURE_REFUSAL in str(exc):
+            if any(refusal in str(exc) for refusal in CAPTURE_REFUSALS):
                 raise CaptureRefused(f"ONNX Runtime refuses to capture {graph} as a CUDA graph "
                                      f"({str(exc).splitlines()[0][-160:]}); --no-cuda-graphs runs without") from None
             raise PnPError(f"cannot load {self.directory / graph}.onnx ({str(exc).splitlines()[0][:160]}); "

@@ -88,11 +88,14 @@ class TensorRTBackend(TorchArrays):
     def _execute_graphed(self, inputs: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
         """The UNet for `CudaGraphs`: a context of its own per captured graph (a graph keeps the state its
         context had at capture) and its outputs allocated once, both at the first, uncaptured warm-up run; the
-        other warm-up and the captured run write the same buffers (no allocation inside the capture)."""
+        other warm-up and the captured run write the same buffers (no allocation inside the capture). A signature
+        whose capture failed runs eagerly into fresh memory, as every `run`'s outputs are the caller's."""
         key, sample = signature(inputs), inputs["sample"]
         if key not in self._graph_contexts and sample is not None:
             profile = profile_index("unet", int(sample.shape[0]))
             self._graph_contexts[key] = self._context("unet", self.engines["unet"], profile)
+        if self.unet_graphs is not None and self.unet_graphs.settled(key):  # run eagerly: fresh outputs
+            return self._execute("unet", inputs, context=self._graph_contexts.get(key))
         outputs = self._execute("unet", inputs, context=self._graph_contexts.get(key),
                                 into=self._graph_outputs.get(key))
         self._graph_outputs.setdefault(key, outputs)  # as trtexec: the capture writes the warm-ups' buffers
