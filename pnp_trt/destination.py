@@ -1,16 +1,18 @@
 """The one output policy, for files and directories alike: pnp-trt replaces only what it wrote itself (a PNG
-carrying its record, a directory holding only its record's files), never the input, a link, a device or a
-FIFO, and a user's own regular file only when told to (`overwrite`). Checked before any work and again when
-writing."""
+carrying its record, which names the file; a directory holding only the files its record lists, each unchanged
+since: the record keeps their SHA-256), never the input, a link, a device or a FIFO, and a user's own regular
+file only when told to (`overwrite`). Checked before any work and again when writing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -21,6 +23,21 @@ RECORD = "translate.json"
 RECORD_CHUNK = "pnp-trt"
 """The PNG text chunk holding a single image's record (`Image.open(path).text["pnp-trt"]`)."""
 SUFFIX = ".png"
+WRITER = "pnp-trt"
+"""Every record pnp-trt writes says `"written_by": "pnp-trt"` and lists its `outputs`: a record without both (a
+user's translate.json, an empty or foreign PNG text chunk) is not pnp-trt's."""
+
+
+def ours(record: Any, name: str | None = None) -> bool:
+    """Whether `record` (parsed JSON) is one pnp-trt wrote (listing `name` among its outputs, if given)."""
+    outputs = record.get("outputs") if isinstance(record, dict) else None
+    return record.get("written_by") == WRITER and isinstance(outputs, list) \
+        and all(isinstance(n, str) for n in outputs) and (name is None or name in outputs)  # type: ignore[union-attr]
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (a results set records its files' digests: an edited file is not ours)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def check_destination(out: Path | str, several: bool, overwrite: bool = False, inputs: Iterable[Path | str] = (),
@@ -81,8 +98,8 @@ def _check_directory(out: Path, inputs: list[Path]) -> None:
     ours = {name for name in previous_results(out) if _kind(out / name) == "file"}  # a directory or link: not ours
     foreign = sorted(set(p.name for p in out.iterdir()) - ours)
     if foreign:
-        raise PnPError(f"--out {out} holds files pnp-trt did not write ({', '.join(foreign[:3])}); "
-                       "choose a new or empty directory")
+        raise PnPError(f"--out {out} holds files pnp-trt did not write, or that changed since it wrote them "
+                       f"({', '.join(foreign[:3])}); choose a new or empty directory")
 
 
 def _kind(path: Path) -> str | None:
@@ -120,18 +137,31 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def written_by_pnp_trt(path: Path) -> bool:
-    """A PNG carrying pnp-trt's record chunk (a result, or a guidance written beside one)."""
+    """A PNG carrying pnp-trt's record chunk that names this very file (a result, or a guidance beside one)."""
     try:
         with Image.open(path) as image:
-            return image.format == "PNG" and isinstance(json.loads(image.info[RECORD_CHUNK]), dict)
+            return image.format == "PNG" and ours(json.loads(image.info[RECORD_CHUNK]), path.name)
     except Exception:  # anything unreadable as our PNG is not ours
         return False
 
 
 def previous_results(out: Path) -> list[str]:
-    """The files a previous run recorded in `out` (its PNGs and the record), if it left a readable record."""
+    """The files a previous run recorded in `out` that are still as it wrote them (its PNGs, by their recorded
+    SHA-256, and the record itself), if it left a record of pnp-trt's."""
     try:
-        outputs = json.loads((out / RECORD).read_text())["outputs"]
+        record = json.loads((out / RECORD).read_text())
+        digests = record["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return []
-    return [RECORD, *outputs] if isinstance(outputs, list) and all(isinstance(n, str) for n in outputs) else []
+    if not ours(record) or not isinstance(digests, dict):
+        return []
+    unchanged = []
+    for name in record["outputs"]:
+        path = out / name
+        try:
+            if path.parent == out and path.is_file() and not path.is_symlink() \
+                    and digests.get(name) == file_digest(path):
+                unchanged.append(name)
+        except OSError:
+            continue
+    return [RECORD, *unchanged]

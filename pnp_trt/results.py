@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from .destination import RECORD, RECORD_CHUNK, check_destination
+from .destination import RECORD, RECORD_CHUNK, WRITER, check_destination, file_digest
 from .fileio import committing, new_staging, swap_in
 from .images import write_png
 
@@ -42,7 +42,10 @@ def save_directory(out: Path, prompts: Sequence[str], images: Sequence[Image.Ima
     try:
         for name, image in [*zip(names, images, strict=True), *extra.items()]:
             image.save(staging / name, format="PNG")
-        (staging / RECORD).write_text(json.dumps({**record, "outputs": [*names, *extra]}, indent=2))
+        files = [*names, *extra]
+        digests = {name: file_digest(staging / name) for name in files}  # an edited file is then not ours
+        (staging / RECORD).write_text(json.dumps({**record, "written_by": WRITER, "outputs": files,
+                                                  "files": digests}, indent=2))
         staging.chmod(0o755)
         with committing(out):  # the previous set (at `staging` after an exchange) is removed inside too: a stop
             swap_in(staging, out)  # signal there cut the removal short and was told "nothing was written"
@@ -67,9 +70,11 @@ def save_file(out: Path, image: Image.Image, record: dict[str, Any], guidance: I
     check_destination(out, several=False, overwrite=overwrite, inputs=inputs, companions=companions)
     pictures: dict[Path, tuple[Image.Image, dict[str, str]]] = {}
     if guidance is not None:
-        pictures[guidance_beside(out)] = (guidance, {RECORD_CHUNK: json.dumps({"guidance_of": out.name})})
+        beside = guidance_beside(out).name
+        pictures[guidance_beside(out)] = (guidance, {RECORD_CHUNK: json.dumps(
+            {"written_by": WRITER, "guidance_of": out.name, "outputs": [beside]})})
     names = [out.name, *(path.name for path in pictures)]
-    pictures[out] = (image, {RECORD_CHUNK: json.dumps({**record, "outputs": names})})
+    pictures[out] = (image, {RECORD_CHUNK: json.dumps({**record, "written_by": WRITER, "outputs": names})})
     staged: dict[Path, Path] = {}
     try:
         for path, (picture, text) in pictures.items():

@@ -3,6 +3,7 @@ a FIFO), names the file system refuses are one line, and a results set survives 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -93,9 +94,60 @@ def test_a_listed_result_that_is_a_directory_is_not_ours(tmp_path: Path) -> None
     (out / "0_a.png").unlink()
     (out / "0_a.png").mkdir()
     (out / "0_a.png" / "mine.txt").write_text("a user's notes")
-    with pytest.raises(PnPError, match=r"holds files pnp-trt did not write \(0_a.png\)"):
+    with pytest.raises(PnPError, match=r"holds files pnp-trt did not write, or that changed since it wrote them "
+                                       r"\(0_a.png\)"):
         save_directory(out, ["c", "d"], [image, image], {})
     assert (out / "0_a.png" / "mine.txt").read_text() == "a user's notes"
+
+
+def _png_with_chunk(path: Path, text: str | None) -> Path:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    if text is not None:
+        info.add_text("pnp-trt", text, zip=True)  # zTXt: Pillow reads it as the same key
+    Image.new("RGB", (8, 8), "red").save(path, pnginfo=info)
+    return path
+
+
+@pytest.mark.parametrize("chunk", ["{}", '{"outputs": ["x.png"]}', '{"written_by": "pnp-trt", "outputs": []}',
+                                   '{"written_by": "pnp-trt", "outputs": ["other.png"]}', "[]"])
+def test_a_png_is_ours_only_if_its_record_is_pnp_trts_and_names_it(tmp_path: Path, chunk: str) -> None:
+    """Corpus round 6: a user's PNG with an empty or foreign `pnp-trt` text chunk was replaced as ours. Ours
+    says written_by pnp-trt and lists the file's own name."""
+    user = _png_with_chunk(tmp_path / "x.png", chunk)
+    before = user.read_bytes()
+    with pytest.raises(PnPError, match="exists and was not written by pnp-trt"):
+        save_file(user, Image.new("RGB", (8, 8)), {})
+    assert user.read_bytes() == before
+
+
+def test_a_directory_is_ours_only_with_our_record_and_our_unchanged_files(tmp_path: Path) -> None:
+    """Corpus round 6: a user's directory holding just an i18n `translate.json`, a record listing a user's thesis
+    or photo, and a results set whose image the user edited were all replaced. Now each is refused in one line
+    and left byte for byte as it was; an untouched set of ours is still replaced by a rerun."""
+    image = Image.new("RGB", (8, 8))
+    i18n = tmp_path / "i18n"
+    i18n.mkdir()
+    (i18n / "translate.json").write_text('{"outputs": [], "hello": "bonjour"}')
+    listed = tmp_path / "listed"
+    save_directory(listed, ["a", "b"], [image, image], {})
+    (listed / "thesis.txt").write_text("years of work")
+    record = json.loads((listed / "translate.json").read_text())
+    record["outputs"].append("thesis.txt")
+    (listed / "translate.json").write_text(json.dumps(record))
+    edited = tmp_path / "edited"
+    save_directory(edited, ["a", "b"], [image, image], {})
+    Image.new("RGB", (8, 8), "white").save(edited / "0_a.png")  # the user retouched a result
+    for directory in (i18n, listed, edited):
+        before = _snapshot(directory)
+        with pytest.raises(PnPError, match="holds files pnp-trt did not write, or that changed since"):
+            save_directory(directory, ["c", "d"], [image, image], {})
+        assert _snapshot(directory) == before
+    ours = tmp_path / "ours"
+    save_directory(ours, ["a", "b"], [image, image], {})
+    save_directory(ours, ["c"], [image], {})
+    assert sorted(p.name for p in ours.iterdir()) == ["0_c.png", "translate.json"]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="making a device node needs root")
