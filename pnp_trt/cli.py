@@ -537,7 +537,7 @@ def serve(
         _serve_on_ray(options, host, port)
         return
     application = create_app(options.load, options.limits(), coalesce_ms, workers)
-    err.print(f"serving {backend} on http://{host}:{port} (docs at /docs; Ctrl-C stops)", highlight=False)
+    err.print(f"serving {backend} on {url(host, port)} (docs at /docs; Ctrl-C stops)", highlight=False)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM; SIGHUP (a closed terminal) is made to mean the same
     signal.signal(signal.SIGHUP, lambda signum, frame: signal.raise_signal(signal.SIGTERM))
     uvicorn.run(application, host=host, port=port, log_level="info")  # one access line per request
@@ -640,7 +640,7 @@ def _serve_on_ray(options: Any, host: str, port: int) -> None:
     _handle_stop_signals()  # ray.init installs a native handler that dumps a stack trace on SIGTERM
     try:
         serve.start(http_options={"host": host, "port": port})
-        err.print(f"serving {options.backend} on Ray Serve, {options.replicas} replica(s), http://{host}:{port} "
+        err.print(f"serving {options.backend} on Ray Serve, {options.replicas} replica(s), {url(host, port)} "
                   "(Ctrl-C stops)", highlight=False)
         serve.run(build_application(options), blocking=True)
     except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: a local Ray goes down with the command
@@ -713,6 +713,11 @@ def main() -> None:
         code = 1
     _quiet_broken_streams()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def url(host: str, port: int) -> str:
+    """The address a browser takes: an IPv6 host in brackets (http://[::1]:8000)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def run_as_program() -> None:

@@ -25,6 +25,8 @@ DEFAULT_DISK_CACHE_BYTES = 16 << 30
 GENERATION_SETTINGS = ("seed", "source_guidance_scale")
 """Settings that act only on a guidance generated from a source prompt: given with an image they would do nothing,
 and every surface refuses them there."""
+GENERATION_ONLY = "applies with a source prompt (an image's inversion has no noise to seed); leave it out"
+"""What every surface says of a `GENERATION_SETTINGS` setting given with an image."""
 
 
 @dataclass(frozen=True)

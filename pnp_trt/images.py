@@ -36,6 +36,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB from any mode: 16-bit greyscale rescaled, transparency composited over white."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
         image = Image.fromarray(_to_8bit(np.asarray(image), 65535.0), "L")
+    if image.mode in ("La", "RGBa"):  # premultiplied alpha: Pillow converts it only to its straight form
+        image = image.convert("LA" if image.mode == "La" else "RGBA")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -82,7 +84,13 @@ def _open_checked(source: Path | IO[bytes], name: str) -> Image.Image:
             opened = Image.open(source, formats=GUIDANCE_FORMATS)
         with opened:
             _check_size(opened, name)
+            if opened.format == "PNG" and _first_chunk(source) == b"CgBI":
+                raise PnPError(f"{name} is an Apple CgBI PNG (an iOS app resource, not a standard PNG); convert "
+                               "it to a standard PNG first")
             opened.load()
+            if opened.mode == "P" and opened.palette is None:
+                raise PnPError(f"{name} is a palette image without its palette (a PNG missing its PLTE chunk: a "
+                               "damaged file); re-save it")
             return normalize_guidance(opened, name)
     except Image.DecompressionBombError:  # Pillow's own refusal, from the header, past ~179 Mpx
         raise PnPError(f"{name} has more than 179 Mpx (its header says so); the limit is "
@@ -90,6 +98,18 @@ def _open_checked(source: Path | IO[bytes], name: str) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         detail = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
         raise PnPError(f"cannot read {name} as an image ({detail}); pass a valid PNG/JPEG/WebP file") from None
+
+
+def _first_chunk(source: Path | IO[bytes]) -> bytes:
+    """The type of a PNG's first chunk (after the 8-byte signature and the chunk's length)."""
+    if isinstance(source, Path):
+        with open(source, "rb") as f:
+            return f.read(16)[12:16]
+    position = source.tell()
+    source.seek(0)
+    head = source.read(16)
+    source.seek(position)
+    return head[12:16]
 
 
 @dataclass(frozen=True)

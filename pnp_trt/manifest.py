@@ -23,6 +23,9 @@ FORMAT_VERSION = 3
 3: an `export_id`, also written into every graph's own metadata (`EXPORT_ID_KEY`), checked at load."""
 EXPORT_ID_KEY = "pnp_trt.export_id"
 """The ONNX metadata key under which each graph carries the id of the export that wrote it."""
+EXPORT_DIMS_KEY = "pnp_trt.dims"
+"""The ONNX metadata key under which each graph carries the model dims it was exported for (JSON): a manifest
+whose `dims` were edited (a VAE factor, a native size) disagrees with its own graphs."""
 MANIFEST = "manifest.json"
 GRAPHS = ("text_encoder", "vae_encoder", "vae_decoder", "unet")
 ATTENTION = ("standard", "onnx", "onnxruntime")
@@ -178,25 +181,34 @@ def schema_problem(manifest: dict[str, Any], directory: Path) -> str | None:
     return f"no entry for {', '.join(missing)}" if missing else None
 
 
-def check_graph_identity(graph_id: str | None, manifest: dict[str, Any], path: Path) -> None:
-    """A graph carries the id of the export its manifest describes; another export's graph (or a manifest
-    copied from another export) is refused before it runs, cheaply (the id, not a hash of the weights)."""
+def check_graph_identity(metadata: dict[str, str], manifest: dict[str, Any], path: Path) -> None:
+    """A graph carries the id of the export its manifest describes, and the dims it was exported for; another
+    export's graph, a manifest copied from another export or one whose dims were edited is refused before it
+    runs, cheaply (the graph's metadata, not a hash of the weights). Graphs of exports before the dims were
+    stamped carry the id alone."""
+    graph_id = metadata.get(EXPORT_ID_KEY)
     if graph_id != manifest["export_id"]:
         found = f"export {graph_id[:12]}" if graph_id else "no pnp-trt export id"
         raise PnPError(f"{path} does not belong to this export ({found}; {MANIFEST} says "
                        f"{manifest['export_id'][:12]}): files of different exports are mixed; rebuild with "
                        f"`{rebuild_hint(manifest, Path('NEW_DIR'))}`")
+    stamped = metadata.get(EXPORT_DIMS_KEY)
+    if stamped is not None and json.loads(stamped) != manifest["dims"]:
+        edited = sorted(k for k, v in json.loads(stamped).items() if manifest["dims"].get(k) != v)
+        raise PnPError(f"{MANIFEST}'s dims ({', '.join(edited) or 'their fields'}) disagree with those {path.name} "
+                       f"was exported for: the manifest was edited; rebuild with "
+                       f"`{rebuild_hint(manifest, Path('NEW_DIR'))}`")
 
 
-def onnx_export_id(path: Path) -> str | None:
-    """The export id in an ONNX file's metadata, read without its external weights."""
+def onnx_metadata(path: Path) -> dict[str, str]:
+    """An ONNX file's metadata (the export id and dims pnp-trt stamps), read without its external weights."""
     import onnx
 
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # a corrupt file carries no id; the builder's own parse names the damage
-        return None
-    return next((p.value for p in model.metadata_props if p.key == EXPORT_ID_KEY), None)
+        return {}
+    return {p.key: p.value for p in model.metadata_props}
 
 
 def verify(directory: Path) -> list[str]:

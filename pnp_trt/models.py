@@ -77,8 +77,36 @@ def _check_layout(model: str) -> None:
     if missing:
         raise PnPError(f"{model} is not a Stable Diffusion diffusers directory (missing {', '.join(missing)}); "
                        "pass a directory written by `save_pretrained` or `pnp-trt make-tiny-model`")
+    _check_regular_files(path)
     _check_config_files(path)
     _check_weight_files(path)
+
+
+TEXT_FILE_LIMIT = {".json": 64 << 20, ".txt": 64 << 20}
+"""The largest config, tokenizer or vocabulary file read (a CLIP tokenizer.json is ~3.6 MB; /dev/zero is endless)."""
+
+
+def _check_regular_files(path: Path) -> None:
+    """Every file of the parts PnP loads (links followed) is a regular file, and its text files are of a sane
+    size: a FIFO hangs a reader, a device such as /dev/zero never ends."""
+    import stat
+
+    for entry in [path / "model_index.json", *(f for part in _PARTS for f in sorted((path / part).iterdir()))]:
+        try:
+            info = entry.stat()
+        except FileNotFoundError:
+            continue  # model_index.json is optional; a dangling link in a part is diffusers' to report
+        except OSError as exc:
+            raise PnPError(f"model {path}: cannot read {entry.relative_to(path)} ({exc.strerror})") from None
+        if stat.S_ISDIR(info.st_mode):
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            raise PnPError(f"model {path}: {entry.relative_to(path)} is not a regular file (a FIFO, device or "
+                           "socket); re-save the model")
+        limit = TEXT_FILE_LIMIT.get(entry.suffix)
+        if limit is not None and info.st_size > limit:
+            raise PnPError(f"model {path}: {entry.relative_to(path)} is {info.st_size / 2**20:.0f} MiB, more than "
+                           f"a model's {entry.suffix} file ever is ({limit >> 20} MiB); re-save the model")
 
 
 def load_diffusers(model: str = DEFAULT_MODEL, device: torch.device | None = None,
@@ -102,6 +130,11 @@ def load_diffusers(model: str = DEFAULT_MODEL, device: torch.device | None = Non
     hf_tokenizer = _load_part(model, "tokenizer", lambda: CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"))
     scheduler_config = _load_part(model, "scheduler", lambda: dict(DDIMScheduler.load_config(model,
                                                                                             subfolder="scheduler")))
+    positions = int(text_encoder.config.max_position_embeddings)
+    if not isinstance(hf_tokenizer.model_max_length, int) or not 1 <= hf_tokenizer.model_max_length <= positions:
+        raise PnPError(f"model {model}: tokenizer/tokenizer_config.json model_max_length is "
+                       f"{hf_tokenizer.model_max_length!r:.24}; Stable Diffusion pads prompts to the text encoder's "
+                       f"length: set it to {positions} (its max_position_embeddings)")
     tokenizer = PromptTokenizer(hf_tokenizer.backend_tokenizer, int(hf_tokenizer.model_max_length),
                                 int(hf_tokenizer.pad_token_id), str(hf_tokenizer.pad_token))
     dims = ModelDims.from_configs(unet.config, vae.config, tokenizer.max_length,

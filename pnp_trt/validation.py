@@ -5,6 +5,7 @@ scheduler configs, manifests and tokenizer records all go through these few func
 from __future__ import annotations
 
 import math
+import os
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -76,8 +77,10 @@ def boolean(name: str, value: Any) -> bool:
 def path(name: str, value: Any) -> Path:
     """A path given as str or Path: not empty (that would mean the current directory) and without NUL bytes
     (which no file system allows: Python raises a bare ValueError)."""
+    if isinstance(value, os.PathLike) and not isinstance(value, Path):
+        value = os.fspath(value)
     if not isinstance(value, (str, Path)):
-        raise PnPError(f"{name} must be a path (str or Path), got {_shown(value)}")
+        raise PnPError(f"{name} must be a path (str, Path or os.PathLike of text), got {_shown(value)}")
     if not str(value):
         raise PnPError(f"{name} is empty; give a path")
     if "\x00" in str(value):
@@ -95,9 +98,20 @@ def text(name: str, value: Any, non_blank: bool = False) -> str:
         raise PnPError(f"{name} is not valid UTF-8 text; check the terminal's or file's encoding") from None
     if "\x00" in value:
         raise PnPError(f"{name} contains a NUL character; remove it")
-    if non_blank and not any(unicodedata.category(c)[0] not in "CZ" for c in value):
+    if non_blank and all(_invisible(c) for c in value):
         raise PnPError(f"{name} must not be empty or only spaces, control or invisible characters")
     return value
+
+
+FILLERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u180e")
+"""Characters that draw nothing yet are letters or symbols to Unicode: Hangul fillers, the blank Braille pattern,
+the Mongolian vowel separator."""
+
+
+def _invisible(char: str) -> bool:
+    """Draws nothing on its own: a control, format, separator or space character, a combining mark (a variation
+    selector, say) or a filler."""
+    return unicodedata.category(char)[0] in "CZ" or unicodedata.category(char) in ("Mn", "Me") or char in FILLERS
 
 
 def one_of(name: str, value: Any, options: Sequence[Any]) -> Any:

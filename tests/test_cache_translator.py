@@ -209,6 +209,7 @@ FORGED_ENTRIES = {
     "a step missing": (lambda t: {k: v for k, v in t.items() if not k.startswith("step0.")}, lambda m: m),
     "a tensor of another name": (lambda t: {**t, "../evil": t["start"]}, lambda m: m),
     "integer tensors": (lambda t: {k: v.astype(np.int32) for k, v in t.items()}, lambda m: m),
+    "float16 in an fp32 store": (lambda t: {k: v.astype(np.float16) for k, v in t.items()}, lambda m: m),  # round 6
 }
 
 

@@ -574,3 +574,46 @@ def test_damaged_weight_files_are_named(tiny_model_dir: Path, tmp_path: Path, da
     guide = random_image(tmp_path / "in.png", 64, 64)
     assert_user_error(run("translate", guide, "--model", model, "-p", "a", "--steps", "2", "--out",
                           tmp_path / "o.png"), fragment)
+
+
+def _fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _endless(path: Path) -> None:
+    path.unlink()
+    path.symlink_to("/dev/zero")
+
+
+def _huge(path: Path) -> None:
+    with open(path, "ab") as f:
+        f.truncate(65 << 20)  # sparse: 65 MiB of a "config"
+
+
+def _sentinel_max_length(path: Path) -> None:
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "model_max_length": 1000000000000000019884624838656}))
+
+
+@pytest.mark.parametrize("file,change,fragment", [
+    ("unet/diffusion_pytorch_model.safetensors", _fifo, "unet/diffusion_pytorch_model.safetensors is not a regular "
+                                                        "file (a FIFO, device or socket)"),
+    ("unet/config.json", _endless, "unet/config.json is not a regular file"),
+    ("model_index.json", _fifo, "model_index.json is not a regular file"),
+    ("tokenizer/vocab.json", _huge, "tokenizer/vocab.json is 65 MiB, more than a model's .json file ever is"),
+    ("tokenizer/tokenizer_config.json", _sentinel_max_length, "model_max_length is 1000000000000000019"),
+])
+def test_model_files_that_hang_or_never_end_are_one_line(tiny_model_dir: Path, tmp_path: Path, file: str, change,
+                                                         fragment: str) -> None:
+    """Corpus round 6: a FIFO weight file hung the run, a config linked to /dev/zero read until memory ran out,
+    transformers' "no limit" max length (10^30) was an OverflowError. Each is refused before anything reads it."""
+    import shutil
+
+    model = tmp_path / "damaged"
+    shutil.copytree(tiny_model_dir, model)
+    change(model / file)
+    result = run("translate", "--source-prompt", "a", "-p", "b", "--model", model, "--out", tmp_path / "x.png",
+                 "--steps", "1", "--height", "64", "--width", "64")
+    assert_user_error(result, fragment)
+    assert not (tmp_path / "x.png").exists()

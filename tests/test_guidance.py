@@ -192,6 +192,8 @@ def test_api_settings_are_typed_and_bounded(tiny_torch, settings: dict, fragment
     (["\u200b"], "prompt 1 must not be empty or only spaces, control or invisible"),  # corpus round 5
     (["\x07\x1b"], "prompt 1 must not be empty or only spaces, control or invisible"),
     (["a c\x00at"], "prompt 1 contains a NUL character"),
+    *[([blank], "prompt 1 must not be empty or only spaces, control or invisible")  # corpus round 6
+      for blank in ("\ufe0f", "\u3164", "\u2800", " \u115f\u1160 ", "\u0301\u0301")],
 ])
 def test_prompts_follow_one_rule_everywhere(tiny_torch, prompts, fragment: str) -> None:
     with pytest.raises(PnPError, match=re.escape(fragment)):
@@ -200,3 +202,59 @@ def test_prompts_follow_one_rule_everywhere(tiny_torch, prompts, fragment: str) 
 
 def test_a_model_path_may_be_a_path(tiny_model_dir: Path) -> None:
     assert Translator.open("torch", model=tiny_model_dir).model.dims.latent_channels == 4
+
+
+def _palette_png_without_plte() -> bytes:
+    import io
+    import struct
+
+    image = Image.new("P", (64, 64))
+    image.putpalette([i % 256 for i in range(768)])
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    data, kept, at = buffer.getvalue(), buffer.getvalue()[:8], 8
+    while at < len(data):
+        length = struct.unpack(">I", data[at:at + 4])[0]
+        if data[at + 4:at + 8] != b"PLTE":
+            kept += data[at:at + 12 + length]
+        at += 12 + length
+    return kept
+
+
+def test_corpus_round_6_guidance_forms(tmp_path: Path) -> None:
+    """Premultiplied-alpha PIL images (La, RGBa) convert instead of raising from Pillow; a palette PNG without
+    its palette (Pillow reads it as grey) is refused as damaged."""
+    from pnp_trt.images import check_guidance
+
+    for mode in ("La", "RGBa"):
+        assert check_guidance(Image.new(mode, (64, 64))).image.mode == "RGB"
+    with pytest.raises(PnPError, match="a palette image without its palette"):
+        check_guidance(_palette_png_without_plte())
+
+
+def test_corpus_round_6_api_types(tiny_torch, tmp_path: Path) -> None:
+    """The one-call API names a wrong model or config; a seed given with an image is refused as on the CLI and
+    HTTP; an empty cache directory, a non-bool overwrite are one line; an os.PathLike path is a path."""
+    import os
+
+    from pnp_trt import SourceCache, translate
+
+    image = Image.new("RGB", (128, 64))
+    with pytest.raises(PnPError, match="model must be a loaded model"):
+        translate("stabilityai/stable-diffusion-2-1-base", ["a cat"], image=image)
+    with pytest.raises(PnPError, match="config must be a pnp_trt.TranslateConfig"):
+        translate(tiny_torch, ["a cat"], {"steps": 2}, image=image)
+    for setting in ("seed", "source_guidance_scale"):
+        with pytest.raises(PnPError, match=f"{setting} applies with a source prompt"):
+            Translator(tiny_torch).translate(["a cat"], image, **SETTINGS, **{setting: 3})
+    with pytest.raises(PnPError, match="cache_dir is empty"):
+        SourceCache(directory="")
+
+    class Where(os.PathLike):
+        def __fspath__(self) -> str:
+            return str(tmp_path / "r.png")
+
+    result = Translator(tiny_torch).translate(["a cat"], image, **SETTINGS)
+    with pytest.raises(PnPError, match="overwrite must be true or false"):
+        result.save_image(tmp_path / "r.png", overwrite="no")
+    assert result.save_image(Where()) == tmp_path / "r.png" and (tmp_path / "r.png").is_file()

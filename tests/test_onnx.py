@@ -515,3 +515,18 @@ def test_a_listed_file_replaced_by_a_link_is_named_not_the_manifest(exported: Pa
     result = CliRunner().invoke(app, ["verify", str(copy)])
     assert result.exit_code == 2 and "tokenizer.json is a link (to" in result.output
     assert "malformed" not in result.output
+
+
+@pytest.mark.parametrize("field,value", [("vae_factor", 4), ("native_size", 128)])  # channels: the contract check
+def test_a_manifest_whose_dims_were_edited_disagrees_with_its_graphs(exported: Path, tmp_path: Path, field: str,
+                                                                     value) -> None:
+    """Corpus round 6: an edited `vae_factor` or `native_size` (in range, so the schema passed it) ran, sizing
+    the output wrongly. Each graph carries the dims it was exported for: a manifest saying otherwise is refused
+    before the graph runs, naming the field."""
+    copy = _copy(exported, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["dims"][field] = value
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    model = open_onnxruntime(copy)
+    with pytest.raises(PnPError, match=rf"manifest.json's dims \({field}\) disagree with those text_encoder.onnx was"):
+        translate(model, ["a cat"], TranslateConfig(steps=1, height=64, width=64), source_prompt="a house")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 
 from ..contract import INJECTION_POINTS, PRECISIONS, TOLERANCE, axis_sizes, graph_specs
@@ -44,7 +46,8 @@ class GraphReport:
 
     @property
     def worst(self) -> float:
-        return max(self.errors.values())
+        """The largest error; NaN counts as infinite (NaN compares false with any tolerance)."""
+        return max(e if math.isfinite(e) else math.inf for e in self.errors.values())
 
 
 def torch_graphs(model: TorchModel) -> dict[str, torch.nn.Module]:
@@ -77,13 +80,17 @@ def export_one(name: str, module: torch.nn.Module, model: TorchModel, out: Path,
     check_graph(path)
     feeds = random_feeds(spec, axis_sizes(model.dims, *VALIDATE_SIZE), "float32", 1, vocab)
     reference = _torch_outputs(module, spec, feeds)
+    broken = [n for n, out in reference.items() if not np.isfinite(out).all()]
+    if broken:
+        raise PnPError(f"the model's {name} computes NaN or infinite values ({broken[0]}) from ordinary inputs: its "
+                       "weights are damaged; nothing was written. Re-save or re-download the model")
     onnx_feeds = {t.name: feeds[t.name].astype(t.numpy_dtype(PRECISIONS[precision])) for t in spec.inputs}
     report = GraphReport(name, relative_errors(run_onnxruntime(path, onnx_feeds), reference))
     if report.worst > TOLERANCE[precision]:
         worst = max(report.errors, key=report.errors.__getitem__)
         raise PnPError(f"{name}.onnx disagrees with PyTorch: {worst} off by {report.worst:.2e} relative "
                        f"(tolerance {TOLERANCE[precision]:.0e}); the export is not trustworthy, nothing was written")
-    stamp_export_id(path, export_id)
+    stamp_export_id(path, export_id, model.dims.to_dict())
     return report
 
 

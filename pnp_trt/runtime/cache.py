@@ -65,9 +65,7 @@ class SourceCache:
                  disk_budget_bytes: int = DEFAULT_DISK_CACHE_BYTES):
         self.budget_bytes = validation.integer("cache_bytes", budget_bytes, 0, 2**50)
         self.disk_budget_bytes = validation.integer("cache_dir_bytes", disk_budget_bytes, 0, 2**60)
-        if directory is not None and not isinstance(directory, (str, Path)):
-            raise PnPError(f"cache_dir must be a path (str or Path), got {type(directory).__name__}")
-        self.directory = Path(directory) if directory is not None else None
+        self.directory = validation.path("cache_dir", directory) if directory is not None else None
         self._entries: OrderedDict[str, Source] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -223,7 +221,8 @@ def write_source(directory: Path, key: str, source: Source, backend: Backend) ->
 
 def read_source(directory: Path, key: str, backend: Backend) -> Source | None:
     """The stored source, or None: when missing or not an entry of this cache (left alone), or when an entry
-    is corrupt or not a well-formed source (`stored_steps`; then it is removed)."""
+    is corrupt, not a well-formed source (`stored_steps`) or not in the precision this backend stores (then it
+    is removed)."""
     from safetensors import safe_open
 
     path = directory / f"{key}.safetensors"
@@ -235,7 +234,9 @@ def read_source(directory: Path, key: str, backend: Backend) -> Source | None:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
         valid = (metadata.get("format") == DISK_FORMAT and metadata.get("key") == key
                  and metadata.get("sha256") == _checksum(tensors))
-        steps = stored_steps(tensors, metadata) if valid else None
+        written = _host(backend, backend.asarray(np.zeros(1, np.float32))).dtype  # what this backend stores
+        steps = stored_steps(tensors, metadata) if valid and all(a.dtype == written for a in tensors.values()) \
+            else None
     except Exception:  # any unreadable file is treated as absent and rebuilt
         steps = None
     if steps is None:

@@ -12,7 +12,7 @@ from typing import Any
 from .. import validation
 from ..contract import PRECISIONS, GraphSpec, ModelDims, graph_specs
 from ..errors import PnPError
-from ..manifest import EXPORT_ID_KEY, MANIFEST, check_graph_identity, rebuild_hint
+from ..manifest import MANIFEST, check_graph_identity, rebuild_hint
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
@@ -106,7 +106,7 @@ class OnnxRuntimeSessions:
                                      f"({str(exc).splitlines()[0][-160:]}); --no-cuda-graphs runs without") from None
             raise PnPError(f"cannot load {self.directory / graph}.onnx ({str(exc).splitlines()[0][:160]}); "
                            f"rebuild it with `pnp-trt export`") from None
-        check_graph_identity(session.get_modelmeta().custom_metadata_map.get(EXPORT_ID_KEY), self.manifest,
+        check_graph_identity(dict(session.get_modelmeta().custom_metadata_map), self.manifest,
                              self.directory / f"{graph}.onnx")
         spec = self.specs[graph]
         names = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]

@@ -75,7 +75,7 @@ class Translation:
         """One PNG per prompt plus `translate.json` in `directory`, all or nothing (a previous run's results
         there are replaced as one set; a directory holding anything else is refused); returns the image paths."""
         extra = {GUIDANCE_FILE: self.guidance_image} if self.guidance_image is not None else {}
-        validation.path("save's directory", directory)
+        directory = validation.path("save's directory", directory)
         with writing(Path(directory)):
             return save_directory(Path(directory), self.prompts, self.images, self.record(), extra,
                                   inputs=self._inputs())
@@ -86,7 +86,8 @@ class Translation:
         pnp-trt wrote it, or with `overwrite` (never the guidance image itself)."""
         if len(self.images) != 1:
             raise PnPError(f"save_image writes one image and this translation has {len(self.images)}; use save(DIR)")
-        validation.path("save_image's path", path)
+        path = validation.path("save_image's path", path)
+        overwrite = validation.boolean("overwrite", overwrite)
         with writing(Path(path)):
             return save_file(Path(path), self.images[0], self.record(), self.guidance_image, overwrite,
                              inputs=self._inputs())
@@ -171,6 +172,12 @@ def translate(model: LoadedModel, prompts: Sequence[str] | str, config: Translat
     guidance and settings run only the injection passes, whatever their prompts. On a GPU the whole call
     runs on the calling thread's own stream.
     """
+    if not isinstance(model, LoadedModel):
+        raise PnPError(f"model must be a loaded model (`pnp_trt.open_model(...)`, or use `Translator.open`), got "
+                       f"{type(model).__name__}")
+    if config is not None and not isinstance(config, TranslateConfig):
+        raise PnPError(f"config must be a pnp_trt.TranslateConfig (e.g. TranslateConfig(steps=20)), got "
+                       f"{type(config).__name__}")
     if (image is None) == (source_prompt is None):
         raise PnPError("give exactly one guidance: an image or a source prompt")
     prompts = validation.prompts(prompts)

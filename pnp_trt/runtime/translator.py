@@ -10,7 +10,14 @@ from typing import Any
 
 from PIL import Image
 
-from ..config import DEFAULT_CACHE_BYTES, DEFAULT_DISK_CACHE_BYTES, Limits, TranslateConfig
+from ..config import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_DISK_CACHE_BYTES,
+    GENERATION_ONLY,
+    GENERATION_SETTINGS,
+    Limits,
+    TranslateConfig,
+)
 from ..errors import PnPError
 from ..images import Guidance, check_guidance
 from .backend import LoadedModel
@@ -51,6 +58,9 @@ class Translator:
         called per stage and step (an exception raised there stops the translation); `decode_guidance` also
         decodes a generated guidance (`Translation.guidance_image`)."""
         config = TranslateConfig.of(settings)
+        unused = [name for name in GENERATION_SETTINGS if name in settings] if image is not None else []
+        if unused:
+            raise PnPError(f"{unused[0]} {GENERATION_ONLY}")
         guidance = check_guidance(image) if image is not None else None  # decoded before taking a turn
         with self._turns or contextlib.nullcontext():
             return translate(self.model, prompts, config, image=guidance, source_prompt=source_prompt,

@@ -12,7 +12,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from .. import validation
-from ..config import GENERATION_SETTINGS, TranslateConfig
+from ..config import GENERATION_ONLY, GENERATION_SETTINGS, TranslateConfig
 from ..errors import PnPError
 from ..images import GUIDANCE_FORMATS, Guidance, normalize_guidance
 from ..runtime.translation import Translation, plan_size
@@ -45,8 +45,7 @@ def check_request(fields: dict[str, str], prompts: list[str], image_data: bytes 
         raise RequestError(422, "give exactly one guidance: an image or a source_prompt")
     unused = [name for name in GENERATION_SETTINGS if fields.get(name, "") != ""] if image_data is not None else []
     if unused:
-        raise RequestError(422, f"{unused[0]} applies with source_prompt (an image's inversion has no noise to "
-                                "seed); leave it out")
+        raise RequestError(422, f"{unused[0]} {GENERATION_ONLY}")
     if source_prompt is not None:
         try:
             validation.text("source_prompt", source_prompt, non_blank=True)  # the rule translate() applies
