@@ -559,6 +559,10 @@ def test_weights_that_yield_nan_are_refused_and_nothing_is_written(tiny_model_di
     assert result.exit_code == 2 and "Traceback" not in result.output  # found after the work: its progress shows
     assert result.output.strip().splitlines()[-1].startswith("error: the model produced NaN or infinite values")
     assert not (tmp_path / "o.png").exists()
+    result = run("export", "--model", model, "--out", tmp_path / "onnx")  # corpus round 6: exported, "validated"
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "the model's unet computes NaN or infinite values (noise_pred)" in result.output.strip().splitlines()[-1]
+    assert not (tmp_path / "onnx").exists()
 
 
 @pytest.mark.parametrize("damage,fragment", [

@@ -58,7 +58,9 @@ class Translator:
         called per stage and step (an exception raised there stops the translation); `decode_guidance` also
         decodes a generated guidance (`Translation.guidance_image`)."""
         config = TranslateConfig.of(settings)
-        unused = [name for name in GENERATION_SETTINGS if name in settings] if image is not None else []
+        defaults = TranslateConfig()  # a default passed on (as the CLI and servers do) changes nothing
+        unused = [name for name in GENERATION_SETTINGS
+                  if image is not None and getattr(config, name) != getattr(defaults, name)]
         if unused:
             raise PnPError(f"{unused[0]} {GENERATION_ONLY}")
         guidance = check_guidance(image) if image is not None else None  # decoded before taking a turn
