@@ -1,7 +1,7 @@
 """The one output policy, for files and directories alike: pnp-trt replaces only what it wrote itself (a PNG
-carrying its record, which names the file; a directory holding only the files its record lists, each unchanged
-since: the record keeps their SHA-256), never the input, a link, a device or a FIFO, and a user's own regular
-file only when told to (`overwrite`). Checked before any work and again when writing."""
+carrying its record, which names the file and the digest of its pixels; a directory holding only the files its
+record lists, each unchanged since: the record keeps their SHA-256), never the input, a link, a device or a FIFO,
+and a user's own regular file only when told to (`overwrite`). Checked before any work and again when writing."""
 
 from __future__ import annotations
 
@@ -33,6 +33,14 @@ def ours(record: Any, name: str | None = None) -> bool:
     outputs = record.get("outputs") if isinstance(record, dict) else None
     return record.get("written_by") == WRITER and isinstance(outputs, list) \
         and all(isinstance(n, str) for n in outputs) and (name is None or name in outputs)  # type: ignore[union-attr]
+
+
+def pixel_digest(image: Image.Image) -> str:
+    """SHA-256 of an image's mode, size and pixels: a single result records its own, so a result the user edited
+    in a program that keeps PNG text chunks is not pnp-trt's any more."""
+    digest = hashlib.sha256(f"{image.mode} {image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 def file_digest(path: Path) -> str:
@@ -137,10 +145,12 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def written_by_pnp_trt(path: Path) -> bool:
-    """A PNG carrying pnp-trt's record chunk that names this very file (a result, or a guidance beside one)."""
+    """A PNG carrying pnp-trt's record chunk that names this very file (a result, or a guidance beside one), its
+    pixels those the record's digest was taken of."""
     try:
         with Image.open(path) as image:
-            return image.format == "PNG" and ours(json.loads(image.info[RECORD_CHUNK]), path.name)
+            record = json.loads(image.info[RECORD_CHUNK])
+            return image.format == "PNG" and ours(record, path.name) and record.get("pixels") == pixel_digest(image)
     except Exception:  # anything unreadable as our PNG is not ours
         return False
 

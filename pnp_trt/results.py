@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from .destination import RECORD, RECORD_CHUNK, WRITER, check_destination, file_digest
+from .destination import RECORD, RECORD_CHUNK, WRITER, check_destination, file_digest, pixel_digest
 from .fileio import committing, new_staging, swap_in
 from .images import write_png
 
@@ -72,9 +72,10 @@ def save_file(out: Path, image: Image.Image, record: dict[str, Any], guidance: I
     if guidance is not None:
         beside = guidance_beside(out).name
         pictures[guidance_beside(out)] = (guidance, {RECORD_CHUNK: json.dumps(
-            {"written_by": WRITER, "guidance_of": out.name, "outputs": [beside]})})
+            {"written_by": WRITER, "guidance_of": out.name, "outputs": [beside], "pixels": pixel_digest(guidance)})})
     names = [out.name, *(path.name for path in pictures)]
-    pictures[out] = (image, {RECORD_CHUNK: json.dumps({**record, "written_by": WRITER, "outputs": names})})
+    pictures[out] = (image, {RECORD_CHUNK: json.dumps({**record, "written_by": WRITER, "outputs": names,
+                                                       "pixels": pixel_digest(image)})})
     staged: dict[Path, Path] = {}
     try:
         for path, (picture, text) in pictures.items():

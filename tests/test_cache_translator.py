@@ -297,7 +297,7 @@ def test_the_guidance_is_checked_once_per_call_and_its_file_recorded(tiny_torch,
     monkeypatch.setattr(ImageOps, "exif_transpose", lambda image: calls.append(1) or transpose(image))
     path = random_image(tmp_path / "g.png", 128, 64)
     result = Translator(tiny_torch).translate(["a cat"], path, steps=2, height=64, width=128)
-    assert len(calls) == 1 and result.guidance_file == str(path) and result.record()["image"] == str(path)
+    assert len(calls) == 1 and result.guidance_file == str(path) and result.record["image"] == str(path)
     checked = images.check_guidance(str(path))
     assert len(calls) == 2 and images.check_guidance(checked) is checked
     assert translate(tiny_torch, ["a cat"], TranslateConfig(steps=2, height=64, width=128), checked).guidance_file \
@@ -352,7 +352,7 @@ def test_numpy_numbers_are_settings_like_any_other(tiny_torch, guide) -> None:
 
     result = Translator(tiny_torch).translate(["a"], guide, steps=np.int64(2), height=np.int64(64), width=128,
                                               guidance_scale=np.float32(5.0))
-    record = json.loads(json.dumps(result.record()))
+    record = json.loads(json.dumps(result.record))
     assert record["settings"]["steps"] == 2 and type(result.settings.steps) is int
 
 

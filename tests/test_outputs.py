@@ -122,6 +122,25 @@ def test_a_png_is_ours_only_if_its_record_is_pnp_trts_and_names_it(tmp_path: Pat
     assert user.read_bytes() == before
 
 
+def test_a_result_edited_in_a_program_that_keeps_its_text_chunk_is_not_ours(tmp_path: Path) -> None:
+    """Corpus round 6: a single result retouched in an editor that keeps PNG text chunks was replaced as ours.
+    Its record holds the digest of its pixels."""
+    from PIL import PngImagePlugin
+
+    out = tmp_path / "r.png"
+    save_file(out, Image.new("RGB", (8, 8)), {})
+    assert written_by_pnp_trt(out)
+    with Image.open(out) as image:
+        chunk = image.info["pnp-trt"]
+    info = PngImagePlugin.PngInfo()
+    info.add_text("pnp-trt", chunk)
+    Image.new("RGB", (8, 8), "white").save(out, pnginfo=info)  # the user's edit, chunk kept
+    before = out.read_bytes()
+    with pytest.raises(PnPError, match="exists and was not written by pnp-trt"):
+        save_file(out, Image.new("RGB", (8, 8)), {})
+    assert out.read_bytes() == before
+
+
 def test_a_directory_is_ours_only_with_our_record_and_our_unchanged_files(tmp_path: Path) -> None:
     """Corpus round 6: a user's directory holding just an i18n `translate.json`, a record listing a user's thesis
     or photo, and a results set whose image the user edited were all replaced. Now each is refused in one line

@@ -63,6 +63,7 @@ class Translation:
         """Sequential UNet invocations (the critical path on a GPU)."""
         return self.stats.unet_calls
 
+    @property
     def record(self) -> dict[str, Any]:
         """What `translate.json` holds: inputs, settings, model, timings and the software that made it."""
         return {"prompts": self.prompts, "image": self.guidance_file, "source_prompt": self.source_prompt,
@@ -77,7 +78,7 @@ class Translation:
         extra = {GUIDANCE_FILE: self.guidance_image} if self.guidance_image is not None else {}
         directory = validation.path("save's directory", directory)
         with writing(Path(directory)):
-            return save_directory(Path(directory), self.prompts, self.images, self.record(), extra,
+            return save_directory(Path(directory), self.prompts, self.images, self.record, extra,
                                   inputs=self._inputs())
 
     def save_image(self, path: Path | str, overwrite: bool = False) -> Path:
@@ -89,7 +90,7 @@ class Translation:
         path = validation.path("save_image's path", path)
         overwrite = validation.boolean("overwrite", overwrite)
         with writing(Path(path)):
-            return save_file(Path(path), self.images[0], self.record(), self.guidance_image, overwrite,
+            return save_file(Path(path), self.images[0], self.record, self.guidance_image, overwrite,
                              inputs=self._inputs())
 
     def _inputs(self) -> list[str]:

@@ -84,5 +84,5 @@ def _bytes(name: str, array: np.ndarray) -> bytes:
 def response_arrays(result: Translation) -> dict[str, np.ndarray]:
     """IMAGES (PNG bytes, one per prompt) and RECORD (the JSON record), with the batch axis."""
     images = np.array([[png_bytes(image) for image in result.images]], dtype=np.object_)
-    record = np.array([[json.dumps(result.record()).encode()]], dtype=np.object_)
+    record = np.array([[json.dumps(result.record).encode()]], dtype=np.object_)
     return {"IMAGES": images, "RECORD": record}
