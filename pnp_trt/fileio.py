@@ -70,15 +70,36 @@ def sweep_stale_staging(directory: Path) -> None:
 
 
 def _restore_retired(entry: Path) -> None:
-    """A dead run's moved-aside set goes back where it was, unless its replacement got there first."""
+    """A dead run's moved-aside set goes back where it was if its replacement did not get in whole (some name
+    of the old set is still free): the partial new files at the others, the dead run's own, make way. A
+    replacement that got in whole stays, and the old set goes."""
+    from .destination import written_by_pnp_trt
+
     pid = entry.name.split(".")[2]
     if not pid.isdigit() or _running(int(pid)):
         return
     with contextlib.suppress(OSError):
-        for item in entry.iterdir():
-            if not os.path.lexists(entry.parent / item.name):
-                item.rename(entry.parent / item.name)
+        items = list(entry.iterdir())
+        if any(not os.path.lexists(entry.parent / item.name) for item in items):
+            taken = [entry.parent / i.name for i in items if os.path.lexists(entry.parent / i.name)]
+            if not all(t.is_file() and not t.is_symlink() and written_by_pnp_trt(t) for t in taken):
+                return  # something pnp-trt did not write took a name: leave everything as it is
+            for item in items:
+                item.replace(entry.parent / item.name)
         shutil.rmtree(entry)
+
+
+def retire(paths: list[Path]) -> Path | None:
+    """Move the existing `paths` (of one directory) aside under `RETIRED`, where the next run restores them
+    as a set if this one is killed before their replacements are all in (`_restore_retired`); None if none
+    exists. The caller removes the returned directory once the replacements are in."""
+    present = [p for p in paths if os.path.lexists(p)]
+    if not present:
+        return None
+    retired = Path(tempfile.mkdtemp(prefix=f"{RETIRED}.{os.getpid()}.", dir=present[0].parent))
+    for path in present:
+        path.rename(retired / path.name)
+    return retired
 
 
 def _running(pid: int) -> bool:
@@ -155,10 +176,9 @@ def swap_in(staging: Path, out: Path) -> None:
     if not os.path.lexists(out):
         staging.rename(out)
     elif not exchange(staging, out):
-        retired = Path(tempfile.mkdtemp(prefix=f"{RETIRED}.{os.getpid()}.", dir=out.parent))
-        out.rename(retired / out.name)
+        retired = retire([out])
         staging.rename(out)
-        shutil.rmtree(retired)
+        shutil.rmtree(retired)  # type: ignore[arg-type]
 
 
 def ignore_stop_signals() -> None:

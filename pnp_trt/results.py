@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from .destination import RECORD, RECORD_CHUNK, WRITER, check_destination, file_digest, pixel_digest
-from .fileio import committing, new_staging, swap_in
+from .fileio import committing, new_staging, retire, swap_in
 from .images import write_png
 
 
@@ -81,10 +81,13 @@ def save_file(out: Path, image: Image.Image, record: dict[str, Any], guidance: I
         for path, (picture, text) in pictures.items():
             staged[path] = new_staging(path.parent, path.name, suffix=".png")
             write_png(picture, staged[path], text)
-        with committing(out):
+        with committing(out):  # the earlier pair moved aside first: a kill midway gets it back (`retire`)
+            retired = retire(list(staged)) if len(staged) > 1 else None
             for path, tmp in staged.items():  # the image, carrying the record, last
                 tmp.chmod(0o644)
                 os.replace(tmp, path)
+            if retired is not None:
+                shutil.rmtree(retired, ignore_errors=True)
     finally:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)

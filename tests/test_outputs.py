@@ -243,3 +243,31 @@ def test_without_exchange_the_swap_still_ends_with_one_whole_set(tmp_path: Path,
     save_directory(out, ["new"], [image], {})
     assert sorted(p.name for p in out.iterdir()) == ["0_new.png", "translate.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_pair_a_killed_run_was_replacing_comes_back_whole(tmp_path: Path, monkeypatch) -> None:
+    """Corpus round 6: SIGKILL while a --save-guidance run replaced r.png and r.guidance.png left the old result
+    beside the new guidance. The old pair is moved aside first; a run killed before the new pair is all in gets
+    the old pair back at the next run's start (here, the kill after the first file went in)."""
+    out, old, new = tmp_path / "r.png", Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
+    save_file(out, old, {}, guidance=old)
+    before = _snapshot(tmp_path)
+    real, moved = os.replace, []
+
+    def killed_after_one(source, target) -> None:
+        if moved:
+            raise SystemExit("killed")
+        moved.append(target)
+        real(source, target)
+
+    monkeypatch.setattr(os, "replace", killed_after_one)
+    with pytest.raises(SystemExit):
+        save_file(out, new, {}, guidance=new)
+    monkeypatch.undo()
+    assert moved == [tmp_path / "r.guidance.png"] and _snapshot(tmp_path) != before
+    [retired] = tmp_path.glob(f"{RETIRED}.*")
+    retired.rename(tmp_path / f"{RETIRED}.{DEAD_PID}.x")  # as a dead process left it
+    sweep_stale_staging(tmp_path)
+    assert _snapshot(tmp_path) == before
+    save_file(out, new, {}, guidance=new)  # and a run that completes replaces the pair, leaving nothing aside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.guidance.png", "r.png"]
