@@ -24,7 +24,7 @@ from typing import Any
 
 from PIL import Image
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayError, RayTaskError
 
 from ..config import TranslateConfig
 from ..contract import ModelDims
@@ -90,15 +90,15 @@ class RemoteTranslator:
         try:
             answer = self.handle.options(multiplexed_model_id=key).translate.remote(
                 prompts, png, source_prompt, settings, seconds_left).result()
-        except RayActorError:
-            raise RequestError(503, "the model replica running this request stopped (Ray restarts it); "
-                                    "retry") from None
         except RayTaskError as exc:  # raised in the replica: a user error stays one (its own line, no trace)
             if isinstance(exc.cause, PnPError):
                 raise PnPError(str(exc.cause)) from None
             if isinstance(exc.cause, DeadlineExceeded):
                 raise DeadlineExceeded(str(exc.cause)) from None
             raise
+        except RayError:  # the replica died or is unreachable (killed, node lost): not the client's
+            raise RequestError(503, "the model replica running this request stopped (Ray restarts it); "
+                                    "retry") from None
         stats = Stats(answer["timings_s"], answer["unet_evaluations"], answer["unet_calls"])
         return RemoteTranslation([Image.open(io.BytesIO(b)) for b in answer["images"]],
                                  answer["latents"], stats, tuple(answer["size"]),
