@@ -292,6 +292,7 @@ def translate(
                              seed=seed, height=height, width=width, source_guidance_scale=source_guidance_scale,
                              prompt_batch_size=prompt_batch_size)
     check_positive({"--cache-dir-gib": cache_dir_gib, "--max-output-mpx": max_output_mpx})
+    validation.number("--cache-dir-gib", cache_dir_gib, 0, 2**30)  # the API's bound, in the flag's own unit
     limits = Limits(max_output_pixels=int(max_output_mpx * 1e6))
     if cache_dir is not None and len(prompt) > 1 and Path(cache_dir).resolve().is_relative_to(Path(out).resolve()):
         raise PnPError(f"--cache-dir {cache_dir} is inside --out {out}; keep the cache in a directory of its own")

@@ -5,6 +5,7 @@ and a user's own regular file only when told to (`overwrite`). Checked before an
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -60,8 +61,7 @@ def check_destination(out: Path | str, several: bool, overwrite: bool = False, i
     out = Path(out)
     parent = out.parent  # Path("o.png").parent is Path(".")
     if not parent.is_dir():
-        what = "is a file, not a directory" if parent.exists() else "does not exist"
-        raise PnPError(f"cannot write {out}: {parent} {what}")
+        raise PnPError(f"cannot write {out}: {parent} {_not_a_directory(parent)}")
     sweep_stale_staging(parent)  # a killed run's results set is restored before anything is judged
     read = [Path(p) for p in inputs]
     if several:
@@ -108,6 +108,17 @@ def _check_directory(out: Path, inputs: list[Path]) -> None:
     if foreign:
         raise PnPError(f"--out {out} holds files pnp-trt did not write, or that changed since it wrote them "
                        f"({', '.join(foreign[:3])}); choose a new or empty directory")
+
+
+def _not_a_directory(path: Path) -> str:
+    """Why `path`, which is not a directory one can write in, is not one."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a loop of symbolic links"
+        return "is a symbolic link to nothing" if path.is_symlink() else "does not exist"
+    return "is a file, not a directory"
 
 
 def _kind(path: Path) -> str | None:

@@ -150,7 +150,7 @@ CONFIG_FIELDS: dict[str, dict[str, str]] = {
                          "layers_per_block": "count", "block_out_channels": "counts",
                          "attention_head_dim": "count or counts", "cross_attention_dim": "count or counts"},
     "vae/config.json": {"in_channels": "count", "latent_channels": "count", "block_out_channels": "counts",
-                        "scaling_factor": "scale"},
+                        "scaling_factor": "scale", "force_upcast": "flag"},
     "text_encoder/config.json": {"hidden_size": "count", "num_hidden_layers": "count", "num_attention_heads": "count",
                                  "intermediate_size": "count", "vocab_size": "count",
                                  "max_position_embeddings": "count"},
@@ -207,6 +207,8 @@ def _check_weight_files(path: Path) -> None:
 def _check_value(name: str, value: Any, kind: str) -> None:
     if kind == "scale":
         validation.number(name, value, 1e-6, 1e3)
+    elif kind == "flag":
+        validation.boolean(name, value)
     elif isinstance(value, list) and "counts" in kind:
         if not value:
             raise PnPError(f"{name} must be a non-empty list")

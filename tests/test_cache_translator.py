@@ -378,3 +378,12 @@ def test_a_users_file_under_an_entrys_name_is_never_read_replaced_or_deleted(tin
         again = translate(tiny_torch, ["a cat"], TranslateConfig(**SETTINGS), image=guide,
                           cache=SourceCache(directory=store))
     assert not again.source_cache_hit and entry.read_text() == "my notes"
+
+
+def test_a_source_larger_than_the_directory_budget_is_not_stored(tiny_torch, guide, tmp_path: Path) -> None:
+    """Corpus round 6: a 69 KB entry stayed in a directory whose budget (`--cache-dir-gib 1e-7`) was 107 bytes:
+    the entry just written was never trimmed. One larger than the whole budget is now not written at all."""
+    store = tmp_path / "store"
+    Translator(tiny_torch, SourceCache(directory=store, disk_budget_bytes=107)).translate(["a cat"], guide,
+                                                                                         **SETTINGS)
+    assert list(store.iterdir()) == []

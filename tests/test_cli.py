@@ -134,8 +134,10 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
     text = tmp_path / "notes.png"
     text.write_text("not an image")
+    (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
+    (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
     return {"corrupt": corrupt, "text": text, "small": random_image(tmp_path / "small.png", 40, 80),
-            "huge": huge_header_png(tmp_path / "huge.png")}
+            "huge": huge_header_png(tmp_path / "huge.png"), "loop": tmp_path / "loop-a"}
 
 
 @pytest.mark.parametrize("case,args,fragment", [
@@ -171,6 +173,9 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     ("torch-with-engines", ["{guide}", "--engines", "{tmp}"], "--engines is for the onnxruntime and tensorrt"),
     ("cache-inside-out", ["{guide}", "-p", "a dog", "--out", "{tmp}/res", "--cache-dir", "{tmp}/res/cache"],
      "is inside --out"),
+    ("out-in-a-link-loop", ["{guide}", "--out", "{loop}/o.png"], "loop-a is a loop of symbolic links"),  # round 6
+    ("cache-gib-huge", ["{guide}", "--cache-dir", "{tmp}/c", "--cache-dir-gib", "1e30"],
+     "--cache-dir-gib must be between 0 and"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tiny_model_dir: Path, tmp_path: Path, case: str,
                                                    args: list[str], fragment: str) -> None:
@@ -439,6 +444,7 @@ def _set(key: str, value: object):
     ("unet/config.json", _set("attention_head_dim", 0), "unet/config.json attention_head_dim must be between 1"),
     ("vae/config.json", _set("scaling_factor", "big"), "vae/config.json scaling_factor must be a number"),
     ("unet/config.json", lambda text: "[1, 2, 3]", "unet/config.json is not a JSON object"),
+    ("vae/config.json", _set("force_upcast", "true"), "vae/config.json force_upcast must be true or false"),
     ("vae/config.json", lambda text: "{not json", "vae/config.json cannot be read as JSON"),
     ("tokenizer/vocab.json", lambda text: "{not json", "tokenizer/vocab.json cannot be read as a JSON object"),
 ])

@@ -132,6 +132,8 @@ class SourceCache:
         that cannot be written (read-only, full, a directory in the way) warns once and is then skipped,
         never costing the translation it was meant to speed up."""
         self._remember(key, source)
+        if self.directory is not None and source_bytes(source) > self.disk_budget_bytes:
+            return  # alone it would pass the directory's budget: never kept there (as in memory)
         if self.directory is not None:
             try:
                 write_source(self.directory, key, source, backend)
