@@ -305,8 +305,9 @@ def test_the_guidance_is_checked_once_per_call_and_its_file_recorded(tiny_torch,
 
 
 def test_eviction_never_deletes_a_file_the_cache_did_not_write(tiny_torch, guide, tmp_path: Path) -> None:
-    """A budget smaller than one entry evicts entries only: a user's file with an entry's kind of name (64 hex
-    digits + .safetensors, even a valid safetensors file) stays (eviction went by the name alone)."""
+    """Eviction deletes entries only: a user's file with an entry's kind of name (64 hex digits + .safetensors,
+    even a valid safetensors file) stays (eviction went by the name alone). The budget of one entry and a half
+    makes the second source evict the first."""
     from safetensors.numpy import save_file
 
     cache_dir = tmp_path / "c"
@@ -315,11 +316,12 @@ def test_eviction_never_deletes_a_file_the_cache_did_not_write(tiny_torch, guide
     save_file({"w": np.zeros(3, np.float32)}, str(theirs))
     raw = cache_dir / f"{'ef' * 32}.safetensors"
     raw.write_bytes(b"\0" * 100)
-    old = SourceCache(directory=cache_dir, disk_budget_bytes=1)
-    Translator(tiny_torch, old).translate(["a cat"], guide, **SETTINGS)
-    Translator(tiny_torch, SourceCache(directory=cache_dir, disk_budget_bytes=1)).translate(
-        ["a cat"], guide, **SETTINGS, seed=3, source_prompt=None, inversion_steps=8)
-    assert theirs.exists() and raw.exists()
+    Translator(tiny_torch, SourceCache(directory=cache_dir)).translate(["a cat"], guide, **SETTINGS)
+    [first] = set(cache_dir.glob("*.safetensors")) - {theirs, raw}
+    budget = int(1.5 * first.stat().st_size)  # counts entries only: the user's files are not the cache's
+    Translator(tiny_torch, SourceCache(directory=cache_dir, disk_budget_bytes=budget)).translate(
+        ["a cat"], guide, **SETTINGS, inversion_steps=8)
+    assert theirs.exists() and raw.exists() and not first.exists()
     assert len(list(cache_dir.glob("*.safetensors"))) == 3  # theirs, raw, and the newest entry only
 
 

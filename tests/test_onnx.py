@@ -305,7 +305,7 @@ MALFORMED_MANIFESTS = [
 ]
 DISAGREEING_MANIFESTS = [
     (lambda m: {**m, "tokenizer": {**m["tokenizer"], "pad_id": 10**6}}, "pad_id 1000000 is outside its vocabulary"),
-    (lambda m: _with_dims(m, text_dim=33), "axis 2 is 32, the manifest's dims say 33"),
+    (lambda m: _with_dims(m, text_dim=33), "manifest.json's dims (text_dim) disagree with those text_encoder.onnx"),
     (lambda m: {**m, "tokenizer": {**m["tokenizer"], "pad_token": "<|zzz|>"}}, "is not token 0 of"),
     (lambda m: {**m, "precision": "fp16"}, "is tensor(float), the manifest's fp16 export means tensor(float16)"),
 ]
@@ -338,7 +338,7 @@ def _another_exports_graph(directory: Path) -> None:
     """unet.onnx as another export of the same model writes it: same size and inputs, another id."""
     from pnp_trt.export.onnx_graph import stamp_export_id
 
-    stamp_export_id(directory / "unet.onnx", "0" * 32)
+    stamp_export_id(directory / "unet.onnx", "0" * 32, json.loads((directory / "manifest.json").read_text())["dims"])
 
 
 def _same_size(path: Path, filler: bytes) -> None:
