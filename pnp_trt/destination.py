@@ -31,9 +31,11 @@ user's translate.json, an empty or foreign PNG text chunk) is not pnp-trt's."""
 
 def ours(record: Any, name: str | None = None) -> bool:
     """Whether `record` (parsed JSON) is one pnp-trt wrote (listing `name` among its outputs, if given)."""
-    outputs = record.get("outputs") if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        return False
+    outputs = record.get("outputs")
     return record.get("written_by") == WRITER and isinstance(outputs, list) \
-        and all(isinstance(n, str) for n in outputs) and (name is None or name in outputs)  # type: ignore[union-attr]
+        and all(isinstance(n, str) for n in outputs) and (name is None or name in outputs)
 
 
 def pixel_digest(image: Image.Image) -> str:

@@ -115,7 +115,7 @@ def test_translate_returns_one_png_per_prompt_as_the_library_does(client: TestCl
 @pytest.mark.parametrize(("fields", "files", "status", "message"), [
     ({"prompt": "a", "steps": "x"}, True, 422, "steps must be int, got 'x'"),
     ({"prompt": "a", "stepz": "2"}, True, 422, "unknown field(s) stepz"),
-    ({"prompt": "a", "seed": "3"}, True, 422, "seed applies with source_prompt"),  # as on the CLI
+    ({"prompt": "a", "seed": "3"}, True, 422, "seed applies with a source prompt"),  # as on the CLI
     ({"prompt": "\u200b"}, True, 422, "must not be empty or only spaces, control or invisible"),
     ({"prompt": "a", "guidance_scale": "nan"}, True, 422, "must be a finite number"),
     ({"prompt": "a", "feature_injection": "2"}, True, 422, "between 0 and 1"),

@@ -202,7 +202,7 @@ def _bad_cases(guide: bytes) -> list[tuple[str, dict, list[str], dict, str]]:
         ("height not a multiple of 64", image, ["a"], {**SETTINGS, "HEIGHT": 100}, "multiple of 64"),
         ("output too large", image, ["a"], {**SETTINGS, "HEIGHT": 4096, "WIDTH": 4096}, "Mpx limit"),
         ("seed negative", image, ["a"], {**SETTINGS, "SEED": -1}, "between 0 and 4294967295"),
-        ("seed with an image", image, ["a"], {**SETTINGS, "SEED": 7}, "seed applies with source_prompt"),
+        ("seed with an image", image, ["a"], {**SETTINGS, "SEED": 7}, "seed applies with a source prompt"),
         ("inversion steps missing timesteps", image, ["a"], {**SETTINGS, "INVERSION_STEPS": 3}, "never visits"),
         ("1 MB prompt", image, ["x" * 2**20], SETTINGS, "characters"),
     ]
