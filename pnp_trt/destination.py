@@ -1,5 +1,5 @@
 """The one output policy, for files and directories alike: pnp-trt replaces only what it wrote itself (a PNG
-carrying its record, which names the file and the digest of its pixels; a directory holding only the files its
+carrying its sealed record, which names the file; a directory holding only the files its
 record lists, each unchanged since: the record keeps their SHA-256), never the input, a link, a device or a FIFO,
 and a user's own regular file only when told to (`overwrite`). Checked before any work and again when writing."""
 
@@ -9,13 +9,13 @@ import errno
 import hashlib
 import json
 import os
+import re
 import stat
 import tempfile
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-
-from PIL import Image
 
 from .errors import PnPError
 from .fileio import sweep_stale_staging
@@ -24,6 +24,8 @@ RECORD = "translate.json"
 RECORD_CHUNK = "pnp-trt"
 """The PNG text chunk holding a single image's record (`Image.open(path).text["pnp-trt"]`)."""
 SUFFIX = ".png"
+RESULT_NAME = re.compile(r"([0-9]+_[a-z0-9-]+|guidance)\.png")
+"""The names of the files in a results set (`results.output_names`, `translation.GUIDANCE_FILE`)."""
 WRITER = "pnp-trt"
 """Every record pnp-trt writes says `"written_by": "pnp-trt"` and lists its `outputs`: a record without both (a
 user's translate.json, an empty or foreign PNG text chunk) is not pnp-trt's."""
@@ -38,12 +40,62 @@ def ours(record: Any, name: str | None = None) -> bool:
         and all(isinstance(n, str) for n in outputs) and (name is None or name in outputs)
 
 
-def pixel_digest(image: Image.Image) -> str:
-    """SHA-256 of an image's mode, size and pixels: a single result records its own, so a result the user edited
-    in a program that keeps PNG text chunks is not pnp-trt's any more."""
-    digest = hashlib.sha256(f"{image.mode} {image.size}".encode())
-    digest.update(image.tobytes())
-    return digest.hexdigest()
+def seal(record: dict[str, Any], content: bytes = b"") -> str:
+    """SHA-256 of a record (without its own `seal`) and the bytes it travels with: a record edited by hand, or a
+    result changed around it (pixels, added chunks, bytes appended), no longer matches its seal."""
+    body = json.dumps({k: v for k, v in record.items() if k != "seal"}, sort_keys=True).encode()
+    return hashlib.sha256(content + b"\0" + body).hexdigest()
+
+
+def sealed(record: dict[str, Any], content: bytes = b"") -> dict[str, Any]:
+    return {**record, "seal": seal(record, content)}
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """A PNG's chunks as (type, whole chunk bytes); trailing bytes after IEND count as a chunk of type b''."""
+    chunks, at = [], len(PNG_SIGNATURE)
+    while at + 12 <= len(data):
+        length = int.from_bytes(data[at:at + 4], "big")
+        kind, end = data[at + 4:at + 8], at + 12 + length
+        chunks.append((kind, data[at:end]))
+        at = end
+        if kind == b"IEND":
+            break
+    if at < len(data):
+        chunks.append((b"", data[at:]))
+    return chunks
+
+
+def _text_chunk(keyword: str, text: str) -> bytes:
+    data = keyword.encode("latin-1") + b"\0" + text.encode("latin-1")
+    return len(data).to_bytes(4, "big") + b"tEXt" + data + zlib.crc32(b"tEXt" + data).to_bytes(4, "big")
+
+
+def sealed_png(png: bytes, record: dict[str, Any]) -> bytes:
+    """A PNG file (without pnp-trt's chunk) with its record added as a tEXt chunk after IHDR, sealed over the
+    rest of the file."""
+    chunks = _chunks(png)
+    text = json.dumps(sealed(record, png))  # ASCII JSON: a tEXt chunk holds Latin-1
+    return PNG_SIGNATURE + chunks[0][1] + _text_chunk(RECORD_CHUNK, text) + b"".join(c for _, c in chunks[1:])
+
+
+def png_record(data: bytes) -> dict[str, Any] | None:
+    """The record of a PNG pnp-trt wrote, if its seal still matches the rest of the file; else None."""
+    if not data.startswith(PNG_SIGNATURE):
+        return None
+    chunks, prefix = _chunks(data), (RECORD_CHUNK + "\0").encode("latin-1")
+    ours_ = [c for kind, c in chunks if kind == b"tEXt" and c[8:8 + len(prefix)] == prefix]
+    if len(ours_) != 1:
+        return None
+    rest = PNG_SIGNATURE + b"".join(c for _, c in chunks if c is not ours_[0])
+    try:
+        record = json.loads(ours_[0][8 + len(prefix):-4].decode("latin-1"))
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and record.get("seal") == seal(record, rest) else None
 
 
 def file_digest(path: Path) -> str:
@@ -158,14 +210,18 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def written_by_pnp_trt(path: Path) -> bool:
-    """A PNG carrying pnp-trt's record chunk that names this very file (a result, or a guidance beside one), its
-    pixels those the record's digest was taken of."""
+    """A PNG whose sealed pnp-trt record names this very file (a result, or a guidance beside one), unchanged
+    since: its pixels, chunks, trailing bytes and the record itself as pnp-trt wrote them."""
     try:
-        with Image.open(path) as image:
-            record = json.loads(image.info[RECORD_CHUNK])
-            return image.format == "PNG" and ours(record, path.name) and record.get("pixels") == pixel_digest(image)
-    except Exception:  # anything unreadable as our PNG is not ours
+        with open(path, "rb") as f:
+            data = f.read(MAX_RESULT_BYTES + 1)
+    except OSError:
         return False
+    return len(data) <= MAX_RESULT_BYTES and ours(png_record(data), path.name)
+
+
+MAX_RESULT_BYTES = 1 << 30
+"""A PNG pnp-trt wrote is smaller than this (its pixel limit); a larger file is not read to find out."""
 
 
 def previous_results(out: Path) -> list[str]:
@@ -176,10 +232,12 @@ def previous_results(out: Path) -> list[str]:
         digests = record["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return []
-    if not ours(record) or not isinstance(digests, dict):
-        return []
+    if not ours(record) or not isinstance(digests, dict) or record.get("seal") != seal(record):
+        return []  # not pnp-trt's, or edited since (a key added, a file listed by hand)
     unchanged = []
     for name in record["outputs"]:
+        if not RESULT_NAME.fullmatch(name):
+            continue  # pnp-trt names its files NN_slug.png and guidance.png: anything else is not its own
         path = out / name
         try:
             if path.parent == out and path.is_file() and not path.is_symlink() \

@@ -126,6 +126,8 @@ def check_guidance(value: object) -> Guidance:
     a `Guidance` already checked; anything else is one line."""
     if isinstance(value, Guidance):
         return value
+    if isinstance(value, os.PathLike) and not isinstance(value, Path):
+        value = os.fspath(value)
     if isinstance(value, (str, Path)):
         validation.path("the guidance image's path", value)
         return Guidance(load_guidance(value), str(value))  # as given: Path() would drop a final "/"
@@ -140,6 +142,7 @@ def check_guidance(value: object) -> Guidance:
         return Guidance(decode_guidance(bytes(value)))
     if isinstance(value, np.ndarray) and value.dtype == np.uint8 and (
             value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (3, 4))):
+        _check_sides(value.shape[1], value.shape[0], "the array")  # before Pillow copies it
         return Guidance(normalize_guidance(Image.fromarray(value), "the array"))
     shown = f"an array of {value.dtype} {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
     raise PnPError(f"the guidance image must be a path, a PIL image, an image file's bytes or a uint8 array "
@@ -177,7 +180,10 @@ def _upright(image: Image.Image, name: str) -> Image.Image:
 
 
 def _check_size(image: Image.Image, name: str) -> None:
-    width, height = image.size
+    _check_sides(*image.size, name)
+
+
+def _check_sides(width: int, height: int, name: str) -> None:
     if min(width, height) < MIN_SIDE:
         raise PnPError(f"{name} is {width}×{height}; both sides must be at least {MIN_SIDE} px")
     if width * height > MAX_PIXELS:

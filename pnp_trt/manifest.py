@@ -27,6 +27,8 @@ EXPORT_DIMS_KEY = "pnp_trt.dims"
 """The ONNX metadata key under which each graph carries the model dims it was exported for (JSON): a manifest
 whose `dims` were edited (a VAE factor, a native size) disagrees with its own graphs."""
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 16 << 20
+"""A manifest pnp-trt writes is a few KB; a larger file is not read (a sparse 6 GiB one ran out of memory)."""
 GRAPHS = ("text_encoder", "vae_encoder", "vae_decoder", "unet")
 ATTENTION = ("standard", "onnx", "onnxruntime")
 """How an export spells attention (`attention` in the manifest, absent: standard): plain ONNX ops, for every
@@ -101,6 +103,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise PnPError(f"{directory} has no {MANIFEST}: it is not an exported directory; "
                        f"create one with `{rebuild_hint(None, directory)}`")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise PnPError(f"{path} is {path.stat().st_size / 2**20:.0f} MiB, not a manifest (pnp-trt writes a few KB); "
+                       f"rebuild with `{rebuild_hint(None, directory)}`")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
@@ -110,7 +115,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise PnPError(f"{path} is not a manifest (a JSON object); rebuild with `{rebuild_hint(None, directory)}`")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # 3.0 is not format 3
         raise PnPError(f"{directory} has manifest format {version!r}, this pnp-trt reads format {FORMAT_VERSION}; "
                        f"rebuild with `{rebuild_hint(manifest, directory)}`")
     problem = schema_problem(manifest, directory)

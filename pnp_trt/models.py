@@ -148,7 +148,8 @@ def load_diffusers(model: str = DEFAULT_MODEL, device: torch.device | None = Non
 CONFIG_FIELDS: dict[str, dict[str, str]] = {
     "unet/config.json": {"in_channels": "count", "out_channels": "count", "sample_size": "count",
                          "layers_per_block": "count", "block_out_channels": "counts",
-                         "attention_head_dim": "count or counts", "cross_attention_dim": "count or counts"},
+                         "attention_head_dim": "count or counts", "cross_attention_dim": "count or counts",
+                         "center_input_sample": "flag", "upcast_attention": "flag", "flip_sin_to_cos": "flag"},
     "vae/config.json": {"in_channels": "count", "latent_channels": "count", "block_out_channels": "counts",
                         "scaling_factor": "scale", "force_upcast": "flag"},
     "text_encoder/config.json": {"hidden_size": "count", "num_hidden_layers": "count", "num_attention_heads": "count",

@@ -15,9 +15,9 @@ from typing import Any
 
 from PIL import Image
 
-from .destination import RECORD, RECORD_CHUNK, WRITER, check_destination, file_digest, pixel_digest
+from .destination import RECORD, WRITER, check_destination, file_digest, sealed, sealed_png
 from .fileio import committing, new_staging, retire, swap_in
-from .images import write_png
+from .images import png_bytes
 
 
 def output_names(prompts: Sequence[str]) -> list[str]:
@@ -44,8 +44,8 @@ def save_directory(out: Path, prompts: Sequence[str], images: Sequence[Image.Ima
             image.save(staging / name, format="PNG")
         files = [*names, *extra]
         digests = {name: file_digest(staging / name) for name in files}  # an edited file is then not ours
-        (staging / RECORD).write_text(json.dumps({**record, "written_by": WRITER, "outputs": files,
-                                                  "files": digests}, indent=2))
+        (staging / RECORD).write_text(json.dumps(sealed({**record, "written_by": WRITER, "outputs": files,
+                                                         "files": digests}), indent=2))
         staging.chmod(0o755)
         with committing(out):  # the previous set (at `staging` after an exchange) is removed inside too: a stop
             swap_in(staging, out)  # signal there cut the removal short and was told "nothing was written"
@@ -68,19 +68,18 @@ def save_file(out: Path, image: Image.Image, record: dict[str, Any], guidance: I
     out = Path(out)
     companions = [guidance_beside(out)] if guidance is not None else []
     check_destination(out, several=False, overwrite=overwrite, inputs=inputs, companions=companions)
-    pictures: dict[Path, tuple[Image.Image, dict[str, str]]] = {}
+    pictures: dict[Path, tuple[Image.Image, dict[str, Any]]] = {}
     if guidance is not None:
         beside = guidance_beside(out).name
-        pictures[guidance_beside(out)] = (guidance, {RECORD_CHUNK: json.dumps(
-            {"written_by": WRITER, "guidance_of": out.name, "outputs": [beside], "pixels": pixel_digest(guidance)})})
+        pictures[guidance_beside(out)] = (guidance, {"written_by": WRITER, "guidance_of": out.name,
+                                                     "outputs": [beside]})
     names = [out.name, *(path.name for path in pictures)]
-    pictures[out] = (image, {RECORD_CHUNK: json.dumps({**record, "written_by": WRITER, "outputs": names,
-                                                       "pixels": pixel_digest(image)})})
+    pictures[out] = (image, {**record, "written_by": WRITER, "outputs": names})
     staged: dict[Path, Path] = {}
     try:
-        for path, (picture, text) in pictures.items():
+        for path, (picture, chunk) in pictures.items():
             staged[path] = new_staging(path.parent, path.name, suffix=".png")
-            write_png(picture, staged[path], text)
+            staged[path].write_bytes(sealed_png(png_bytes(picture), chunk))
         with committing(out):  # the earlier pair moved aside first: a kill midway gets it back (`retire`)
             retired = retire(list(staged)) if len(staged) > 1 else None
             for path, tmp in staged.items():  # the image, carrying the record, last

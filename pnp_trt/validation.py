@@ -27,9 +27,9 @@ def number_text(kind: type, text: Any) -> int | float:
     """A flag's or form field's text as an int or float, by `NUMBER_TEXT`; ValueError otherwise."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return kind(text)  # a default, already a number
-    if not isinstance(text, str) or not NUMBER_TEXT[kind].fullmatch(text.strip()):
+    if not isinstance(text, str) or not NUMBER_TEXT[kind].fullmatch(text.strip(" \t\r\n")):
         raise ValueError(text)
-    return kind(text)
+    return kind(text.strip(" \t\r\n"))
 
 
 def _shown(value: Any) -> str:

@@ -195,6 +195,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tiny_model_dir: Path, tmp_pat
     (["--steps", "abc"], "Invalid value for '--steps'"),  # the parser's own refusals: one line as well
     (["--steps", "1_0"], "'1_0' is not a whole number"),  # int() reads it as 10
     (["--steps", "2.0"], "'2.0' is not a whole number"),
+    (["--steps", "\u00a02"], "is not a whole number"),  # round 7: spaces around digits are ASCII ones
     (["--guidance-scale", "7_5"], "'7_5' is not a number"),
     (["--bogus-flag"], "No such option: --bogus-flag"),
     (["--cache-dir", ""], "Invalid value for '--cache-dir': is empty; give a path"),  # Path('') would be "."
@@ -445,6 +446,7 @@ def _set(key: str, value: object):
     ("vae/config.json", _set("scaling_factor", "big"), "vae/config.json scaling_factor must be a number"),
     ("unet/config.json", lambda text: "[1, 2, 3]", "unet/config.json is not a JSON object"),
     ("vae/config.json", _set("force_upcast", "true"), "vae/config.json force_upcast must be true or false"),
+    ("unet/config.json", _set("upcast_attention", "false"), "unet/config.json upcast_attention must be true or"),
     ("vae/config.json", lambda text: "{not json", "vae/config.json cannot be read as JSON"),
     ("tokenizer/vocab.json", lambda text: "{not json", "tokenizer/vocab.json cannot be read as a JSON object"),
 ])

@@ -161,6 +161,7 @@ def test_every_reasonable_guidance_form_gives_the_same_image(tmp_path: Path) -> 
     (np.zeros((3, 64, 64), np.float32), "got an array of float32 (3, 64, 64)"),
     (b"not an image", "cannot read the image bytes as an image"),
     (12, "got int"),
+    (np.broadcast_to(np.zeros(3, np.uint8), (1, 10**8, 3)), "is 100000000×1; both sides must be at least 64"),  # r7
 ])
 def test_other_guidance_forms_are_one_line(value, fragment: str) -> None:
     from pnp_trt.images import check_guidance
@@ -249,6 +250,10 @@ def test_corpus_round_6_api_types(tiny_torch, tmp_path: Path) -> None:
             Translator(tiny_torch).translate(["a cat"], image, **SETTINGS, **{setting: 3})
     with pytest.raises(PnPError, match="cache_dir is empty"):
         SourceCache(directory="")
+    with pytest.raises(PnPError, match="cache must be a pnp_trt.SourceCache"):  # round 7
+        translate(tiny_torch, ["a cat"], image=image, cache="/tmp/x")
+    with pytest.raises(PnPError, match="limits must be a pnp_trt.config.Limits"):
+        translate(tiny_torch, ["a cat"], image=image, limits=100)
 
     class Where(os.PathLike):
         def __fspath__(self) -> str:
@@ -258,3 +263,6 @@ def test_corpus_round_6_api_types(tiny_torch, tmp_path: Path) -> None:
     with pytest.raises(PnPError, match="overwrite must be true or false"):
         result.save_image(tmp_path / "r.png", overwrite="no")
     assert result.save_image(Where()) == tmp_path / "r.png" and (tmp_path / "r.png").is_file()
+    (tmp_path / "r.png").unlink()
+    image.save(tmp_path / "r.png")
+    assert Translator(tiny_torch).translate(["a cat"], Where(), **SETTINGS).guidance_file == str(tmp_path / "r.png")

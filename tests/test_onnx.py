@@ -273,6 +273,7 @@ def test_corrupt_graph_same_size_is_a_clear_error_and_verify_finds_it(exported: 
 
 MALFORMED_MANIFESTS = [
     (lambda m: [m], "not a manifest"),
+    (lambda m: {**m, "format_version": float(m["format_version"])}, "has manifest format 3.0"),  # round 7
     (lambda m: {**m, "files": list(m["files"])}, "`files` is missing or not a dict"),
     (lambda m: {**m, "dims": None}, "`dims` is missing"),
     (lambda m: {**m, "dims": {**m["dims"], "text_dim": "wide"}}, "dims.text_dim must be"),

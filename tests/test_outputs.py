@@ -271,3 +271,65 @@ def test_a_pair_a_killed_run_was_replacing_comes_back_whole(tmp_path: Path, monk
     assert _snapshot(tmp_path) == before
     save_file(out, new, {}, guidance=new)  # and a run that completes replaces the pair, leaving nothing aside
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.guidance.png", "r.png"]
+
+
+def _edited_record(path: Path) -> None:
+    from PIL import PngImagePlugin
+
+    with Image.open(path) as image:
+        record = json.loads(image.info["pnp-trt"])
+        info = PngImagePlugin.PngInfo()
+        info.add_text("pnp-trt", json.dumps({**record, "prompts": ["not what ran"]}))
+        image.save(path, pnginfo=info)
+
+
+def _comment_added(path: Path) -> None:
+    from PIL import PngImagePlugin
+
+    with Image.open(path) as image:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("pnp-trt", image.info["pnp-trt"])
+        info.add_text("Comment", "my holiday")
+        image.save(path, pnginfo=info)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda p: p.write_bytes(p.read_bytes() + b"my appended notes"),  # after IEND
+    _comment_added,  # pixels and record as they were
+    _edited_record,  # pixels as they were
+])
+def test_a_result_changed_in_any_way_since_pnp_trt_wrote_it_is_not_ours(tmp_path: Path, edit) -> None:
+    """Corpus round 7: bytes appended, a chunk added, the record edited — each kept the pixels, and the result was
+    replaced as ours. The record is sealed over the rest of the file and itself."""
+    out = tmp_path / "r.png"
+    save_file(out, Image.new("RGB", (8, 8)), {"prompts": ["a"]})
+    assert written_by_pnp_trt(out)
+    edit(out)
+    before = out.read_bytes()
+    with pytest.raises(PnPError, match="exists and was not written by pnp-trt"):
+        save_file(out, Image.new("RGB", (8, 8)), {})
+    assert out.read_bytes() == before
+
+
+def test_a_results_record_changed_by_hand_is_not_ours(tmp_path: Path) -> None:
+    """Corpus round 7: a key added to translate.json, or a user's notes.txt listed with its correct SHA-256, and
+    the rerun replaced the record and deleted the notes. The record is sealed, and lists only names pnp-trt
+    gives its files."""
+    from pnp_trt.destination import file_digest, seal
+
+    image = Image.new("RGB", (8, 8))
+    noted, listed = tmp_path / "noted", tmp_path / "listed"
+    for directory in (noted, listed):
+        save_directory(directory, ["a", "b"], [image, image], {})
+    record = json.loads((noted / "translate.json").read_text())
+    (noted / "translate.json").write_text(json.dumps({**record, "my_notes": "keep this"}))
+    (listed / "notes.txt").write_text("mine")
+    record = json.loads((listed / "translate.json").read_text())
+    record["outputs"].append("notes.txt")
+    record["files"]["notes.txt"] = file_digest(listed / "notes.txt")
+    (listed / "translate.json").write_text(json.dumps({**record, "seal": seal(record)}))  # resealed, even
+    for directory in (noted, listed):
+        before = _snapshot(directory)
+        with pytest.raises(PnPError, match="holds files pnp-trt did not write, or that changed since"):
+            save_directory(directory, ["c"], [image], {})
+        assert _snapshot(directory) == before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .. import validation
@@ -16,6 +17,8 @@ def check_source(backend: str, model: object, engines: object, provider: object)
     """What a backend runs from, checked by kind and for conflicts (`open_model`, `triton-repo`)."""
     check_backend(backend)
     for name, value in (("model", model), ("engines", engines), ("provider", provider)):
+        if isinstance(value, os.PathLike) and name != "provider":
+            value = os.fspath(value)
         if value is not None and not isinstance(value, (str, Path)):
             raise PnPError(f"{name} must be a path or a name (text), got {type(value).__name__}")
         if value is not None and not str(value):

@@ -179,6 +179,11 @@ def translate(model: LoadedModel, prompts: Sequence[str] | str, config: Translat
     if config is not None and not isinstance(config, TranslateConfig):
         raise PnPError(f"config must be a pnp_trt.TranslateConfig (e.g. TranslateConfig(steps=20)), got "
                        f"{type(config).__name__}")
+    if cache is not None and not isinstance(cache, SourceCache):
+        raise PnPError(f"cache must be a pnp_trt.SourceCache (e.g. SourceCache(directory=...)), got "
+                       f"{type(cache).__name__}")
+    if limits is not None and not isinstance(limits, Limits):
+        raise PnPError(f"limits must be a pnp_trt.config.Limits, got {type(limits).__name__}")
     if (image is None) == (source_prompt is None):
         raise PnPError("give exactly one guidance: an image or a source prompt")
     prompts = validation.prompts(prompts)
