@@ -164,6 +164,16 @@ def check_positive(flags: dict[str, float]) -> None:
             raise PnPError(f"{name} must be a positive number, got {value}")
 
 
+def check_input_limit(max_input_mpx: float) -> None:
+    """A server's guidance limit must admit the smallest guidance there is (MIN_SIDE × MIN_SIDE)."""
+    from .images import MIN_SIDE
+
+    smallest = MIN_SIDE * MIN_SIDE / 1e6
+    if math.isfinite(max_input_mpx) and 0 < max_input_mpx < smallest:
+        raise PnPError(f"--max-input-mpx {max_input_mpx:g} refuses every image (the smallest guidance, "
+                       f"{MIN_SIDE}x{MIN_SIDE}, is {smallest:.4f} Mpx); give at least {smallest:.4f}")
+
+
 THREADS_HELP = ("Threads per ONNX Runtime graph, or torch's intra-op threads (default: one per core; the same "
                 "as PNP_TRT_THREADS=N).")
 
@@ -515,6 +525,7 @@ def serve(
     validation.integer("--port", port, 1, 65535)
     set_threads(threads)
     validation.number("--coalesce-ms", coalesce_ms, 0, 60_000)
+    check_input_limit(max_input_mpx)
     check_positive({"--max-upload-mb": max_upload_mb, "--max-input-mpx": max_input_mpx,
                     "--max-output-mpx": max_output_mpx, "--deadline-s": deadline_s, "--max-prompts": max_prompts,
                     "--max-steps": max_steps, "--queue": queue, "--workers": workers, "--replicas": replicas})
@@ -584,6 +595,7 @@ def triton_repo(
     for flag, value, top in (("--instances", instances, 64), ("--max-batch-size", max_batch_size, 1024)):
         validation.integer(flag, value, 1, top)
     validation.number("--queue-delay-ms", queue_delay_ms, 0, 60_000)
+    check_input_limit(max_input_mpx)
     check_positive({"--max-upload-mb": max_upload_mb, "--max-input-mpx": max_input_mpx,
                     "--max-output-mpx": max_output_mpx, "--max-prompts": max_prompts, "--max-steps": max_steps})
     if backend != "torch":

@@ -100,6 +100,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         what = "is a file, not a directory" if directory.exists() else "does not exist"
         raise PnPError(f"exported directory {directory} {what}; pass the directory `pnp-trt export` wrote "
                        f"(`{rebuild_hint(None, directory)}`)")
+    if path.exists() and not path.is_file():
+        raise PnPError(f"{path} is not a regular file (a directory, FIFO or device); rebuild with "
+                       f"`{rebuild_hint(None, directory)}`")
     if not path.is_file():
         raise PnPError(f"{directory} has no {MANIFEST}: it is not an exported directory; "
                        f"create one with `{rebuild_hint(None, directory)}`")

@@ -149,7 +149,8 @@ CONFIG_FIELDS: dict[str, dict[str, str]] = {
     "unet/config.json": {"in_channels": "count", "out_channels": "count", "sample_size": "count",
                          "layers_per_block": "count", "block_out_channels": "counts",
                          "attention_head_dim": "count or counts", "cross_attention_dim": "count or counts",
-                         "center_input_sample": "flag", "upcast_attention": "flag", "flip_sin_to_cos": "flag"},
+                         "center_input_sample": "flag", "upcast_attention": "flag", "flip_sin_to_cos": "flag",
+                         "norm_eps": "epsilon"},
     "vae/config.json": {"in_channels": "count", "latent_channels": "count", "block_out_channels": "counts",
                         "scaling_factor": "scale", "force_upcast": "flag"},
     "text_encoder/config.json": {"hidden_size": "count", "num_hidden_layers": "count", "num_attention_heads": "count",
@@ -210,6 +211,8 @@ def _check_value(name: str, value: Any, kind: str) -> None:
         validation.number(name, value, 1e-6, 1e3)
     elif kind == "flag":
         validation.boolean(name, value)
+    elif kind == "epsilon":
+        validation.number(name, value, 1e-12, 1.0)
     elif isinstance(value, list) and "counts" in kind:
         if not value:
             raise PnPError(f"{name} must be a non-empty list")

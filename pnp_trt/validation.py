@@ -45,7 +45,8 @@ def integer(name: str, value: Any, low: int | None = None, high: int | None = No
 
 
 def _num(value: float) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    """Enough digits that a value just past a bound does not read as the bound (1000.0001, not 1000)."""
+    return f"{value:.12g}" if isinstance(value, float) else str(value)
 
 
 def number(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:

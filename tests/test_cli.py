@@ -236,6 +236,11 @@ def test_every_setting_is_a_translate_flag_defaulting_to_the_librarys() -> None:
     (["translate", "x.png", "-p", "a", "--out", "o.png", "--threads", "100000"], {}, "--threads must be between 1"),
     (["translate", "x.png", "-p", "a", "--out", "o.png"], {"PNP_TRT_THREADS": "abc"},
      "PNP_TRT_THREADS must be a whole number of threads"),
+    (["translate", "x.png", "-p", "a", "--out", "o.png"], {"PNP_TRT_THREADS": "\uff11"},  # round 7: fullwidth 1
+     "PNP_TRT_THREADS must be a whole number of threads"),
+    (["serve", "--max-input-mpx", "0.001"], {}, "--max-input-mpx 0.001 refuses every image"),
+    (["translate", "x.png", "-p", "a", "--out", "o.png", "--guidance-scale", "1000.0001"], {},
+     "--guidance-scale must be between -1000 and 1000, got 1000.0001"),
 ])
 def test_process_settings_are_bounded(args: list[str], env: dict, fragment: str, monkeypatch) -> None:
     for name, value in env.items():
@@ -447,6 +452,7 @@ def _set(key: str, value: object):
     ("unet/config.json", lambda text: "[1, 2, 3]", "unet/config.json is not a JSON object"),
     ("vae/config.json", _set("force_upcast", "true"), "vae/config.json force_upcast must be true or false"),
     ("unet/config.json", _set("upcast_attention", "false"), "unet/config.json upcast_attention must be true or"),
+    ("unet/config.json", _set("norm_eps", float("nan")), "unet/config.json norm_eps must be a finite number"),
     ("vae/config.json", lambda text: "{not json", "vae/config.json cannot be read as JSON"),
     ("tokenizer/vocab.json", lambda text: "{not json", "tokenizer/vocab.json cannot be read as a JSON object"),
 ])

@@ -531,3 +531,18 @@ def test_a_manifest_whose_dims_were_edited_disagrees_with_its_graphs(exported: P
     model = open_onnxruntime(copy)
     with pytest.raises(PnPError, match=rf"manifest.json's dims \({field}\) disagree with those text_encoder.onnx was"):
         translate(model, ["a cat"], TranslateConfig(steps=1, height=64, width=64), source_prompt="a house")
+
+
+def test_a_manifest_that_is_not_a_regular_file_is_named(exported: Path, tmp_path: Path) -> None:
+    """Corpus round 7: a FIFO manifest read as "has no manifest.json"; a 6 GiB sparse one was read whole."""
+    import os
+
+    fifo, huge = _copy(exported, tmp_path / "f"), _copy(exported, tmp_path / "h")
+    (fifo / "manifest.json").unlink()
+    os.mkfifo(fifo / "manifest.json")
+    with pytest.raises(PnPError, match="manifest.json is not a regular file"):
+        open_onnxruntime(fifo)
+    with open(huge / "manifest.json", "ab") as f:
+        f.truncate(6 << 30)  # sparse
+    with pytest.raises(PnPError, match="manifest.json is 6144 MiB, not a manifest"):
+        open_onnxruntime(huge)

@@ -37,13 +37,15 @@ MAX_THREADS = 4 * (os.cpu_count() or 1)
 
 def intra_op_threads() -> int | None:
     """`THREADS_VARIABLE` as a count from 1 to `MAX_THREADS`, or None."""
-    value = os.environ.get(THREADS_VARIABLE, "").strip()
-    if not value:
+    value = os.environ.get(THREADS_VARIABLE, "")
+    if not value.strip(" \t\r\n"):
         return None
-    if not value.isdigit():
+    try:
+        count = int(validation.number_text(int, value))  # the one number rule: ASCII digits
+    except ValueError:
         raise PnPError(f"{THREADS_VARIABLE} must be a whole number of threads from 1 to {MAX_THREADS}, got "
-                       f"{value[:20]!r}")
-    return validation.integer(THREADS_VARIABLE, int(value), 1, MAX_THREADS)
+                       f"{value[:20]!r}") from None
+    return validation.integer(THREADS_VARIABLE, count, 1, MAX_THREADS)
 
 
 def check_provider(provider: str) -> str:

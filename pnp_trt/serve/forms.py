@@ -62,7 +62,7 @@ class StrictFormParser(FormParser):
 
 async def read_form(request: Request, limits: ServeLimits) -> tuple[dict[str, str], list[str], UploadFile | None]:
     """The form: settings as strings (each once), the prompts (repeatable), the image upload (if any)."""
-    if not request.headers.get("content-type", "").startswith(("multipart/form-data",
+    if not request.headers.get("content-type", "").lower().startswith(("multipart/form-data",
                                                                 "application/x-www-form-urlencoded")):
         raise RequestError(415, "send multipart/form-data (e.g. curl -F image=@photo.jpg -F prompt=\"a lego model\")")
     limit = limits.max_upload_bytes + FORM_SLACK_BYTES
