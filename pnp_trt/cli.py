@@ -164,14 +164,14 @@ def check_positive(flags: dict[str, float]) -> None:
             raise PnPError(f"{name} must be a positive number, got {value}")
 
 
-def check_input_limit(max_input_mpx: float) -> None:
-    """A server's guidance limit must admit the smallest guidance there is (MIN_SIDE × MIN_SIDE)."""
+def check_input_limit(max_mpx: float, flag: str = "--max-input-mpx") -> None:
+    """A pixel limit must admit the smallest image there is (MIN_SIDE × MIN_SIDE)."""
     from .images import MIN_SIDE
 
     smallest = MIN_SIDE * MIN_SIDE / 1e6
-    if math.isfinite(max_input_mpx) and 0 < max_input_mpx < smallest:
-        raise PnPError(f"--max-input-mpx {max_input_mpx:g} refuses every image (the smallest guidance, "
-                       f"{MIN_SIDE}x{MIN_SIDE}, is {smallest:.4f} Mpx); give at least {smallest:.4f}")
+    if math.isfinite(max_mpx) and 0 < max_mpx < smallest:
+        raise PnPError(f"{flag} {max_mpx:g} refuses every image (the smallest, {MIN_SIDE}x{MIN_SIDE}, is "
+                       f"{smallest:.4f} Mpx); give at least {smallest:.4f}")
 
 
 THREADS_HELP = ("Threads per ONNX Runtime graph, or torch's intra-op threads (default: one per core; the same "
@@ -302,6 +302,7 @@ def translate(
                              seed=seed, height=height, width=width, source_guidance_scale=source_guidance_scale,
                              prompt_batch_size=prompt_batch_size)
     check_positive({"--cache-dir-gib": cache_dir_gib, "--max-output-mpx": max_output_mpx})
+    check_input_limit(max_output_mpx, "--max-output-mpx")
     validation.number("--cache-dir-gib", cache_dir_gib, 0, 2**30)  # the API's bound, in the flag's own unit
     limits = Limits(max_output_pixels=int(max_output_mpx * 1e6))
     if cache_dir is not None and len(prompt) > 1 and Path(cache_dir).resolve().is_relative_to(Path(out).resolve()):

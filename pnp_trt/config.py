@@ -111,7 +111,7 @@ class Limits:
     def check_output(self, height: int, width: int) -> None:
         if height * width > self.max_output_pixels:
             raise PnPError(f"output {height}x{width} is {height * width / 1e6:.3g} Mpx, over the "
-                           f"{self.max_output_pixels / 1e6:.4g} Mpx limit; pass a smaller --height/--width "
+                           f"{self.max_output_pixels / 1e6:.3g} Mpx limit; pass a smaller --height/--width "
                            "(or raise --max-output-mpx if the machine has the memory)")
 
 
