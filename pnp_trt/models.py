@@ -247,16 +247,46 @@ def _check_config_files(path: Path) -> None:
                 config = json.loads((path / file).read_text())
             except FileNotFoundError:
                 raise PnPError(f"{file} is missing") from None
-            except (OSError, ValueError) as exc:
-                raise PnPError(f"{file} cannot be read as JSON ({str(exc)[:60]})") from None
+            except (OSError, ValueError, RecursionError) as exc:
+                raise PnPError(f"{file} cannot be read as JSON ({str(exc)[:60] or 'nested too deeply'})") from None
             if not isinstance(config, dict):
                 raise PnPError(f"{file} is not a JSON object")
             for key, kind in fields.items():
                 if key in config:
                     _check_value(f"{file} {key}", config[key], kind)
+            _check_against_defaults(file, config, set(fields))
         _check_tokenizer_files(path / "tokenizer")
     except PnPError as exc:
         raise PnPError(f"model {path} has a damaged config: {exc}; fix it or re-save the model") from None
+
+
+def _config_defaults(file: str) -> dict[str, Any]:
+    """The defaults of the class a config file configures (diffusers' UNet and VAE, transformers' CLIP text
+    config): each field's default says its kind."""
+    import inspect
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    owner = {"unet/config.json": UNet2DConditionModel.__init__, "vae/config.json": AutoencoderKL.__init__,
+             "text_encoder/config.json": CLIPTextConfig.__init__}.get(file)
+    if owner is None:
+        return {}
+    return {name: p.default for name, p in inspect.signature(owner).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _check_against_defaults(file: str, config: dict[str, Any], checked: set[str]) -> None:
+    """Every field whose default is a boolean must be one ("false" is true to Python), one whose default is a
+    number a finite number (not a string, NaN or a boolean); lists (per-block values) are the class's to check."""
+    for key, default in _config_defaults(file).items():
+        value = config.get(key)
+        if key in checked or value is None or isinstance(value, list):
+            continue
+        if isinstance(default, bool):
+            validation.boolean(f"{file} {key}", value)
+        elif isinstance(default, (int, float)):
+            validation.number(f"{file} {key}", value)
 
 
 def model_identity(model_id: str) -> str:

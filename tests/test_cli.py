@@ -453,6 +453,13 @@ def _set(key: str, value: object):
     ("vae/config.json", _set("force_upcast", "true"), "vae/config.json force_upcast must be true or false"),
     ("unet/config.json", _set("upcast_attention", "false"), "unet/config.json upcast_attention must be true or"),
     ("unet/config.json", _set("norm_eps", float("nan")), "unet/config.json norm_eps must be a finite number"),
+    *[(file, _set(key, value), f"{file} {key} must be")  # round 8: every field by its class default's kind
+      for file, key, value in (("unet/config.json", "use_linear_projection", "true"),
+                               ("unet/config.json", "mid_block_scale_factor", "1"),
+                               ("unet/config.json", "resnet_out_scale_factor", float("nan")),
+                               ("vae/config.json", "use_quant_conv", 1),
+                               ("text_encoder/config.json", "layer_norm_eps", float("nan")))],
+    ("unet/config.json", lambda text: "[" * 100000 + "]" * 100000, "unet/config.json cannot be read as JSON"),
     ("vae/config.json", lambda text: "{not json", "vae/config.json cannot be read as JSON"),
     ("tokenizer/vocab.json", lambda text: "{not json", "tokenizer/vocab.json cannot be read as a JSON object"),
 ])
