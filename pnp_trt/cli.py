@@ -527,6 +527,7 @@ def serve(
     set_threads(threads)
     validation.number("--coalesce-ms", coalesce_ms, 0, 60_000)
     check_input_limit(max_input_mpx)
+    check_input_limit(max_output_mpx, "--max-output-mpx")
     check_positive({"--max-upload-mb": max_upload_mb, "--max-input-mpx": max_input_mpx,
                     "--max-output-mpx": max_output_mpx, "--deadline-s": deadline_s, "--max-prompts": max_prompts,
                     "--max-steps": max_steps, "--queue": queue, "--workers": workers, "--replicas": replicas})
@@ -597,6 +598,7 @@ def triton_repo(
         validation.integer(flag, value, 1, top)
     validation.number("--queue-delay-ms", queue_delay_ms, 0, 60_000)
     check_input_limit(max_input_mpx)
+    check_input_limit(max_output_mpx, "--max-output-mpx")
     check_positive({"--max-upload-mb": max_upload_mb, "--max-input-mpx": max_input_mpx,
                     "--max-output-mpx": max_output_mpx, "--max-prompts": max_prompts, "--max-steps": max_steps})
     if backend != "torch":

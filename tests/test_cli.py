@@ -239,6 +239,7 @@ def test_every_setting_is_a_translate_flag_defaulting_to_the_librarys() -> None:
     (["translate", "x.png", "-p", "a", "--out", "o.png"], {"PNP_TRT_THREADS": "\uff11"},  # round 7: fullwidth 1
      "PNP_TRT_THREADS must be a whole number of threads"),
     (["serve", "--max-input-mpx", "0.001"], {}, "--max-input-mpx 0.001 refuses every image"),
+    (["serve", "--max-output-mpx", "0.004"], {}, "--max-output-mpx 0.004 refuses every image"),  # round 8
     (["translate", "x.png", "-p", "a", "--out", "o.png", "--guidance-scale", "1000.0001"], {},
      "--guidance-scale must be between -1000 and 1000, got 1000.0001"),
 ])
