@@ -268,8 +268,10 @@ def _config_defaults(file: str) -> dict[str, Any]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    owner = {"unet/config.json": UNet2DConditionModel.__init__, "vae/config.json": AutoencoderKL.__init__,
-             "text_encoder/config.json": CLIPTextConfig.__init__}.get(file)
+    owners: dict[str, Callable[..., Any]] = {"unet/config.json": UNet2DConditionModel.__init__,
+                                             "vae/config.json": AutoencoderKL.__init__,
+                                             "text_encoder/config.json": CLIPTextConfig.__init__}
+    owner = owners.get(file)
     if owner is None:
         return {}
     return {name: p.default for name, p in inspect.signature(owner).parameters.items()
