@@ -164,7 +164,7 @@ def check_positive(flags: dict[str, float]) -> None:
             raise PnPError(f"{name} must be a positive number, got {value}")
 
 
-def check_input_limit(max_mpx: float, flag: str = "--max-input-mpx") -> None:
+def check_pixel_limit(max_mpx: float, flag: str) -> None:
     """A pixel limit must admit the smallest image there is (MIN_SIDE × MIN_SIDE)."""
     from .images import MIN_SIDE
 
@@ -302,7 +302,7 @@ def translate(
                              seed=seed, height=height, width=width, source_guidance_scale=source_guidance_scale,
                              prompt_batch_size=prompt_batch_size)
     check_positive({"--cache-dir-gib": cache_dir_gib, "--max-output-mpx": max_output_mpx})
-    check_input_limit(max_output_mpx, "--max-output-mpx")
+    check_pixel_limit(max_output_mpx, "--max-output-mpx")
     validation.number("--cache-dir-gib", cache_dir_gib, 0, 2**30)  # the API's bound, in the flag's own unit
     limits = Limits(max_output_pixels=int(max_output_mpx * 1e6))
     if cache_dir is not None and len(prompt) > 1 and Path(cache_dir).resolve().is_relative_to(Path(out).resolve()):
@@ -526,8 +526,8 @@ def serve(
     validation.integer("--port", port, 1, 65535)
     set_threads(threads)
     validation.number("--coalesce-ms", coalesce_ms, 0, 60_000)
-    check_input_limit(max_input_mpx)
-    check_input_limit(max_output_mpx, "--max-output-mpx")
+    check_pixel_limit(max_input_mpx, "--max-input-mpx")
+    check_pixel_limit(max_output_mpx, "--max-output-mpx")
     check_positive({"--max-upload-mb": max_upload_mb, "--max-input-mpx": max_input_mpx,
                     "--max-output-mpx": max_output_mpx, "--deadline-s": deadline_s, "--max-prompts": max_prompts,
                     "--max-steps": max_steps, "--queue": queue, "--workers": workers, "--replicas": replicas})
@@ -597,8 +597,8 @@ def triton_repo(
     for flag, value, top in (("--instances", instances, 64), ("--max-batch-size", max_batch_size, 1024)):
         validation.integer(flag, value, 1, top)
     validation.number("--queue-delay-ms", queue_delay_ms, 0, 60_000)
-    check_input_limit(max_input_mpx)
-    check_input_limit(max_output_mpx, "--max-output-mpx")
+    check_pixel_limit(max_input_mpx, "--max-input-mpx")
+    check_pixel_limit(max_output_mpx, "--max-output-mpx")
     check_positive({"--max-upload-mb": max_upload_mb, "--max-input-mpx": max_input_mpx,
                     "--max-output-mpx": max_output_mpx, "--max-prompts": max_prompts, "--max-steps": max_steps})
     if backend != "torch":

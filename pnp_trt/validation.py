@@ -23,13 +23,18 @@ NUMBER_TEXT = {int: re.compile(r"[+-]?[0-9]+"),
 non-ASCII digits)."""
 
 
+NUMBER_PADDING = " \t\r\n"
+"""What may surround a number's digits (ASCII only: a no-break or ideographic space is not padding)."""
+
+
 def number_text(kind: type, text: Any) -> int | float:
     """A flag's or form field's text as an int or float, by `NUMBER_TEXT`; ValueError otherwise."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return kind(text)  # a default, already a number
-    if not isinstance(text, str) or not NUMBER_TEXT[kind].fullmatch(text.strip(" \t\r\n")):
+    digits = text.strip(NUMBER_PADDING) if isinstance(text, str) else None
+    if digits is None or not NUMBER_TEXT[kind].fullmatch(digits):
         raise ValueError(text)
-    return kind(text.strip(" \t\r\n"))
+    return kind(digits)
 
 
 def _shown(value: Any) -> str:

@@ -38,7 +38,7 @@ MAX_THREADS = 4 * (os.cpu_count() or 1)
 def intra_op_threads() -> int | None:
     """`THREADS_VARIABLE` as a count from 1 to `MAX_THREADS`, or None."""
     value = os.environ.get(THREADS_VARIABLE, "")
-    if not value.strip(" \t\r\n"):
+    if not value.strip(validation.NUMBER_PADDING):
         return None
     try:
         count = int(validation.number_text(int, value))  # the one number rule: ASCII digits
