@@ -12,13 +12,13 @@ import os
 import re
 import stat
 import tempfile
-import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from .errors import PnPError
 from .fileio import sweep_stale_staging
+from .png_chunks import SIGNATURE, chunks, text_chunk
 
 RECORD = "translate.json"
 RECORD_CHUNK = "pnp-trt"
@@ -51,46 +51,29 @@ def sealed(record: dict[str, Any], content: bytes = b"") -> dict[str, Any]:
     return {**record, "seal": seal(record, content)}
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _chunks(data: bytes) -> list[tuple[bytes, bytes]]:
-    """A PNG's chunks as (type, whole chunk bytes); trailing bytes after IEND count as a chunk of type b''."""
-    chunks, at = [], len(PNG_SIGNATURE)
-    while at + 12 <= len(data):
-        length = int.from_bytes(data[at:at + 4], "big")
-        kind, end = data[at + 4:at + 8], at + 12 + length
-        chunks.append((kind, data[at:end]))
-        at = end
-        if kind == b"IEND":
-            break
-    if at < len(data):
-        chunks.append((b"", data[at:]))
-    return chunks
-
-
-def _text_chunk(keyword: str, text: str) -> bytes:
-    data = keyword.encode("latin-1") + b"\0" + text.encode("latin-1")
-    return len(data).to_bytes(4, "big") + b"tEXt" + data + zlib.crc32(b"tEXt" + data).to_bytes(4, "big")
+def record_json(record: dict[str, Any]) -> str:
+    """How a results set's record is written: a record re-indented or re-ordered since is not as pnp-trt wrote
+    it, and so not its own."""
+    return json.dumps(record, indent=2)
 
 
 def sealed_png(png: bytes, record: dict[str, Any]) -> bytes:
     """A PNG file (without pnp-trt's chunk) with its record added as a tEXt chunk after IHDR, sealed over the
     rest of the file."""
-    chunks = _chunks(png)
+    found = chunks(png)
     text = json.dumps(sealed(record, png))  # ASCII JSON: a tEXt chunk holds Latin-1
-    return PNG_SIGNATURE + chunks[0][1] + _text_chunk(RECORD_CHUNK, text) + b"".join(c for _, c in chunks[1:])
+    return SIGNATURE + found[0][1] + text_chunk(RECORD_CHUNK, text) + b"".join(c for _, c in found[1:])
 
 
 def png_record(data: bytes) -> dict[str, Any] | None:
     """The record of a PNG pnp-trt wrote, if its seal still matches the rest of the file; else None."""
-    if not data.startswith(PNG_SIGNATURE):
+    if not data.startswith(SIGNATURE):
         return None
-    chunks, prefix = _chunks(data), (RECORD_CHUNK + "\0").encode("latin-1")
-    ours_ = [c for kind, c in chunks if kind == b"tEXt" and c[8:8 + len(prefix)] == prefix]
+    found, prefix = chunks(data), (RECORD_CHUNK + "\0").encode("latin-1")
+    ours_ = [c for kind, c in found if kind == b"tEXt" and c[8:8 + len(prefix)] == prefix]
     if len(ours_) != 1:
         return None
-    rest = PNG_SIGNATURE + b"".join(c for _, c in chunks if c is not ours_[0])
+    rest = SIGNATURE + b"".join(c for _, c in found if c is not ours_[0])
     try:
         record = json.loads(ours_[0][8 + len(prefix):-4].decode("latin-1"))
     except ValueError:
@@ -228,12 +211,14 @@ def previous_results(out: Path) -> list[str]:
     """The files a previous run recorded in `out` that are still as it wrote them (its PNGs, by their recorded
     SHA-256, and the record itself), if it left a record of pnp-trt's."""
     try:
-        record = json.loads((out / RECORD).read_text())
+        text = (out / RECORD).read_text()
+        record = json.loads(text)
         digests = record["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return []
-    if not ours(record) or not isinstance(digests, dict) or record.get("seal") != seal(record):
-        return []  # not pnp-trt's, or edited since (a key added, a file listed by hand)
+    if not ours(record) or not isinstance(digests, dict) or record.get("seal") != seal(record) \
+            or text != record_json(record):
+        return []  # not pnp-trt's, or edited since (a key added, a file listed by hand, even re-indented)
     unchanged = []
     for name in record["outputs"]:
         if not RESULT_NAME.fullmatch(name):

@@ -18,6 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 from . import validation
 from .contract import SIZE_MULTIPLE
 from .errors import PnPError
+from .png_chunks import chunks
 
 MIN_SIDE = SIZE_MULTIPLE
 SHORT_SIDE = 512
@@ -101,15 +102,17 @@ def _open_checked(source: Path | IO[bytes], name: str) -> Image.Image:
 
 
 def _first_chunk(source: Path | IO[bytes]) -> bytes:
-    """The type of a PNG's first chunk (after the 8-byte signature and the chunk's length)."""
+    """The type of a PNG's first chunk."""
     if isinstance(source, Path):
         with open(source, "rb") as f:
-            return f.read(16)[12:16]
-    position = source.tell()
-    source.seek(0)
-    head = source.read(16)
-    source.seek(position)
-    return head[12:16]
+            head = f.read(16)
+    else:
+        position = source.tell()
+        source.seek(0)
+        head = source.read(16)
+        source.seek(position)
+    found = chunks(head)
+    return found[0][0] if found else b""
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -26,6 +27,10 @@ EXPORT_ID_KEY = "pnp_trt.export_id"
 EXPORT_DIMS_KEY = "pnp_trt.dims"
 """The ONNX metadata key under which each graph carries the model dims it was exported for (JSON): a manifest
 whose `dims` were edited (a VAE factor, a native size) disagrees with its own graphs."""
+EXPORT_SETTINGS_KEY = "pnp_trt.settings"
+"""The ONNX metadata key under which each graph carries the manifest's `STAMPED_SETTINGS` it was exported with
+(JSON): a manifest claiming another attention or precision than its graphs hold is refused, not run."""
+STAMPED_SETTINGS = ("precision", "attention")
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20
 """A manifest pnp-trt writes is a few KB; a larger file is not read (a sparse 6 GiB one ran out of memory)."""
@@ -185,8 +190,24 @@ def schema_problem(manifest: dict[str, Any], directory: Path) -> str | None:
             return f"the entry of {name!r} needs `sha256` and `bytes`"
         if Path(name).is_absolute() or ".." in Path(name).parts:
             return f"file name {name!r} leads outside the directory"
+    problem = _record_problem(manifest)
+    if problem:
+        return problem
     missing = [f"{graph}.onnx" for graph in GRAPHS if f"{graph}.onnx" not in manifest["files"]]
     return f"no entry for {', '.join(missing)}" if missing else None
+
+
+def _record_problem(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with the fields kept for people (`versions`, `validation_relative_error`), if anything."""
+    versions = manifest.get("versions", {})
+    if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
+        return "`versions` is not an object of version strings"
+    errors = manifest.get("validation_relative_error", {})
+    if not isinstance(errors, dict) or not all(
+            isinstance(graph, dict) and all(type(e) in (int, float) and math.isfinite(e) and e >= 0
+                                            for e in graph.values()) for graph in errors.values()):
+        return "`validation_relative_error` is not an object of graphs' finite, non-negative errors"
+    return None
 
 
 def check_graph_identity(metadata: dict[str, str], manifest: dict[str, Any], path: Path) -> None:
@@ -200,12 +221,20 @@ def check_graph_identity(metadata: dict[str, str], manifest: dict[str, Any], pat
         raise PnPError(f"{path} does not belong to this export ({found}; {MANIFEST} says "
                        f"{manifest['export_id'][:12]}): files of different exports are mixed; rebuild with "
                        f"`{rebuild_hint(manifest, Path('NEW_DIR'))}`")
-    stamped = metadata.get(EXPORT_DIMS_KEY)
-    if stamped is not None and json.loads(stamped) != manifest["dims"]:
-        edited = sorted(k for k, v in json.loads(stamped).items() if manifest["dims"].get(k) != v)
-        raise PnPError(f"{MANIFEST}'s dims ({', '.join(edited) or 'their fields'}) disagree with those {path.name} "
-                       f"was exported for: the manifest was edited; rebuild with "
-                       f"`{rebuild_hint(manifest, Path('NEW_DIR'))}`")
+    claimed = {"dims": (EXPORT_DIMS_KEY, manifest["dims"]),
+               "settings": (EXPORT_SETTINGS_KEY, exported_settings(manifest))}
+    for label, (key, said) in claimed.items():
+        stamped = metadata.get(key)
+        if stamped is not None and json.loads(stamped) != said:
+            edited = sorted(k for k, v in json.loads(stamped).items() if said.get(k) != v)
+            raise PnPError(f"{MANIFEST}'s {label} ({', '.join(edited) or 'their fields'}) disagree with those "
+                           f"{path.name} was exported with: the manifest was edited; rebuild with "
+                           f"`{rebuild_hint(manifest, Path('NEW_DIR'))}`")
+
+
+def exported_settings(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The settings each graph is stamped with (`EXPORT_SETTINGS_KEY`), as the manifest states them."""
+    return {key: manifest.get(key, "standard" if key == "attention" else None) for key in STAMPED_SETTINGS}
 
 
 def onnx_metadata(path: Path) -> dict[str, str]:

@@ -280,7 +280,8 @@ def _config_defaults(file: str) -> dict[str, Any]:
 
 def _check_against_defaults(file: str, config: dict[str, Any], checked: set[str]) -> None:
     """Every field whose default is a boolean must be one ("false" is true to Python), one whose default is a
-    number a finite number (not a string, NaN or a boolean); lists (per-block values) are the class's to check."""
+    number a finite number (not a string, NaN or a boolean), and a whole one where the default is (a shift of
+    0.5 steps); lists (per-block values) are the class's to check."""
     for key, default in _config_defaults(file).items():
         value = config.get(key)
         if key in checked or value is None or isinstance(value, list):
@@ -289,6 +290,8 @@ def _check_against_defaults(file: str, config: dict[str, Any], checked: set[str]
             validation.boolean(f"{file} {key}", value)
         elif isinstance(default, (int, float)):
             validation.number(f"{file} {key}", value)
+            if isinstance(default, int) and not float(value).is_integer():
+                raise PnPError(f"{file} {key} must be a whole number, got {value}")
 
 
 def model_identity(model_id: str) -> str:

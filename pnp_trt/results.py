@@ -4,7 +4,6 @@ set."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -15,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from .destination import RECORD, WRITER, check_destination, file_digest, sealed, sealed_png
+from .destination import RECORD, WRITER, check_destination, file_digest, record_json, sealed, sealed_png
 from .fileio import committing, new_staging, retire, swap_in
 from .images import png_bytes
 
@@ -44,8 +43,8 @@ def save_directory(out: Path, prompts: Sequence[str], images: Sequence[Image.Ima
             image.save(staging / name, format="PNG")
         files = [*names, *extra]
         digests = {name: file_digest(staging / name) for name in files}  # an edited file is then not ours
-        (staging / RECORD).write_text(json.dumps(sealed({**record, "written_by": WRITER, "outputs": files,
-                                                         "files": digests}), indent=2))
+        (staging / RECORD).write_text(record_json(sealed({**record, "written_by": WRITER, "outputs": files,
+                                                          "files": digests})))
         staging.chmod(0o755)
         with committing(out):  # the previous set (at `staging` after an exchange) is removed inside too: a stop
             swap_in(staging, out)  # signal there cut the removal short and was told "nothing was written"

@@ -459,6 +459,7 @@ def _set(key: str, value: object):
                                ("unet/config.json", "mid_block_scale_factor", "1"),
                                ("unet/config.json", "resnet_out_scale_factor", float("nan")),
                                ("vae/config.json", "use_quant_conv", 1),
+                               ("unet/config.json", "freq_shift", 0.5),
                                ("text_encoder/config.json", "layer_norm_eps", float("nan")))],
     ("unet/config.json", lambda text: "[" * 100000 + "]" * 100000, "unet/config.json cannot be read as JSON"),
     ("vae/config.json", lambda text: "{not json", "vae/config.json cannot be read as JSON"),

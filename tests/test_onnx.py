@@ -288,6 +288,11 @@ MALFORMED_MANIFESTS = [
     (lambda m: {k: v for k, v in m.items() if k != "export_id"}, "`export_id` is missing"),
     (lambda m: {**m, "format_version": "3"}, "has manifest format '3', this pnp-trt reads format 3"),
     (lambda m: {**m, "export_id": "../" * 11}, "not 32 hex digits"),
+    (lambda m: {**m, "versions": 5}, "`versions` is not an object of version strings"),  # round 8
+    (lambda m: {**m, "validation_relative_error": {"unet": {"noise_pred": float("nan")}}},
+     "`validation_relative_error` is not an object of graphs' finite"),  # round 8
+    (lambda m: {**m, "validation_relative_error": {"unet": {"noise_pred": "small"}}},
+     "`validation_relative_error` is not an object of graphs' finite"),
     (lambda m: {**m, "dims": {**m["dims"], "vae_factor": 0}}, "dims.vae_factor must be between 1 and 64, got 0"),
     (lambda m: {**m, "dims": {**m["dims"], "vae_factor": -8}}, "dims.vae_factor must be between 1 and 64"),
     (lambda m: {**m, "dims": {**m["dims"], "vae_factor": 6}}, "dims.vae_factor must be a power of two"),
@@ -307,8 +312,9 @@ MALFORMED_MANIFESTS = [
 DISAGREEING_MANIFESTS = [
     (lambda m: {**m, "tokenizer": {**m["tokenizer"], "pad_id": 10**6}}, "pad_id 1000000 is outside its vocabulary"),
     (lambda m: _with_dims(m, text_dim=33), "manifest.json's dims (text_dim) disagree with those text_encoder.onnx"),
+    (lambda m: {**m, "attention": "onnxruntime"}, "manifest.json's settings (attention) disagree with"),  # round 8
     (lambda m: {**m, "tokenizer": {**m["tokenizer"], "pad_token": "<|zzz|>"}}, "is not token 0 of"),
-    (lambda m: {**m, "precision": "fp16"}, "is tensor(float), the manifest's fp16 export means tensor(float16)"),
+    (lambda m: {**m, "precision": "fp16"}, "manifest.json's settings (precision) disagree with"),
 ]
 """Well-formed manifests that disagree with the files they describe: found when those are opened."""
 
@@ -338,8 +344,24 @@ def _another_graph_under_its_name(directory: Path) -> None:
 def _another_exports_graph(directory: Path) -> None:
     """unet.onnx as another export of the same model writes it: same size and inputs, another id."""
     from pnp_trt.export.onnx_graph import stamp_export_id
+    from pnp_trt.manifest import exported_settings
 
-    stamp_export_id(directory / "unet.onnx", "0" * 32, json.loads((directory / "manifest.json").read_text())["dims"])
+    manifest = json.loads((directory / "manifest.json").read_text())
+    stamp_export_id(directory / "unet.onnx", "0" * 32, manifest["dims"], exported_settings(manifest))
+
+
+def _unstamped_claiming_fp16(directory: Path) -> None:
+    """Graphs without the settings stamp (as exports before it wrote), the manifest edited to say fp16: the graphs'
+    own input types still give it away."""
+    from pnp_trt.manifest import EXPORT_SETTINGS_KEY, file_entries
+
+    for path in directory.glob("*.onnx"):
+        model = onnx.load(str(path), load_external_data=False)
+        kept = {p.key: p.value for p in model.metadata_props if p.key != EXPORT_SETTINGS_KEY}
+        del model.metadata_props[:]
+        onnx.helper.set_model_props(model, kept)
+        onnx.save_model(model, str(path))
+    _rewrite(directory, lambda m: {**m, "precision": "fp16", "files": file_entries(directory)})
 
 
 def _same_size(path: Path, filler: bytes) -> None:
@@ -370,6 +392,8 @@ DAMAGED_EXPORTS = {
                                  "cannot load"),
     "another graph under its name": (_another_graph_under_its_name, "is not a PnP unet graph (inputs latent)"),
     "another export's graph": (_another_exports_graph, "unet.onnx does not belong to this export (export 000000000000"),
+    "unstamped graphs, manifest says fp16": (_unstamped_claiming_fp16,
+                                             "is tensor(float), the manifest's fp16 export means tensor(float16)"),
     "another export's manifest": (lambda d: _rewrite(d, lambda m: {**m, "export_id": "1" * 32}),
                                   "files of different exports are mixed"),
     "damaged scheduler config": (lambda d: _same_size(d / "scheduler_config.json", b"x"), "incomplete or damaged"),

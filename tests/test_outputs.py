@@ -14,7 +14,7 @@ from conftest import random_image
 from PIL import Image
 from test_cli import assert_user_error, run
 
-from pnp_trt.destination import check_destination, written_by_pnp_trt
+from pnp_trt.destination import check_destination, record_json, written_by_pnp_trt
 from pnp_trt.errors import PnPError
 from pnp_trt.fileio import RETIRED, sweep_stale_staging
 from pnp_trt.results import save_directory, save_file
@@ -154,7 +154,7 @@ def test_a_directory_is_ours_only_with_our_record_and_our_unchanged_files(tmp_pa
     (listed / "thesis.txt").write_text("years of work")
     record = json.loads((listed / "translate.json").read_text())
     record["outputs"].append("thesis.txt")
-    (listed / "translate.json").write_text(json.dumps(record))
+    (listed / "translate.json").write_text(record_json(record))
     edited = tmp_path / "edited"
     save_directory(edited, ["a", "b"], [image, image], {})
     Image.new("RGB", (8, 8), "white").save(edited / "0_a.png")  # the user retouched a result
@@ -314,21 +314,25 @@ def test_a_result_changed_in_any_way_since_pnp_trt_wrote_it_is_not_ours(tmp_path
 def test_a_results_record_changed_by_hand_is_not_ours(tmp_path: Path) -> None:
     """Corpus round 7: a key added to translate.json, or a user's notes.txt listed with its correct SHA-256, and
     the rerun replaced the record and deleted the notes. The record is sealed, and lists only names pnp-trt
-    gives its files."""
+    gives its files. Round 8: a record only re-indented, or given a final newline, was replaced too: its bytes
+    are no longer pnp-trt's."""
     from pnp_trt.destination import file_digest, seal
 
     image = Image.new("RGB", (8, 8))
-    noted, listed = tmp_path / "noted", tmp_path / "listed"
-    for directory in (noted, listed):
+    noted, listed, indented, newline = (tmp_path / n for n in ("noted", "listed", "indented", "newline"))
+    for directory in (noted, listed, indented, newline):
         save_directory(directory, ["a", "b"], [image, image], {})
+    (indented / "translate.json").write_text(json.dumps(json.loads((indented / "translate.json").read_text())))
+    with open(newline / "translate.json", "a") as f:
+        f.write("\n")
     record = json.loads((noted / "translate.json").read_text())
-    (noted / "translate.json").write_text(json.dumps({**record, "my_notes": "keep this"}))
+    (noted / "translate.json").write_text(record_json({**record, "my_notes": "keep this"}))
     (listed / "notes.txt").write_text("mine")
     record = json.loads((listed / "translate.json").read_text())
     record["outputs"].append("notes.txt")
     record["files"]["notes.txt"] = file_digest(listed / "notes.txt")
-    (listed / "translate.json").write_text(json.dumps({**record, "seal": seal(record)}))  # resealed, even
-    for directory in (noted, listed):
+    (listed / "translate.json").write_text(record_json({**record, "seal": seal(record)}))  # resealed, even
+    for directory in (noted, listed, indented, newline):
         before = _snapshot(directory)
         with pytest.raises(PnPError, match="holds files pnp-trt did not write, or that changed since"):
             save_directory(directory, ["c"], [image], {})

@@ -411,6 +411,10 @@ def corpus(guide: bytes) -> list[tuple[str, dict, int, str]]:
         ("JSON body", {"json": {"prompt": "a cat"}}, 415, "multipart/form-data"),
         ("plain text body", {"content": b"prompt=a", "headers": {"content-type": "text/plain"}}, 415, "multipart"),
         ("broken multipart", _raw_form(b"--x\r\nnonsense"), 422, "cut short"),
+        ("media type with a suffix", _raw_form(_text_part(b"source_prompt", b"a") + b"--x--\r\n",
+                                               "multipart/form-datax"), 415, "multipart/form-data"),  # round 8
+        ("media type in mixed case", _raw_form(_text_part(b"source_prompt", b"a") + b"--x--\r\n",
+                                               "Multipart/Form-Data"), 422, "non-empty prompt"),  # round 8
         ("form cut before its end", _raw_form(_text_part(b"prompt", b"a cat")), 422, "cut short"),
         ("prompt not UTF-8", _raw_form(_text_part(b"prompt", b"caf\xe9") + b"--x--\r\n"), 422,
          "prompt field is not UTF-8"),
@@ -424,8 +428,8 @@ def _text_part(name: bytes, value: bytes) -> bytes:
     return b'--x\r\nContent-Disposition: form-data; name="' + name + b'"\r\n\r\n' + value + b"\r\n"
 
 
-def _raw_form(body: bytes) -> dict:
-    return {"content": body, "headers": {"content-type": "multipart/form-data; boundary=x"}}
+def _raw_form(body: bytes, media_type: str = "multipart/form-data") -> dict:
+    return {"content": body, "headers": {"content-type": f"{media_type}; boundary=x"}}
 
 
 def test_a_bad_request_corpus_against_the_running_server(served: str, guide_png: bytes) -> None:

@@ -62,9 +62,9 @@ def _torch_outputs(module: torch.nn.Module, spec: Any, feeds: dict[str, Any]) ->
 
 
 def export_one(name: str, module: torch.nn.Module, model: TorchModel, out: Path, precision: str,
-               opset: int, export_id: str) -> GraphReport:
+               opset: int, export_id: str, attention: str = "standard") -> GraphReport:
     """Export, clean, check, and validate one graph against PyTorch at a shape other than the traced one; then
-    stamp it with the export's id."""
+    stamp it with the export's id and settings."""
     spec = graph_specs(model.dims)[name]
     vocab = int(model.text_encoder.config.vocab_size)
     path, scratch = out / f"{name}.onnx", Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
@@ -90,7 +90,7 @@ def export_one(name: str, module: torch.nn.Module, model: TorchModel, out: Path,
         worst = max(report.errors, key=report.errors.__getitem__)
         raise PnPError(f"{name}.onnx disagrees with PyTorch: {worst} off by {report.worst:.2e} relative "
                        f"(tolerance {TOLERANCE[precision]:.0e}); the export is not trustworthy, nothing was written")
-    stamp_export_id(path, export_id, model.dims.to_dict())
+    stamp_export_id(path, export_id, model.dims.to_dict(), {"precision": precision, "attention": attention})
     return report
 
 
@@ -162,7 +162,7 @@ def export_loaded(model: TorchModel, out: Path, precision: str = "fp32", opset: 
         try:
             for name in GRAPHS:
                 on_graph(name)
-                reports.append(export_one(name, graphs[name], model, tmp, precision, opset, export_id))
+                reports.append(export_one(name, graphs[name], model, tmp, precision, opset, export_id, attention))
         finally:
             cast(PnPUNetGraph, graphs["unet"]).release_hooks()
         write_side_files(model, tmp, precision, opset, attention, reports, versions or {}, export_id)

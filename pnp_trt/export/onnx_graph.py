@@ -89,14 +89,15 @@ def clean_graph(raw: Path, path: Path, opset: int) -> None:
     onnx.shape_inference.infer_shapes_path(str(path), str(path))
 
 
-def stamp_export_id(path: Path, export_id: str, dims: dict[str, Any]) -> None:
-    """Write the export's id and the model dims into the graph's own metadata (weights kept where they are:
-    external data stays external, and is neither read nor rewritten)."""
-    from ..manifest import EXPORT_DIMS_KEY, EXPORT_ID_KEY
+def stamp_export_id(path: Path, export_id: str, dims: dict[str, Any], settings: dict[str, Any]) -> None:
+    """Write the export's id, the model dims and the stamped settings into the graph's own metadata (weights kept
+    where they are: external data stays external, and is neither read nor rewritten)."""
+    from ..manifest import EXPORT_DIMS_KEY, EXPORT_ID_KEY, EXPORT_SETTINGS_KEY
 
     model = onnx.load(str(path), load_external_data=False)
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, EXPORT_ID_KEY: export_id,
-                                        EXPORT_DIMS_KEY: json.dumps(dims, sort_keys=True)})
+                                        EXPORT_DIMS_KEY: json.dumps(dims, sort_keys=True),
+                                        EXPORT_SETTINGS_KEY: json.dumps(settings, sort_keys=True)})
     onnx.save_model(model, str(path))
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_plus, unquote_to_bytes
 
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
@@ -60,10 +61,17 @@ class StrictFormParser(FormParser):
         super().on_field_end()
 
 
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def media_type(request: Request) -> str:
+    """The request's media type, without its parameters, in lower case (media types are case-insensitive)."""
+    return parse_options_header(request.headers.get("content-type", ""))[0].decode("latin-1").lower()
+
+
 async def read_form(request: Request, limits: ServeLimits) -> tuple[dict[str, str], list[str], UploadFile | None]:
     """The form: settings as strings (each once), the prompts (repeatable), the image upload (if any)."""
-    if not request.headers.get("content-type", "").lower().startswith(("multipart/form-data",
-                                                                "application/x-www-form-urlencoded")):
+    if media_type(request) not in FORM_TYPES:
         raise RequestError(415, "send multipart/form-data (e.g. curl -F image=@photo.jpg -F prompt=\"a lego model\")")
     limit = limits.max_upload_bytes + FORM_SLACK_BYTES
     declared = request.headers.get("content-length", "")
@@ -78,7 +86,7 @@ async def _parse(request: Request, limit: int, limits: ServeLimits) -> FormData:
     parser: FormParser | MultiPartParser = (
         StrictMultiPartParser(request.headers, stream, max_files=MAX_FILES, max_fields=MAX_FIELDS,
                               max_part_size=part_size)
-        if request.headers["content-type"].startswith("multipart/") else
+        if media_type(request) == "multipart/form-data" else
         StrictFormParser(request.headers, stream, max_fields=MAX_FIELDS, max_part_size=part_size))
     try:
         return await parser.parse()
