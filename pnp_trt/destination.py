@@ -66,13 +66,14 @@ def sealed_png(png: bytes, record: dict[str, Any]) -> bytes:
 
 
 def png_record(data: bytes) -> dict[str, Any] | None:
-    """The record of a PNG pnp-trt wrote, if its seal still matches the rest of the file; else None."""
+    """The record of a PNG pnp-trt wrote, if it is still where pnp-trt put it and its seal matches the rest of
+    the file; else None."""
     if not data.startswith(SIGNATURE):
         return None
     found, prefix = chunks(data), (RECORD_CHUNK + "\0").encode("latin-1")
     ours_ = [c for kind, c in found if kind == b"tEXt" and c[8:8 + len(prefix)] == prefix]
-    if len(ours_) != 1:
-        return None
+    if len(ours_) != 1 or found[1][1] is not ours_[0]:
+        return None  # none, several, or moved from where pnp-trt puts it (after IHDR): not as it wrote it
     rest = SIGNATURE + b"".join(c for _, c in found if c is not ours_[0])
     try:
         record = json.loads(ours_[0][8 + len(prefix):-4].decode("latin-1"))

@@ -18,7 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 from . import validation
 from .contract import SIZE_MULTIPLE
 from .errors import PnPError
-from .png_chunks import chunks
+from .png_chunks import chunks, damage
 
 MIN_SIDE = SIZE_MULTIPLE
 SHORT_SIDE = 512
@@ -85,9 +85,8 @@ def _open_checked(source: Path | IO[bytes], name: str) -> Image.Image:
             opened = Image.open(source, formats=GUIDANCE_FORMATS)
         with opened:
             _check_size(opened, name)
-            if opened.format == "PNG" and _first_chunk(source) == b"CgBI":
-                raise PnPError(f"{name} is an Apple CgBI PNG (an iOS app resource, not a standard PNG); convert "
-                               "it to a standard PNG first")
+            if opened.format == "PNG":
+                _check_png(source, name)
             opened.load()
             if opened.mode == "P" and opened.palette is None:
                 raise PnPError(f"{name} is a palette image without its palette (a PNG missing its PLTE chunk: a "
@@ -101,18 +100,25 @@ def _open_checked(source: Path | IO[bytes], name: str) -> Image.Image:
         raise PnPError(f"cannot read {name} as an image ({detail}); pass a valid PNG/JPEG/WebP file") from None
 
 
-def _first_chunk(source: Path | IO[bytes]) -> bytes:
-    """The type of a PNG's first chunk."""
+def _png_bytes(source: Path | IO[bytes]) -> bytes:
+    """The whole file a PNG guidance was opened from (its chunks are checked before Pillow decodes it)."""
     if isinstance(source, Path):
-        with open(source, "rb") as f:
-            head = f.read(16)
-    else:
-        position = source.tell()
-        source.seek(0)
-        head = source.read(16)
-        source.seek(position)
-    found = chunks(head)
-    return found[0][0] if found else b""
+        return source.read_bytes()
+    position = source.tell()
+    source.seek(0)
+    data = source.read()
+    source.seek(position)
+    return data
+
+
+def _check_png(source: Path | IO[bytes], name: str) -> None:
+    data = _png_bytes(source)
+    if [kind for kind, _ in chunks(data)[:1]] == [b"CgBI"]:
+        raise PnPError(f"{name} is an Apple CgBI PNG (an iOS app resource, not a standard PNG); convert it to a "
+                       "standard PNG first")
+    problem = damage(data)
+    if problem:
+        raise PnPError(f"{name} is a damaged PNG ({problem}); re-save or re-export it")
 
 
 @dataclass(frozen=True)

@@ -205,21 +205,68 @@ def test_a_model_path_may_be_a_path(tiny_model_dir: Path) -> None:
     assert Translator.open("torch", model=tiny_model_dir).model.dims.latent_channels == 4
 
 
-def _palette_png_without_plte() -> bytes:
+def _png(image: Image.Image | None = None, **save) -> bytes:
     import io
-    import struct
 
+    buffer = io.BytesIO()
+    (image or Image.new("RGB", (64, 64), "red")).save(buffer, "PNG", **save)
+    return buffer.getvalue()
+
+
+def _rebuilt(data: bytes, change) -> bytes:
+    """A PNG's chunks passed through `change` (a list of whole chunks in, a list out), joined again."""
+    from pnp_trt.png_chunks import SIGNATURE, chunks
+
+    return SIGNATURE + b"".join(change([c for _, c in chunks(data)]))
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    import zlib
+
+    return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+
+def _palette_png_without_plte() -> bytes:
     image = Image.new("P", (64, 64))
     image.putpalette([i % 256 for i in range(768)])
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    data, kept, at = buffer.getvalue(), buffer.getvalue()[:8], 8
-    while at < len(data):
-        length = struct.unpack(">I", data[at:at + 4])[0]
-        if data[at + 4:at + 8] != b"PLTE":
-            kept += data[at:at + 12 + length]
-        at += 12 + length
-    return kept
+    return _rebuilt(_png(image), lambda cs: [c for c in cs if c[4:8] != b"PLTE"])
+
+
+def _cut_image_data(chunks: list[bytes]) -> list[bytes]:
+    """The IDAT chunk re-written (valid checksum) holding half its compressed bytes."""
+    idat = next(c for c in chunks if c[4:8] == b"IDAT")
+    return [_chunk(b"IDAT", idat[8:-4][:len(idat) // 2]) if c is idat else c for c in chunks]
+
+
+DAMAGED_PNGS = {  # corpus rounds 7 and 8: Pillow decoded each (missing rows black) and pnp-trt translated it
+    "bad IDAT checksum": (lambda cs: [c[:-4] + bytes(4) if c[4:8] == b"IDAT" else c for c in cs], "fails its checksum"),
+    "two IHDR": (lambda cs: [cs[0], *cs], "its header (IHDR) is not its one first chunk"),
+    "unknown critical chunk": (lambda cs: [cs[0], _chunk(b"ZZZZ", b"x"), *cs[1:]], "unknown critical chunk 'ZZZZ'"),
+    "image data cut short": (_cut_image_data, "its image data is cut short"),
+    "no IEND": (lambda cs: cs[:-1], "does not end with IEND"),
+    "Apple CgBI": (lambda cs: [_chunk(b"CgBI", b"\x50\x00\x20\x02"), *cs], "an Apple CgBI PNG"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED_PNGS)
+def test_a_damaged_png_is_refused_before_pillow_decodes_it(case: str) -> None:
+    from pnp_trt.images import check_guidance
+
+    change, fragment = DAMAGED_PNGS[case]
+    with pytest.raises(PnPError, match=re.escape(fragment)):
+        check_guidance(_rebuilt(_png(), change))
+
+
+def test_well_formed_pngs_pass_the_chunk_check() -> None:
+    """Pillow's own PNGs, plain, palette, and with bytes after IEND (some tools append them), decode; an APNG's
+    extra chunks are ancillary, well-formed (it is refused as animated, not as damaged)."""
+    from pnp_trt.images import check_guidance
+    from pnp_trt.png_chunks import damage
+
+    for data in (_png(), _png(Image.new("P", (64, 64))), _png() + b"trailing"):
+        assert check_guidance(data).image.size == (64, 64)
+    frames = [Image.new("RGB", (64, 64), colour) for colour in ("red", "blue")]
+    assert damage(_png(frames[0], save_all=True, append_images=frames[1:])) is None
 
 
 def test_corpus_round_6_guidance_forms(tmp_path: Path) -> None:

@@ -337,3 +337,19 @@ def test_a_results_record_changed_by_hand_is_not_ours(tmp_path: Path) -> None:
         with pytest.raises(PnPError, match="holds files pnp-trt did not write, or that changed since"):
             save_directory(directory, ["c"], [image], {})
         assert _snapshot(directory) == before
+
+
+def test_a_result_whose_record_chunk_was_moved_is_not_ours(tmp_path: Path) -> None:
+    """Corpus round 8: the record's tEXt chunk moved after IDAT (same chunks, another order) was replaced as ours;
+    pnp-trt puts it after IHDR, and only a file laid out as it wrote it is its own."""
+    from pnp_trt.png_chunks import SIGNATURE, chunks
+
+    out = tmp_path / "r.png"
+    save_file(out, Image.new("RGB", (8, 8)), {})
+    ihdr, record, *rest = chunks(out.read_bytes())
+    out.write_bytes(SIGNATURE + ihdr[1] + b"".join(c for _, c in rest[:-1]) + record[1] + rest[-1][1])
+    assert [kind for kind, _ in chunks(out.read_bytes())][-2:] == [b"tEXt", b"IEND"]
+    before = out.read_bytes()
+    with pytest.raises(PnPError, match="exists and was not written by pnp-trt"):
+        save_file(out, Image.new("RGB", (8, 8)), {})
+    assert out.read_bytes() == before
