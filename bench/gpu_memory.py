@@ -12,7 +12,7 @@ import argparse
 import numpy as np
 import torch
 
-from pnp_trt.contract import INJECTION_POINTS, axis_sizes, graph_specs, injected_name
+from pnp_trt.contract import axis_sizes, graph_specs, injected_name
 from pnp_trt.engines.buffers import ACTIVATION_PER_FEATURE_BYTE, feature_bytes
 from pnp_trt.export.trace_feeds import random_feeds
 from pnp_trt.random_models import random_sd21_model
@@ -39,7 +39,7 @@ def main() -> None:
     per_sample = (peaks[16] - peaks[2]) / 14
     features = feature_bytes(model.dims, args.size, args.size, "float16")
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.size}x{args.size} fp16, "
-          f"injected points {len(INJECTION_POINTS)} ({injected_name(INJECTION_POINTS[0])}, ...)")
+          f"injected points {len(model.dims.points)} ({injected_name(model.dims.points[0])}, ...)")
     print("peak working memory per injection pass: " + ", ".join(f"batch {b}: {p / 2**30:.2f} GiB"
                                                                  for b, p in peaks.items()))
     print(f"per sample: {per_sample / 2**20:.0f} MiB; one step's features: {features / 2**20:.1f} MiB; ratio "

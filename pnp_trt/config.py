@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .contract import SIZE_MULTIPLE
+from .contract import SDXL_SIZE_MULTIPLE, SIZE_MULTIPLE
 from .errors import PnPError
 from .validation import integer, number, text
 
@@ -68,9 +68,9 @@ class TranslateConfig:
                           ("--attention-injection", self.attention_injection)):
             number(flag, tau, 0.0, 1.0)
         for flag, size in (("--height", self.height), ("--width", self.width)):
-            if size is not None and (integer(flag, size) < SIZE_MULTIPLE or size % SIZE_MULTIPLE):
-                raise PnPError(f"{flag} must be a multiple of {SIZE_MULTIPLE} and at least {SIZE_MULTIPLE}, "
-                               f"got {size}")
+            if size is not None and (integer(flag, size) < SIZE_MULTIPLE or size % SDXL_SIZE_MULTIPLE):
+                raise PnPError(f"{flag} must be a multiple of {SIZE_MULTIPLE} (SD 1.x/2.x; {SDXL_SIZE_MULTIPLE} for "
+                               f"SDXL) and at least {SIZE_MULTIPLE}, got {size}")
         for flag, scale in (("--guidance-scale", self.guidance_scale),
                             ("--source-guidance-scale", self.source_guidance_scale)):
             number(flag, scale, -MAX_GUIDANCE_SCALE, MAX_GUIDANCE_SCALE)

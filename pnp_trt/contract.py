@@ -1,4 +1,5 @@
-"""The one source of truth for where PnP touches the UNet and for every graph's inputs and outputs.
+"""The one source of truth for where PnP touches the UNet (a family's preset, expanded over the model's transformer
+blocks) and for every graph's inputs and outputs.
 
 Export, the runtime's feeds/buffers and TensorRT profiles all read these specs; nobody re-types a
 tensor name. Torch-free, so the lean ONNX Runtime path can import it.
@@ -8,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from . import validation
 from .errors import PnPError
+from .families import FAMILIES, SD, TIME_IDS, Family, Preset, family, preset
 
 FLOAT = "float"
 """Placeholder dtype: the graph's precision (float32, or float16 in mixed-precision exports)."""
@@ -19,7 +22,8 @@ PRECISIONS = {"fp32": "float32", "fp16": "float16"}
 """Export precision (as `--precision` and manifests spell it) → the dtype FLOAT tensors have."""
 SIZE_MULTIPLE = 64
 """Image sides of every Stable Diffusion 1.x/2.x model are multiples of this (VAE factor 8 × the UNet's 3
-downsamplings); `ModelDims.size_multiple` computes it for a loaded model."""
+downsamplings; SDXL's 2 make `SDXL_SIZE_MULTIPLE`); `ModelDims.size_multiple` computes it for a loaded model."""
+SDXL_SIZE_MULTIPLE = 32
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 """Largest accepted error of any graph output against a reference run (the PyTorch model at export, ONNX Runtime
 for an engine), relative to that output's magnitude."""
@@ -47,21 +51,29 @@ class InjectionPoint:
         return "inject_features" if self.kind == "feature" else "inject_attention"
 
 
-def _attention_points() -> list[InjectionPoint]:
-    """q and k of `attn1` in decoder layers 4–11: up_blocks[1].attentions[1,2], [2] and [3] all."""
-    points = []
-    for block, layers in ((1, (1, 2)), (2, (0, 1, 2)), (3, (0, 1, 2))):
-        for layer in layers:
-            path = f"up_blocks.{block}.attentions.{layer}.transformer_blocks.0.attn1"
-            points.append(InjectionPoint(f"q_up{block}_attn{layer}", f"{path}.to_q", "query", block))
-            points.append(InjectionPoint(f"k_up{block}_attn{layer}", f"{path}.to_k", "key", block))
-    return points
+def injection_points(family: Family, chosen: Preset, up_layers: tuple[int, ...]) -> tuple[InjectionPoint, ...]:
+    """A preset's points for a UNet with `up_layers` transformer blocks per attention of each up block: the
+    feature, then q and k of `attn1` in every transformer block of each listed attention."""
+    block, resnet = _indices(chosen.feature, "resnets")
+    points = [InjectionPoint(f"feature_up{block}_res{resnet}", f"{chosen.feature}.conv2", "feature", block)]
+    for attention in chosen.attentions:
+        block, layer = _indices(attention, "attentions")
+        count = up_layers[block] if block < len(up_layers) else 1
+        for j in range(count):
+            path, suffix = f"{attention}.transformer_blocks.{j}.attn1", f"_block{j}" if count > 1 else ""
+            points.append(InjectionPoint(f"q_up{block}_attn{layer}{suffix}", f"{path}.to_q", "query", block))
+            points.append(InjectionPoint(f"k_up{block}_attn{layer}{suffix}", f"{path}.to_k", "key", block))
+    return tuple(points)
 
 
-INJECTION_POINTS: tuple[InjectionPoint, ...] = (
-    InjectionPoint("feature_up1_res1", "up_blocks.1.resnets.1.conv2", "feature", 1),
-    *_attention_points(),
-)
+def _indices(module: str, kind: str) -> tuple[int, int]:
+    """(up block, index) of `up_blocks.B.<kind>.I`."""
+    parts = module.split(".")
+    if len(parts) != 4 or parts[0] != "up_blocks" or parts[2] != kind or not (parts[1] + parts[3]).isdigit():
+        raise PnPError(f"injection module {module!r} is not up_blocks.N.{kind}.M")
+    return int(parts[1]), int(parts[3])
+
+
 GATES = ("inject_features", "inject_attention")
 
 
@@ -77,20 +89,41 @@ class ModelDims:
     """UNet `block_out_channels` (down order)."""
     native_size: int = 512
     """The side the model was trained at (UNet `sample_size` × VAE factor): a translation's default short side."""
+    family: str = SD.name
+    preset: str = SD.default_preset
+    """The injection preset (`families.Family.presets`) the graphs carry."""
+    up_layers: tuple[int, ...] = ()
+    """Transformer blocks per attention of each up block (empty: one each, as SD 1.x/2.x)."""
+    pooled_dim: int = 0
+    """Width of the pooled text embedding the UNet takes as `text_embeds` (0: none)."""
+
+    @property
+    def model_family(self) -> Family:
+        return family(self.family)
+
+    @cached_property
+    def points(self) -> tuple[InjectionPoint, ...]:
+        """Where PnP touches this UNet: the preset's points, expanded over its transformer blocks."""
+        return injection_points(self.model_family, preset(self.model_family, self.preset), self.up_layers)
 
     @classmethod
-    def from_configs(cls, unet: Mapping[str, Any], vae: Mapping[str, Any], text_length: int,
-                     text_dim: int) -> ModelDims:
+    def from_configs(cls, unet: Mapping[str, Any], vae: Mapping[str, Any], text_length: int, text_dim: int,
+                     family_: Family = SD, preset_name: str | None = None, pooled_dim: int = 0) -> ModelDims:
         factor, sample = 2 ** (len(vae["block_out_channels"]) - 1), unet.get("sample_size")
+        preset(family_, preset_name)  # an unknown name is one line before anything loads further
         return cls(text_length=text_length, text_dim=text_dim,
                    latent_channels=int(unet["in_channels"]), vae_factor=factor,
                    unet_channels=tuple(int(c) for c in unet["block_out_channels"]),
-                   native_size=int(sample) * factor if isinstance(sample, int) and sample > 0 else 512)
+                   native_size=int(sample) * factor if isinstance(sample, int) and sample > 0 else 512,
+                   family=family_.name, preset=preset_name or family_.default_preset,
+                   up_layers=up_transformer_layers(unet), pooled_dim=pooled_dim)
 
     def to_dict(self) -> dict[str, Any]:
         return {"text_length": self.text_length, "text_dim": self.text_dim,
                 "latent_channels": self.latent_channels, "vae_factor": self.vae_factor,
-                "unet_channels": list(self.unet_channels), "native_size": self.native_size}
+                "unet_channels": list(self.unet_channels), "native_size": self.native_size,
+                "family": self.family, "preset": self.preset, "up_layers": list(self.up_layers),
+                "pooled_dim": self.pooled_dim}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelDims:
@@ -101,13 +134,22 @@ class ModelDims:
         factor = validation.integer("dims.vae_factor", data.get("vae_factor"), 1, 64)
         if factor & (factor - 1):
             raise PnPError(f"dims.vae_factor must be a power of two, got {factor}")
+        name = validation.one_of("dims.family", data.get("family", SD.name), list(FAMILIES))
+        chosen = validation.one_of("dims.preset", data.get("preset", FAMILIES[name].default_preset),
+                                   list(FAMILIES[name].presets))
+        layers = data.get("up_layers", [])
+        if not isinstance(layers, (list, tuple)) or len(layers) > 8:
+            raise PnPError(f"dims.up_layers must be a list of up to 8 counts, got {layers!r:.40}")
         return cls(text_length=validation.integer("dims.text_length", data.get("text_length"), 1, 1024),
                    text_dim=validation.integer("dims.text_dim", data.get("text_dim"), 1, 65536),
                    latent_channels=validation.integer("dims.latent_channels", data.get("latent_channels"), 1, 64),
                    vae_factor=factor,
                    unet_channels=tuple(validation.integer(f"dims.unet_channels[{i}]", c, 1, 65536)
                                        for i, c in enumerate(channels)),
-                   native_size=validation.integer("dims.native_size", data.get("native_size", 512), 8, 16384))
+                   native_size=validation.integer("dims.native_size", data.get("native_size", 512), 8, 16384),
+                   family=name, preset=chosen,
+                   up_layers=tuple(validation.integer(f"dims.up_layers[{i}]", n, 1, 64) for i, n in enumerate(layers)),
+                   pooled_dim=validation.integer("dims.pooled_dim", data.get("pooled_dim", 0), 0, 65536))
 
     @property
     def size_multiple(self) -> int:
@@ -167,6 +209,23 @@ class GraphSpec:
         return [name for name in self.output_names if name in wanted]
 
 
+def up_transformer_layers(unet: Mapping[str, Any]) -> tuple[int, ...]:
+    """Transformer blocks per attention of each up block, from a UNet config (diffusers reverses the down
+    blocks' `transformer_layers_per_block` unless `reverse_transformer_layers_per_block` is given)."""
+    down = unet.get("transformer_layers_per_block", 1)
+    count = len(unet.get("up_block_types", ()))
+    reverse = unet.get("reverse_transformer_layers_per_block")
+    if reverse is not None:
+        per_block = [r if isinstance(r, list) else [r] for r in reverse]
+        if any(len(set(counts)) != 1 for counts in per_block):
+            raise PnPError("this UNet's up blocks mix transformer depths within a block "
+                           "(reverse_transformer_layers_per_block); pnp-trt's injection presets need one per block")
+        return tuple(int(counts[0]) for counts in per_block)
+    if isinstance(down, list):
+        return tuple(int(n) for n in reversed(down))
+    return (int(down),) * count if int(down) != 1 else ()
+
+
 def captured_name(point: InjectionPoint) -> str:
     return f"captured_{point.name}"
 
@@ -182,25 +241,44 @@ def _point_spec(dims: ModelDims, point: InjectionPoint, name: str, batch: int | 
     return TensorSpec(name, FLOAT, (batch, f"up{point.up_block}_tokens", c))
 
 
+def conditioning_specs(dims: ModelDims) -> tuple[TensorSpec, ...]:
+    """The UNet's conditioning inputs: the text embeddings, and for SDXL the pooled text embedding and the size
+    conditioning (`time_ids`). They travel together, batch-aligned, through the sampler's loops."""
+    family_ = dims.model_family
+    specs = [TensorSpec("encoder_hidden_states", FLOAT, ("batch", dims.text_length, dims.text_dim))]
+    if family_.pooled:
+        specs.append(TensorSpec("text_embeds", FLOAT, ("batch", dims.pooled_dim)))
+    if family_.size_conditioning:
+        specs.append(TensorSpec("time_ids", FLOAT, ("batch", TIME_IDS)))
+    return tuple(specs)
+
+
+TEXT_OUTPUTS = {"encoder_hidden_states": "text_embeddings", "text_embeds": "pooled_embeddings"}
+"""Which text encoder graph output feeds which UNet conditioning input."""
+
+
 def graph_specs(dims: ModelDims) -> dict[str, GraphSpec]:
     """The four graphs of DESIGN §2 for a model of these dims."""
     latent = TensorSpec("latent", FLOAT, ("batch", dims.latent_channels, "latent_height", "latent_width"))
     image = TensorSpec("image", FLOAT, ("batch", 3, "height", "width"))
-    embeddings = ("batch", dims.text_length, dims.text_dim)
+    conditioning = conditioning_specs(dims)
+    points = dims.points
     unet_inputs = (
         TensorSpec("sample", FLOAT, latent.axes),
         TensorSpec("timestep", "float32", ("batch",)),
-        TensorSpec("encoder_hidden_states", FLOAT, embeddings),
-        *(_point_spec(dims, p, injected_name(p), 1) for p in INJECTION_POINTS),
+        *conditioning,
+        *(_point_spec(dims, p, injected_name(p), 1) for p in points),
         *(TensorSpec(g, "bool", ()) for g in GATES),
     )
     unet_outputs = (
         TensorSpec("noise_pred", FLOAT, latent.axes),
-        *(_point_spec(dims, p, captured_name(p), "batch") for p in INJECTION_POINTS),
+        *(_point_spec(dims, p, captured_name(p), "batch") for p in points),
     )
+    text_outputs = tuple(TensorSpec(TEXT_OUTPUTS[c.name], c.dtype, c.axes) for c in conditioning
+                         if c.name in TEXT_OUTPUTS)
     return {
-        "text_encoder": GraphSpec("text_encoder", (TensorSpec("input_ids", "int64", ("batch", dims.text_length)),),
-                                  (TensorSpec("text_embeddings", FLOAT, embeddings),)),
+        "text_encoder": GraphSpec("text_encoder", tuple(TensorSpec(name, "int64", ("batch", dims.text_length))
+                                                        for name in dims.model_family.text_inputs), text_outputs),
         "vae_encoder": GraphSpec("vae_encoder", (image,), (latent,)),
         "vae_decoder": GraphSpec("vae_decoder", (latent,), (image,)),
         "unet": GraphSpec("unet", unet_inputs, unet_outputs),
@@ -211,7 +289,7 @@ def axis_sizes(dims: ModelDims, batch: int, height: int, width: int) -> dict[str
     """Sizes of every named dynamic axis for a batch of images of height × width pixels."""
     lh, lw = height // dims.vae_factor, width // dims.vae_factor
     sizes = {"batch": batch, "height": height, "width": width, "latent_height": lh, "latent_width": lw}
-    for block in sorted({p.up_block for p in INJECTION_POINTS}):
+    for block in sorted({p.up_block for p in dims.points}):
         scale = 2 ** (len(dims.unet_channels) - 1 - block)
         sizes[f"up{block}_height"], sizes[f"up{block}_width"] = lh // scale, lw // scale
         sizes[f"up{block}_tokens"] = (lh // scale) * (lw // scale)

@@ -1,4 +1,4 @@
-"""The torch side of PnP: capture the tensors of `contract.INJECTION_POINTS` and inject them.
+"""The torch side of PnP: capture the tensors at a model's injection points (`ModelDims.points`) and inject them.
 
 Forward hooks on the modules whose outputs PnP reads (ResBlock `conv2`, self-attention `to_q`/`to_k`)
 record each output and, when a call asks for it, replace it with the injected tensor. The hooks hold no
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .contract import INJECTION_POINTS, InjectionPoint
+from .contract import InjectionPoint
 from .errors import PnPError
 
 
@@ -60,10 +60,10 @@ def _make_hook(point: InjectionPoint) -> Any:
     return hook
 
 
-def missing_layers(unet: torch.nn.Module) -> list[str]:
-    """Module paths PnP needs that this UNet lacks (e.g. SDXL has only three up blocks)."""
+def missing_layers(unet: torch.nn.Module, points: tuple[InjectionPoint, ...]) -> list[str]:
+    """Module paths of `points` that this UNet lacks (a preset of another family, a pruned UNet)."""
     names = {name for name, _ in unet.named_modules()}
-    return [p.module for p in INJECTION_POINTS if p.module not in names]
+    return [p.module for p in points if p.module not in names]
 
 
 _HOOKS_ATTRIBUTE = "_pnp_trt_hooks"
@@ -74,23 +74,27 @@ _HOOKS_LOCK = threading.RLock()
 @dataclass
 class _InstalledHooks:
     handles: list[Any]
+    points: tuple[InjectionPoint, ...]
     users: int = 0
 
 
-def install_hooks(unet: torch.nn.Module) -> None:
+def install_hooks(unet: torch.nn.Module, points: tuple[InjectionPoint, ...]) -> None:
     """Attach the capture/inject hooks to every injection point, once per UNet: they hold no state, so every
     graph over one UNet shares them. Counted: `release_hooks` by the last user removes them."""
     with _HOOKS_LOCK:
         installed = unet.__dict__.get(_HOOKS_ATTRIBUTE)
         if installed is None:
-            missing = missing_layers(unet)
+            missing = missing_layers(unet, points)
             if missing:
-                raise PnPError(f"this UNet lacks the layers PnP needs ({', '.join(missing[:3])}"
-                               f"{', …' if len(missing) > 3 else ''}); use a Stable Diffusion 1.x/2.x model")
+                raise PnPError(f"this UNet lacks the layers of its injection preset ({', '.join(missing[:3])}"
+                               f"{', …' if len(missing) > 3 else ''}); choose another --injection-preset")
             modules = dict(unet.named_modules())
-            installed = _InstalledHooks([modules[p.module].register_forward_hook(_make_hook(p))
-                                         for p in INJECTION_POINTS])
+            installed = _InstalledHooks([modules[p.module].register_forward_hook(_make_hook(p)) for p in points],
+                                        points)
             unet.__dict__[_HOOKS_ATTRIBUTE] = installed
+        elif installed.points != points:
+            raise PnPError("this UNet is already hooked for another injection preset; load the model again to "
+                           "use another")
         installed.users += 1
 
 

@@ -19,9 +19,12 @@ from .contract import PRECISIONS, ModelDims, graph_specs
 from .engines.availability import TENSORRT_ATTENTION, tensorrt_release
 from .errors import PnPError
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """2: the UNet takes one timestep per sample (`timestep [batch]`), so one call can hold several timesteps.
-3: an `export_id`, also written into every graph's own metadata (`EXPORT_ID_KEY`), checked at load."""
+3: an `export_id`, also written into every graph's own metadata (`EXPORT_ID_KEY`), checked at load.
+4: the model family and injection preset in `dims` (SDXL: a second tokenizer, `tokenizer_2`)."""
+READABLE_FORMATS = (3, 4)
+"""Format 3 directories are SD 1.x/2.x exports with the default preset: they load unchanged."""
 EXPORT_ID_KEY = "pnp_trt.export_id"
 """The ONNX metadata key under which each graph carries the id of the export that wrote it."""
 EXPORT_DIMS_KEY = "pnp_trt.dims"
@@ -123,8 +126,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise PnPError(f"{path} is not a manifest (a JSON object); rebuild with `{rebuild_hint(None, directory)}`")
     version = manifest.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:  # 3.0 is not format 3
-        raise PnPError(f"{directory} has manifest format {version!r}, this pnp-trt reads format {FORMAT_VERSION}; "
+    if type(version) is not int or version not in READABLE_FORMATS:  # 3.0 is not format 3
+        readable = " and ".join(map(str, READABLE_FORMATS))
+        raise PnPError(f"{directory} has manifest format {version!r}, this pnp-trt reads formats {readable}; "
                        f"rebuild with `{rebuild_hint(manifest, directory)}`")
     problem = schema_problem(manifest, directory)
     if problem:
@@ -170,10 +174,13 @@ def schema_problem(manifest: dict[str, Any], directory: Path) -> str | None:
         dims = ModelDims.from_dict(manifest["dims"])
         validation.number("vae_scaling_factor", manifest.get("vae_scaling_factor"), 1e-6, 1e3)
         validation.integer("opset", manifest.get("opset"), 7, 30)
-        tokenizer = manifest["tokenizer"]
-        validation.integer("tokenizer.max_length", tokenizer.get("max_length"), dims.text_length, dims.text_length)
-        validation.integer("tokenizer.pad_id", tokenizer.get("pad_id"), 0, 2**31 - 1)
-        validation.text("tokenizer.pad_token", tokenizer.get("pad_token"))
+        for name in dims.model_family.tokenizer_names:
+            tokenizer = manifest.get(name)
+            if not isinstance(tokenizer, dict):
+                return f"`{name}` is missing or not a dict"
+            validation.integer(f"{name}.max_length", tokenizer.get("max_length"), dims.text_length, dims.text_length)
+            validation.integer(f"{name}.pad_id", tokenizer.get("pad_id"), 0, 2**31 - 1)
+            validation.text(f"{name}.pad_token", tokenizer.get("pad_token"))
     except PnPError as exc:
         return str(exc)
     if manifest.get("graphs") != contract_record(dims):
@@ -224,12 +231,18 @@ def check_graph_identity(metadata: dict[str, str], manifest: dict[str, Any], pat
     claimed = {"dims": (EXPORT_DIMS_KEY, manifest["dims"]),
                "settings": (EXPORT_SETTINGS_KEY, exported_settings(manifest))}
     for label, (key, said) in claimed.items():
-        stamped = metadata.get(key)
-        if stamped is not None and json.loads(stamped) != said:
-            edited = sorted(k for k, v in json.loads(stamped).items() if said.get(k) != v)
+        stamped, said = metadata.get(key), _normalized(key, said)
+        graph = None if stamped is None else _normalized(key, json.loads(stamped))
+        if graph is not None and graph != said:
+            edited = sorted(k for k, v in graph.items() if said.get(k) != v)
             raise PnPError(f"{MANIFEST}'s {label} ({', '.join(edited) or 'their fields'}) disagree with those "
                            f"{path.name} was exported with: the manifest was edited; rebuild with "
                            f"`{rebuild_hint(manifest, Path('NEW_DIR'))}`")
+
+
+def _normalized(key: str, stamp: dict[str, Any]) -> dict[str, Any]:
+    """A stamp with its defaults filled in (dims stamped before format 4 lack the family and preset)."""
+    return ModelDims.from_dict(stamp).to_dict() if key == EXPORT_DIMS_KEY else stamp
 
 
 def exported_settings(manifest: dict[str, Any]) -> dict[str, Any]:

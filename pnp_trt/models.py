@@ -1,4 +1,4 @@
-"""Load the parts of a Stable Diffusion 1.x/2.x pipeline that PnP uses, from a hub id or a local dir.
+"""Load the parts of a Stable Diffusion 1.x/2.x or SDXL pipeline that PnP uses, from a hub id or a local dir.
 
 Weights load only from safetensors (`use_safetensors=True`): nothing is unpickled.
 """
@@ -17,11 +17,11 @@ import torch
 from . import validation
 from .contract import ModelDims
 from .errors import PnPError
+from .families import FAMILIES, TIME_IDS, Family, detect
 from .injection import missing_layers
 from .tokenizer import PromptTokenizer
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
-_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 @dataclass
@@ -37,10 +37,23 @@ class TorchModel:
     dims: ModelDims
     device: torch.device
     dtype: torch.dtype
+    text_encoder_2: Any = None
+    """SDXL's second text encoder (CLIPTextModelWithProjection) and its tokenizer; None for SD 1.x/2.x."""
+    tokenizer_2: PromptTokenizer | None = None
 
     @property
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
+
+    @property
+    def text_encoders(self) -> list[Any]:
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+
+    @property
+    def tokenizers(self) -> dict[str, PromptTokenizer]:
+        """Each text encoder graph input's tokenizer (`Family.text_inputs` order)."""
+        found = [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+        return dict(zip(self.dims.model_family.text_inputs, found, strict=True))
 
 
 def quiet_loading() -> None:
@@ -70,28 +83,42 @@ def _check_layout(model: str) -> None:
         if model.startswith((".", "/", "~")) or path.suffix:
             raise PnPError(f"model directory {model} does not exist; pass a diffusers directory or a hub id")
         return
-    missing = [p for p in _PARTS if not (path / p).is_dir()]
+    family = _local_family(path)
+    missing = [p for p in family.parts if not (path / p).is_dir()]
     if missing and (path / "manifest.json").is_file():
         raise PnPError(f"{model} is an exported directory (`pnp-trt export`), not a diffusers model; run it with "
                        f"--backend onnxruntime --engines {model}")
     if missing:
         raise PnPError(f"{model} is not a Stable Diffusion diffusers directory (missing {', '.join(missing)}); "
                        "pass a directory written by `save_pretrained` or `pnp-trt make-tiny-model`")
-    _check_regular_files(path)
-    _check_config_files(path)
-    _check_weight_files(path)
+    _check_regular_files(path, family)
+    _check_config_files(path, family)
+    _check_weight_files(path, family)
+
+
+def _local_family(path: Path) -> Family:
+    """A local directory's family, from its UNet, pipeline and scheduler configs (unreadable ones: SD, left to the
+    config checks to name); a refiner or few-step SDXL model is refused here, before anything loads."""
+    configs = []
+    for file in ("unet/config.json", "model_index.json", "scheduler/scheduler_config.json"):
+        try:
+            config = json.loads((path / file).read_text()) if (path / file).stat().st_size < (1 << 20) else {}
+        except (OSError, ValueError, RecursionError):
+            config = {}
+        configs.append(config if isinstance(config, dict) else {})
+    return detect(*configs)
 
 
 TEXT_FILE_LIMIT = {".json": 64 << 20, ".txt": 64 << 20}
 """The largest config, tokenizer or vocabulary file read (a CLIP tokenizer.json is ~3.6 MB; /dev/zero is endless)."""
 
 
-def _check_regular_files(path: Path) -> None:
+def _check_regular_files(path: Path, family: Family) -> None:
     """Every file of the parts PnP loads (links followed) is a regular file, and its text files are of a sane
     size: a FIFO hangs a reader, a device such as /dev/zero never ends."""
     import stat
 
-    for entry in [path / "model_index.json", *(f for part in _PARTS for f in sorted((path / part).iterdir()))]:
+    for entry in [path / "model_index.json", *(f for part in family.parts for f in sorted((path / part).iterdir()))]:
         try:
             info = entry.stat()
         except FileNotFoundError:
@@ -110,39 +137,82 @@ def _check_regular_files(path: Path) -> None:
 
 
 def load_diffusers(model: str = DEFAULT_MODEL, device: torch.device | None = None,
-               dtype: torch.dtype | None = None) -> TorchModel:
-    """Load UNet, VAE, text encoder, tokenizer and scheduler config; refuse non-PnP-capable UNets."""
+                   dtype: torch.dtype | None = None, injection_preset: str | None = None) -> TorchModel:
+    """Load UNet, VAE, text encoder(s), tokenizer(s) and scheduler config of an SD 1.x/2.x or SDXL model (the
+    family told from its configs); refuse UNets without the preset's layers."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     _check_layout(model)
     default_device, default_dtype = default_device_dtype()
     device, dtype = device or default_device, dtype or default_dtype
     weights: dict[str, Any] = {"use_safetensors": True, "torch_dtype": dtype}
     unet = _load_part(model, "unet", lambda: UNet2DConditionModel.from_pretrained(model, subfolder="unet", **weights))
-    missing = missing_layers(unet)
-    if missing:
-        raise PnPError(f"{model}'s UNet lacks layers PnP needs ({', '.join(missing[:3])}); "
-                       "PnP supports Stable Diffusion 1.x/2.x UNets, not SDXL or others")
-    vae = _load_part(model, "vae", lambda: AutoencoderKL.from_pretrained(model, subfolder="vae", **weights))
-    text_encoder = _load_part(model, "text_encoder", lambda: CLIPTextModel.from_pretrained(
-        model, subfolder="text_encoder", **weights))
-    hf_tokenizer = _load_part(model, "tokenizer", lambda: CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"))
     scheduler_config = _load_part(model, "scheduler", lambda: dict(DDIMScheduler.load_config(model,
                                                                                             subfolder="scheduler")))
-    positions = int(text_encoder.config.max_position_embeddings)
+    family = detect(unet.config, _model_index(model), scheduler_config)
+    vae = _load_part(model, "vae", lambda: AutoencoderKL.from_pretrained(model, subfolder="vae", **weights))
+    encoders = [_text_encoder(model, name, pooled=family.pooled and i == len(family.encoder_names) - 1, **weights)
+                for i, name in enumerate(family.encoder_names)]
+    tokenizers = [_tokenizer(model, name, encoder) for name, encoder in zip(family.tokenizer_names, encoders,
+                                                                             strict=True)]
+    pooled = int(encoders[-1].config.projection_dim) if family.pooled else 0
+    dims = ModelDims.from_configs(unet.config, vae.config, tokenizers[0].max_length,
+                                  sum(int(e.config.hidden_size) for e in encoders), family, injection_preset, pooled)
+    _check_fit(model, unet, dims)
+    for module in [unet, vae, *encoders]:
+        module.to(device).eval().requires_grad_(False)
+    return TorchModel(model, unet, vae, encoders[0], tokenizers[0], scheduler_config, dims, device, dtype,
+                      *encoders[1:], *tokenizers[1:])
+
+
+def _model_index(model: str) -> dict[str, Any]:
+    """A local model's model_index.json (a hub id's is not fetched: its UNet config tells the family)."""
+    try:
+        index = json.loads((Path(model) / "model_index.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def _text_encoder(model: str, part: str, pooled: bool, **weights: Any) -> Any:
+    """A CLIP text encoder; the one whose pooled, projected output conditions SDXL's UNet with its projection."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    kind = CLIPTextModelWithProjection if pooled else CLIPTextModel
+    return _load_part(model, part, lambda: kind.from_pretrained(model, subfolder=part, **weights))
+
+
+def _tokenizer(model: str, part: str, encoder: Any) -> PromptTokenizer:
+    """A CLIP tokenizer padding to its encoder's length with its own pad token."""
+    from transformers import CLIPTokenizer
+
+    hf_tokenizer = _load_part(model, part, lambda: CLIPTokenizer.from_pretrained(model, subfolder=part))
+    positions = int(encoder.config.max_position_embeddings)
     if not isinstance(hf_tokenizer.model_max_length, int) or not 1 <= hf_tokenizer.model_max_length <= positions:
-        raise PnPError(f"model {model}: tokenizer/tokenizer_config.json model_max_length is "
+        raise PnPError(f"model {model}: {part}/tokenizer_config.json model_max_length is "
                        f"{hf_tokenizer.model_max_length!r:.24}; Stable Diffusion pads prompts to the text encoder's "
                        f"length: set it to {positions} (its max_position_embeddings)")
-    tokenizer = PromptTokenizer(hf_tokenizer.backend_tokenizer, int(hf_tokenizer.model_max_length),
-                                int(hf_tokenizer.pad_token_id), str(hf_tokenizer.pad_token))
-    dims = ModelDims.from_configs(unet.config, vae.config, tokenizer.max_length,
-                                  int(text_encoder.config.hidden_size))
-    parts: list[Any] = [unet, vae, text_encoder]
-    for module in parts:
-        module.to(device).eval().requires_grad_(False)
-    return TorchModel(model, unet, vae, text_encoder, tokenizer, scheduler_config, dims, device, dtype)
+    return PromptTokenizer(hf_tokenizer.backend_tokenizer, int(hf_tokenizer.model_max_length),
+                           int(hf_tokenizer.pad_token_id), str(hf_tokenizer.pad_token))
+
+
+def _check_fit(model: str, unet: Any, dims: ModelDims) -> None:
+    """The UNet has the preset's layers and takes what the text encoders give (else diffusers fails mid-run)."""
+    missing = missing_layers(unet, dims.points)
+    if missing:
+        raise PnPError(f"{model}'s UNet lacks the layers of injection preset {dims.preset!r} "
+                       f"({', '.join(missing[:3])}); PnP supports {', '.join(f.about for f in FAMILIES.values())} "
+                       "UNets: choose another --injection-preset, or another model")
+    width = unet.config.cross_attention_dim
+    if width != dims.text_dim:
+        raise PnPError(f"model {model}: the UNet's cross_attention_dim is {width}, its text encoders give "
+                       f"{dims.text_dim}; parts of different models? re-save the model")
+    if dims.pooled_dim:
+        expected = dims.pooled_dim + TIME_IDS * int(unet.config.addition_time_embed_dim)
+        if unet.config.projection_class_embeddings_input_dim != expected:
+            raise PnPError(f"model {model}: the UNet's projection_class_embeddings_input_dim is "
+                           f"{unet.config.projection_class_embeddings_input_dim}, the text encoder's pooled width and "
+                           f"size conditioning make {expected}; parts of different models? re-save the model")
 
 
 CONFIG_FIELDS: dict[str, dict[str, str]] = {
@@ -153,9 +223,10 @@ CONFIG_FIELDS: dict[str, dict[str, str]] = {
                          "norm_eps": "epsilon"},
     "vae/config.json": {"in_channels": "count", "latent_channels": "count", "block_out_channels": "counts",
                         "scaling_factor": "scale", "force_upcast": "flag"},
-    "text_encoder/config.json": {"hidden_size": "count", "num_hidden_layers": "count", "num_attention_heads": "count",
-                                 "intermediate_size": "count", "vocab_size": "count",
-                                 "max_position_embeddings": "count"},
+    **{f"{encoder}/config.json": {"hidden_size": "count", "num_hidden_layers": "count",
+                                  "num_attention_heads": "count", "intermediate_size": "count", "vocab_size": "count",
+                                  "max_position_embeddings": "count", "projection_dim": "count"}
+       for encoder in ("text_encoder", "text_encoder_2")},
     "scheduler/scheduler_config.json": {},  # read by `Schedule.from_config` (which types its fields); an object
 }
 """The config values of a model directory checked before diffusers and transformers see them (they accept some
@@ -186,12 +257,12 @@ def _load_part(model: str, part: str, load: Callable[[], Any]) -> Any:
         raise PnPError(f"cannot load model {model} ({part}): {text[:200]}{hint}") from None
 
 
-def _check_weight_files(path: Path) -> None:
+def _check_weight_files(path: Path, family: Family) -> None:
     """Each weighted part holds safetensors files whose headers read (a truncated or empty one fails here, named,
     instead of diffusers looking for pickled weights and saying so)."""
     from safetensors import safe_open
 
-    for part in ("unet", "vae", "text_encoder"):
+    for part in ("unet", "vae", *family.encoder_names):
         files = sorted((path / part).glob("*.safetensors"))
         if not files:
             raise PnPError(f"model {path}: {part}/ has no .safetensors weights (pnp-trt loads only safetensors "
@@ -228,7 +299,7 @@ def _check_tokenizer_files(tokenizer: Path) -> None:
     """A fast tokenizer's tokenizer.json, or a slow one's vocab.json and merges.txt: the JSON files readable."""
     fast, vocab = tokenizer / "tokenizer.json", tokenizer / "vocab.json"
     if not fast.is_file() and not (vocab.is_file() and (tokenizer / "merges.txt").is_file()):
-        raise PnPError("tokenizer/ needs tokenizer.json, or vocab.json and merges.txt")
+        raise PnPError(f"{tokenizer.name}/ needs tokenizer.json, or vocab.json and merges.txt")
     for file in (fast, vocab):
         if file.is_file():
             try:
@@ -236,13 +307,15 @@ def _check_tokenizer_files(tokenizer: Path) -> None:
             except (OSError, ValueError):
                 readable = False
             if not readable:
-                raise PnPError(f"tokenizer/{file.name} cannot be read as a JSON object")
+                raise PnPError(f"{tokenizer.name}/{file.name} cannot be read as a JSON object")
 
 
-def _check_config_files(path: Path) -> None:
-    """Every config file PnP loads is a JSON object whose sizes are typed and bounded; the tokenizer's files read."""
+def _check_config_files(path: Path, family: Family) -> None:
+    """Every config file PnP loads is a JSON object whose sizes are typed and bounded; the tokenizers' files read."""
     try:
         for file, fields in CONFIG_FIELDS.items():
+            if file.split("/")[0] not in family.parts:
+                continue
             try:
                 config = json.loads((path / file).read_text())
             except FileNotFoundError:
@@ -255,7 +328,8 @@ def _check_config_files(path: Path) -> None:
                 if key in config:
                     _check_value(f"{file} {key}", config[key], kind)
             _check_against_defaults(file, config, set(fields))
-        _check_tokenizer_files(path / "tokenizer")
+        for tokenizer in family.tokenizer_names:
+            _check_tokenizer_files(path / tokenizer)
     except PnPError as exc:
         raise PnPError(f"model {path} has a damaged config: {exc}; fix it or re-save the model") from None
 
@@ -270,7 +344,8 @@ def _config_defaults(file: str) -> dict[str, Any]:
 
     owners: dict[str, Callable[..., Any]] = {"unet/config.json": UNet2DConditionModel.__init__,
                                              "vae/config.json": AutoencoderKL.__init__,
-                                             "text_encoder/config.json": CLIPTextConfig.__init__}
+                                             "text_encoder/config.json": CLIPTextConfig.__init__,
+                                             "text_encoder_2/config.json": CLIPTextConfig.__init__}
     owner = owners.get(file)
     if owner is None:
         return {}

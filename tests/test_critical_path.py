@@ -40,7 +40,7 @@ def one_at_a_time(sampler: Sampler, config: TranslateConfig, pixels: np.ndarray 
                   source_prompt: str | None) -> Source:
     """The schedule before: inversion (or generation) first, then one capture call per injected step."""
     model = sampler.model
-    ts, plan = sampling_timesteps(model.schedule, config.steps), InjectionPlan.of(config)
+    ts, plan = sampling_timesteps(model.schedule, config.steps), InjectionPlan.of(config, model.dims.points)
     empty = sampler.encode_prompts([""])
     if pixels is not None:
         inv_ts = inversion_timesteps(model.schedule, config.steps, config.effective_inversion_steps)
@@ -73,7 +73,7 @@ def test_fused_capture_equals_one_at_a_time(tiny64, tmp_path: Path, guidance: st
     fused_latents = sample_targets(fused_sampler, fused, PROMPTS, config, 2)[1]
     plain_latents = sample_targets(plain_sampler, plain, PROMPTS, config, 2)[1]
     assert rel_err(fused_latents, plain_latents) <= 1e-12
-    capture_steps = InjectionPlan.of(config).capture_steps
+    capture_steps = InjectionPlan.of(config, tiny64.dims.points).capture_steps
     # the latent of the last inversion step has no later call to ride along: with inversion steps = sampling
     # steps that is the first sampling timestep, captured alone; with more inversion steps, it is never captured
     alone = guidance == "image" and steps[1] is None and capture_steps > 0

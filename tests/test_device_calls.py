@@ -16,7 +16,7 @@ import torch
 from conftest import in_threads, random_image
 
 from pnp_trt.config import TranslateConfig
-from pnp_trt.contract import INJECTION_POINTS, axis_sizes, captured_name, graph_specs
+from pnp_trt.contract import ModelDims, axis_sizes, captured_name, graph_specs
 from pnp_trt.export.trace_feeds import random_feeds
 from pnp_trt.images import load_guidance, to_array
 from pnp_trt.runtime.backend import LoadedModel
@@ -28,7 +28,9 @@ from pnp_trt.schedule import sampling_timesteps
 
 SIZE = (64, 64)
 CONFIG = TranslateConfig(steps=4, feature_injection=0.25, attention_injection=0.5, height=SIZE[0], width=SIZE[1])
-PARTIAL = ("noise_pred", captured_name(INJECTION_POINTS[0]), captured_name(INJECTION_POINTS[-1]))
+POINTS = ModelDims(77, 32, 4, 8, (32, 32, 64, 64)).points
+"""The tiny SD model's injection points (the SD family's default preset)."""
+PARTIAL = ("noise_pred", captured_name(POINTS[0]), captured_name(POINTS[-1]))
 
 
 class CallLog:
@@ -99,7 +101,7 @@ def test_the_sampler_asks_only_for_what_it_reads(tiny32: LoadedModel, tmp_path: 
     injecting = [call for call in calls if "inject_features" in call["feeds"]]
     assert captures and injecting and len(calls) == a.stats.unet_calls
     assert all(set(call["outputs"]) == {"noise_pred"} for call in injecting)
-    plan = InjectionPlan.of(CONFIG)
+    plan = InjectionPlan.of(CONFIG, POINTS)
     captured_per_call = sorted(len(set(call["outputs"]) - {"noise_pred"}) for call in captures)
     assert captured_per_call == sorted(len(plan.points_at(i)) for i in range(plan.capture_steps))
     for call in calls:
@@ -124,7 +126,7 @@ def test_sampling_loops_never_wait_for_the_gpu(tiny_model_dir: Path, tmp_path: P
             source = prepare_source(sampler, CONFIG, SIZE, pixels, None)
             inject(sampler.unet, model.backend, model.schedule, source.start, source.captured,
                    sampler.encode_prompts([""]), sampler.encode_prompts(["a cat"]), CONFIG.guidance_scale,
-                   sampling_timesteps(model.schedule, CONFIG.steps), InjectionPlan.of(CONFIG), sampler.gates)
+                   sampling_timesteps(model.schedule, CONFIG.steps), InjectionPlan.of(CONFIG, POINTS), sampler.gates)
         finally:
             torch.cuda.set_sync_debug_mode(0)
         model.backend.synchronize()
@@ -150,7 +152,7 @@ def test_the_callers_model_is_left_as_it_was(tiny_model_dir: Path, tmp_path: Pat
     from pnp_trt.runtime.torch_backend import open_torch
 
     model = load_diffusers(str(tiny_model_dir), torch.device("cpu"), torch.float32)
-    points = [dict(model.unet.named_modules())[p.module] for p in INJECTION_POINTS]
+    points = [dict(model.unet.named_modules())[p.module] for p in model.dims.points]
     first, second = open_torch(model), open_torch(model)
     assert [len(point._forward_hooks) for point in points] == [1] * len(points)
     del first
@@ -186,16 +188,18 @@ def test_a_graph_collected_while_hooks_are_installed_does_not_deadlock(tiny_mode
     from pnp_trt.models import load_diffusers
     from pnp_trt.torch_graphs import PnPUNetGraph
 
-    unet = load_diffusers(str(tiny_model_dir), torch.device("cpu"), torch.float32).unet
+    model = load_diffusers(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    unet, dims = model.unet, model.dims
     other = copy.deepcopy(unet)
     gc.disable()
     try:
-        graph = PnPUNetGraph(unet)
+        graph = PnPUNetGraph(unet, dims)
         graph.cycle = [graph]  # cyclic garbage once dropped: only a collection finalizes it
         del graph
         real_missing_layers = injection.missing_layers
-        monkeypatch.setattr(injection, "missing_layers", lambda u: (gc.collect(), real_missing_layers(u))[1])
-        worker = threading.Thread(target=injection.install_hooks, args=(other,), daemon=True)
+        monkeypatch.setattr(injection, "missing_layers",
+                            lambda u, points: (gc.collect(), real_missing_layers(u, points))[1])
+        worker = threading.Thread(target=injection.install_hooks, args=(other, dims.points), daemon=True)
         worker.start()
         worker.join(20)
     finally:

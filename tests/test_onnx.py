@@ -108,7 +108,7 @@ def test_io_binding_backend_matches_the_numpy_backend(exported: Path, tmp_path: 
     prompts = ["a photo of a cat", "a painting of a dog", "a castle"]
     ours = translate(bound, prompts, config, image=image)
     reference = translate(numpy_model, prompts, config, image=image)
-    embeddings = bound.backend.run("text_encoder", {"input_ids": bound.tokenizer.encode(["a cat"])})
+    embeddings = bound.backend.run("text_encoder", {"input_ids": bound.tokenizers["input_ids"].encode(["a cat"])})
     assert isinstance(embeddings["text_embeddings"], torch.Tensor)
     assert rel_err(ours.latents, reference.latents) <= 1e-6
     assert (ours.stats.unet_calls, ours.stats.unet_evaluations) == \
@@ -252,9 +252,23 @@ def test_manifest_format_version_checked(exported: Path, tmp_path: Path) -> None
     copy = _copy(exported, tmp_path)
     manifest = json.loads((copy / "manifest.json").read_text())
     (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
-    with pytest.raises(PnPError, match=r"manifest format 1, this pnp-trt reads format 3; rebuild with `pnp-trt "
-                                       r"export --model .* --precision fp32 --out"):
+    with pytest.raises(PnPError, match=r"manifest format 1, this pnp-trt reads formats 3 and 4; rebuild with "
+                                       r"`pnp-trt export --model .* --precision fp32 --out"):
         open_onnxruntime(copy)
+
+
+def test_a_format_3_directory_loads_as_sd_with_the_default_preset(exported: Path, tmp_path: Path) -> None:
+    """Format 3 had no family or preset in its dims (its graphs' dims stamp neither): it is SD 1.x/2.x, default
+    preset, and runs as before."""
+    copy = _copy(exported, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    old_dims = {k: v for k, v in manifest["dims"].items() if k not in ("family", "preset", "up_layers", "pooled_dim")}
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 3, "dims": old_dims}))
+    model = open_onnxruntime(copy)
+    assert (model.dims.family, model.dims.preset, len(model.dims.points)) == ("sd", "pnp", 17)
+    guide = random_image(tmp_path / "g.png", 64, 64)
+    assert translate(model, ["a cat"], TranslateConfig(steps=2, height=64, width=64), image=guide).latents.shape \
+        == (1, 4, 8, 8)
 
 
 def test_corrupt_graph_same_size_is_a_clear_error_and_verify_finds_it(exported: Path, tmp_path: Path) -> None:
@@ -273,7 +287,7 @@ def test_corrupt_graph_same_size_is_a_clear_error_and_verify_finds_it(exported: 
 
 MALFORMED_MANIFESTS = [
     (lambda m: [m], "not a manifest"),
-    (lambda m: {**m, "format_version": float(m["format_version"])}, "has manifest format 3.0"),  # round 7
+    (lambda m: {**m, "format_version": float(m["format_version"])}, "has manifest format 4.0"),  # round 7
     (lambda m: {**m, "files": list(m["files"])}, "`files` is missing or not a dict"),
     (lambda m: {**m, "dims": None}, "`dims` is missing"),
     (lambda m: {**m, "dims": {**m["dims"], "text_dim": "wide"}}, "dims.text_dim must be"),
@@ -286,7 +300,7 @@ MALFORMED_MANIFESTS = [
      "leads outside the directory"),
     (lambda m: {k: v for k, v in m.items() if k != "model_id"}, "`model_id` is missing"),
     (lambda m: {k: v for k, v in m.items() if k != "export_id"}, "`export_id` is missing"),
-    (lambda m: {**m, "format_version": "3"}, "has manifest format '3', this pnp-trt reads format 3"),
+    (lambda m: {**m, "format_version": "3"}, "has manifest format '3', this pnp-trt reads formats 3 and 4"),
     (lambda m: {**m, "export_id": "../" * 11}, "not 32 hex digits"),
     (lambda m: {**m, "versions": 5}, "`versions` is not an object of version strings"),  # round 8
     (lambda m: {**m, "validation_relative_error": {"unet": {"noise_pred": float("nan")}}},

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from ..contract import INJECTION_POINTS, GraphSpec, InjectionPoint, ModelDims, axis_sizes, captured_name, graph_specs
+from ..contract import GraphSpec, InjectionPoint, ModelDims, axis_sizes, captured_name, graph_specs
 
 _BYTES = {"float32": 4, "float16": 2, "int64": 8, "bool": 1}
 
@@ -18,10 +18,10 @@ def tensor_bytes(spec: GraphSpec, dims: ModelDims, batch: int, height: int, widt
 
 
 def feature_bytes(dims: ModelDims, height: int, width: int, precision: str,
-                  points: tuple[InjectionPoint, ...] = INJECTION_POINTS) -> int:
-    """Bytes of one step's captured tensors (batch 1) for the given injection points."""
+                  points: tuple[InjectionPoint, ...] | None = None) -> int:
+    """Bytes of one step's captured tensors (batch 1) for the given injection points (None: all the model's)."""
     sizes = tensor_bytes(graph_specs(dims)["unet"], dims, 1, height, width, precision)
-    return sum(sizes[captured_name(p)] for p in points)
+    return sum(sizes[captured_name(p)] for p in (dims.points if points is None else points))
 
 
 def shared_activation_bytes(per_engine: dict[str, int]) -> int:

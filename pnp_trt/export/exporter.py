@@ -16,7 +16,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from ..contract import INJECTION_POINTS, PRECISIONS, TOLERANCE, axis_sizes, graph_specs
+from ..contract import PRECISIONS, TOLERANCE, axis_sizes, graph_specs
 from ..errors import PnPError
 from ..fileio import staging_directory
 from ..manifest import ATTENTION, FORMAT_VERSION, GRAPHS, MANIFEST, contract_record, file_entries
@@ -51,8 +51,9 @@ class GraphReport:
 
 
 def torch_graphs(model: TorchModel) -> dict[str, torch.nn.Module]:
-    return {"text_encoder": TextEncoderGraph(model.text_encoder), "vae_encoder": VaeEncoderGraph(model.vae),
-            "vae_decoder": VaeDecoderGraph(model.vae), "unet": PnPUNetGraph(model.unet)}
+    return {"text_encoder": TextEncoderGraph(model.text_encoders, model.dims),
+            "vae_encoder": VaeEncoderGraph(model.vae), "vae_decoder": VaeDecoderGraph(model.vae),
+            "unet": PnPUNetGraph(model.unet, model.dims)}
 
 
 def _torch_outputs(module: torch.nn.Module, spec: Any, feeds: dict[str, Any]) -> dict[str, Any]:
@@ -97,14 +98,18 @@ def export_one(name: str, module: torch.nn.Module, model: TorchModel, out: Path,
 def write_side_files(model: TorchModel, out: Path, precision: str, opset: int, attention: str,
                      reports: list[GraphReport], versions: dict[str, str], export_id: str) -> None:
     """Tokenizer, scheduler config and the manifest (written last, over every other file)."""
-    model.tokenizer.save(out / "tokenizer.json")
+    family = model.dims.model_family
+    for tokenizer, name in zip(model.tokenizers.values(), family.tokenizer_names, strict=True):
+        tokenizer.save(out / f"{name}.json")
     (out / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2, default=str))
     manifest = {
         "format_version": FORMAT_VERSION, "model_id": model.model_id, "export_id": export_id,
         "weights_sha256": weights_hash(model),
         "dims": model.dims.to_dict(), "vae_scaling_factor": model.scaling_factor,
-        "injection_points": [p.name for p in INJECTION_POINTS], "precision": precision, "opset": opset,
-        "attention": attention, "tokenizer": model.tokenizer.settings(),
+        "injection_points": [p.name for p in model.dims.points], "precision": precision, "opset": opset,
+        "attention": attention,
+        **{name: tokenizer.settings() for tokenizer, name in zip(model.tokenizers.values(), family.tokenizer_names,
+                                                                 strict=True)},
         "graphs": contract_record(model.dims),
         "validation_relative_error": {r.name: r.errors for r in reports},
         "versions": versions, "files": file_entries(out),

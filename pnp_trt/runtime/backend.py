@@ -58,7 +58,8 @@ class LoadedModel:
     """Everything the sampler needs, from a diffusers directory or an exported one."""
 
     backend: Backend
-    tokenizer: PromptTokenizer
+    tokenizers: Mapping[str, PromptTokenizer]
+    """The tokenizer of each text encoder graph input (SD: `input_ids`; SDXL: also `input_ids_2`)."""
     schedule: Schedule
     dims: ModelDims
     identity: str

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..contract import INJECTION_POINTS, ModelDims
+from ..contract import ModelDims
 from ..errors import PnPError
 from ..manifest import GRAPHS, read_manifest, rebuild_hint
 from ..schedule import Schedule
@@ -20,7 +20,8 @@ class Exported:
     directory: Path
     manifest: dict[str, Any]
     dims: ModelDims
-    tokenizer: PromptTokenizer
+    tokenizers: dict[str, PromptTokenizer]
+    """By text encoder graph input, as `LoadedModel.tokenizers`."""
     schedule: Schedule
 
     def identity(self, runtime: str) -> str:
@@ -35,15 +36,15 @@ def open_exported(directory: Path | str) -> Exported:
     directory = Path(directory)
     manifest = read_manifest(directory)
     rebuild = rebuild_hint(manifest, directory)
-    if [p.name for p in INJECTION_POINTS] != manifest["injection_points"]:
-        raise PnPError(f"{directory} was exported with other injection points; rebuild with `{rebuild}`")
     try:
-        tokenizer = PromptTokenizer.from_file(directory / "tokenizer.json", manifest["tokenizer"])
+        dims = ModelDims.from_dict(manifest["dims"])
+        family = dims.model_family
+        tokenizers = {name: PromptTokenizer.from_file(directory / f"{file}.json", manifest[file])
+                      for name, file in zip(family.text_inputs, family.tokenizer_names, strict=True)}
         scheduler = json.loads((directory / "scheduler_config.json").read_text())
         if not isinstance(scheduler, dict):
             raise PnPError(f"{directory / 'scheduler_config.json'} is not a JSON object; rebuild with `{rebuild}`")
         schedule = Schedule.from_config(scheduler)
-        dims = ModelDims.from_dict(manifest["dims"])
     except PnPError:
         raise
     except Exception as exc:  # tokenizers, json and the config readers raise their own types
@@ -54,7 +55,9 @@ def open_exported(directory: Path | str) -> Exported:
         if outside:
             raise PnPError(f"{directory / graph}.onnx keeps weights outside its directory ({outside}); refusing "
                            f"to read them: rebuild with `{rebuild}`")
-    return Exported(directory, manifest, dims, tokenizer, schedule)
+    if [p.name for p in dims.points] != manifest["injection_points"]:
+        raise PnPError(f"{directory} was exported with other injection points; rebuild with `{rebuild}`")
+    return Exported(directory, manifest, dims, tokenizers, schedule)
 
 
 EXTERNAL_LOCATION = b"\x0a\x08location"

@@ -70,4 +70,4 @@ def open_onnxruntime(directory: Path, provider: str = "cpu", cuda_graphs: bool =
     else:
         from .onnxruntime_device import OnnxRuntimeDeviceBackend
         backend = OnnxRuntimeDeviceBackend(exported.directory, exported.manifest, provider, cuda_graphs=cuda_graphs)
-    return LoadedModel(backend, exported.tokenizer, exported.schedule, exported.dims, exported.identity("onnx"))
+    return LoadedModel(backend, exported.tokenizers, exported.schedule, exported.dims, exported.identity("onnx"))

@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from ..config import TranslateConfig
-from ..contract import INJECTION_POINTS, InjectionPoint, captured_name, injected_name
+from ..contract import TEXT_OUTPUTS, InjectionPoint, captured_name, conditioning_specs, injected_name
 from ..schedule import (
     Schedule,
     classifier_free_guidance,
@@ -66,15 +66,16 @@ class Stats:
 
 @dataclass(frozen=True)
 class InjectionPlan:
-    """How many leading steps inject features (τ_f) and attention (τ_A)."""
+    """How many leading steps inject features (τ_f) and attention (τ_A), at which points (the model's)."""
 
     feature_steps: int
     attention_steps: int
+    points: tuple[InjectionPoint, ...]
 
     @classmethod
-    def of(cls, config: TranslateConfig) -> InjectionPlan:
+    def of(cls, config: TranslateConfig, points: tuple[InjectionPoint, ...]) -> InjectionPlan:
         return cls(injection_steps(config.steps, config.feature_injection),
-                   injection_steps(config.steps, config.attention_injection))
+                   injection_steps(config.steps, config.attention_injection), points)
 
     @property
     def capture_steps(self) -> int:
@@ -83,7 +84,7 @@ class InjectionPlan:
 
     def points_at(self, step: int) -> list[InjectionPoint]:
         """The injection points that inject at sampling step `step`."""
-        return [p for p in INJECTION_POINTS
+        return [p for p in self.points
                 if step < (self.feature_steps if p.kind == "feature" else self.attention_steps)]
 
     def captures(self, sampling_ts: Sequence[int]) -> dict[int, list[InjectionPoint]]:
@@ -100,7 +101,7 @@ class RideAlong:
     """Captures that travel in the inversion's calls: of the latents at these timesteps (with the points
     each keeps), run with the empty prompt."""
 
-    empty: Array
+    empty: Conditioning
     points: dict[int, list[InjectionPoint]]
 
 
@@ -114,12 +115,22 @@ class Source:
     """A generated guidance's own final latent x_0 (decoded only if asked for); None for a real image."""
 
 
+Conditioning = dict[str, Array]
+"""What conditions the UNet besides x and t, by input name, batch-aligned: the text embeddings, and for SDXL the
+pooled embedding and size conditioning. The loops only join these; they never look inside."""
+
+
+def join(arrays: Backend, parts: Sequence[Conditioning]) -> Conditioning:
+    """Conditionings stacked along the batch, input by input."""
+    return {name: arrays.concat([part[name] for part in parts]) for name in parts[0]}
+
+
 class UNet(Protocol):
     """unet(x, t, embeddings, outputs, **injected): one UNet call; `t` holds one timestep per sample (a row of
     the pass's uploaded table); returns just the `outputs` named (the loops' model, as k-diffusion's
     samplers run over `model(x, sigma)`)."""
 
-    def __call__(self, x: Array, t: Array, embeddings: Array, outputs: Collection[str] = NOISE,
+    def __call__(self, x: Array, t: Array, embeddings: Conditioning, outputs: Collection[str] = NOISE,
                  **injected: Array) -> dict[str, Array]: ...
 
 
@@ -132,7 +143,7 @@ def timestep_table(arrays: Backend, rows: Sequence[Sequence[int]]) -> Array:
     return arrays.asarray(np.asarray(rows, dtype=np.int64))
 
 
-def invert(unet: UNet, arrays: Backend, schedule: Schedule, z0: Array, embedding: Array,
+def invert(unet: UNet, arrays: Backend, schedule: Schedule, z0: Array, embedding: Conditioning,
            inversion_ts: Sequence[int], sampling_ts: Sequence[int], ride_along: RideAlong | None = None,
            step: Step = lambda: None) -> tuple[dict[int, Array], dict[int, dict[str, Array]]]:
     """DDIM inversion (small → large t); keeps the latent reached at every sampling timestep.
@@ -145,7 +156,7 @@ def invert(unet: UNet, arrays: Backend, schedule: Schedule, z0: Array, embedding
     wanted = ride_along.points if ride_along else {}
     captured: dict[int, dict[str, Array]] = {}
     pending = None
-    pair = arrays.concat([embedding, ride_along.empty]) if ride_along else embedding
+    pair = join(arrays, [embedding, ride_along.empty]) if ride_along else embedding
     previous = [inversion_ts[0], *inversion_ts[:-1]]
     table = timestep_table(arrays, [[t, prev] for t, prev in zip(inversion_ts, previous, strict=True)])
     for i, t in enumerate(inversion_ts):
@@ -163,7 +174,8 @@ def invert(unet: UNet, arrays: Backend, schedule: Schedule, z0: Array, embedding
     return src, captured
 
 
-def generate_source(unet: UNet, arrays: Backend, schedule: Schedule, noise: Array, cond: Array, empty: Array,
+def generate_source(unet: UNet, arrays: Backend, schedule: Schedule, noise: Array, cond: Conditioning,
+                    empty: Conditioning,
                     scale: float, sampling_ts: Sequence[int], captures: dict[int, list[InjectionPoint]] | None = None,
                     step: Step = lambda: None) -> tuple[dict[int, Array], dict[int, dict[str, Array]], Array]:
     """Sample the guidance from `noise` with CFG against the empty prompt, keeping the latent entering
@@ -172,7 +184,7 @@ def generate_source(unet: UNet, arrays: Backend, schedule: Schedule, noise: Arra
     the captures and the guidance's final latent."""
     src, captured, x, steps = {}, {}, noise, len(sampling_ts)
     captures = captures or {}
-    embeddings = arrays.concat([empty, cond])
+    embeddings = join(arrays, [empty, cond])
     table = timestep_table(arrays, [[t, t] for t in sampling_ts])
     for i, t in enumerate(sampling_ts):
         src[t] = x
@@ -185,7 +197,7 @@ def generate_source(unet: UNet, arrays: Backend, schedule: Schedule, noise: Arra
     return src, captured, x
 
 
-def capture(unet: UNet, arrays: Backend, src: dict[int, Array], empty: Array, sampling_ts: Sequence[int],
+def capture(unet: UNet, arrays: Backend, src: dict[int, Array], empty: Conditioning, sampling_ts: Sequence[int],
             plan: InjectionPlan, done: dict[int, dict[str, Array]], step: Step = lambda: None) -> Captured:
     """Run the capture pass on the source latents not captured yet; keep only what each step injects."""
     captures = plan.captures(sampling_ts)
@@ -197,13 +209,13 @@ def capture(unet: UNet, arrays: Backend, src: dict[int, Array], empty: Array, sa
     return [done[t] for t in captures]
 
 
-def inject(unet: UNet, arrays: Backend, schedule: Schedule, x: Array, captured: Captured, negative: Array,
-           targets: Array, scale: float, sampling_ts: Sequence[int], plan: InjectionPlan, gates: dict[bool, Array],
-           step: Step = lambda: None) -> Array:
+def inject(unet: UNet, arrays: Backend, schedule: Schedule, x: Array, captured: Captured, negative: Conditioning,
+           targets: Conditioning, scale: float, sampling_ts: Sequence[int], plan: InjectionPlan,
+           gates: dict[bool, Array], step: Step = lambda: None) -> Array:
     """Sample N targets from the shared start x (batch 1), injecting the captured tensors (`gates[flag]`: the
     backend's bool scalars)."""
-    n, steps = int(targets.shape[0]), len(sampling_ts)
-    embeddings = arrays.concat([negative] * n + [targets])
+    n, steps = int(targets["encoder_hidden_states"].shape[0]), len(sampling_ts)
+    embeddings = join(arrays, [negative] * n + [targets])
     x = arrays.concat([x] * n)
     table = timestep_table(arrays, [[t] * (2 * n) for t in sampling_ts])
     for i, t in enumerate(sampling_ts):
@@ -223,23 +235,37 @@ class Sampler:
     """The loops bound to one model for one translation: the UNet callable counts its calls into `stats`,
     progress is reported per stage, the gates are made once."""
 
-    def __init__(self, model: LoadedModel, stats: Stats | None = None, progress: Progress = no_progress):
-        self.model, self.backend, self.schedule = model, model.backend, model.schedule
+    def __init__(self, model: LoadedModel, stats: Stats | None = None, progress: Progress = no_progress,
+                 size: tuple[int, int] | None = None):
+        self.model, self.backend, self.schedule, self.size = model, model.backend, model.schedule, size
         self.stats = stats or Stats(sync=self.backend.synchronize)
         self.progress = progress
         self.gates = {flag: self.backend.asarray(np.array(flag)) for flag in (False, True)}
 
-    def unet(self, x: Array, t: Array, embeddings: Array, outputs: Collection[str] = NOISE,
+    def unet(self, x: Array, t: Array, embeddings: Conditioning, outputs: Collection[str] = NOISE,
              **injected: Array) -> dict[str, Array]:
         """The `UNet` the loops call: counts evaluations (a batch of n counts n) and calls."""
         self.stats.unet_evaluations += int(x.shape[0])
         self.stats.unet_calls += 1
-        feeds = {"sample": x, "timestep": t, "encoder_hidden_states": embeddings, **injected}
+        feeds = {"sample": x, "timestep": t, **embeddings, **injected}
         return self.backend.run("unet", feeds, outputs)
 
-    def encode_prompts(self, prompts: Sequence[str]) -> Array:
-        ids = self.model.tokenizer.encode(prompts)
-        return self.backend.run("text_encoder", {"input_ids": ids})["text_embeddings"]
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """The UNet's conditioning for each prompt: the text encoder graph's outputs and, where the family
+        conditions on size, `time_ids` of this translation's output size (original = target, no crop)."""
+        ids = {name: tokenizer.encode(prompts) for name, tokenizer in self.model.tokenizers.items()}
+        text = self.backend.run("text_encoder", ids)
+        conditioning = {}
+        for spec in conditioning_specs(self.model.dims):
+            if spec.name in TEXT_OUTPUTS:
+                conditioning[spec.name] = text[TEXT_OUTPUTS[spec.name]]
+            else:  # time_ids
+                if self.size is None:
+                    raise ValueError("this model conditions on the output size: make the Sampler with size=")
+                height, width = self.size
+                rows = np.tile(np.array([[height, width, 0, 0, height, width]], np.float32), (len(prompts), 1))
+                conditioning[spec.name] = self.backend.asarray(rows)
+        return conditioning
 
     def encode_image(self, image: np.ndarray) -> Array:
         """[1,3,H,W] in [0,1] → the scaled posterior mean z0."""
@@ -257,7 +283,7 @@ def prepare_source(sampler: Sampler, config: TranslateConfig, size: tuple[int, i
     passes ride along the inversion's calls, or are the generation's unconditional half (DESIGN §2)."""
     model, stats = sampler.model, sampler.stats
     ts = sampling_timesteps(model.schedule, config.steps)
-    plan = InjectionPlan.of(config)
+    plan = InjectionPlan.of(config, model.dims.points)
     with stats.stage("text"):
         empty = sampler.encode_prompts([""])
     captures, guidance = plan.captures(ts), None
@@ -297,7 +323,7 @@ def sample_targets(sampler: Sampler, source: Source, prompts: Sequence[str], con
     """Inject into the target prompts, `per_batch` at a time, and decode: images [3,H,W] in [0,1] and the
     final latents [N,C,h,w], one per prompt in order."""
     ts = sampling_timesteps(sampler.model.schedule, config.steps)
-    plan = InjectionPlan.of(config)
+    plan = InjectionPlan.of(config, sampler.model.dims.points)
     stats, images, latents = sampler.stats, list[np.ndarray](), list[np.ndarray]()
     with stats.stage("text"):
         negative = sampler.encode_prompts([config.negative_prompt])

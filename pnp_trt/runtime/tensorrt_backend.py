@@ -200,4 +200,4 @@ def open_tensorrt(directory: Path, cuda_graphs: bool = True) -> LoadedModel:
     exported = open_exported(directory)
     require_tensorrt_attention(exported.manifest, exported.directory, trt.__version__)
     backend = TensorRTBackend(exported.directory, exported.manifest, read_entries(exported.directory), cuda_graphs)
-    return LoadedModel(backend, exported.tokenizer, exported.schedule, exported.dims, exported.identity("tensorrt"))
+    return LoadedModel(backend, exported.tokenizers, exported.schedule, exported.dims, exported.identity("tensorrt"))

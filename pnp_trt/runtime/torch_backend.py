@@ -33,10 +33,10 @@ class TorchBackend(TorchArrays):
         self.device, self.dtype = model.device, model.dtype
         self.specs = graph_specs(model.dims)
         self.graphs: dict[str, torch.nn.Module] = {
-            "text_encoder": TextEncoderGraph(model.text_encoder),
+            "text_encoder": TextEncoderGraph(model.text_encoders, model.dims),
             "vae_encoder": VaeEncoderGraph(model.vae),
             "vae_decoder": VaeDecoderGraph(model.vae),
-            "unet": PnPUNetGraph(model.unet),
+            "unet": PnPUNetGraph(model.unet, model.dims),
         }
         self.unet_graphs = CudaGraphs(self._run_unet, self.device) if cuda_graphs and self.device.type == "cuda" \
             else None
@@ -73,6 +73,6 @@ def open_torch(model: str | TorchModel, device: torch.device | None = None, dtyp
         torch.set_num_threads(threads)
     if isinstance(model, str):
         model = load_diffusers(model, device, dtype)
-    return LoadedModel(TorchBackend(model, cuda_graphs), model.tokenizer,
+    return LoadedModel(TorchBackend(model, cuda_graphs), model.tokenizers,
                        Schedule.from_config(model.scheduler_config), model.dims,
                        identity=model_identity(model.model_id))

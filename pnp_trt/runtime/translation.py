@@ -13,7 +13,7 @@ from PIL import Image
 
 from .. import validation
 from ..config import Limits, TranslateConfig
-from ..contract import INJECTION_POINTS, array_precision, axis_sizes, captured_name, graph_specs
+from ..contract import array_precision, axis_sizes, captured_name, graph_specs
 from ..engines.buffers import auto_prompt_batch
 from ..errors import PnPError
 from ..fileio import writing
@@ -120,6 +120,11 @@ def checked_progress(progress: Progress) -> Progress:
 
 def plan_size(model: LoadedModel, config: TranslateConfig, image: Image.Image | None) -> tuple[int, int]:
     multiple, native = model.dims.size_multiple, model.dims.native_size
+    for flag, side in (("--height", config.height), ("--width", config.width)):
+        if side is not None and side % multiple:
+            below = side // multiple * multiple
+            raise PnPError(f"{flag} {side} is not a multiple of {multiple}, which {model.dims.model_family.about} "
+                           f"models need: give {below or multiple} or {below + multiple}")
     if image is None:
         return config.height or native, config.width or native
     return output_size(image.width, image.height, config.height, config.width, multiple, native)
@@ -131,9 +136,9 @@ def source_fits(model: LoadedModel, config: TranslateConfig, size: tuple[int, in
     spec = graph_specs(model.dims)["unet"]
     sizes = axis_sizes(model.dims, 1, *size)
     start = spec.inputs[0].shape(sizes)
-    shapes = {p.name: tensor.shape(sizes) for p in INJECTION_POINTS for tensor in spec.outputs
+    shapes = {p.name: tensor.shape(sizes) for p in model.dims.points for tensor in spec.outputs
               if tensor.name == captured_name(p)}
-    plan = InjectionPlan.of(config)
+    plan = InjectionPlan.of(config, model.dims.points)
 
     def fits(source: Source) -> bool:
         if tuple(source.start.shape) != start or len(source.captured) != plan.capture_steps:
@@ -198,7 +203,7 @@ def translate(model: LoadedModel, prompts: Sequence[str] | str, config: Translat
     (limits or Limits()).check_output(*size)
     pixels = to_array(image, size) if image is not None else None
     with model.backend.worker_stream():  # every array of this call is made and used on this stream
-        sampler = Sampler(model, progress=progress)
+        sampler = Sampler(model, progress=progress, size=size)
 
         def build() -> Source:
             source = prepare_source(sampler, config, size, pixels, source_prompt)
