@@ -20,6 +20,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SDXL-shaped model of DESIGN §1b (random weights, diffusers format)."""
+    from pnp_trt.random_models import make_tiny_model
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0, family="sdxl")
+
+
+@pytest.fixture(scope="session")
 def tiny_torch(tiny_model_dir: Path):
     import torch
 

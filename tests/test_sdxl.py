@@ -1,0 +1,136 @@
+"""SDXL, the second family (DESIGN §1b): diffusers' own pipeline as the oracle without injection, the paper's
+batch-of-three written from §1b with it, sizes in multiples of 32, and what is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_image, rel_err
+from reference_sdxl import PaperPnPXL
+
+from pnp_trt.config import TranslateConfig
+from pnp_trt.errors import PnPError
+from pnp_trt.images import load_guidance, to_array
+from pnp_trt.runtime.sampler import Sampler, prepare_source, start_noise
+from pnp_trt.runtime.torch_backend import open_torch
+from pnp_trt.runtime.translation import translate
+
+SIZE, STEPS = (64, 96), 5
+
+
+@pytest.fixture(scope="module")
+def sdxl32(tiny_sdxl_dir: Path):
+    return open_torch(str(tiny_sdxl_dir), torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def sdxl64(tiny_sdxl_dir: Path):
+    return open_torch(str(tiny_sdxl_dir), torch.device("cpu"), torch.float64)
+
+
+def _config(tau: float, **extra) -> TranslateConfig:
+    return TranslateConfig(steps=STEPS, feature_injection=tau, attention_injection=tau, height=SIZE[0],
+                           width=SIZE[1], seed=5, negative_prompt="blurry", **extra)
+
+
+def _diffusers_pipeline(model_dir: Path):
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    scheduler = DDIMScheduler.from_pretrained(str(model_dir), subfolder="scheduler")  # from the model's config
+    return StableDiffusionXLPipeline.from_pretrained(str(model_dir), scheduler=scheduler, use_safetensors=True,
+                                                     add_watermarker=False, dtype=torch.float32)
+
+
+def test_without_injection_sdxl_equals_diffusers_own_pipeline(tiny_sdxl_dir: Path, sdxl32) -> None:
+    """τ = 0: the translation is diffusers' StableDiffusionXLPipeline from the same x_T (DDIM from the model's
+    scheduler config, eta 0, original = target size, the negative prompt given); the generated guidance is the
+    same pipeline with the source prompt and an empty negative prompt (encoded, not zeroed)."""
+    config = _config(0.0)
+    sampler = Sampler(sdxl32, size=SIZE)
+    source = prepare_source(sampler, config, SIZE, None, "a photo of a castle")
+    ours = translate(sdxl32, ["a watercolor castle"], config, source_prompt="a photo of a castle").latents
+    pipe = _diffusers_pipeline(tiny_sdxl_dir)
+    noise = torch.from_numpy(start_noise(sdxl32, SIZE, config.seed))
+    common = dict(latents=noise, num_inference_steps=STEPS, eta=0.0, height=SIZE[0], width=SIZE[1],
+                  original_size=SIZE, target_size=SIZE, output_type="latent")
+    theirs = pipe(prompt="a watercolor castle", negative_prompt="blurry", guidance_scale=config.guidance_scale,
+                  **common).images
+    guidance = pipe(prompt="a photo of a castle", negative_prompt="", guidance_scale=config.source_guidance_scale,
+                    **common).images
+    assert rel_err(ours, theirs.numpy()) <= 1e-5
+    assert rel_err(sdxl32.backend.to_numpy(source.guidance), guidance.numpy()) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def paper_xl(tiny_sdxl_dir: Path, sdxl64) -> PaperPnPXL:
+    return PaperPnPXL(str(tiny_sdxl_dir), torch.float64, torch.tensor(sdxl64.schedule.alphas_cumprod))
+
+
+def test_the_reference_hooks_the_points_of_the_default_preset(paper_xl: PaperPnPXL, sdxl64) -> None:
+    """§1b on the tiny model (transformer depths [1, 2, 3]): 1 feature + q/k of 3 + 3 blocks in up_blocks[0]'s
+    attentions 1, 2 and 2 + 2 + 2 in up_blocks[1]'s: 25 tensors (53 on SDXL-base)."""
+    assert paper_xl.hooked == len(sdxl64.dims.points) == 25
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0])
+def test_split_equals_batch_of_three_sdxl_real_image(sdxl64, paper_xl: PaperPnPXL, tmp_path: Path,
+                                                     tau: float) -> None:
+    image = load_guidance(random_image(tmp_path / "guide.png", SIZE[1], SIZE[0]))
+    ours = translate(sdxl64, ["a painting of a dog"], _config(tau, guidance_scale=6.0), image=image).latents
+    source = paper_xl.invert(to_array(image, SIZE).astype(np.float64), STEPS)
+    paper = paper_xl.translate(source, "a painting of a dog", "blurry", 6.0, STEPS, tau, tau).numpy()
+    assert rel_err(ours, paper) <= 1e-9
+
+
+def test_split_equals_batch_of_three_sdxl_generated_and_injection_matters(sdxl64, paper_xl: PaperPnPXL) -> None:
+    config = _config(1.0)
+    ours = translate(sdxl64, ["a painting of a dog"], config, source_prompt="a photo of a castle").latents
+    noise = start_noise(sdxl64, SIZE, config.seed).astype(np.float64)
+    source = paper_xl.generate(noise, "a photo of a castle", config.source_guidance_scale, STEPS, SIZE)
+    paper = paper_xl.translate(source, "a painting of a dog", "blurry", config.guidance_scale, STEPS, 1.0, 1.0)
+    assert rel_err(ours, paper.numpy()) <= 1e-9
+    off = translate(sdxl64, ["a painting of a dog"], _config(0.0), source_prompt="a photo of a castle").latents
+    assert rel_err(ours, off) > 1e-2  # gates on vs off: far beyond any rounding
+
+
+def test_sdxl_sides_are_multiples_of_32(sdxl32, tiny_torch, tmp_path: Path) -> None:
+    """A 160×96 guidance keeps its size on SDXL (multiples of 32); an SD model refuses --height 96 in one line."""
+    image = load_guidance(random_image(tmp_path / "g.png", 160, 96))
+    result = translate(sdxl32, ["a cat"], TranslateConfig(steps=2, height=96, width=160), image=image)
+    assert result.size == (96, 160) and result.latents.shape == (1, 4, 12, 20)
+    with pytest.raises(PnPError, match="--height 96 is not a multiple of 64, which Stable Diffusion 1.x/2.x"):
+        translate(tiny_torch, ["a cat"], TranslateConfig(steps=2, height=96, width=128), image=image)
+
+
+def _variant(model_dir: Path, tmp_path: Path, change) -> Path:
+    copy = tmp_path / "variant"
+    shutil.copytree(model_dir, copy)
+    change(copy)
+    return copy
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+REFUSED = {
+    "refiner": (lambda d: _edit_json(d / "model_index.json", requires_aesthetics_score=True), "an SDXL refiner"),
+    "turbo-style schedule": (lambda d: _edit_json(d / "scheduler" / "scheduler_config.json",
+                                                  timestep_spacing="trailing",
+                                                  _class_name="EulerAncestralDiscreteScheduler"),
+                             "few-step schedule"),
+    "second text encoder missing": (lambda d: shutil.rmtree(d / "text_encoder_2"), "missing text_encoder_2"),
+    "second tokenizer missing": (lambda d: shutil.rmtree(d / "tokenizer_2"), "missing tokenizer_2"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_what_sdxl_refuses_is_one_line(tiny_sdxl_dir: Path, tmp_path: Path, case: str) -> None:
+    change, fragment = REFUSED[case]
+    with pytest.raises(PnPError, match=fragment):
+        open_torch(str(_variant(tiny_sdxl_dir, tmp_path, change)), torch.device("cpu"), torch.float32)
