@@ -174,6 +174,8 @@ def check_pixel_limit(max_mpx: float, flag: str) -> None:
                        f"{smallest:.4f} Mpx); give at least {smallest:.4f}")
 
 
+PRESET_HELP = ("Where PnP injects: pnp (the default: the paper's layers, or DESIGN 1b's for SDXL) | "
+               "pnp-first-attention (also the first attention of the first injected stage). Default: the model's.")
 THREADS_HELP = ("Threads per ONNX Runtime graph, or torch's intra-op threads (default: one per core; the same "
                 "as PNP_TRT_THREADS=N).")
 
@@ -280,6 +282,7 @@ def translate(
     cuda_graphs: bool = typer.Option(True, help="On CUDA, replay the UNet as CUDA graphs (captured once per "
                                                 "shape; the torch, onnxruntime-cuda and tensorrt backends)."),
     threads: int | None = typer.Option(None, help=THREADS_HELP, parser=whole_number),
+    injection_preset: str | None = typer.Option(None, help=PRESET_HELP),
 ) -> None:
     """Translate a guidance image (or a generated one) into each --prompt, keeping its layout."""
     from .config import check_backend
@@ -323,7 +326,8 @@ def translate(
         from .models import quiet_loading
         quiet_loading()
     cache = SourceCache(directory=cache_dir, disk_budget_bytes=int(cache_dir_gib * 2**30)) if cache_dir else None
-    translator = Translator(open_model(backend, model, engines, provider, cuda_graphs), cache, limits)
+    translator = Translator(open_model(backend, model, engines, provider, cuda_graphs, injection_preset), cache,
+                            limits)
     with _progress() as progress:
         result = translator.translate(prompt, guidance, source_prompt, rich_progress(progress),
                                       decode_guidance=save_guidance, **config.to_dict())
@@ -347,6 +351,7 @@ def export(
                                   "them itself) | onnx: one ONNX Attention node (opset 23) per layer, fused by "
                                   "ONNX Runtime and by TensorRT ≥ 10.14 | onnxruntime: ONNX Runtime's fused "
                                   "attention, not loadable by TensorRT."),
+    injection_preset: str | None = typer.Option(None, help=PRESET_HELP + " The graphs carry it."),
 ) -> None:
     """Export text encoder, VAE encoder/decoder and the PnP UNet to ONNX, validated against PyTorch."""
     require("torch", "pnp-trt export")
@@ -359,7 +364,7 @@ def export(
         task = progress.add_task("export", total=4)
         reports = export_model(model, out, precision, opset, attention,
                                on_graph=lambda name: announce(progress, task, name),
-                               versions=versions())
+                               versions=versions(), injection_preset=injection_preset)
         progress.update(task, completed=4)
     err.print(f"error of each output against PyTorch, relative to its magnitude (tolerance "
               f"{TOLERANCE[precision]:.0e}):", highlight=False)
@@ -438,16 +443,21 @@ def make_tiny_model(
     directory: Path = typer.Argument(..., help="Where to write the model (must not exist, or hold this very "
                                                 "model: then it is reused).", parser=path_text),
     seed: int = typer.Option(0, help="Seed of the random weights.", parser=whole_number),
-    full_size: bool = typer.Option(False, help="Full SD 2.1-base widths (~5 GB; honest speed tests offline)."),
+    full_size: bool = typer.Option(False, help="Full widths: SD 2.1-base (~5 GB) or SDXL-base (~14 GB); honest "
+                                   "speed tests offline."),
+    family: str = typer.Option("sd", help="sd: the SD 2.1 topology | sdxl: the SDXL-base topology (two text "
+                               "encoders, three UNet levels)."),
 ) -> None:
-    """Write a random-weight model with the SD 2.1 topology and tiny widths (offline demos and tests)."""
+    """Write a random-weight model with the SD 2.1 (or SDXL) topology and tiny widths (offline demos and tests)."""
     require("torch", "pnp-trt make-tiny-model")
     from .models import quiet_loading
     from .random_models import made_with
     from .random_models import make_tiny_model as make
 
     validation.integer("--seed", seed, 0, 2**32 - 1)
-    if made_with(directory, seed, full_size):
+    from .families import FAMILIES
+    validation.one_of("--family", family, list(FAMILIES))
+    if made_with(directory, seed, full_size, family):
         err.print(f"{directory} already holds this model (seed {seed}); reusing it")
         return
     if directory.exists():
@@ -456,9 +466,10 @@ def make_tiny_model(
     if not directory.parent.is_dir():
         raise PnPError(f"cannot write {directory}: directory {directory.parent} does not exist")
     quiet_loading()
-    make(directory, seed, full_size)
+    make(directory, seed, full_size, family)
     kind = "full-size" if full_size else "tiny"
-    err.print(f"wrote a {kind} random-weight SD 2.1-topology model to {directory}")
+    err.print(f"wrote a {kind} random-weight {'SDXL' if family == 'sdxl' else 'SD 2.1'}-topology model to "
+              f"{directory}")
 
 
 @app.command("make-demo-model")
@@ -509,6 +520,7 @@ def serve(
     workers: int = typer.Option(SERVE.workers, help="Translations run at once (1 suits one GPU: its calls queue "
                                                     "anyway).", parser=whole_number),
     threads: int | None = typer.Option(None, help=THREADS_HELP, parser=whole_number),
+    injection_preset: str | None = typer.Option(None, help=PRESET_HELP + " Torch backend; an export carries its own."),
     use_ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve (replicas across GPUs and nodes)."),
     replicas: int = typer.Option(SERVE.replicas, help="With --ray: model replicas (each loads the model).",
                                                  parser=whole_number),
@@ -536,7 +548,8 @@ def serve(
 
     from .serve.app import create_app
     options = ServeOptions(backend=backend, model=model, engines=str(engines) if engines else None,
-                           provider=provider, cuda_graphs=cuda_graphs, cache_dir=str(cache_dir) if cache_dir else None,
+                           provider=provider, cuda_graphs=cuda_graphs, injection_preset=injection_preset,
+                           cache_dir=str(cache_dir) if cache_dir else None,
                            replicas=replicas, gpus_per_replica=gpus_per_replica, coalesce_ms=coalesce_ms,
                            workers=workers, max_upload_mb=max_upload_mb, max_input_mpx=max_input_mpx,
                            max_output_mpx=max_output_mpx, max_prompts=max_prompts, max_steps=max_steps, queue=queue,

@@ -18,6 +18,10 @@ from . import validation
 from .contract import PRECISIONS, ModelDims, graph_specs
 from .engines.availability import TENSORRT_ATTENTION, tensorrt_release
 from .errors import PnPError
+from .families import FAMILIES, SD
+
+PRESET_NAMES = {name for family in FAMILIES.values() for name in family.presets}
+DEFAULT_PRESET = SD.default_preset
 
 FORMAT_VERSION = 4
 """2: the UNet takes one timestep per sample (`timestep [batch]`), so one call can hold several timesteps.
@@ -58,16 +62,20 @@ def file_entries(directory: Path) -> dict[str, dict[str, Any]]:
             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 
-def rebuild_hint(manifest: dict[str, Any] | None, directory: Path, attention: str | None = None) -> str:
+def rebuild_hint(manifest: dict[str, Any] | None, directory: Path, attention: str | None = None,
+                 preset: str | None = None) -> str:
     """The export command that writes `directory` again from the manifest's model and settings (`attention`
-    instead of the manifest's, if given); values a tampered manifest holds that the exporter would refuse are
-    left to their defaults."""
+    and `preset` instead of the manifest's, if given); values a tampered manifest holds that the exporter would
+    refuse are left to their defaults."""
     model = (manifest or {}).get("model_id", "MODEL")
     precision = (manifest or {}).get("precision")
     precision = precision if precision in PRECISIONS else "fp32"
     attention = attention or (manifest or {}).get("attention")
     fused = f" --attention {attention}" if attention in ATTENTION and attention != "standard" else ""
-    return f"pnp-trt export --model {model} --precision {precision}{fused} --out {free_directory(directory)}"
+    dims = (manifest or {}).get("dims")
+    preset = preset or (dims.get("preset") if isinstance(dims, dict) else None)
+    chosen = f" --injection-preset {preset}" if preset in PRESET_NAMES and preset != DEFAULT_PRESET else ""
+    return f"pnp-trt export --model {model} --precision {precision}{fused}{chosen} --out {free_directory(directory)}"
 
 
 def free_directory(directory: Path) -> Path:

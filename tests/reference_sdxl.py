@@ -16,7 +16,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 RESBLOCK = "up_blocks.0.resnets.1.conv2"
-ATTENTION = re.compile(r"up_blocks\.(0\.attentions\.[12]|1\.attentions\.[012])\.transformer_blocks\.\d+\.attn1\.to_[qk]")
+ATTENTION = re.compile(r"up_blocks\.(0\.attentions\.[12]|1\.attentions\.[012])"
+                       r"\.transformer_blocks\.\d+\.attn1\.to_[qk]")
 """§1b's default: q and k of attn1 in every transformer block of up_blocks[0].attentions[1,2] and
 up_blocks[1].attentions[0,1,2]."""
 
@@ -58,7 +59,7 @@ class PaperPnPXL:
     @torch.no_grad()
     def embed(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         states, pooled = [], None
-        for tokenizer, encoder in zip(self.tokenizers, self.encoders):
+        for tokenizer, encoder in zip(self.tokenizers, self.encoders, strict=True):
             ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                             return_tensors="pt").input_ids
             out = encoder(ids, output_hidden_states=True)

@@ -120,11 +120,12 @@ def write_side_files(model: TorchModel, out: Path, precision: str, opset: int, a
 def export_model(model_id: str, out: Path, precision: str = "fp32", opset: int | None = None,
                  attention: str = "standard",
                  on_graph: Callable[[str], None] = lambda name: None,
-                 versions: dict[str, str] | None = None) -> list[GraphReport]:
-    """Load a diffusers model (hub id or directory) on the CPU in fp32 and export it."""
+                 versions: dict[str, str] | None = None, injection_preset: str | None = None) -> list[GraphReport]:
+    """Load a diffusers model (hub id or directory) on the CPU in fp32 and export it with the injection preset
+    given (None: the family's default)."""
     opset = _check_destination(out, precision, opset, attention)
-    return export_loaded(load_diffusers(model_id, torch.device("cpu"), torch.float32), out, precision, opset,
-                         attention, on_graph, versions)
+    model = load_diffusers(model_id, torch.device("cpu"), torch.float32, injection_preset)
+    return export_loaded(model, out, precision, opset, attention, on_graph, versions)
 
 
 OPSETS = range(17, 21)

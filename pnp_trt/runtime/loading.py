@@ -38,21 +38,27 @@ def check_source(backend: str, model: object, engines: object, provider: object)
 
 
 def open_model(backend: str, model: str | Path | None, engines: Path | str | None, provider: str = "cpu",
-               cuda_graphs: bool = True) -> LoadedModel:
+               cuda_graphs: bool = True, injection_preset: str | None = None) -> LoadedModel:
     """torch runs a diffusers model (hub id or dir, as str or Path); the others run an exported/built
-    directory. `cuda_graphs`: replay the UNet as CUDA graphs where the backend runs on CUDA."""
+    directory. `cuda_graphs`: replay the UNet as CUDA graphs where the backend runs on CUDA. `injection_preset`:
+    where PnP injects (`pnp-trt presets`; None: the family's default); an export carries the one it was made with."""
     check_source(backend, model, engines, provider)
     validation.boolean("cuda_graphs", cuda_graphs)
+    if injection_preset is not None:
+        validation.text("--injection-preset", injection_preset, non_blank=True)
     model = str(model) if isinstance(model, Path) else model
     if backend == "torch":
         require("torch", "the torch backend")
         from ..models import DEFAULT_MODEL
         from .torch_backend import open_torch
-        return open_torch(DEFAULT_MODEL if model is None else model, cuda_graphs=cuda_graphs)
+        return open_torch(DEFAULT_MODEL if model is None else model, cuda_graphs=cuda_graphs,
+                          injection_preset=injection_preset)
     if engines is None:
         raise PnPError(f"--backend {backend} runs exported graphs: pass --engines DIR "
                        "(written by `pnp-trt export --model ID_OR_DIR --out DIR`)")
     engines = Path(engines)
+    if injection_preset is not None:
+        check_export_preset(engines, injection_preset)
     if backend == "onnxruntime":
         from .onnxruntime_backend import open_onnxruntime
         return open_onnxruntime(engines, provider, cuda_graphs)
@@ -62,3 +68,15 @@ def open_model(backend: str, model: str | Path | None, engines: Path | str | Non
     require_tensorrt("--backend tensorrt")
     from .tensorrt_backend import open_tensorrt
     return open_tensorrt(engines, cuda_graphs)
+
+
+def check_export_preset(engines: Path, injection_preset: str) -> None:
+    """An exported directory's graphs carry the preset it was exported with: another one is refused, naming it."""
+    from ..contract import ModelDims
+    from ..manifest import read_manifest, rebuild_hint
+
+    manifest = read_manifest(engines)
+    exported = ModelDims.from_dict(manifest["dims"]).preset
+    if injection_preset != exported:
+        raise PnPError(f"{engines} was exported with injection preset {exported!r}; for {injection_preset!r} export "
+                       f"again: `{rebuild_hint(manifest, Path('NEW_DIR'), preset=injection_preset)}`")

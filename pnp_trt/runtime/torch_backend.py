@@ -65,14 +65,14 @@ class TorchBackend(TorchArrays):
 
 
 def open_torch(model: str | TorchModel, device: torch.device | None = None, dtype: torch.dtype | None = None,
-               cuda_graphs: bool = True) -> LoadedModel:
+               cuda_graphs: bool = True, injection_preset: str | None = None) -> LoadedModel:
     """A diffusers model (hub id or directory, loaded here on `device`/`dtype`; or already loaded) on the torch
     backend, the UNet replayed as CUDA graphs on CUDA unless switched off."""
     threads = intra_op_threads()  # --threads / PNP_TRT_THREADS: the same count as ONNX Runtime's sessions
     if threads is not None:
         torch.set_num_threads(threads)
     if isinstance(model, str):
-        model = load_diffusers(model, device, dtype)
+        model = load_diffusers(model, device, dtype, injection_preset)
     return LoadedModel(TorchBackend(model, cuda_graphs), model.tokenizers,
                        Schedule.from_config(model.scheduler_config), model.dims,
                        identity=model_identity(model.model_id))

@@ -41,12 +41,14 @@ class Translator:
     def open(cls, backend: str = "torch", model: str | Path | None = None, engines: Path | str | None = None,
              provider: str = "cpu", cache_bytes: int = DEFAULT_CACHE_BYTES,
              cache_dir: Path | str | None = None, cuda_graphs: bool = True,
-             cache_dir_bytes: int = DEFAULT_DISK_CACHE_BYTES, limits: Limits | None = None) -> Translator:
-        """Load a model (torch: hub id or diffusers dir; onnxruntime/tensorrt: an exported directory)."""
+             cache_dir_bytes: int = DEFAULT_DISK_CACHE_BYTES, limits: Limits | None = None,
+             injection_preset: str | None = None) -> Translator:
+        """Load a model (torch: hub id or diffusers dir; onnxruntime/tensorrt: an exported directory);
+        `injection_preset`: see `open_model`."""
         if limits is not None and not isinstance(limits, Limits):
             raise PnPError(f"limits must be a pnp_trt.config.Limits, got {type(limits).__name__}")
         cache = SourceCache(cache_bytes, cache_dir, cache_dir_bytes)
-        return cls(open_model(backend, model, engines, provider, cuda_graphs), cache, limits)
+        return cls(open_model(backend, model, engines, provider, cuda_graphs, injection_preset), cache, limits)
 
     def translate(self, prompts: Sequence[str] | str, image: Guidance | Image.Image | str | Path | bytes | None = None,
                   source_prompt: str | None = None, progress: Progress = no_progress,

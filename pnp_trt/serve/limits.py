@@ -45,6 +45,7 @@ class ServeOptions:
     engines: str | None = None
     provider: str = "cpu"
     cuda_graphs: bool = True
+    injection_preset: str | None = None
     cache_dir: str | None = None
     """A directory every replica can reach (a shared file system): replicas then share captured sources."""
     replicas: int = 1
@@ -78,7 +79,8 @@ class ServeOptions:
         from ..runtime.translator import Translator
 
         return Translator.open(self.backend, self.model, self.engines, self.provider, cache_dir=self.cache_dir,
-                               cuda_graphs=self.cuda_graphs, limits=self.limits().output)
+                               cuda_graphs=self.cuda_graphs, limits=self.limits().output,
+                               injection_preset=self.injection_preset)
 
 
 def _parse(kind: type, value: Any) -> Any:
