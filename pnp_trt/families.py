@@ -95,6 +95,11 @@ TIME_IDS = 6
 """SDXL's `time_ids`: original (h, w), crop top-left (0, 0), target (h, w)."""
 
 
+def vae_fp32(family_: Family, vae_config: Mapping[str, Any]) -> bool:
+    """Whether this model's VAE computes in fp32 in fp16 exports and fp16 torch runs (its I/O stays the export's)."""
+    return family_.vae_fp32 and bool(vae_config.get("force_upcast", True))
+
+
 def family(name: str) -> Family:
     if name not in FAMILIES:
         raise PnPError(f"model family {name!r} is not one pnp-trt knows ({', '.join(FAMILIES)})")

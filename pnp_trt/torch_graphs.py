@@ -41,8 +41,8 @@ class VaeEncoderGraph(torch.nn.Module):
         self.vae = vae
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor]:
-        posterior = self.vae.encode(2 * image - 1).latent_dist
-        return (posterior.mean * self.vae.config.scaling_factor,)
+        posterior = self.vae.encode(2 * image.to(self.vae.dtype) - 1).latent_dist  # an fp32 VAE in an fp16 run
+        return ((posterior.mean * self.vae.config.scaling_factor).to(image.dtype),)
 
 
 class VaeDecoderGraph(torch.nn.Module):
@@ -53,8 +53,8 @@ class VaeDecoderGraph(torch.nn.Module):
         self.vae = vae
 
     def forward(self, latent: torch.Tensor) -> tuple[torch.Tensor]:
-        image = self.vae.decode(latent / self.vae.config.scaling_factor).sample
-        return ((image / 2 + 0.5).clamp(0, 1),)
+        image = self.vae.decode((latent / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+        return ((image / 2 + 0.5).clamp(0, 1).to(latent.dtype),)
 
 
 class PnPUNetGraph(torch.nn.Module):

@@ -8,19 +8,26 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from conftest import random_image, rel_err
+from PIL import Image
 from reference_sdxl import PaperPnPXL
+from typer.testing import CliRunner
 
+from pnp_trt.cli import app
 from pnp_trt.config import TranslateConfig
 from pnp_trt.errors import PnPError
 from pnp_trt.images import load_guidance, to_array
+from pnp_trt.runtime.loading import open_model
+from pnp_trt.runtime.onnxruntime_backend import open_onnxruntime
 from pnp_trt.runtime.sampler import Sampler, prepare_source, start_noise
 from pnp_trt.runtime.torch_backend import open_torch
 from pnp_trt.runtime.translation import translate
 
 SIZE, STEPS = (64, 96), 5
+runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +141,71 @@ def test_what_sdxl_refuses_is_one_line(tiny_sdxl_dir: Path, tmp_path: Path, case
     change, fragment = REFUSED[case]
     with pytest.raises(PnPError, match=fragment):
         open_torch(str(_variant(tiny_sdxl_dir, tmp_path, change)), torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def exported_sdxl(tiny_sdxl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("onnx-sdxl") / "tiny-sdxl-fp32"
+    result = runner.invoke(app, ["export", "--model", str(tiny_sdxl_dir), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_the_sdxl_export_records_its_family_and_both_tokenizers(exported_sdxl: Path) -> None:
+    manifest = json.loads((exported_sdxl / "manifest.json").read_text())
+    assert manifest["format_version"] == 4 and manifest["dims"]["family"] == "sdxl"
+    assert manifest["tokenizer"]["pad_token"] == "<|endoftext|>" and manifest["tokenizer_2"]["pad_token"] == "!"
+    assert len(manifest["injection_points"]) == 25 and (exported_sdxl / "tokenizer_2.json").is_file()
+    unet = {t.name for t in onnx.load(str(exported_sdxl / "unet.onnx"), load_external_data=False).graph.input}
+    assert {"text_embeds", "time_ids", "injected_q_up0_attn2_block2"} <= unet
+
+
+@pytest.mark.parametrize("guidance", ["image", "generated"])
+def test_onnxruntime_matches_torch_on_sdxl(exported_sdxl: Path, sdxl32, tmp_path: Path, guidance: str) -> None:
+    image = load_guidance(random_image(tmp_path / "g.png", SIZE[1], SIZE[0])) if guidance == "image" else None
+    source = None if image is not None else "a photo of a castle"
+    config = _config(0.5)
+    ort = translate(open_onnxruntime(exported_sdxl), ["a painting of a dog"], config, image=image,
+                    source_prompt=source)
+    ours = translate(sdxl32, ["a painting of a dog"], config, image=image, source_prompt=source)
+    assert rel_err(ort.latents, ours.latents) <= 1e-4
+
+
+def test_an_sdxl_fp16_export_validates_and_keeps_its_vae_in_fp32(tiny_sdxl_dir: Path, tmp_path: Path) -> None:
+    """DESIGN §1b: SDXL's VAE overflows in fp16 (`force_upcast`): its graphs compute in fp32 (every weight fp32,
+    fp16 only at their inputs and outputs, as the export's contract says), the UNet in mixed fp16."""
+    from pnp_trt.export.exporter import export_model
+
+    out = tmp_path / "fp16"
+    export_model(str(tiny_sdxl_dir), out, "fp16")
+    kinds = {graph: {onnx.TensorProto.DataType.Name(t.data_type)
+                     for t in onnx.load(str(out / f"{graph}.onnx")).graph.initializer} - {"INT64"}
+             for graph in ("vae_encoder", "vae_decoder", "unet")}
+    assert kinds["vae_encoder"] == kinds["vae_decoder"] == {"FLOAT"} and "FLOAT16" in kinds["unet"]
+    result = translate(open_onnxruntime(out), ["a cat"], _config(0.5), source_prompt="a castle")
+    assert np.isfinite(result.latents).all()
+
+
+def test_the_offline_sdxl_commands_of_the_readme(tiny_sdxl_dir: Path, exported_sdxl: Path, tmp_path: Path) -> None:
+    """`make-tiny-model --family sdxl DIR`, then a 4-step translation at the model's own size, from the model and
+    from its export."""
+    result = runner.invoke(app, ["make-tiny-model", "--family", "sdxl", str(tiny_sdxl_dir)])
+    assert result.exit_code == 0 and "reusing it" in result.output, result.output
+    for source in (["--model", str(tiny_sdxl_dir)], ["--backend", "onnxruntime", "--engines", str(exported_sdxl)]):
+        out = tmp_path / f"{source[1]}.png"
+        result = runner.invoke(app, ["translate", "--source-prompt", "a castle", *source, "-p", "a watercolor castle",
+                                     "--steps", "4", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert Image.open(out).size == (512, 512)  # the tiny model's sample_size 64 × 8 (SDXL-base: 1024)
+
+
+def test_injection_presets(tiny_sdxl_dir: Path, exported_sdxl: Path) -> None:
+    """The opt-in adds up_blocks[0].attentions[0] (3 transformer blocks on the tiny model: 6 tensors); an export
+    runs the preset it carries, and names the export command for another."""
+    chosen = open_torch(str(tiny_sdxl_dir), torch.device("cpu"), torch.float32,
+                        injection_preset="pnp-first-attention")
+    assert len(chosen.dims.points) == 31 and chosen.dims.points[1].module.startswith("up_blocks.0.attentions.0.")
+    with pytest.raises(PnPError, match="export again: `pnp-trt export .* --injection-preset pnp-first-attention"):
+        open_model("onnxruntime", None, exported_sdxl, injection_preset="pnp-first-attention")
+    with pytest.raises(PnPError, match="'pnp-second' is not one of Stable Diffusion XL's: pnp "):
+        open_torch(str(tiny_sdxl_dir), torch.device("cpu"), torch.float32, injection_preset="pnp-second")

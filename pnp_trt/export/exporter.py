@@ -18,6 +18,7 @@ import torch
 
 from ..contract import PRECISIONS, TOLERANCE, axis_sizes, graph_specs
 from ..errors import PnPError
+from ..families import vae_fp32
 from ..fileio import staging_directory
 from ..manifest import ATTENTION, FORMAT_VERSION, GRAPHS, MANIFEST, contract_record, file_entries
 from ..models import TorchModel, load_diffusers, weights_hash
@@ -77,7 +78,7 @@ def export_one(name: str, module: torch.nn.Module, model: TorchModel, out: Path,
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if precision == "fp16":
-        to_mixed_fp16(path, spec)
+        to_mixed_fp16(path, spec, name.startswith("vae") and vae_fp32(model.dims.model_family, model.vae.config))
     check_graph(path)
     feeds = random_feeds(spec, axis_sizes(model.dims, *VALIDATE_SIZE), "float32", 1, vocab)
     reference = _torch_outputs(module, spec, feeds)

@@ -68,17 +68,19 @@ def _shape_arithmetic(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def to_mixed_fp16(path: Path, spec: GraphSpec) -> None:
-    """fp16 weights and activations, fp32 where `FP32_OPS` and `fp32_nodes` need the range; fp32 I/O stays
-    where the contract says float32 (e.g. the timestep). The types come from `clean_graph`'s path-based shape
-    inference: the converter's own in-memory inference cannot serialize an fp32 UNet past 2 GB (SD 2.1)."""
+def to_mixed_fp16(path: Path, spec: GraphSpec, fp32_inside: bool = False) -> None:
+    """fp16 weights and activations, fp32 where `FP32_OPS` and `fp32_nodes` need the range (`fp32_inside`: every
+    node, fp16 only at the graph's I/O — SDXL's VAE, which overflows in fp16); fp32 I/O stays where the contract
+    says float32 (e.g. the timestep). The types come from `clean_graph`'s path-based shape inference: the
+    converter's own in-memory inference cannot serialize an fp32 UNet past 2 GB (SD 2.1)."""
     import onnx_graphsurgeon as gs
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     keep = [t.name for t in spec.inputs + spec.outputs if t.dtype not in (FLOAT, "bool", "int64")]
     model = onnx.load(str(path))
     model = convert_float_to_float16(model, keep_io_types=keep or False, op_block_list=FP32_OPS,
-                                     node_block_list=fp32_nodes(model.graph), disable_shape_infer=True)
+                                     node_block_list=[n.name for n in model.graph.node] if fp32_inside
+                                     else fp32_nodes(model.graph), disable_shape_infer=True)
     _drop_repeated_casts(model)
     _skip_round_trip_casts(model)
     save_model(gs.export_onnx(gs.import_onnx(model).toposort()), path)  # the converter's casts break the order
