@@ -24,7 +24,7 @@ def load_cpu_model(backend: str, source: str) -> Any:
     import torch
 
     from pnp_trt.models import quiet_loading
-    from pnp_trt.random_models import random_sd21_model
+    from pnp_trt.random_models import random_model
     from pnp_trt.runtime.onnxruntime_backend import open_onnxruntime
     from pnp_trt.runtime.torch_backend import open_torch
 
@@ -32,7 +32,7 @@ def load_cpu_model(backend: str, source: str) -> Any:
     if backend.startswith("onnxruntime"):
         return open_onnxruntime(Path(source))
     if source == "random-sd21":
-        return open_torch(random_sd21_model(0))
+        return open_torch(random_model("sd", 0))
     return open_torch(source, torch.device("cpu"), torch.float32)
 
 

@@ -1,7 +1,7 @@
 """Whole edits on a GPU, every path side by side in one process: torch eager, torch + CUDA graphs, ONNX Runtime
 CUDA with IO binding, ± its CUDA graphs, on the standard export and on one with `--attention onnx`. SD 2.1-base
 shapes with random weights (speed depends on shapes, not weight values; --model names a real one), fp16,
-real-image guidance.
+real-image guidance. `--family sdxl`: SDXL-base shapes instead, at 1024² by default.
 
 Per path: a full edit with 1 prompt, a cached re-edit (source from the cache, a new prompt), 8 prompts in one
 batch; UNet calls (the critical path) and evaluations, ms per call, achieved TFLOP/s in the UNet stages
@@ -9,7 +9,8 @@ batch; UNet calls (the critical path) and evaluations, ms per call, achieved TFL
 inputs. Prints each path and writes the whole record as JSON after each one (a cut-off run keeps what it had).
 Without --onnx the fp16 graphs are first exported from the same random weights (in a child process, on the CPU).
 
-    python bench/gpu.py --out bench/results/gpu.json [--steps 50] [--size 512] [--onnx DIR] [--paths a,b]
+    python bench/gpu.py --out bench/results/gpu.json [--family sd|sdxl] [--steps 50] [--size 512] [--onnx DIR]
+        [--paths a,b]
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ PATHS = ("torch-eager", "torch-cuda-graphs", "onnxruntime-cuda", "onnxruntime-cu
 EXPORT = """
 import sys, torch
 from pathlib import Path
-from pnp_trt.random_models import random_sd21_model
+from pnp_trt.random_models import random_model
 from pnp_trt.export.exporter import export_loaded
-reports = export_loaded(random_sd21_model(0), Path(sys.argv[1]), "fp16", attention=sys.argv[2])
+reports = export_loaded(random_model(sys.argv[3], 0), Path(sys.argv[1]), "fp16", attention=sys.argv[2])
 print({r.name: r.worst for r in reports})
 """
 
@@ -55,8 +56,8 @@ def psnr(a: Any, b: Any) -> float | str:
 
 
 class Bench:
-    def __init__(self, steps: int, size: int):
-        self.steps, self.size, self.image = steps, size, guide_image(size)
+    def __init__(self, steps: int, size: int, family: str):
+        self.steps, self.size, self.image, self.family = steps, size, guide_image(size), family
 
     def config(self, prompts: int, steps: int | None = None) -> TranslateConfig:
         return TranslateConfig(steps=steps or self.steps, height=self.size, width=self.size, prompt_batch_size=prompts)
@@ -91,7 +92,8 @@ class Bench:
             "eight_prompts_unet_calls": eight.stats.unet_calls,
             "eight_prompts_unet_evaluations": eight.stats.unet_evaluations,
             "ms_per_unet_call": unet_s / stats.unet_calls * 1000,
-            "tflops": stats.unet_evaluations * UNET_TFLOP_PER_SAMPLE_512 * (self.size / 512) ** 2 / unet_s,
+            "tflops": stats.unet_evaluations * UNET_TFLOP_PER_SAMPLE_512 * (self.size / 512) ** 2 / unet_s
+            if self.family == "sd" else None,  # the FLOP count is SD 2.1's
             "stages_ms": {k: v * 1000 for k, v in stats.timings.items()},
             "cached_stages_ms": {k: v * 1000 for k, v in cached.stats.timings.items()},
         }
@@ -124,19 +126,19 @@ def environment() -> dict[str, Any]:
 class TorchModels:
     """Loads each precision once; the eager and CUDA-graph paths share the fp16 weights."""
 
-    def __init__(self, model: str | None):
-        self.model = model
+    def __init__(self, model: str | None, family: str):
+        self.model, self.family = model, family
         self.loaded: dict[torch.dtype, Any] = {}
 
     def open(self, dtype: torch.dtype, cuda_graphs: bool) -> Any:
         from pnp_trt.models import load_diffusers
-        from pnp_trt.random_models import random_sd21_model
+        from pnp_trt.random_models import random_model
         from pnp_trt.runtime.torch_backend import open_torch
 
         if dtype not in self.loaded:
             cuda = torch.device("cuda")
             self.loaded[dtype] = load_diffusers(self.model, cuda, dtype) if self.model else \
-                random_sd21_model(0, cuda, dtype)
+                random_model(self.family, 0, cuda, dtype)
         return open_torch(self.loaded[dtype], cuda_graphs)
 
     def drop(self, dtype: torch.dtype) -> None:
@@ -144,12 +146,12 @@ class TorchModels:
         free()
 
 
-def export(directory: Path, attention: str = "standard") -> float:
-    """Export the random SD 2.1-shaped model as fp16 graphs (log beside the directory); seconds taken."""
+def export(directory: Path, family: str, attention: str = "standard") -> float:
+    """Export the random SD 2.1- or SDXL-shaped model as fp16 graphs (log beside the directory); seconds taken."""
     start = time.perf_counter()
     print(f"== export to {directory} ({attention} attention)", flush=True)
     with directory.with_suffix(".log").open("w") as log:
-        subprocess.run([sys.executable, "-c", EXPORT, str(directory), attention], stdout=log,
+        subprocess.run([sys.executable, "-c", EXPORT, str(directory), attention, family], stdout=log,
                        stderr=subprocess.STDOUT)
     return time.perf_counter() - start
 
@@ -193,13 +195,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="JSON record to write")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--family", choices=("sd", "sdxl"), default="sd", help="random weights of SD 2.1-base or "
+                        "SDXL-base shapes (ignored with --model)")
+    parser.add_argument("--size", type=int, help="image side (default: 512, SDXL 1024)")
     parser.add_argument("--model", help="hub id or diffusers directory (default: random SD 2.1-base weights)")
     parser.add_argument("--onnx", type=Path, help="exported fp16 directory (default: export one to --export-to)")
-    parser.add_argument("--export-to", type=Path, default=Path("/tmp/pnp-trt-bench-sd21-fp16"))
+    parser.add_argument("--export-to", type=Path, help="default: /tmp/pnp-trt-bench-FAMILY-fp16")
     parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {', '.join(PATHS)}")
     parser.add_argument("--images", type=Path, help="save each path's 1-prompt image here")
     args = parser.parse_args()
+    args.size = args.size or (1024 if args.family == "sdxl" else 512)
+    args.export_to = args.export_to or Path(f"/tmp/pnp-trt-bench-{args.family}-fp16")
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu.py needs a CUDA GPU")
     paths = args.paths.split(",")
@@ -207,16 +213,17 @@ def main() -> None:
     if args.onnx is None and any(p.startswith("onnxruntime") for p in paths):
         if args.model:
             raise SystemExit("with --model, export it first (`pnp-trt export --precision fp16`) and pass --onnx")
-        export_s = export(args.export_to)
+        export_s = export(args.export_to, args.family)
     onnx_dir = args.onnx or args.export_to
     attention_dir = onnx_dir.with_name(onnx_dir.name + "-attention-onnx")
     if any(p.endswith("attention-onnx") for p in paths) and not attention_dir.exists():
-        export(attention_dir, "onnx")
+        export(attention_dir, args.family, "onnx")
     if args.images:
         args.images.mkdir(parents=True, exist_ok=True)
-    bench = Bench(args.steps, args.size)
+    bench = Bench(args.steps, args.size, args.family)
     record: dict[str, Any] = {**environment(), "settings": {
-        "model": args.model or "random SD 2.1-base weights", "precision": "fp16", "size": args.size,
+        "model": args.model or f"random {'SDXL' if args.family == 'sdxl' else 'SD 2.1'}-base weights",
+        "precision": "fp16", "size": args.size,
         "steps": args.steps, "guidance": "real image", "eight_prompts_batch": 8,
         "export_s": export_s}, "paths": {}}
     print(json.dumps({k: v for k, v in record.items() if k != "paths"}, indent=1), flush=True)
@@ -225,7 +232,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=2) + "\n")
 
-    models = TorchModels(args.model)
+    models = TorchModels(args.model, args.family)
     fp32 = run_path("torch-fp32-eager", lambda: models.open(torch.float32, False), bench.reference, record,
                     args.images)
     models.drop(torch.float32)

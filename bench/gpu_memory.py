@@ -15,7 +15,7 @@ import torch
 from pnp_trt.contract import axis_sizes, graph_specs, injected_name
 from pnp_trt.engines.buffers import ACTIVATION_PER_FEATURE_BYTE, feature_bytes
 from pnp_trt.export.trace_feeds import random_feeds
-from pnp_trt.random_models import random_sd21_model
+from pnp_trt.random_models import random_model
 from pnp_trt.runtime.torch_backend import open_torch
 
 
@@ -23,7 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512)
     args = parser.parse_args()
-    model = open_torch(random_sd21_model(0, torch.device("cuda"), torch.float16))
+    model = open_torch(random_model("sd", 0, torch.device("cuda"), torch.float16))
     spec = graph_specs(model.dims)["unet"]
     peaks = {}
     for batch in (2, 4, 8, 16):

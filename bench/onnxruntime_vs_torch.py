@@ -106,9 +106,9 @@ def startup(backend: str, model: str, engines: str, image: Path) -> float:
 def export_in_child(source: str, out: Path, attention: str = "standard") -> None:
     code = ("import sys; from pathlib import Path; from pnp_trt.models import quiet_loading; quiet_loading()\n"
             "from pnp_trt.export.exporter import export_loaded, export_model\n"
-            "from pnp_trt.random_models import random_sd21_model\n"
+            "from pnp_trt.random_models import random_model\n"
             "src, out, attention = sys.argv[1], Path(sys.argv[2]), sys.argv[3]\n"
-            "if src == 'random-sd21': export_loaded(random_sd21_model(0), out, attention=attention)\n"
+            "if src == 'random-sd21': export_loaded(random_model('sd', 0), out, attention=attention)\n"
             "else: export_model(src, out, attention=attention)\n")
     subprocess.run([sys.executable, "-c", code, source, str(out), attention], check=True, capture_output=True)
 

@@ -1,9 +1,11 @@
 """Per-stage time and UNet evaluations of one edit on the torch backend (CPU unless CUDA is present).
 
-Models: the tiny model (written to a temp dir, loaded like a user's), and the full SD 2.1-base shapes with
-random weights (speed depends on shapes, not weight values). Prints its settings and the figures.
+Models: the tiny SD and SDXL models (written to a temp dir, loaded like a user's), and the full SD 2.1-base and
+SDXL-base shapes with random weights (speed depends on shapes, not weight values; SDXL-base needs ~14 GB of
+memory in fp32). Prints its settings and the figures.
 
     python bench/stages.py [--sd21-size 256] [--sd21-steps 4] [--tiny-steps 20] [--skip-sd21]
+        [--sdxl-size 256] [--sdxl-steps 2] [--skip-sdxl]
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from common import guide_image
 
 from pnp_trt.config import TranslateConfig
 from pnp_trt.models import quiet_loading
-from pnp_trt.random_models import make_tiny_model, random_sd21_model
+from pnp_trt.random_models import make_tiny_model, random_model
 from pnp_trt.runtime.torch_backend import open_torch
 from pnp_trt.runtime.translation import translate
 
@@ -49,6 +51,9 @@ def main() -> None:
     parser.add_argument("--sd21-steps", type=int, default=4)
     parser.add_argument("--sd21-size", type=int, default=256)
     parser.add_argument("--skip-sd21", action="store_true")
+    parser.add_argument("--sdxl-steps", type=int, default=2)
+    parser.add_argument("--sdxl-size", type=int, default=256)
+    parser.add_argument("--skip-sdxl", action="store_true")
     args = parser.parse_args()
     quiet_loading()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,11 +64,15 @@ def main() -> None:
           f"evaluations per edit; ours at 50 steps: 50 + 40 + 2x50 = 190 in 101 sequential UNet calls "
           f"(the 40 captures ride along the inversion's calls)")
     with tempfile.TemporaryDirectory() as tmp:
-        tiny = open_torch(str(make_tiny_model(Path(tmp) / "tiny")), device, dtype)
-        report("tiny model", tiny, args.tiny_size, args.tiny_steps)
+        for family in ("sd", "sdxl"):
+            tiny = open_torch(str(make_tiny_model(Path(tmp) / family, family=family)), device, dtype)
+            report(f"tiny {family} model", tiny, args.tiny_size, args.tiny_steps)
     if not args.skip_sd21:
-        report("SD 2.1-base shape, random weights", open_torch(random_sd21_model(0, device, dtype)),
+        report("SD 2.1-base shape, random weights", open_torch(random_model("sd", 0, device, dtype)),
                args.sd21_size, args.sd21_steps)
+    if not args.skip_sdxl:
+        report("SDXL-base shape, random weights", open_torch(random_model("sdxl", 0, device, dtype)),
+               args.sdxl_size, args.sdxl_steps)
 
 
 if __name__ == "__main__":

@@ -382,25 +382,32 @@ def build(
     opt_batch: int = typer.Option(1, help="Prompt batch (prompts per injection batch) to optimize for; every "
                                           "engine also takes batch 1.", parser=whole_number),
     max_batch: int = typer.Option(4, help="Largest prompt batch (the UNet engine takes 2x this).", parser=whole_number),
-    min_size: str = typer.Option("256x256", help="Smallest image HEIGHTxWIDTH."),
-    opt_size: str = typer.Option("512x512", help="Image size to optimize for."),
-    max_size: str = typer.Option("768x768", help="Largest image HEIGHTxWIDTH."),
+    min_size: str | None = typer.Option(None, help="Smallest image HEIGHTxWIDTH (default: half the model's native "
+                                        "side: 256x256 for SD 2.1-base, 512x512 for SDXL)."),
+    opt_size: str | None = typer.Option(None, help="Image size to optimize for (default: the model's native "
+                                        "square: 512x512, SDXL 1024x1024)."),
+    max_size: str | None = typer.Option(None, help="Largest image HEIGHTxWIDTH (default: 1.5x the native side: "
+                                        "768x768, SDXL 1536x1536)."),
     static: str | None = typer.Option(None, help="HEIGHTxWIDTH: one fixed size and --opt-batch (fastest)."),
     timing_cache: Path | None = typer.Option(None, help="Timing cache file, read and updated (faster rebuilds).",
                                                    parser=path_text),
     optimization_level: int = typer.Option(3, help="TensorRT builder optimization level 0-5.", parser=whole_number),
 ) -> None:
     """Compile the exported graphs to TensorRT engines (needs a CUDA GPU and TensorRT 10.x/11.x)."""
+    from .contract import ModelDims
     from .engines.availability import require_tensorrt
     from .engines.profiles import BuildShapes, parse_size
     from .manifest import GRAPHS, read_manifest_for_tensorrt
 
+    manifest = read_manifest_for_tensorrt(directory)
     if static:
         shapes = BuildShapes.static(parse_size(static), opt_batch)
     else:
-        shapes = BuildShapes(opt_batch, max_batch, parse_size(min_size), parse_size(opt_size),
-                             parse_size(max_size))
-    read_manifest_for_tensorrt(directory)
+        dims = ModelDims.from_dict(manifest["dims"])
+        default = BuildShapes.around(dims.native_size, dims.size_multiple, opt_batch, max_batch)
+        shapes = BuildShapes(opt_batch, max_batch, *(parse_size(given) if given else fallback for given, fallback
+                                                     in ((min_size, default.min_size), (opt_size, default.opt_size),
+                                                         (max_size, default.max_size))))
     require_tensorrt("pnp-trt build")
     from .engines.build import build_all
 

@@ -1,6 +1,6 @@
-"""Random-weight models with the real SD 2.1 topology: the tiny one (tiny widths, saved in diffusers format)
-for the tests and the offline demo — it loads through exactly the code path a real model takes — and the
-full-size SD 2.1-base shape (`random_sd21_model`) for benchmarks: speed depends on shapes, not weights.
+"""Random-weight models with the real SD 2.1 or SDXL topology: the tiny ones (tiny widths, saved in diffusers
+format) for the tests and the offline demo — they load through exactly the code path a real model takes — and the
+full-size SD 2.1-base and SDXL-base shapes (`random_model`) for benchmarks: speed depends on shapes, not weights.
 """
 
 from __future__ import annotations
@@ -210,25 +210,37 @@ def model_index(kind: Family = SD) -> dict[str, Any]:
             "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
 
 
-def random_sd21_model(seed: int = 0, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Any:
-    """An in-memory `TorchModel` with the full SD 2.1-base shapes and random weights (for benchmarks)."""
+def random_model(family: str = SD.name, seed: int = 0, device: torch.device | None = None,
+                 dtype: torch.dtype = torch.float32) -> Any:
+    """An in-memory `TorchModel` with the full SD 2.1-base or SDXL-base shapes and random weights (for benchmarks:
+    speed depends on shapes, not weights)."""
     from diffusers import UNet2DConditionModel
 
     from .contract import ModelDims
+    from .families import vae_fp32
     from .models import TorchModel
     from .tokenizer import PromptTokenizer
 
+    kind = FAMILIES[family]
     torch.manual_seed(seed)
     device = device or torch.device("cpu")
+    tokenizers, encoders = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        hf_tokenizer = write_clip_tokenizer(Path(tmp) / "tokenizer")
-    tokenizer = PromptTokenizer(hf_tokenizer.backend_tokenizer, 77, 0, "!")
-    unet: Any = UNet2DConditionModel(**sd21_unet_config())
-    autoencoder = vae(full=True)
-    encoder = text_encoder(len(hf_tokenizer), hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id,
-                           1024, 23, 16, 4096)
-    for module in (unet, autoencoder, encoder):
+        for i, (width, layers, heads, intermediate) in enumerate(TEXT_TOWERS[family, True]):
+            pad = "<|endoftext|>" if kind is SDXL and i == 0 else "!"
+            hf_tokenizer = write_clip_tokenizer(Path(tmp) / f"tokenizer{i}", pad_token=pad)
+            tokenizers.append(PromptTokenizer(hf_tokenizer.backend_tokenizer, 77, int(hf_tokenizer.pad_token_id), pad))
+            encoders.append(text_encoder(len(hf_tokenizer), hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, width,
+                                         layers, heads, intermediate, projected=kind.pooled and i == 1))
+    unet: Any = UNet2DConditionModel(**(sdxl_unet_config(True) if kind is SDXL else sd21_unet_config()))
+    autoencoder = vae(full=True, sdxl=kind is SDXL)
+    for module in (unet, autoencoder, *encoders):
         module.to(device, dtype).eval().requires_grad_(False)
-    dims = ModelDims.from_configs(unet.config, autoencoder.config, 77, 1024)
-    return TorchModel("random-sd21-base-shape", unet, autoencoder, encoder, tokenizer, dict(SD21_SCHEDULER), dims,
-                      device, dtype)
+    if vae_fp32(kind, autoencoder.config):
+        autoencoder.to(torch.float32)
+    pooled = int(encoders[-1].config.projection_dim) if kind.pooled else 0
+    dims = ModelDims.from_configs(unet.config, autoencoder.config, 77, sum(e.config.hidden_size for e in encoders),
+                                  kind, None, pooled)
+    scheduler = SDXL_SCHEDULER if kind is SDXL else SD21_SCHEDULER
+    return TorchModel(f"random-{family}-base-shape", unet, autoencoder, encoders[0], tokenizers[0], dict(scheduler),
+                      dims, device, dtype, *encoders[1:], *tokenizers[1:])

@@ -209,3 +209,31 @@ def test_injection_presets(tiny_sdxl_dir: Path, exported_sdxl: Path) -> None:
         open_model("onnxruntime", None, exported_sdxl, injection_preset="pnp-first-attention")
     with pytest.raises(PnPError, match="'pnp-second' is not one of Stable Diffusion XL's: pnp "):
         open_torch(str(tiny_sdxl_dir), torch.device("cpu"), torch.float32, injection_preset="pnp-second")
+
+
+def test_tensorrt_profiles_follow_the_family(sdxl32) -> None:
+    """`pnp-trt build` defaults around the native side (SDXL-base 1024²: 512² to 1536², multiples of 32), and the
+    profiles cover SDXL's extra inputs (pure Python: the TensorRT build itself needs a GPU)."""
+    from pnp_trt.contract import ModelDims, graph_specs
+    from pnp_trt.engines.profiles import BuildShapes, profile_shapes
+
+    base = ModelDims.from_dict({**sdxl32.dims.to_dict(), "native_size": 1024})
+    shapes = BuildShapes.around(base.native_size, base.size_multiple).check(base.size_multiple)
+    assert (shapes.min_size, shapes.opt_size, shapes.max_size) == ((512, 512), (1024, 1024), (1536, 1536))
+    specs = graph_specs(base)
+    assert set(profile_shapes(specs["text_encoder"], base, shapes)[0]) == {"input_ids", "input_ids_2"}
+    injection = profile_shapes(specs["unet"], base, shapes)[1]
+    assert injection["time_ids"] == ((2, 6), (2, 6), (8, 6)) and injection["text_embeds"][2] == (8, 48)
+    assert injection["injected_q_up0_attn1_block0"] == ((1, 16 * 16, 64), (1, 32 * 32, 64), (1, 48 * 48, 64))
+    assert BuildShapes.around(512, 64).max_size == (768, 768)  # SD 2.1-base: as before
+    with pytest.raises(PnPError, match="not a multiple of 32"):
+        BuildShapes(1, 4, (512, 512), (1000, 1000), (1536, 1536)).check(base.size_multiple)
+
+
+def test_the_source_cache_key_knows_where_a_source_was_captured() -> None:
+    from pnp_trt.runtime.cache import source_key
+
+    config = TranslateConfig(steps=4)
+    keys = {source_key("m", config, (64, 64), None, "a castle", injection)
+            for injection in ("sd/pnp", "sdxl/pnp", "sdxl/pnp-first-attention")}
+    assert len(keys) == 3

@@ -46,6 +46,14 @@ class BuildShapes:
         return self
 
     @classmethod
+    def around(cls, native: int, multiple: int, opt_batch: int = 1, max_batch: int = 4) -> BuildShapes:
+        """A model family's default range: optimized for its native square (SD 2.1-base 512², SDXL 1024²), from
+        half that to one and a half times it (256²-768² and 512²-1536²), in multiples of `multiple`."""
+        def side(scale: float) -> int:
+            return max(multiple, round(native * scale / multiple) * multiple)
+        return cls(opt_batch, max_batch, (side(0.5),) * 2, (side(1.0),) * 2, (side(1.5),) * 2)
+
+    @classmethod
     def static(cls, size: tuple[int, int], batch: int = 1) -> BuildShapes:
         """One size and prompt batch: each profile static in size, its batch range as tight as the sampler's
         calls allow (the UNet: 1, and 2 to 2·batch)."""

@@ -35,15 +35,16 @@ DISK_FORMAT = "pnp-trt-source-1"
 
 
 def source_key(identity: str, config: TranslateConfig, size: tuple[int, int], image: np.ndarray | None,
-               source_prompt: str | None) -> str:
-    """sha256 of what the source branch depends on: guidance content, model, size, schedule, τ_f/τ_A."""
+               source_prompt: str | None, injection: str = "sd/pnp") -> str:
+    """sha256 of what the source branch depends on: guidance content, model, where it injects (family/preset),
+    size, schedule, τ_f/τ_A."""
     guidance: dict[str, Any]
     if image is not None:
         guidance = {"image_sha256": hashlib.sha256(np.ascontiguousarray(image, np.float32).tobytes()).hexdigest()}
     else:
         guidance = {"source_prompt": source_prompt, "seed": config.seed,
                     "source_guidance_scale": config.source_guidance_scale}
-    fields = {"model": identity, "size": list(size), "steps": config.steps,
+    fields = {"model": identity, "injection": injection, "size": list(size), "steps": config.steps,
               "inversion_steps": config.effective_inversion_steps, "inversion_prompt": config.inversion_prompt,
               "feature_injection": config.feature_injection, "attention_injection": config.attention_injection,
               **guidance}

@@ -213,7 +213,8 @@ def translate(model: LoadedModel, prompts: Sequence[str] | str, config: Translat
         if cache is None:
             source, hit = build(), False
         else:
-            key = source_key(model.identity, config, size, pixels, source_prompt)
+            key = source_key(model.identity, config, size, pixels, source_prompt,
+                             f"{model.dims.family}/{model.dims.preset}")
             source, hit = cache.get_or_build(key, model.backend, build, source_fits(model, config, size))
         per_batch = prompt_batch(model, source, config.prompt_batch_size)
         decoded, latents = sample_targets(sampler, source, prompts, config, per_batch)
