@@ -237,3 +237,34 @@ def test_the_source_cache_key_knows_where_a_source_was_captured() -> None:
     keys = {source_key("m", config, (64, 64), None, "a castle", injection)
             for injection in ("sd/pnp", "sdxl/pnp", "sdxl/pnp-first-attention")}
     assert len(keys) == 3
+
+
+def test_pnp_trt_serve_serves_an_sdxl_export_unchanged(exported_sdxl: Path) -> None:
+    """The real server process on the SDXL export: a 64×96 request (a multiple of 32, not of 64) answers with the
+    image ONNX Runtime computes in process."""
+    import base64
+    import io
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+    from test_serve import _free_port, _wait_healthy
+
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "pnp_trt.cli", "serve", "--engines", str(exported_sdxl),
+                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, process, 60)
+        data = {"source_prompt": "a castle", "prompt": "a watercolor castle", "steps": "2", "height": "64",
+                "width": "96"}
+        response = httpx.post(f"{url}/v1/translate", data=data, timeout=120)
+        assert response.status_code == 200, response.text[:300]
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    local = translate(open_onnxruntime(exported_sdxl), ["a watercolor castle"], TranslateConfig(steps=2, height=64,
+                      width=96), source_prompt="a castle").images[0]
+    np.testing.assert_array_equal(served, np.asarray(local))
