@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import random_image, rel_err
+from conftest import psnr, random_image, rel_err
 from PIL import Image
 from reference_sdxl import PaperPnPXL
 from typer.testing import CliRunner
@@ -168,7 +168,10 @@ def test_onnxruntime_matches_torch_on_sdxl(exported_sdxl: Path, sdxl32, tmp_path
     ort = translate(open_onnxruntime(exported_sdxl), ["a painting of a dog"], config, image=image,
                     source_prompt=source)
     ours = translate(sdxl32, ["a painting of a dog"], config, image=image, source_prompt=source)
-    assert rel_err(ort.latents, ours.latents) <= 1e-4
+    # generated: 1.3e-6 measured. A real image's DDIM inversion amplifies float32 kernel differences: 6.1e-5 here
+    # (AVX-512), 7.9e-5 under torch's AVX2 kernels, 3.7e-5 under DEFAULT; bound with 3x room, as the golden's
+    assert rel_err(ort.latents, ours.latents) <= (1e-4 if image is None else 2.5e-4)
+    assert psnr(np.asarray(ort.images[0]), np.asarray(ours.images[0])) >= 45
 
 
 def test_an_sdxl_fp16_export_validates_and_keeps_its_vae_in_fp32(tiny_sdxl_dir: Path, tmp_path: Path) -> None:
