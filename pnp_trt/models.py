@@ -168,12 +168,17 @@ def load_diffusers(model: str = DEFAULT_MODEL, device: torch.device | None = Non
 
 
 def _model_index(model: str) -> dict[str, Any]:
-    """A local model's model_index.json (a hub id's is not fetched: its UNet config tells the family)."""
+    """A model's model_index.json (a hub id's through diffusers, as its parts are): it tells a refiner; {} where
+    there is none to read."""
     try:
-        index = json.loads((Path(model) / "model_index.json").read_text())
-    except (OSError, ValueError, RecursionError):
+        if Path(model).exists():
+            index = json.loads((Path(model) / "model_index.json").read_text())
+        else:
+            from diffusers import DiffusionPipeline
+            index = DiffusionPipeline.load_config(model)
+    except Exception:  # absent or unreadable: the family is then told by the UNet alone
         return {}
-    return index if isinstance(index, dict) else {}
+    return dict(index) if isinstance(index, dict) else {}
 
 
 def _text_encoder(model: str, part: str, pooled: bool, **weights: Any) -> Any:
