@@ -161,7 +161,7 @@ def load_diffusers(model: str = DEFAULT_MODEL, device: torch.device | None = Non
     _check_fit(model, unet, dims)
     for module in [unet, vae, *encoders]:
         module.to(device).eval().requires_grad_(False)
-    if vae_fp32(family, vae.config):  # SDXL's VAE overflows in fp16 (`force_upcast`)
+    if dtype == torch.float16 and vae_fp32(family, vae.config):  # SDXL's VAE overflows in fp16 (`force_upcast`)
         vae.to(torch.float32)
     return TorchModel(model, unet, vae, encoders[0], tokenizers[0], scheduler_config, dims, device, dtype,
                       *encoders[1:], *tokenizers[1:])

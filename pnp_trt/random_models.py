@@ -236,7 +236,7 @@ def random_model(family: str = SD.name, seed: int = 0, device: torch.device | No
     autoencoder = vae(full=True, sdxl=kind is SDXL)
     for module in (unet, autoencoder, *encoders):
         module.to(device, dtype).eval().requires_grad_(False)
-    if vae_fp32(kind, autoencoder.config):
+    if dtype == torch.float16 and vae_fp32(kind, autoencoder.config):
         autoencoder.to(torch.float32)
     pooled = int(encoders[-1].config.projection_dim) if kind.pooled else 0
     dims = ModelDims.from_configs(unet.config, autoencoder.config, 77, sum(e.config.hidden_size for e in encoders),

@@ -24,18 +24,27 @@ class PaperPnP:
         load = dict(use_safetensors=True, torch_dtype=dtype)
         self.unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **load).eval()
         self.vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", **load).eval()
-        self.text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", **load).eval()
-        self.tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+        self.load_text(model_dir, load)
         self.scheduler = DDIMScheduler.from_pretrained(model_dir, subfolder="scheduler")
         if alphas_cumprod is not None:
             self.scheduler.alphas_cumprod = alphas_cumprod.to(torch.float32)
             if not self.scheduler.config.set_alpha_to_one:
                 self.scheduler.final_alpha_cumprod = self.scheduler.alphas_cumprod[0]
         self.inject = {"feature": False, "attention": False}
-        modules = dict(self.unet.named_modules())
-        modules[RESBLOCK].register_forward_hook(self._copy_source("feature"))
-        for name in ATTENTION:
-            modules[name].register_forward_hook(self._copy_source("attention"))
+        self.hooked = 0
+        for name, module in self.unet.named_modules():
+            kind = self.injected(name)
+            if kind is not None:
+                module.register_forward_hook(self._copy_source(kind))
+                self.hooked += 1
+
+    def load_text(self, model_dir: str, load: dict) -> None:
+        self.text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", **load).eval()
+        self.tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+
+    def injected(self, module: str) -> str | None:
+        """Which injection a module's output takes part in (DESIGN §1's layers), if any."""
+        return "feature" if module == RESBLOCK else "attention" if module in ATTENTION else None
 
     def _copy_source(self, kind: str):
         def hook(module, args, output):
@@ -52,6 +61,10 @@ class PaperPnP:
         ids = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         return self.text_encoder(ids)[0]
+
+    def run(self, x: torch.Tensor, t: int, prompts: list[str]) -> torch.Tensor:
+        """One UNet call, sample i conditioned on prompts[i]."""
+        return self.unet(x, t, encoder_hidden_states=torch.cat([self.embed(p) for p in prompts])).sample
 
     def alphas(self) -> torch.Tensor:
         return self.scheduler.alphas_cumprod.to(torch.float64)
@@ -70,11 +83,11 @@ class PaperPnP:
         x = torch.from_numpy(image).to(self.dtype) * 2 - 1
         z = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
         self.scheduler.set_timesteps(steps)
-        emb, a, latents = self.embed(""), self.alphas(), {}
+        a, latents = self.alphas(), {}
         timesteps = [int(t) for t in reversed(self.scheduler.timesteps)]
         for i, t in enumerate(timesteps):
             a_prev = a[timesteps[i - 1]] if i > 0 else self.scheduler.final_alpha_cumprod.to(torch.float64)
-            eps = self.unet(z, t, encoder_hidden_states=emb).sample
+            eps = self.run(z, t, [""])
             x0 = (z - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
             z = (a[t].sqrt() * x0 + (1 - a[t]).sqrt() * eps).to(self.dtype)
             latents[t] = z
@@ -84,20 +97,19 @@ class PaperPnP:
     def reconstruct(self, latents: dict[int, torch.Tensor], steps: int) -> torch.Tensor:
         """The paper's preprocessing also DDIM-samples the inverted latent back with the empty prompt."""
         self.scheduler.set_timesteps(steps)
-        emb, timesteps = self.embed(""), self.scheduler.timesteps.tolist()
+        timesteps = self.scheduler.timesteps.tolist()
         x = latents[timesteps[0]]
         for t in timesteps:
-            x = self.step(self.unet(x, t, encoder_hidden_states=emb).sample, t, x)
+            x = self.step(self.run(x, t, [""]), t, x)
         return x
 
     @torch.no_grad()
     def generate(self, noise: np.ndarray, prompt: str, scale: float, steps: int) -> dict[int, torch.Tensor]:
         self.scheduler.set_timesteps(steps)
-        emb = torch.cat([self.embed(""), self.embed(prompt)])
         x, latents = torch.from_numpy(noise).to(self.dtype), {}
         for t in self.scheduler.timesteps.tolist():
             latents[t] = x
-            u, c = self.unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample.chunk(2)
+            u, c = self.run(torch.cat([x, x]), t, ["", prompt]).chunk(2)
             x = self.step(u + scale * (c - u), t, x)
         return latents
 
@@ -106,12 +118,11 @@ class PaperPnP:
                   tau_f: float, tau_a: float) -> torch.Tensor:
         self.scheduler.set_timesteps(steps)
         timesteps = self.scheduler.timesteps.tolist()
-        emb = torch.cat([self.embed(""), self.embed(negative), self.embed(prompt)])
         x = latents[timesteps[0]]
         for i, t in enumerate(timesteps):
             self.inject["feature"] = i < int(steps * tau_f)
             self.inject["attention"] = i < int(steps * tau_a)
-            _, u, c = self.unet(torch.cat([latents[t], x, x]), t, encoder_hidden_states=emb).sample.chunk(3)
+            _, u, c = self.run(torch.cat([latents[t], x, x]), t, ["", negative, prompt]).chunk(3)
             x = self.step(u + scale * (c - u), t, x)
         self.inject = {"feature": False, "attention": False}
         return x

@@ -98,7 +98,7 @@ def test_split_equals_batch_of_three_sdxl_generated_and_injection_matters(sdxl64
     config = _config(1.0)
     ours = translate(sdxl64, ["a painting of a dog"], config, source_prompt="a photo of a castle").latents
     noise = start_noise(sdxl64, SIZE, config.seed).astype(np.float64)
-    source = paper_xl.generate(noise, "a photo of a castle", config.source_guidance_scale, STEPS, SIZE)
+    source = paper_xl.generate(noise, "a photo of a castle", config.source_guidance_scale, STEPS)
     paper = paper_xl.translate(source, "a painting of a dog", "blurry", config.guidance_scale, STEPS, 1.0, 1.0)
     assert rel_err(ours, paper.numpy()) <= 1e-9
     off = translate(sdxl64, ["a painting of a dog"], _config(0.0), source_prompt="a photo of a castle").latents
@@ -151,6 +151,11 @@ def exported_sdxl(tiny_sdxl_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     return out
 
 
+@pytest.fixture(scope="module")
+def sdxl_ort(exported_sdxl: Path):
+    return open_onnxruntime(exported_sdxl)
+
+
 def test_the_sdxl_export_records_its_family_and_both_tokenizers(exported_sdxl: Path) -> None:
     manifest = json.loads((exported_sdxl / "manifest.json").read_text())
     assert manifest["format_version"] == 4 and manifest["dims"]["family"] == "sdxl"
@@ -161,11 +166,11 @@ def test_the_sdxl_export_records_its_family_and_both_tokenizers(exported_sdxl: P
 
 
 @pytest.mark.parametrize("guidance", ["image", "generated"])
-def test_onnxruntime_matches_torch_on_sdxl(exported_sdxl: Path, sdxl32, tmp_path: Path, guidance: str) -> None:
+def test_onnxruntime_matches_torch_on_sdxl(sdxl_ort, sdxl32, tmp_path: Path, guidance: str) -> None:
     image = load_guidance(random_image(tmp_path / "g.png", SIZE[1], SIZE[0])) if guidance == "image" else None
     source = None if image is not None else "a photo of a castle"
     config = _config(0.5)
-    ort = translate(open_onnxruntime(exported_sdxl), ["a painting of a dog"], config, image=image,
+    ort = translate(sdxl_ort, ["a painting of a dog"], config, image=image,
                     source_prompt=source)
     ours = translate(sdxl32, ["a painting of a dog"], config, image=image, source_prompt=source)
     # generated: 1.3e-6 measured. A real image's DDIM inversion amplifies float32 kernel differences: 6.1e-5 here
@@ -242,32 +247,21 @@ def test_the_source_cache_key_knows_where_a_source_was_captured() -> None:
     assert len(keys) == 3
 
 
-def test_pnp_trt_serve_serves_an_sdxl_export_unchanged(exported_sdxl: Path) -> None:
+def test_pnp_trt_serve_serves_an_sdxl_export_unchanged(exported_sdxl: Path, sdxl_ort) -> None:
     """The real server process on the SDXL export: a 64×96 request (a multiple of 32, not of 64) answers with the
     image ONNX Runtime computes in process."""
     import base64
     import io
-    import signal
-    import subprocess
-    import sys
 
     import httpx
-    from test_serve import _free_port, _wait_healthy
+    from test_serve import serving
 
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "pnp_trt.cli", "serve", "--engines", str(exported_sdxl),
-                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, process, 60)
+    with serving(exported_sdxl) as url:
         data = {"source_prompt": "a castle", "prompt": "a watercolor castle", "steps": "2", "height": "64",
                 "width": "96"}
         response = httpx.post(f"{url}/v1/translate", data=data, timeout=120)
-        assert response.status_code == 200, response.text[:300]
-        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))))
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
-    local = translate(open_onnxruntime(exported_sdxl), ["a watercolor castle"], TranslateConfig(steps=2, height=64,
+    assert response.status_code == 200, response.text[:300]
+    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))))
+    local = translate(sdxl_ort, ["a watercolor castle"], TranslateConfig(steps=2, height=64,
                       width=96), source_prompt="a castle").images[0]
     np.testing.assert_array_equal(served, np.asarray(local))

@@ -210,11 +210,11 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def served(exported: Path) -> Iterator[str]:
-    """`pnp-trt serve` as a real process on a loopback port; stopped with SIGTERM."""
+@contextlib.contextmanager
+def serving(engines: Path) -> Iterator[str]:
+    """`pnp-trt serve --engines` as a real process on a loopback port, its URL; stopped with SIGTERM."""
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "pnp_trt.cli", "serve", "--engines", str(exported),
+    process = subprocess.Popen([sys.executable, "-m", "pnp_trt.cli", "serve", "--engines", str(engines),
                                 "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -223,6 +223,12 @@ def served(exported: Path) -> Iterator[str]:
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(exported: Path) -> Iterator[str]:
+    with serving(exported) as url:
+        yield url
 
 
 def test_a_real_server_process(served: str, guide_png: bytes) -> None:
