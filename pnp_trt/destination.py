@@ -52,17 +52,22 @@ def sealed(record: dict[str, Any], content: bytes = b"") -> dict[str, Any]:
 
 
 def record_json(record: dict[str, Any]) -> str:
-    """How a results set's record is written: a record re-indented or re-ordered since is not as pnp-trt wrote
-    it, and so not its own."""
-    return json.dumps(record, indent=2)
+    """How a results set's record is written (keys sorted: the bytes follow from the content alone): a record
+    re-indented or re-ordered since is not as pnp-trt wrote it, and so not its own."""
+    return json.dumps(record, indent=2, sort_keys=True)
 
 
 def sealed_png(png: bytes, record: dict[str, Any]) -> bytes:
     """A PNG file (without pnp-trt's chunk) with its record added as a tEXt chunk after IHDR, sealed over the
     rest of the file."""
     found = chunks(png)
-    text = json.dumps(sealed(record, png))  # ASCII JSON: a tEXt chunk holds Latin-1
-    return SIGNATURE + found[0][1] + text_chunk(RECORD_CHUNK, text) + b"".join(c for _, c in found[1:])
+    return SIGNATURE + found[0][1] + record_chunk(sealed(record, png)) + b"".join(c for _, c in found[1:])
+
+
+def record_chunk(record: dict[str, Any]) -> bytes:
+    """The tEXt chunk a single PNG's (sealed) record is written as: a chunk whose bytes differ (the JSON's
+    spacing or key order, its checksum) is not as pnp-trt wrote it."""
+    return text_chunk(RECORD_CHUNK, json.dumps(record, sort_keys=True))  # ASCII JSON: tEXt holds Latin-1
 
 
 def png_record(data: bytes) -> dict[str, Any] | None:
@@ -79,7 +84,9 @@ def png_record(data: bytes) -> dict[str, Any] | None:
         record = json.loads(ours_[0][8 + len(prefix):-4].decode("latin-1"))
     except ValueError:
         return None
-    return record if isinstance(record, dict) and record.get("seal") == seal(record, rest) else None
+    if not isinstance(record, dict) or record_chunk(record) != ours_[0]:
+        return None
+    return record if record.get("seal") == seal(record, rest) else None
 
 
 def file_digest(path: Path) -> str:
@@ -212,14 +219,15 @@ def previous_results(out: Path) -> list[str]:
     """The files a previous run recorded in `out` that are still as it wrote them (its PNGs, by their recorded
     SHA-256, and the record itself), if it left a record of pnp-trt's."""
     try:
-        text = (out / RECORD).read_text()
+        text = (out / RECORD).read_bytes().decode("utf-8")  # bytes as they are: CRLF is not pnp-trt's LF
         record = json.loads(text)
         digests = record["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return []
     if not ours(record) or not isinstance(digests, dict) or record.get("seal") != seal(record) \
-            or text != record_json(record):
-        return []  # not pnp-trt's, or edited since (a key added, a file listed by hand, even re-indented)
+            or text != record_json(record) or record.get("directory") != out.name:
+        return []  # not pnp-trt's, edited since (a key added, a file listed by hand, even re-indented), or a set
+        # copied or renamed from the directory it was written to (as a single PNG names its own file)
     unchanged = []
     for name in record["outputs"]:
         if not RESULT_NAME.fullmatch(name):

@@ -43,8 +43,8 @@ def save_directory(out: Path, prompts: Sequence[str], images: Sequence[Image.Ima
             image.save(staging / name, format="PNG")
         files = [*names, *extra]
         digests = {name: file_digest(staging / name) for name in files}  # an edited file is then not ours
-        (staging / RECORD).write_text(record_json(sealed({**record, "written_by": WRITER, "outputs": files,
-                                                          "files": digests})))
+        (staging / RECORD).write_bytes(record_json(sealed({**record, "written_by": WRITER, "outputs": files,
+                                                           "directory": out.name, "files": digests})).encode())
         staging.chmod(0o755)
         with committing(out):  # the previous set (at `staging` after an exchange) is removed inside too: a stop
             swap_in(staging, out)  # signal there cut the removal short and was told "nothing was written"

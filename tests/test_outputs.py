@@ -353,3 +353,43 @@ def test_a_result_whose_record_chunk_was_moved_is_not_ours(tmp_path: Path) -> No
     with pytest.raises(PnPError, match="exists and was not written by pnp-trt"):
         save_file(out, Image.new("RGB", (8, 8)), {})
     assert out.read_bytes() == before
+
+
+def test_a_record_is_ours_only_byte_for_byte_and_a_set_only_where_it_was_written(tmp_path: Path) -> None:
+    """Corpus round 9: a single PNG whose record chunk was re-spaced, re-ordered or had its checksum broken, a
+    results set whose translate.json became CRLF, and a set copied or renamed to another directory were each
+    replaced by a rerun. Each is now refused and left as it was."""
+    from pnp_trt.png_chunks import SIGNATURE, chunks, text_chunk
+
+    image = Image.new("RGB", (8, 8))
+    singles = []
+    for n, change in enumerate((lambda text: text.replace(", ", ",  ", 1),
+                                lambda text: json.dumps(dict(reversed(json.loads(text).items()))))):
+        out = tmp_path / f"r{n}.png"
+        save_file(out, image, {})
+        ihdr, record, *rest = chunks(out.read_bytes())
+        text = record[1][8 + len("pnp-trt\0"):-4].decode("latin-1")
+        out.write_bytes(SIGNATURE + ihdr[1] + text_chunk("pnp-trt", change(text)) + b"".join(c for _, c in rest))
+        singles.append(out)
+    broken = tmp_path / "crc.png"
+    save_file(broken, image, {})
+    data = bytearray(broken.read_bytes())
+    record_end = len(SIGNATURE) + len(chunks(bytes(data))[0][1]) + len(chunks(bytes(data))[1][1])
+    data[record_end - 1] ^= 0xFF  # the record chunk's CRC
+    broken.write_bytes(bytes(data))
+    for path in [*singles, broken]:
+        before = path.read_bytes()
+        with pytest.raises(PnPError, match="exists and was not written by pnp-trt"):
+            save_file(path, image, {})
+        assert path.read_bytes() == before
+    crlf, original = tmp_path / "crlf", tmp_path / "set"
+    for directory in (crlf, original):
+        save_directory(directory, ["a", "b"], [image, image], {})
+    (crlf / "translate.json").write_bytes((crlf / "translate.json").read_bytes().replace(b"\n", b"\r\n"))
+    shutil.copytree(original, tmp_path / "copied")
+    original.rename(tmp_path / "renamed")
+    for directory in (crlf, tmp_path / "copied", tmp_path / "renamed"):
+        before = _snapshot(directory)
+        with pytest.raises(PnPError, match="holds files pnp-trt did not write, or that changed since"):
+            save_directory(directory, ["c"], [image], {})
+        assert _snapshot(directory) == before
