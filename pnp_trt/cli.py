@@ -161,7 +161,18 @@ def check_positive(flags: dict[str, float]) -> None:
     """Sizes, counts and durations given as flags must be finite and above zero."""
     for name, value in flags.items():
         if not (math.isfinite(value) and value > 0):
-            raise PnPError(f"{name} must be a positive number, got {value}")
+            raise PnPError(f"{name} must be a finite positive number, got {value}")
+
+
+MIN_UPLOAD_MB = 0.1
+"""The smallest --max-upload-mb a server starts with: a 64×64 PNG of noise takes 12 KiB, and the limit bounds
+every form field (prompts too)."""
+
+
+def check_upload_limit(max_upload_mb: float) -> None:
+    if not max_upload_mb >= MIN_UPLOAD_MB:  # NaN too
+        raise PnPError(f"--max-upload-mb {max_upload_mb:g} would refuse nearly every request (a 64x64 PNG can take "
+                       f"12 KiB, and prompts are form fields too); give at least {MIN_UPLOAD_MB}")
 
 
 def check_pixel_limit(max_mpx: float, flag: str) -> None:
@@ -308,8 +319,9 @@ def translate(
     check_pixel_limit(max_output_mpx, "--max-output-mpx")
     validation.number("--cache-dir-gib", cache_dir_gib, 0, 2**30)  # the API's bound, in the flag's own unit
     limits = Limits(max_output_pixels=int(max_output_mpx * 1e6))
-    if cache_dir is not None and len(prompt) > 1 and Path(cache_dir).resolve().is_relative_to(Path(out).resolve()):
-        raise PnPError(f"--cache-dir {cache_dir} is inside --out {out}; keep the cache in a directory of its own")
+    if cache_dir is not None and Path(cache_dir).resolve().is_relative_to(Path(out).resolve()):
+        raise PnPError(f"--cache-dir {cache_dir} is --out {out} or inside it; keep the cache in a directory of its "
+                       "own")
     if cache_dir is not None and engines is not None and Path(cache_dir).resolve().is_relative_to(
             Path(engines).resolve()):
         raise PnPError(f"--cache-dir {cache_dir} is inside the exported directory {engines}; keep the cache in a "
@@ -546,6 +558,7 @@ def serve(
     set_threads(threads)
     validation.number("--coalesce-ms", coalesce_ms, 0, 60_000)
     check_pixel_limit(max_input_mpx, "--max-input-mpx")
+    check_upload_limit(max_upload_mb)
     check_pixel_limit(max_output_mpx, "--max-output-mpx")
     check_positive({"--max-upload-mb": max_upload_mb, "--max-input-mpx": max_input_mpx,
                     "--max-output-mpx": max_output_mpx, "--deadline-s": deadline_s, "--max-prompts": max_prompts,
@@ -618,6 +631,7 @@ def triton_repo(
         validation.integer(flag, value, 1, top)
     validation.number("--queue-delay-ms", queue_delay_ms, 0, 60_000)
     check_pixel_limit(max_input_mpx, "--max-input-mpx")
+    check_upload_limit(max_upload_mb)
     check_pixel_limit(max_output_mpx, "--max-output-mpx")
     check_positive({"--max-upload-mb": max_upload_mb, "--max-input-mpx": max_input_mpx,
                     "--max-output-mpx": max_output_mpx, "--max-prompts": max_prompts, "--max-steps": max_steps})

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import validation
-from .contract import PRECISIONS, ModelDims, graph_specs
+from .contract import PRECISIONS, TOLERANCE, ModelDims, graph_specs
 from .engines.availability import TENSORRT_ATTENTION, tensorrt_release
 from .errors import PnPError
 from .families import FAMILIES, SD
@@ -37,7 +37,7 @@ whose `dims` were edited (a VAE factor, a native size) disagrees with its own gr
 EXPORT_SETTINGS_KEY = "pnp_trt.settings"
 """The ONNX metadata key under which each graph carries the manifest's `STAMPED_SETTINGS` it was exported with
 (JSON): a manifest claiming another attention or precision than its graphs hold is refused, not run."""
-STAMPED_SETTINGS = ("precision", "attention")
+STAMPED_SETTINGS = ("precision", "attention", "opset")
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20
 """A manifest pnp-trt writes is a few KB; a larger file is not read (a sparse 6 GiB one ran out of memory)."""
@@ -67,7 +67,8 @@ def rebuild_hint(manifest: dict[str, Any] | None, directory: Path, attention: st
     """The export command that writes `directory` again from the manifest's model and settings (`attention`
     and `preset` instead of the manifest's, if given); values a tampered manifest holds that the exporter would
     refuse are left to their defaults."""
-    model = (manifest or {}).get("model_id", "MODEL")
+    model = (manifest or {}).get("model_id")
+    model = model if isinstance(model, str) and model else "MODEL"
     precision = (manifest or {}).get("precision")
     precision = precision if precision in PRECISIONS else "fp32"
     attention = attention or (manifest or {}).get("attention")
@@ -186,7 +187,9 @@ def schema_problem(manifest: dict[str, Any], directory: Path) -> str | None:
             tokenizer = manifest.get(name)
             if not isinstance(tokenizer, dict):
                 return f"`{name}` is missing or not a dict"
-            validation.integer(f"{name}.max_length", tokenizer.get("max_length"), dims.text_length, dims.text_length)
+            length = validation.integer(f"{name}.max_length", tokenizer.get("max_length"), 1, 1024)
+            if length != dims.text_length:
+                return f"`{name}.max_length` {length} differs from `dims.text_length` {dims.text_length}"
             validation.integer(f"{name}.pad_id", tokenizer.get("pad_id"), 0, 2**31 - 1)
             validation.text(f"{name}.pad_token", tokenizer.get("pad_token"))
     except PnPError as exc:
@@ -195,6 +198,8 @@ def schema_problem(manifest: dict[str, Any], directory: Path) -> str | None:
         return "`graphs` is not the I/O contract of these dims (edited, or from another export)"
     if not re.fullmatch(r"[0-9a-f]{32}", manifest["export_id"]):
         return f"`export_id` is {manifest['export_id'][:40]!r}, not 32 hex digits"
+    if not re.fullmatch(r"[0-9a-f]{64}", manifest["weights_sha256"]):
+        return f"`weights_sha256` is {manifest['weights_sha256'][:40]!r}, not 64 hex digits"
     if manifest["precision"] not in PRECISIONS:
         return f"`precision` is {manifest['precision']!r}"
     if manifest.get("attention", "standard") not in ATTENTION:
@@ -205,23 +210,27 @@ def schema_problem(manifest: dict[str, Any], directory: Path) -> str | None:
             return f"the entry of {name!r} needs `sha256` and `bytes`"
         if Path(name).is_absolute() or ".." in Path(name).parts:
             return f"file name {name!r} leads outside the directory"
-    problem = _record_problem(manifest)
+    problem = _record_problem(manifest, TOLERANCE[manifest["precision"]])
     if problem:
         return problem
-    missing = [f"{graph}.onnx" for graph in GRAPHS if f"{graph}.onnx" not in manifest["files"]]
+    needed = [*(f"{graph}.onnx" for graph in GRAPHS), "scheduler_config.json",
+              *(f"{name}.json" for name in dims.model_family.tokenizer_names)]
+    missing = [name for name in needed if name not in manifest["files"]]
     return f"no entry for {', '.join(missing)}" if missing else None
 
 
-def _record_problem(manifest: dict[str, Any]) -> str | None:
-    """What is wrong with the fields kept for people (`versions`, `validation_relative_error`), if anything."""
+def _record_problem(manifest: dict[str, Any], tolerance: float) -> str | None:
+    """What is wrong with the fields kept for people (`versions`, `validation_relative_error`: an error above the
+    precision's tolerance would have failed the export), if anything."""
     versions = manifest.get("versions", {})
     if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
         return "`versions` is not an object of version strings"
     errors = manifest.get("validation_relative_error", {})
     if not isinstance(errors, dict) or not all(
-            isinstance(graph, dict) and all(type(e) in (int, float) and math.isfinite(e) and e >= 0
+            isinstance(graph, dict) and all(type(e) in (int, float) and math.isfinite(e) and 0 <= e <= tolerance
                                             for e in graph.values()) for graph in errors.values()):
-        return "`validation_relative_error` is not an object of graphs' finite, non-negative errors"
+        return (f"`validation_relative_error` is not an object of graphs' finite errors within the tolerance "
+                f"({tolerance:.0e}) the export held them to")
     return None
 
 
@@ -241,7 +250,7 @@ def check_graph_identity(metadata: dict[str, str], manifest: dict[str, Any], pat
     for label, (key, said) in claimed.items():
         stamped, said = metadata.get(key), _normalized(key, said)
         graph = None if stamped is None else _normalized(key, json.loads(stamped))
-        if graph is not None and graph != said:
+        if graph is not None and graph != {k: said.get(k) for k in graph}:  # what the graph carries (older: less)
             edited = sorted(k for k, v in graph.items() if said.get(k) != v)
             raise PnPError(f"{MANIFEST}'s {label} ({', '.join(edited) or 'their fields'}) disagree with those "
                            f"{path.name} was exported with: the manifest was edited; rebuild with "
@@ -249,7 +258,8 @@ def check_graph_identity(metadata: dict[str, str], manifest: dict[str, Any], pat
 
 
 def _normalized(key: str, stamp: dict[str, Any]) -> dict[str, Any]:
-    """A stamp with its defaults filled in (dims stamped before format 4 lack the family and preset)."""
+    """A stamp with its defaults filled in (dims stamped before format 4 lack the family and preset; settings
+    stamped before the opset was, lack it)."""
     return ModelDims.from_dict(stamp).to_dict() if key == EXPORT_DIMS_KEY else stamp
 
 

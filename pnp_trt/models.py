@@ -146,11 +146,11 @@ def load_diffusers(model: str = DEFAULT_MODEL, device: torch.device | None = Non
     default_device, default_dtype = default_device_dtype()
     device, dtype = device or default_device, dtype or default_dtype
     weights: dict[str, Any] = {"use_safetensors": True, "torch_dtype": dtype}
-    unet = _load_part(model, "unet", lambda: UNet2DConditionModel.from_pretrained(model, subfolder="unet", **weights))
+    unet = _load_weights(model, "unet", UNet2DConditionModel, weights)
     scheduler_config = _load_part(model, "scheduler", lambda: dict(DDIMScheduler.load_config(model,
                                                                                             subfolder="scheduler")))
     family = detect(unet.config, _model_index(model), scheduler_config)
-    vae = _load_part(model, "vae", lambda: AutoencoderKL.from_pretrained(model, subfolder="vae", **weights))
+    vae = _load_weights(model, "vae", AutoencoderKL, weights)
     encoders = [_text_encoder(model, name, pooled=family.pooled and i == len(family.encoder_names) - 1, **weights)
                 for i, name in enumerate(family.encoder_names)]
     tokenizers = [_tokenizer(model, name, encoder) for name, encoder in zip(family.tokenizer_names, encoders,
@@ -185,8 +185,23 @@ def _text_encoder(model: str, part: str, pooled: bool, **weights: Any) -> Any:
     """A CLIP text encoder; the one whose pooled, projected output conditions SDXL's UNet with its projection."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    kind = CLIPTextModelWithProjection if pooled else CLIPTextModel
-    return _load_part(model, part, lambda: kind.from_pretrained(model, subfolder=part, **weights))
+    return _load_weights(model, part, CLIPTextModelWithProjection if pooled else CLIPTextModel, weights)
+
+
+def _load_weights(model: str, part: str, kind: Any, weights: dict[str, Any]) -> Any:
+    """A weighted part, whose weights must be exactly what its config builds (after the library's own renames):
+    a tensor left over (a config edited to fewer layers: a different model would run silently) or one missing
+    (left uninitialised) is refused."""
+    module, info = _load_part(model, part, lambda: kind.from_pretrained(model, subfolder=part, output_loading_info=True,
+                                                                          **weights))
+    for key, what in (("unexpected_keys", "holds weights its config does not use"),
+                      ("missing_keys", "lacks weights its config needs")):
+        names = sorted(info.get(key) or ())
+        if names:
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            raise PnPError(f"model {model}: {part}/ {what} ({names[0]}{more}): {part}/config.json was edited, or the "
+                           "weights belong to another model; re-save the model")
+    return module
 
 
 def _tokenizer(model: str, part: str, encoder: Any) -> PromptTokenizer:
@@ -195,10 +210,13 @@ def _tokenizer(model: str, part: str, encoder: Any) -> PromptTokenizer:
 
     hf_tokenizer = _load_part(model, part, lambda: CLIPTokenizer.from_pretrained(model, subfolder=part))
     positions = int(encoder.config.max_position_embeddings)
-    if not isinstance(hf_tokenizer.model_max_length, int) or not 1 <= hf_tokenizer.model_max_length <= positions:
+    if hf_tokenizer.model_max_length != positions:
         raise PnPError(f"model {model}: {part}/tokenizer_config.json model_max_length is "
                        f"{hf_tokenizer.model_max_length!r:.24}; Stable Diffusion pads prompts to the text encoder's "
                        f"length: set it to {positions} (its max_position_embeddings)")
+    if hf_tokenizer.pad_token_id is None or not 0 <= hf_tokenizer.pad_token_id < int(encoder.config.vocab_size):
+        raise PnPError(f"model {model}: {part}'s pad_token {str(hf_tokenizer.pad_token)[:20]!r} is not in its "
+                       "vocabulary; fix tokenizer_config.json or special_tokens_map.json")
     return PromptTokenizer(hf_tokenizer.backend_tokenizer, int(hf_tokenizer.model_max_length),
                            int(hf_tokenizer.pad_token_id), str(hf_tokenizer.pad_token))
 
@@ -222,17 +240,26 @@ def _check_fit(model: str, unet: Any, dims: ModelDims) -> None:
                            f"size conditioning make {expected}; parts of different models? re-save the model")
 
 
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu", "swish")
+"""The activations a CLIP text encoder config may name (SD 1.x's quick_gelu, SD 2.x and SDXL's gelu, …)."""
 CONFIG_FIELDS: dict[str, dict[str, str]] = {
     "unet/config.json": {"in_channels": "count", "out_channels": "count", "sample_size": "count",
                          "layers_per_block": "count", "block_out_channels": "counts",
                          "attention_head_dim": "count or counts", "cross_attention_dim": "count or counts",
                          "center_input_sample": "flag", "upcast_attention": "flag", "flip_sin_to_cos": "flag",
-                         "norm_eps": "epsilon"},
+                         "norm_eps": "epsilon", "norm_num_groups": "count", "mid_block_scale_factor": "scale",
+                         "time_embedding_dim": "count?", "mid_block_only_cross_attention": "flag?",
+                         "resnet_time_scale_shift": "one of default|scale_shift",
+                         "cross_attention_norm": "one of group_norm|layer_norm?", "attention_type": "one of default",
+                         "_class_name": "one of UNet2DConditionModel"},
     "vae/config.json": {"in_channels": "count", "latent_channels": "count", "block_out_channels": "counts",
-                        "scaling_factor": "scale", "force_upcast": "flag"},
+                        "scaling_factor": "scale", "force_upcast": "flag", "layers_per_block": "count",
+                        "norm_num_groups": "count", "shift_factor": "number?", "_class_name": "one of AutoencoderKL"},
     **{f"{encoder}/config.json": {"hidden_size": "count", "num_hidden_layers": "count",
                                   "num_attention_heads": "count", "intermediate_size": "count", "vocab_size": "count",
-                                  "max_position_embeddings": "count", "projection_dim": "count"}
+                                  "max_position_embeddings": "count", "projection_dim": "count",
+                                  "layer_norm_eps": "epsilon", "model_type": "one of clip_text_model",
+                                  "hidden_act": f"one of {'|'.join(ACTIVATIONS)}"}
        for encoder in ("text_encoder", "text_encoder_2")},
     "scheduler/scheduler_config.json": {},  # read by `Schedule.from_config` (which types its fields); an object
 }
@@ -252,7 +279,8 @@ def _load_part(model: str, part: str, load: Callable[[], Any]) -> Any:
     except PnPError:
         raise
     except Exception as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        text = " ".join(lines[:2]) if lines and lines[0].endswith(":") else lines[0] if lines else type(exc).__name__
         if any(sign in str(exc) for sign in MISMATCH_SIGNS):
             raise PnPError(f"cannot load model {model}: the weights in {part}/ do not fit {part}/config.json (a "
                            "tensor's shape differs: parts of different models?); re-save the model") from None
@@ -285,7 +313,16 @@ def _check_weight_files(path: Path, family: Family) -> None:
 
 
 def _check_value(name: str, value: Any, kind: str) -> None:
-    if kind == "scale":
+    """One config value by its kind (`CONFIG_FIELDS`; a trailing ? also allows null)."""
+    if kind.endswith("?"):
+        if value is None:
+            return
+        kind = kind[:-1]
+    if kind.startswith("one of "):
+        validation.one_of(name, value, kind.removeprefix("one of ").split("|"))
+    elif kind == "number":
+        validation.number(name, value)
+    elif kind == "scale":
         validation.number(name, value, 1e-6, 1e3)
     elif kind == "flag":
         validation.boolean(name, value)
@@ -315,6 +352,13 @@ def _check_tokenizer_files(tokenizer: Path) -> None:
                 readable = False
             if not readable:
                 raise PnPError(f"{tokenizer.name}/{file.name} cannot be read as a JSON object")
+    merges = tokenizer / "merges.txt"
+    if not fast.is_file() and not any(line.strip() and not line.startswith("#")
+                                      for line in merges.read_text(errors="replace").splitlines()):
+        raise PnPError(f"{tokenizer.name}/merges.txt holds no merges (a CLIP tokenizer has ~49,000): damaged")
+    if not (tokenizer / "tokenizer_config.json").is_file():
+        raise PnPError(f"{tokenizer.name}/tokenizer_config.json is missing (it sets the prompt length, "
+                       "model_max_length)")
 
 
 def _check_config_files(path: Path, family: Family) -> None:
@@ -335,10 +379,27 @@ def _check_config_files(path: Path, family: Family) -> None:
                 if key in config:
                     _check_value(f"{file} {key}", config[key], kind)
             _check_against_defaults(file, config, set(fields))
+            _check_together(file, config)
         for tokenizer in family.tokenizer_names:
             _check_tokenizer_files(path / tokenizer)
     except PnPError as exc:
         raise PnPError(f"model {path} has a damaged config: {exc}; fix it or re-save the model") from None
+
+
+def _check_together(file: str, config: dict[str, Any]) -> None:
+    """Values that must fit each other: heads dividing the width, token ids inside the vocabulary, GroupNorm's
+    groups dividing every block's channels."""
+    if "hidden_size" in config and "num_attention_heads" in config \
+            and config["hidden_size"] % config["num_attention_heads"]:
+        raise PnPError(f"{file} hidden_size {config['hidden_size']} is not divisible by num_attention_heads "
+                       f"{config['num_attention_heads']}")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if config.get(key) is not None and "vocab_size" in config:
+            validation.integer(f"{file} {key}", config[key], 0, config["vocab_size"] - 1)
+    groups = config.get("norm_num_groups")
+    if isinstance(groups, int) and any(isinstance(c, int) and c % groups for c in config.get("block_out_channels", [])):
+        raise PnPError(f"{file} block_out_channels {config['block_out_channels']} are not all divisible by "
+                       f"norm_num_groups {groups}")
 
 
 def _config_defaults(file: str) -> dict[str, Any]:
@@ -374,6 +435,8 @@ def _check_against_defaults(file: str, config: dict[str, Any], checked: set[str]
             validation.number(f"{file} {key}", value)
             if isinstance(default, int) and not float(value).is_integer():
                 raise PnPError(f"{file} {key} must be a whole number, got {value}")
+            if isinstance(default, int):  # sizes, counts, ids and shifts: 1e308 is none of them
+                validation.number(f"{file} {key}", value, -(1 << 24), 1 << 24)
 
 
 def model_identity(model_id: str) -> str:

@@ -84,7 +84,9 @@ def _alphas_cumprod(config: Mapping[str, Any], field: Callable[..., Any]) -> np.
     n = field("num_train_timesteps", 1000, lambda name, v: validation.integer(name, v, 2, 100_000))
     kind = field("beta_schedule", "linear", lambda name, v: validation.one_of(name, v, _BETA_SCHEDULES))
     start = field("beta_start", 0.0001, lambda name, v: validation.number(name, v, 1e-12, 0.999))
-    end = field("beta_end", 0.02, lambda name, v: validation.number(name, v, start, 0.999))
+    end = field("beta_end", 0.02, lambda name, v: validation.number(name, v, 1e-12, 0.999))
+    if end < start:
+        raise PnPError(f"scheduler config `beta_start` {start} is above `beta_end` {end}; betas rise from start to end")
     if config.get("trained_betas") is not None:
         betas = _trained_betas(config["trained_betas"], n)
     elif kind == "linear":

@@ -461,6 +461,32 @@ def _set(key: str, value: object):
                                ("vae/config.json", "use_quant_conv", 1),
                                ("unet/config.json", "freq_shift", 0.5),
                                ("text_encoder/config.json", "layer_norm_eps", float("nan")))],
+    *[(file, _set(key, value), fragment)  # corpus round 9: each was accepted, or an internal error
+      for file, key, value, fragment in (
+          ("unet/config.json", "freq_shift", 1e308, "freq_shift must be between -16777216 and 16777216"),
+          ("unet/config.json", "mid_block_scale_factor", [1], "mid_block_scale_factor must be a number"),
+          ("unet/config.json", "attention_type", "gated", "attention_type must be one of 'default'"),
+          ("unet/config.json", "_class_name", "UNet2DModel", "_class_name must be one of 'UNet2DConditionModel'"),
+          ("unet/config.json", "norm_num_groups", 0, "norm_num_groups must be between 1"),
+          ("unet/config.json", "resnet_time_scale_shift", "bogus", "resnet_time_scale_shift must be one of"),
+          ("unet/config.json", "time_embedding_dim", 64.5, "time_embedding_dim must be a whole number"),
+          ("unet/config.json", "cross_attention_norm", "bogus", "cross_attention_norm must be one of"),
+          ("unet/config.json", "mid_block_only_cross_attention", "false", "must be true or false"),
+          ("vae/config.json", "layers_per_block", 0, "vae/config.json layers_per_block must be between 1"),
+          ("vae/config.json", "shift_factor", float("nan"), "shift_factor must be a finite number"),
+          ("vae/config.json", "norm_num_groups", 3, "are not all divisible by norm_num_groups 3"),
+          ("text_encoder/config.json", "hidden_act", "nope", "hidden_act must be one of 'quick_gelu'"),
+          ("text_encoder/config.json", "model_type", "bert", "model_type must be one of 'clip_text_model'"),
+          ("text_encoder/config.json", "num_attention_heads", 3, "hidden_size 32 is not divisible by"),
+          ("text_encoder/config.json", "eos_token_id", 100000, "eos_token_id must be between 0 and"),
+          ("text_encoder/config.json", "layer_norm_eps", -1, "layer_norm_eps must be between"),
+          ("text_encoder/config.json", "projection_dim", -1, "projection_dim must be between 1"),
+          ("text_encoder/config.json", "num_hidden_layers", 1, "text_encoder/ holds weights its config does not "
+                                                               "use (encoder.layers.1"),
+          ("tokenizer/tokenizer_config.json", "model_max_length", 10, "model_max_length is 10; Stable Diffusion"),
+          ("tokenizer/tokenizer_config.json", "pad_token", "<|nope|>", "pad_token '<|nope|>' is not in its"))],
+    ("tokenizer/merges.txt", lambda text: "#version: 0.2\n", "tokenizer/merges.txt holds no merges"),
+    ("tokenizer/tokenizer_config.json", lambda text: None, "tokenizer/tokenizer_config.json is missing"),
     ("unet/config.json", lambda text: "[" * 100000 + "]" * 100000, "unet/config.json cannot be read as JSON"),
     ("vae/config.json", lambda text: "{not json", "vae/config.json cannot be read as JSON"),
     ("tokenizer/vocab.json", lambda text: "{not json", "tokenizer/vocab.json cannot be read as a JSON object"),
@@ -473,7 +499,8 @@ def test_a_model_config_of_wrong_types_is_one_line_naming_file_and_field(tiny_mo
 
     model = tmp_path / "damaged"
     shutil.copytree(tiny_model_dir, model)
-    (model / file).write_text(change((model / file).read_text()))
+    text = change((model / file).read_text())
+    (model / file).write_text(text) if text is not None else (model / file).unlink()
     result = run("translate", "--source-prompt", "a", "-p", "b", "--model", model, "--out", tmp_path / "x.png",
                  "--steps", "1", "--height", "64", "--width", "64")
     assert_user_error(result, fragment)

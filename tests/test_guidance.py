@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +227,14 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
     return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
 
 
+def _with_idat(chunks: list[bytes], change) -> list[bytes]:
+    """The image data joined into one IDAT chunk, its bytes passed through `change`."""
+    data = b"".join(c[8:-4] for c in chunks if c[4:8] == b"IDAT")
+    first = next(i for i, c in enumerate(chunks) if c[4:8] == b"IDAT")
+    rest = [c for c in chunks if c[4:8] != b"IDAT"]
+    return [*rest[:first], _chunk(b"IDAT", change(data)), *rest[first:]]
+
+
 def _palette_png_without_plte() -> bytes:
     image = Image.new("P", (64, 64))
     image.putpalette([i % 256 for i in range(768)])
@@ -243,7 +252,16 @@ DAMAGED_PNGS = {  # corpus rounds 7 and 8: Pillow decoded each (missing rows bla
     "two IHDR": (lambda cs: [cs[0], *cs], "its header (IHDR) is not its one first chunk"),
     "unknown critical chunk": (lambda cs: [cs[0], _chunk(b"ZZZZ", b"x"), *cs[1:]], "unknown critical chunk 'ZZZZ'"),
     "image data cut short": (_cut_image_data, "its image data is cut short"),
-    "no IEND": (lambda cs: cs[:-1], "does not end with IEND"),
+    "no IEND": (lambda cs: cs[:-1], "does not end with an empty IEND"),
+    # corpus round 9
+    "IEND with data": (lambda cs: [*cs[:-1], _chunk(b"IEND", b"x")], "does not end with an empty IEND"),
+    "compression method 1": (lambda cs: [_chunk(b"IHDR", cs[0][8:18] + b"\x01" + cs[0][19:21]), *cs[1:]],
+                             "not the PNG standard's"),
+    "junk after the image stream": (lambda cs: _with_idat(cs, lambda data: data + b"junk"), "followed by other bytes"),
+    "more image data than pixels": (lambda cs: _with_idat(cs, lambda data: zlib.compress(
+        zlib.decompress(data) + bytes(64 * 4))), "holds 12608 bytes where its pixels take 12352"),
+    "palette after the image data": (lambda cs: [*cs[:-1], _chunk(b"PLTE", bytes(3)), cs[-1]], "palette (PLTE)"),
+    "a 4-byte palette": (lambda cs: [cs[0], _chunk(b"PLTE", bytes(4)), *cs[1:]], "palette (PLTE)"),
     "Apple CgBI": (lambda cs: [_chunk(b"CgBI", b"\x50\x00\x20\x02"), *cs], "an Apple CgBI PNG"),
 }
 
@@ -265,8 +283,14 @@ def test_well_formed_pngs_pass_the_chunk_check() -> None:
 
     for data in (_png(), _png(Image.new("P", (64, 64))), _png() + b"trailing"):
         assert check_guidance(data).image.size == (64, 64)
+    for mode in ("1", "LA", "I;16", "RGBA"):
+        assert damage(_png(Image.new(mode, (61, 37)))) is None, mode
     frames = [Image.new("RGB", (64, 64), colour) for colour in ("red", "blue")]
-    assert damage(_png(frames[0], save_all=True, append_images=frames[1:])) is None
+    animated = _png(frames[0], save_all=True, append_images=frames[1:])
+    assert damage(animated) is None
+    one_frame = _rebuilt(animated, lambda cs: [_chunk(b"acTL", (1).to_bytes(4, "big") + c[12:16])
+                                              if c[4:8] == b"acTL" else c for c in cs])
+    assert damage(one_frame) == "its animation declares 1 frame(s) and holds 2"  # corpus round 9
 
 
 def test_corpus_round_6_guidance_forms(tmp_path: Path) -> None:

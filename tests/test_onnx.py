@@ -303,6 +303,10 @@ MALFORMED_MANIFESTS = [
     (lambda m: {**m, "format_version": "3"}, "has manifest format '3', this pnp-trt reads formats 3 and 4"),
     (lambda m: {**m, "export_id": "../" * 11}, "not 32 hex digits"),
     (lambda m: {**m, "versions": 5}, "`versions` is not an object of version strings"),  # round 8
+    (lambda m: {**m, "weights_sha256": "abc"}, "`weights_sha256` is 'abc', not 64 hex digits"),  # round 9
+    (lambda m: {**m, "validation_relative_error": {"unet": {"noise_pred": 0.5}}}, "within the tolerance (1e-04)"),
+    (lambda m: {**m, "files": {k: v for k, v in m["files"].items() if k != "scheduler_config.json"}},
+     "no entry for scheduler_config.json"),
     (lambda m: {**m, "validation_relative_error": {"unet": {"noise_pred": float("nan")}}},
      "`validation_relative_error` is not an object of graphs' finite"),  # round 8
     (lambda m: {**m, "validation_relative_error": {"unet": {"noise_pred": "small"}}},
@@ -312,7 +316,8 @@ MALFORMED_MANIFESTS = [
     (lambda m: {**m, "dims": {**m["dims"], "vae_factor": 6}}, "dims.vae_factor must be a power of two"),
     (lambda m: {**m, "dims": {**m["dims"], "unet_channels": []}}, "dims.unet_channels must be a list of 2 to 8"),
     (lambda m: {**m, "dims": {**m["dims"], "unet_channels": ["a", "b"]}}, "must be a whole number, got 'a'"),
-    (lambda m: {**m, "tokenizer": {**m["tokenizer"], "max_length": 5}}, "tokenizer.max_length must be between 77"),
+    (lambda m: {**m, "tokenizer": {**m["tokenizer"], "max_length": 5}},
+     "`tokenizer.max_length` 5 differs from `dims.text_length` 77"),
     (lambda m: {**m, "tokenizer": {**m["tokenizer"], "pad_id": -1}}, "tokenizer.pad_id must be between 0"),
     (lambda m: {**m, "vae_scaling_factor": float("nan")}, "vae_scaling_factor must be a finite number"),
     (lambda m: {**m, "vae_scaling_factor": "0.18215"}, "vae_scaling_factor must be a number"),
@@ -327,6 +332,7 @@ DISAGREEING_MANIFESTS = [
     (lambda m: {**m, "tokenizer": {**m["tokenizer"], "pad_id": 10**6}}, "pad_id 1000000 is outside its vocabulary"),
     (lambda m: _with_dims(m, text_dim=33), "manifest.json's dims (text_dim) disagree with those text_encoder.onnx"),
     (lambda m: {**m, "attention": "onnxruntime"}, "manifest.json's settings (attention) disagree with"),  # round 8
+    (lambda m: {**m, "opset": 18}, "manifest.json's settings (opset) disagree with"),  # round 9
     (lambda m: {**m, "tokenizer": {**m["tokenizer"], "pad_token": "<|zzz|>"}}, "is not token 0 of"),
     (lambda m: {**m, "precision": "fp16"}, "manifest.json's settings (precision) disagree with"),
 ]

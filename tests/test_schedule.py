@@ -121,7 +121,7 @@ def test_guidance_and_injection_counts() -> None:
     ({"steps_offset": 1.5}, "`steps_offset` must be a whole number"),
     ({"beta_end": 2.0}, "`beta_end` must be between"),
     ({"beta_start": -0.1}, "`beta_start` must be between"),
-    ({"beta_start": 0.02, "beta_end": 0.01}, "`beta_end` must be between 0.02 and 0.999"),
+    ({"beta_start": 0.02, "beta_end": 0.01}, "`beta_start` 0.02 is above `beta_end` 0.01"),  # corpus 9
     ({"trained_betas": [float("nan")] * 1000}, "`trained_betas`[0] must be a finite number"),
     ({"trained_betas": [1.5] * 1000}, "`trained_betas`[0] must be between"),
     ({"trained_betas": [0.01] * 10}, "`trained_betas` must be a list of num_train_timesteps (1000) numbers"),
