@@ -240,6 +240,11 @@ def test_every_setting_is_a_translate_flag_defaulting_to_the_librarys() -> None:
      "PNP_TRT_THREADS must be a whole number of threads"),
     (["serve", "--max-input-mpx", "0.001"], {}, "--max-input-mpx 0.001 refuses every image"),
     (["serve", "--max-output-mpx", "0.004"], {}, "--max-output-mpx 0.004 refuses every image"),  # round 8
+    (["serve", "--max-upload-mb", "1e-300"], {}, "--max-upload-mb 1e-300 would refuse nearly every request"),
+    (["translate", "x.png", "-p", "a", "--out", "o.png", "--max-output-mpx", "inf"], {},
+     "--max-output-mpx must be a finite positive number, got inf"),  # round 9
+    (["translate", "x.png", "-p", "a", "--out", "o.png", "--cache-dir", "o.png"], {},
+     "--cache-dir o.png is --out o.png or inside it"),
     (["translate", "x.png", "-p", "a", "--out", "o.png", "--guidance-scale", "1000.0001"], {},
      "--guidance-scale must be between -1000 and 1000, got 1000.0001"),
 ])
