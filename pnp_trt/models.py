@@ -99,10 +99,14 @@ def _check_layout(model: str) -> None:
 def _local_family(path: Path) -> Family:
     """A local directory's family, from its UNet, pipeline and scheduler configs (unreadable ones: SD, left to the
     config checks to name); a refiner or few-step SDXL model is refused here, before anything loads."""
+    import stat
+
     configs = []
     for file in ("unet/config.json", "model_index.json", "scheduler/scheduler_config.json"):
-        try:
-            config = json.loads((path / file).read_text()) if (path / file).stat().st_size < (1 << 20) else {}
+        try:  # only a small regular file: a FIFO would hang this read, /dev/zero never end (the checks name them)
+            info = (path / file).stat()
+            small = stat.S_ISREG(info.st_mode) and info.st_size < (1 << 20)
+            config = json.loads((path / file).read_text()) if small else {}
         except (OSError, ValueError, RecursionError):
             config = {}
         configs.append(config if isinstance(config, dict) else {})
