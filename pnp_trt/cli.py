@@ -320,8 +320,8 @@ def translate(
     validation.number("--cache-dir-gib", cache_dir_gib, 0, 2**30)  # the API's bound, in the flag's own unit
     limits = Limits(max_output_pixels=int(max_output_mpx * 1e6))
     if cache_dir is not None and Path(cache_dir).resolve().is_relative_to(Path(out).resolve()):
-        raise PnPError(f"--cache-dir {cache_dir} is --out {out} or inside it; keep the cache in a directory of its "
-                       "own")
+        raise PnPError(f"--cache-dir {cache_dir} is inside --out {out} (or is it); keep the cache in a directory "
+                       "of its own")
     if cache_dir is not None and engines is not None and Path(cache_dir).resolve().is_relative_to(
             Path(engines).resolve()):
         raise PnPError(f"--cache-dir {cache_dir} is inside the exported directory {engines}; keep the cache in a "

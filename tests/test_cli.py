@@ -244,7 +244,7 @@ def test_every_setting_is_a_translate_flag_defaulting_to_the_librarys() -> None:
     (["translate", "x.png", "-p", "a", "--out", "o.png", "--max-output-mpx", "inf"], {},
      "--max-output-mpx must be a finite positive number, got inf"),  # round 9
     (["translate", "x.png", "-p", "a", "--out", "o.png", "--cache-dir", "o.png"], {},
-     "--cache-dir o.png is --out o.png or inside it"),
+     "--cache-dir o.png is inside --out o.png (or is it)"),
     (["translate", "x.png", "-p", "a", "--out", "o.png", "--guidance-scale", "1000.0001"], {},
      "--guidance-scale must be between -1000 and 1000, got 1000.0001"),
 ])
@@ -331,10 +331,12 @@ def test_stop_signals_clean_up_like_ctrl_c(tiny_model_dir: Path, tmp_path: Path,
     assert list(out.iterdir()) == []
 
 
-def test_sdxl_like_unet_is_refused(tmp_path: Path) -> None:
-    """A UNet without up_blocks[3] (SDXL has three up blocks) is refused, naming what is missing."""
+def test_a_unet_without_its_presets_layers_is_refused(tmp_path: Path) -> None:
+    """A three-level UNet without SDXL's text and size embeddings is told apart as SD, whose preset needs
+    up_blocks[2] and [3] attentions: refused, naming what is missing and what to choose."""
     from diffusers import UNet2DConditionModel
 
+    from pnp_trt.contract import ModelDims
     from pnp_trt.errors import PnPError
     from pnp_trt.injection import install_hooks
 
@@ -342,8 +344,10 @@ def test_sdxl_like_unet_is_refused(tmp_path: Path) -> None:
                                 "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                                 cross_attention_dim=32, norm_num_groups=8, attention_head_dim=2)
-    with pytest.raises(PnPError, match=r"lacks the layers PnP needs \(up_blocks\.2\.attentions.0"):
-        install_hooks(unet)
+    points = ModelDims(77, 32, 4, 8, (32, 64, 64)).points
+    with pytest.raises(PnPError, match=r"lacks the layers of its injection preset \(up_blocks\.2\.attentions.0.*"
+                                       r"choose another --injection-preset"):
+        install_hooks(unet, points)
 
 
 def test_make_tiny_model_is_small_and_offline(tiny_model_dir: Path) -> None:
