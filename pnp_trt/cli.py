@@ -175,12 +175,17 @@ def check_upload_limit(max_upload_mb: float) -> None:
                        f"12 KiB, and prompts are form fields too); give at least {MIN_UPLOAD_MB}")
 
 
-def check_pixel_limit(max_mpx: float, flag: str) -> None:
+def optional(flag: str, value: float | None) -> dict[str, float]:
+    """A flag's value for `check_positive`, if it was given (None: the model's default applies)."""
+    return {} if value is None else {flag: value}
+
+
+def check_pixel_limit(max_mpx: float | None, flag: str) -> None:
     """A pixel limit must admit the smallest image there is (MIN_SIDE × MIN_SIDE)."""
     from .images import MIN_SIDE
 
     smallest = MIN_SIDE * MIN_SIDE / 1e6
-    if math.isfinite(max_mpx) and 0 < max_mpx < smallest:
+    if max_mpx is not None and math.isfinite(max_mpx) and 0 < max_mpx < smallest:
         raise PnPError(f"{flag} {max_mpx:g} refuses every image (the smallest, {MIN_SIDE}x{MIN_SIDE}, is "
                        f"{smallest:.4f} Mpx); give at least {smallest:.4f}")
 
@@ -282,9 +287,10 @@ def translate(
     cache_dir: Path | None = typer.Option(None, help="Keep inverted latents + captured features here (safetensors) "
                                                      "and reuse them for later prompts on the same image/settings.",
                                                      parser=path_text),
-    max_output_mpx: float = typer.Option(Limits.max_output_pixels / 1e6, help="Largest output in megapixels "
-                                         "(height × width: 1024²). Memory grows fast with size: see the README.",
-                                         parser=real_number),
+    max_output_mpx: float | None = typer.Option(None, help="Largest output in megapixels (default: 1024² = 1.05, "
+                                                "or (1.5 × the model's native side)² where more: SDXL 1536² = "
+                                                "2.36). Memory grows fast with size: see the README.",
+                                                parser=real_number),
     save_guidance: bool = typer.Option(False, help="With --source-prompt: also write the generated guidance "
                                                    "(guidance.png in the --out directory; with one prompt "
                                                    "NAME.guidance.png beside --out)."),
@@ -315,10 +321,10 @@ def translate(
                              feature_injection=feature_injection, attention_injection=attention_injection,
                              seed=seed, height=height, width=width, source_guidance_scale=source_guidance_scale,
                              prompt_batch_size=prompt_batch_size)
-    check_positive({"--cache-dir-gib": cache_dir_gib, "--max-output-mpx": max_output_mpx})
+    check_positive({"--cache-dir-gib": cache_dir_gib, **optional("--max-output-mpx", max_output_mpx)})
     check_pixel_limit(max_output_mpx, "--max-output-mpx")
     validation.number("--cache-dir-gib", cache_dir_gib, 0, 2**30)  # the API's bound, in the flag's own unit
-    limits = Limits(max_output_pixels=int(max_output_mpx * 1e6))
+    limits = Limits(max_output_pixels=None if max_output_mpx is None else int(max_output_mpx * 1e6))
     if cache_dir is not None and Path(cache_dir).resolve().is_relative_to(Path(out).resolve()):
         raise PnPError(f"--cache-dir {cache_dir} is inside --out {out} (or is it); keep the cache in a directory "
                        "of its own")
@@ -524,7 +530,8 @@ def serve(
                                                              parser=real_number),
     max_input_mpx: float = typer.Option(SERVE.max_input_mpx, help="Largest guidance image, megapixels (413 "
                                                                    "beyond).", parser=real_number),
-    max_output_mpx: float = typer.Option(SERVE.max_output_mpx, help="Largest output, megapixels (422 beyond).",
+    max_output_mpx: float | None = typer.Option(None, help="Largest output, megapixels (422 beyond; default: "
+                                                "1.05, SDXL 2.36, as translate's).",
                                                                parser=real_number),
     max_prompts: int = typer.Option(SERVE.max_prompts, help="Prompts per request (422 beyond).", parser=whole_number),
     max_steps: int = typer.Option(SERVE.max_steps, help="Sampling or inversion steps per request (422 beyond).",
@@ -561,7 +568,8 @@ def serve(
     check_upload_limit(max_upload_mb)
     check_pixel_limit(max_output_mpx, "--max-output-mpx")
     check_positive({"--max-upload-mb": max_upload_mb, "--max-input-mpx": max_input_mpx,
-                    "--max-output-mpx": max_output_mpx, "--deadline-s": deadline_s, "--max-prompts": max_prompts,
+                    **optional("--max-output-mpx", max_output_mpx), "--deadline-s": deadline_s,
+                    "--max-prompts": max_prompts,
                     "--max-steps": max_steps, "--queue": queue, "--workers": workers, "--replicas": replicas})
     require("serve", "pnp-trt serve")
     import uvicorn
@@ -615,7 +623,8 @@ def triton_repo(
     max_upload_mb: float = typer.Option(SERVE.max_upload_mb, help="Largest IMAGE, MiB.", parser=real_number),
     max_input_mpx: float = typer.Option(SERVE.max_input_mpx, help="Largest guidance image, megapixels.",
                                                              parser=real_number),
-    max_output_mpx: float = typer.Option(SERVE.max_output_mpx, help="Largest output, megapixels.", parser=real_number),
+    max_output_mpx: float | None = typer.Option(None, help="Largest output, megapixels (default: as translate's).",
+                                                parser=real_number),
     max_prompts: int = typer.Option(SERVE.max_prompts, help="Prompts per request.", parser=whole_number),
     max_steps: int = typer.Option(SERVE.max_steps, help="Sampling or inversion steps per request.",
                                                    parser=whole_number),
@@ -634,7 +643,8 @@ def triton_repo(
     check_upload_limit(max_upload_mb)
     check_pixel_limit(max_output_mpx, "--max-output-mpx")
     check_positive({"--max-upload-mb": max_upload_mb, "--max-input-mpx": max_input_mpx,
-                    "--max-output-mpx": max_output_mpx, "--max-prompts": max_prompts, "--max-steps": max_steps})
+                    **optional("--max-output-mpx", max_output_mpx), "--max-prompts": max_prompts,
+                    "--max-steps": max_steps})
     if backend != "torch":
         from .manifest import read_manifest
         if engines is None:

@@ -105,14 +105,25 @@ class Limits:
     guard against requests that would exhaust memory (DESIGN §1 sizes: activations grow with pixels²
     in attention)."""
 
-    max_output_pixels: int = 1024 * 1024
-    """Largest output image (height × width); 512² is Stable Diffusion 2.1-base's native size."""
+    max_output_pixels: int | None = None
+    """Largest output image (height × width); None: the model's default, `default_output_pixels`."""
 
-    def check_output(self, height: int, width: int) -> None:
-        if height * width > self.max_output_pixels:
+    def output_pixels(self, native: int) -> int:
+        return self.max_output_pixels if self.max_output_pixels is not None else default_output_pixels(native)
+
+    def check_output(self, height: int, width: int, native: int = 512) -> None:
+        """Refuse an output over the limit for a model of this native side (the default limit follows it)."""
+        limit = self.output_pixels(native)
+        if height * width > limit:
             raise PnPError(f"output {height}x{width} is {height * width / 1e6:.3g} Mpx, over the "
-                           f"{self.max_output_pixels / 1e6:.3g} Mpx limit; pass a smaller --height/--width "
+                           f"{limit / 1e6:.3g} Mpx limit; pass a smaller --height/--width "
                            "(or raise --max-output-mpx if the machine has the memory)")
+
+
+def default_output_pixels(native: int) -> int:
+    """The default output limit: 1024² (SD 2.1-base's native 512² edits up to twice its side), or the model's
+    native side × 1.5 squared where that is more (SDXL: 1536², so a 2:3 guidance keeps its 1024 short side)."""
+    return max(1024 * 1024, int(1.5 * native) ** 2)
 
 
 def check_backend(name: str) -> str:

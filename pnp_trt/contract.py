@@ -249,7 +249,8 @@ def conditioning_specs(dims: ModelDims) -> tuple[TensorSpec, ...]:
     if family_.pooled:
         specs.append(TensorSpec("text_embeds", FLOAT, ("batch", dims.pooled_dim)))
     if family_.size_conditioning:
-        specs.append(TensorSpec("time_ids", FLOAT, ("batch", TIME_IDS)))
+        specs.append(TensorSpec("time_ids", "float32", ("batch", TIME_IDS)))  # fp32, as the timestep: its
+        # sinusoidal embedding reaches 1536 × freq
     return tuple(specs)
 
 

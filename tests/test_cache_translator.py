@@ -389,3 +389,16 @@ def test_a_source_larger_than_the_directory_budget_is_not_stored(tiny_torch, gui
     Translator(tiny_torch, SourceCache(directory=store, disk_budget_bytes=107)).translate(["a cat"], guide,
                                                                                          **SETTINGS)
     assert list(store.iterdir()) == []
+
+
+def test_the_newest_source_stays_even_over_the_budget(tiny_torch, guide) -> None:
+    """Review of the SDXL path: a 1024² SDXL source (4 GiB) never fitted the default 2 GiB budget and was dropped,
+    so every prompt paid for inversion and capture again. The newest source now stays (alone) whatever its size;
+    budget 0 still keeps none."""
+    cache = SourceCache(budget_bytes=1)
+    translator = Translator(tiny_torch, cache)
+    assert not translator.translate(["a cat"], guide, **SETTINGS).source_cache_hit
+    assert len(cache) == 1 and translator.translate(["a dog"], guide, **SETTINGS).source_cache_hit
+    off = SourceCache(budget_bytes=0)
+    Translator(tiny_torch, off).translate(["a cat"], guide, **SETTINGS)
+    assert len(off) == 0

@@ -190,6 +190,12 @@ def test_an_sdxl_fp16_export_validates_and_keeps_its_vae_in_fp32(tiny_sdxl_dir: 
                      for t in onnx.load(str(out / f"{graph}.onnx")).graph.initializer} - {"INT64"}
              for graph in ("vae_encoder", "vae_decoder", "unet")}
     assert kinds["vae_encoder"] == kinds["vae_decoder"] == {"FLOAT"} and "FLOAT16" in kinds["unet"]
+    # review of the SDXL path: the size conditioning's sinusoidal embedding (1536 × freq) ran in fp16
+    unet = onnx.shape_inference.infer_shapes(onnx.load(str(out / "unet.onnx")))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*unet.graph.value_info, *unet.graph.input]}
+    size_embedding = [n for n in unet.graph.node if "/add_time_proj/" in n.name and n.op_type != "Cast"]
+    assert types["time_ids"] == onnx.TensorProto.FLOAT and size_embedding
+    assert all(types[o] == onnx.TensorProto.FLOAT for n in size_embedding for o in n.output)
     result = translate(open_onnxruntime(out), ["a cat"], _config(0.5), source_prompt="a castle")
     assert np.isfinite(result.latents).all()
 

@@ -19,8 +19,9 @@ FP32_OPS = ["InstanceNormalization", "GroupNormalization", "LayerNormalization",
 
 NORM_SCOPE = re.compile(r"/(norm[^/]*|group_norm|conv_norm_out)/")
 """Nodes inside normalization modules (their two-pass GroupNorm ops) stay fp32 as a whole."""
-TIME_SCOPE = re.compile(r"/time_proj/")
-"""The sinusoidal timestep embedding: t·freq reaches 1,000 rad, where fp16 steps are 0.5 apart."""
+TIME_SCOPE = re.compile(r"/(add_)?time_proj/")
+"""The sinusoidal timestep embedding (and SDXL's of its size conditioning, `add_time_proj`): t·freq reaches 1,000
+rad (sizes: 1,536), where fp16 steps are 0.5 apart."""
 
 
 def fp32_nodes(graph: onnx.GraphProto) -> list[str]:
@@ -30,7 +31,7 @@ def fp32_nodes(graph: onnx.GraphProto) -> list[str]:
     nodes = list(graph.node)
     time_proj = {n.name for n in nodes if TIME_SCOPE.search(n.name)}
     names = {n.name for n in nodes if NORM_SCOPE.search(n.name)} | time_proj
-    names |= _downstream(nodes, {"timestep"}) & _upstream(nodes, time_proj)
+    names |= _downstream(nodes, {"timestep", "time_ids"}) & _upstream(nodes, time_proj)
     return sorted(names | _shape_arithmetic(graph))
 
 

@@ -60,7 +60,8 @@ def source_bytes(source: Source) -> int:
 
 
 class SourceCache:
-    """Thread-safe LRU of sources bounded by `budget_bytes`, optionally backed by a directory."""
+    """Thread-safe LRU of sources bounded by `budget_bytes` (0: none in memory; the newest source is kept even
+    when it alone is larger, so capture-once holds for a big source too), optionally backed by a directory."""
 
     def __init__(self, budget_bytes: int = DEFAULT_CACHE_BYTES, directory: Path | str | None = None,
                  disk_budget_bytes: int = DEFAULT_DISK_CACHE_BYTES):
@@ -153,12 +154,12 @@ class SourceCache:
         with self._lock:
             if key in self._entries:
                 self._bytes -= source_bytes(self._entries.pop(key))
-            if size > self.budget_bytes:
-                return
+            if self.budget_bytes == 0:
+                return  # the memory cache is off
             self._entries[key] = source
             self._bytes += size
-            while self._bytes > self.budget_bytes:
-                _, evicted = self._entries.popitem(last=False)
+            while self._bytes > self.budget_bytes and len(self._entries) > 1:  # the newest stays, even alone over
+                _, evicted = self._entries.popitem(last=False)  # the budget (SDXL at 1024²: 4 GiB a source)
                 self._bytes -= source_bytes(evicted)
 
 

@@ -200,7 +200,7 @@ def translate(model: LoadedModel, prompts: Sequence[str] | str, config: Translat
     guidance = check_guidance(image) if image is not None else None
     image = guidance.image if guidance is not None else None
     size = plan_size(model, config, image)
-    (limits or Limits()).check_output(*size)
+    (limits or Limits()).check_output(*size, model.dims.native_size)
     pixels = to_array(image, size) if image is not None else None
     with model.backend.worker_stream():  # every array of this call is made and used on this stream
         sampler = Sampler(model, progress=progress, size=size)

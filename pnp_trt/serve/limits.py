@@ -54,7 +54,8 @@ class ServeOptions:
     workers: int = 1
     max_upload_mb: float = ServeLimits.max_upload_bytes / 2**20
     max_input_mpx: float = ServeLimits.max_input_pixels / 1e6
-    max_output_mpx: float = Limits.max_output_pixels / 1e6
+    max_output_mpx: float | None = None
+    """None: the model's default (`config.default_output_pixels`)."""
     max_prompts: int = ServeLimits.max_prompts
     max_steps: int = ServeLimits.max_steps
     queue: int = ServeLimits.queue_length
@@ -73,7 +74,7 @@ class ServeOptions:
         return ServeLimits(max_upload_bytes=int(self.max_upload_mb * 2**20),
                            max_input_pixels=int(self.max_input_mpx * 1e6), max_prompts=self.max_prompts,
                            max_steps=self.max_steps, queue_length=self.queue, deadline_s=self.deadline_s,
-                           output=Limits(int(self.max_output_mpx * 1e6)))
+                           output=Limits(None if self.max_output_mpx is None else int(self.max_output_mpx * 1e6)))
 
     def load(self) -> Translator:
         from ..runtime.translator import Translator
