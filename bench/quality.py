@@ -26,7 +26,7 @@ import numpy as np
 
 from pnp_trt.config import TranslateConfig
 from pnp_trt.demo import MODEL, SETTINGS, judge
-from pnp_trt.runtime.sampler import Sampler, start_noise
+from pnp_trt.runtime.sampler import Sampler, join, start_noise
 from pnp_trt.runtime.translator import Translator
 from pnp_trt.schedule import classifier_free_guidance, ddim_step, sampling_timesteps
 
@@ -49,13 +49,13 @@ def sdedit(translator: Translator, edit: judge.Edit, steps: int, strength: float
     """SDEdit (Meng et al. 2022): the guidance's latent noised to the step `strength` of the way up, then DDIM
     with the target prompt and classifier-free guidance from there (the same scale PnP uses)."""
     model, scale = translator.model, TranslateConfig().guidance_scale
-    sampler, arrays = Sampler(model), model.backend
+    sampler, arrays = Sampler(model, size=(128, 128)), model.backend
     ts = sampling_timesteps(model.schedule, steps)
     ts = ts[len(ts) - max(1, round(strength * len(ts))):]
     z0 = sampler.encode_image(arrays.asarray(edit.guidance.draw().transpose(2, 0, 1)[None] / np.float32(255)))
     a = float(model.schedule.alphas_cumprod[ts[0]])
     x = math.sqrt(a) * z0 + math.sqrt(1 - a) * arrays.asarray(start_noise(model, (128, 128), 0))
-    embeddings = arrays.concat([sampler.encode_prompts([""]), sampler.encode_prompts([edit.prompt])])
+    embeddings = join(arrays, [sampler.encode_prompts([""]), sampler.encode_prompts([edit.prompt])])
     for t in ts:
         eps = sampler.unet(arrays.concat([x, x]), arrays.asarray(np.array([t, t], np.int64)), embeddings)
         eps = eps["noise_pred"]

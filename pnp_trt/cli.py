@@ -271,12 +271,13 @@ def translate(
                                               parser=real_number),
     seed: int = typer.Option(SETTINGS.seed, help="Seed of the noise a generated guidance starts from.",
                                             parser=whole_number),
-    height: int | None = typer.Option(None, help="Output height, a multiple of 64 (default: keep the "
+    height: int | None = typer.Option(None, help="Output height, a multiple of 64 (SDXL: 32) (default: keep the "
                                                     "aspect ratio, short side the model's native size: 512 "
-                                                    "for SD 2.1-base, 128 for the demo model). With --width "
+                                                    "for SD 2.1-base, 1024 for SDXL, 128 for the demo model). With --width "
                                                     "too, the guidance is resized to exactly that size "
                                                     "(stretched if its aspect ratio differs).", parser=whole_number),
-    width: int | None = typer.Option(None, help="Output width (multiple of 64); see --height.", parser=whole_number),
+    width: int | None = typer.Option(None, help="Output width (multiple of 64; SDXL: 32); see --height.",
+                                     parser=whole_number),
     source_prompt: str | None = typer.Option(None, help="Generate the guidance from this prompt instead of "
                                                            "an IMAGE."),
     source_guidance_scale: float = typer.Option(SETTINGS.source_guidance_scale,

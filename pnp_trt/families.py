@@ -124,7 +124,13 @@ def detect(unet: Mapping[str, Any], model_index: Mapping[str, Any], scheduler: M
                                                         and model_index.get("text_encoder") in (None, [None, None])):
         raise PnPError("this is an SDXL refiner (a second-stage UNet without source features of its own); PnP "
                        "runs on the SDXL base model or a fine-tune of it")
-    if scheduler.get("timestep_spacing") == "trailing" or "Ancestral" in str(scheduler.get("_class_name", "")):
-        raise PnPError("this SDXL model ships a few-step schedule (trailing or ancestral, as SDXL-Turbo's): DDIM "
-                       "inversion with classifier-free guidance, which PnP needs, does not apply to it")
+    kind = str(scheduler.get("_class_name", ""))
+    if scheduler.get("timestep_spacing") == "trailing" or any(name in kind for name in FEW_STEP):
+        raise PnPError(f"this SDXL model ships a few-step schedule ({kind or 'trailing spacing'}, as SDXL-Turbo, LCM "
+                       "and TCD models do): DDIM inversion with classifier-free guidance, which PnP needs, does not "
+                       "apply to it")
     return SDXL
+
+
+FEW_STEP = ("LCM", "TCD")
+"""Scheduler classes of distilled few-step models (an ancestral sampler alone is fine: DDIM replaces it)."""

@@ -159,10 +159,13 @@ def load_diffusers(model: str = DEFAULT_MODEL, device: torch.device | None = Non
                 for i, name in enumerate(family.encoder_names)]
     tokenizers = [_tokenizer(model, name, encoder) for name, encoder in zip(family.tokenizer_names, encoders,
                                                                              strict=True)]
+    if len({t.max_length for t in tokenizers}) > 1:
+        raise PnPError(f"model {model}: its tokenizers pad to different lengths "
+                       f"({', '.join(str(t.max_length) for t in tokenizers)}); SDXL's both pad to 77")
     pooled = int(encoders[-1].config.projection_dim) if family.pooled else 0
     dims = ModelDims.from_configs(unet.config, vae.config, tokenizers[0].max_length,
                                   sum(int(e.config.hidden_size) for e in encoders), family, injection_preset, pooled)
-    _check_fit(model, unet, dims)
+    _check_fit(model, unet, vae, dims)
     for module in [unet, vae, *encoders]:
         module.to(device).eval().requires_grad_(False)
     if dtype == torch.float16 and vae_fp32(family, vae.config):  # SDXL's VAE overflows in fp16 (`force_upcast`)
@@ -225,13 +228,19 @@ def _tokenizer(model: str, part: str, encoder: Any) -> PromptTokenizer:
                            int(hf_tokenizer.pad_token_id), str(hf_tokenizer.pad_token))
 
 
-def _check_fit(model: str, unet: Any, dims: ModelDims) -> None:
+def _check_fit(model: str, unet: Any, vae: Any, dims: ModelDims) -> None:
     """The UNet has the preset's layers and takes what the text encoders give (else diffusers fails mid-run)."""
     missing = missing_layers(unet, dims.points)
     if missing:
         raise PnPError(f"{model}'s UNet lacks the layers of injection preset {dims.preset!r} "
                        f"({', '.join(missing[:3])}); PnP supports {', '.join(f.about for f in FAMILIES.values())} "
                        "UNets: choose another --injection-preset, or another model")
+    latent = int(vae.config.latent_channels)
+    if unet.config.in_channels != latent or unet.config.out_channels != latent or unet.config.class_embed_type:
+        raise PnPError(f"model {model}: its UNet takes {unet.config.in_channels} channels (its VAE gives {latent})"
+                       f"{' and a class embedding' if unet.config.class_embed_type else ''}: an inpainting, depth, "
+                       "upscaling or image-variation model, whose extra inputs PnP does not feed; use a text-to-image "
+                       "model")
     width = unet.config.cross_attention_dim
     if width != dims.text_dim:
         raise PnPError(f"model {model}: the UNet's cross_attention_dim is {width}, its text encoders give "
@@ -464,7 +473,7 @@ def model_identity(model_id: str) -> str:
 def weights_hash(model: TorchModel) -> str:
     """sha256 over every parameter's name, shape, dtype and bytes: identifies the weights, not the path."""
     digest = hashlib.sha256()
-    for part in (model.unet, model.vae, model.text_encoder):
+    for part in (model.unet, model.vae, *model.text_encoders):
         for name, tensor in part.state_dict().items():
             digest.update(json.dumps([name, list(tensor.shape), str(tensor.dtype)]).encode())
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())

@@ -49,6 +49,11 @@ class Schedule:
         if not isinstance(config, Mapping):
             raise PnPError(f"the scheduler config must be a JSON object, got {type(config).__name__}")
         field = _config_reader(config)
+        kind = str(config.get("_class_name", ""))
+        if "EDM" in kind or "FlowMatch" in kind or "sigma_data" in config:
+            raise PnPError(f"the scheduler config is an EDM or flow-matching schedule ({kind or 'sigma_data'}), "
+                           "which has no DDPM betas for DDIM inversion (Playground v2.5, SD3 and the like); PnP "
+                           "runs DDPM-trained models")
         for flag in ("thresholding", "rescale_betas_zero_snr"):
             if field(flag, False, validation.boolean):
                 raise PnPError(f"scheduler config sets `{flag}`, which pnp-trt does not implement; "

@@ -126,6 +126,7 @@ def test_guidance_and_injection_counts() -> None:
     ({"trained_betas": [1.5] * 1000}, "`trained_betas`[0] must be between"),
     ({"trained_betas": [0.01] * 10}, "`trained_betas` must be a list of num_train_timesteps (1000) numbers"),
     ({"clip_sample": "false"}, "`clip_sample` must be true or false, got 'false' (str)"),
+    ({"_class_name": "EDMDPMSolverMultistepScheduler", "sigma_data": 0.5}, "EDM or flow-matching schedule"),
     ({"set_alpha_to_one": 0}, "`set_alpha_to_one` must be true or false"),
     ({"num_train_timesteps": "1000"}, "`num_train_timesteps` must be a whole number"),
     ({"timestep_spacing": "random"}, "`timestep_spacing` must be one of"),

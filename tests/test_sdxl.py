@@ -121,6 +121,16 @@ def _variant(model_dir: Path, tmp_path: Path, change) -> Path:
     return copy
 
 
+def _nine_channel_unet(model_dir: Path) -> None:
+    """The UNet replaced by an inpainting-shaped one (image, mask and masked image: 9 input channels)."""
+    from diffusers import UNet2DConditionModel
+
+    from pnp_trt.random_models import sdxl_unet_config
+
+    shutil.rmtree(model_dir / "unet")
+    UNet2DConditionModel(**{**sdxl_unet_config(False), "in_channels": 9}).save_pretrained(model_dir / "unet")
+
+
 def _edit_json(path: Path, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
@@ -131,9 +141,19 @@ REFUSED = {
                                                   timestep_spacing="trailing",
                                                   _class_name="EulerAncestralDiscreteScheduler"),
                              "few-step schedule"),
+    "LCM schedule": (lambda d: _edit_json(d / "scheduler" / "scheduler_config.json", _class_name="LCMScheduler"),
+                     "few-step schedule \\(LCMScheduler"),
+    "inpainting UNet": (_nine_channel_unet, "its UNet takes 9 channels \\(its VAE gives 4\\): an inpainting"),
     "second text encoder missing": (lambda d: shutil.rmtree(d / "text_encoder_2"), "missing text_encoder_2"),
     "second tokenizer missing": (lambda d: shutil.rmtree(d / "tokenizer_2"), "missing tokenizer_2"),
 }
+
+
+def test_an_ancestral_scheduler_class_alone_is_no_few_step_model(tiny_sdxl_dir: Path, tmp_path: Path) -> None:
+    """Many SDXL fine-tunes ship EulerAncestral with leading spacing: DDIM replaces it, nothing to refuse."""
+    model = _variant(tiny_sdxl_dir, tmp_path, lambda d: _edit_json(d / "scheduler" / "scheduler_config.json",
+                                                                   _class_name="EulerAncestralDiscreteScheduler"))
+    assert open_torch(str(model), torch.device("cpu"), torch.float32).dims.family == "sdxl"
 
 
 @pytest.mark.parametrize("case", REFUSED)
@@ -190,6 +210,11 @@ def test_an_sdxl_fp16_export_validates_and_keeps_its_vae_in_fp32(tiny_sdxl_dir: 
                      for t in onnx.load(str(out / f"{graph}.onnx")).graph.initializer} - {"INT64"}
              for graph in ("vae_encoder", "vae_decoder", "unet")}
     assert kinds["vae_encoder"] == kinds["vae_decoder"] == {"FLOAT"} and "FLOAT16" in kinds["unet"]
+    for graph in ("vae_encoder", "vae_decoder"):  # every value computed in fp32, not just the weights stored so
+        vae = onnx.shape_inference.infer_shapes(onnx.load(str(out / f"{graph}.onnx")))
+        computed = {v.name: v.type.tensor_type.elem_type for v in vae.graph.value_info}
+        assert not any(computed.get(o) == onnx.TensorProto.FLOAT16
+                       for n in vae.graph.node if n.op_type != "Cast" for o in n.output), graph
     # review of the SDXL path: the size conditioning's sinusoidal embedding (1536 × freq) ran in fp16
     unet = onnx.shape_inference.infer_shapes(onnx.load(str(out / "unet.onnx")))
     types = {v.name: v.type.tensor_type.elem_type for v in [*unet.graph.value_info, *unet.graph.input]}
