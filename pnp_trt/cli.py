@@ -273,8 +273,8 @@ def translate(
                                             parser=whole_number),
     height: int | None = typer.Option(None, help="Output height, a multiple of 64 (SDXL: 32) (default: keep the "
                                                     "aspect ratio, short side the model's native size: 512 "
-                                                    "for SD 2.1-base, 1024 for SDXL, 128 for the demo model). With --width "
-                                                    "too, the guidance is resized to exactly that size "
+                                                    "for SD 2.1-base, 1024 for SDXL, 128 for the demo model). "
+                                                    "With --width too, the guidance is resized to exactly that size "
                                                     "(stretched if its aspect ratio differs).", parser=whole_number),
     width: int | None = typer.Option(None, help="Output width (multiple of 64; SDXL: 32); see --height.",
                                      parser=whole_number),
