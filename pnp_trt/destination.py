@@ -130,6 +130,8 @@ def _check_file(path: Path, overwrite: bool, inputs: list[Path], label: str) -> 
         raise PnPError(f"{label} is a directory; with one --prompt it is the output image file")
     if kind == "file" and any(_same_file(path, p) for p in inputs):
         raise PnPError(f"{label} is the guidance image; write the result to another file")
+    if path.name.lower() == SUFFIX:
+        raise PnPError(f"{label} has no name before {path.name}; give a file name such as out.png")
     if path.suffix.lower() != SUFFIX:
         raise PnPError(f"{label}: the result is a PNG image; give a name ending in .png")
     if kind == "file" and not overwrite and not written_by_pnp_trt(path):

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import validation
 from .errors import PnPError
 
 
@@ -120,7 +121,9 @@ def detect(unet: Mapping[str, Any], model_index: Mapping[str, Any], scheduler: M
     refiner (no first text encoder, aesthetic-score conditioning) and few-step schedules are refused."""
     if unet.get("addition_embed_type") != "text_time":
         return SD
-    if model_index.get("requires_aesthetics_score") or ("text_encoder_2" in model_index
+    aesthetic = validation.boolean("model_index.json requires_aesthetics_score",
+                                   model_index.get("requires_aesthetics_score", False))
+    if aesthetic or ("text_encoder_2" in model_index
                                                         and model_index.get("text_encoder") in (None, [None, None])):
         raise PnPError("this is an SDXL refiner (a second-stage UNet without source features of its own); PnP "
                        "runs on the SDXL base model or a fine-tune of it")

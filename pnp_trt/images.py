@@ -85,12 +85,9 @@ def _open_checked(source: Path | IO[bytes], name: str) -> Image.Image:
             opened = Image.open(source, formats=GUIDANCE_FORMATS)
         with opened:
             _check_size(opened, name)
-            if opened.format == "PNG":
-                _check_png(source, name)
+            check_structure(opened, source, name)
             opened.load()
-            if opened.mode == "P" and opened.palette is None:
-                raise PnPError(f"{name} is a palette image without its palette (a PNG missing its PLTE chunk: a "
-                               "damaged file); re-save it")
+            check_decoded(opened, name)
             return normalize_guidance(opened, name)
     except Image.DecompressionBombError:  # Pillow's own refusal, from the header, past ~179 Mpx
         raise PnPError(f"{name} has more than 179 Mpx (its header says so); the limit is "
@@ -109,6 +106,19 @@ def _png_bytes(source: Path | IO[bytes]) -> bytes:
     data = source.read()
     source.seek(position)
     return data
+
+
+def check_structure(opened: Image.Image, source: Path | IO[bytes], name: str) -> None:
+    """What Pillow would decode although the file is damaged (checked before decoding, for every surface)."""
+    if opened.format == "PNG":
+        _check_png(source, name)
+
+
+def check_decoded(opened: Image.Image, name: str) -> None:
+    """What a decoded image shows of its file's damage."""
+    if opened.mode == "P" and opened.palette is None:
+        raise PnPError(f"{name} is a palette image without its palette (a PNG missing its PLTE chunk: a "
+                       "damaged file); re-save it")
 
 
 def _check_png(source: Path | IO[bytes], name: str) -> None:

@@ -37,7 +37,7 @@ whose `dims` were edited (a VAE factor, a native size) disagrees with its own gr
 EXPORT_SETTINGS_KEY = "pnp_trt.settings"
 """The ONNX metadata key under which each graph carries the manifest's `STAMPED_SETTINGS` it was exported with
 (JSON): a manifest claiming another attention or precision than its graphs hold is refused, not run."""
-STAMPED_SETTINGS = ("precision", "attention", "opset")
+STAMPED_SETTINGS = ("precision", "attention", "opset", "vae_scaling_factor")
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20
 """A manifest pnp-trt writes is a few KB; a larger file is not read (a sparse 6 GiB one ran out of memory)."""
@@ -194,6 +194,8 @@ def schema_problem(manifest: dict[str, Any], directory: Path) -> str | None:
             validation.text(f"{name}.pad_token", tokenizer.get("pad_token"))
     except PnPError as exc:
         return str(exc)
+    if manifest["format_version"] == 3 and dims.family != "sd":
+        return "format 3 held only SD 1.x/2.x exports, and these dims say " + dims.family
     if manifest.get("graphs") != contract_record(dims):
         return "`graphs` is not the I/O contract of these dims (edited, or from another export)"
     if not re.fullmatch(r"[0-9a-f]{32}", manifest["export_id"]):

@@ -221,9 +221,12 @@ def _tokenizer(model: str, part: str, encoder: Any) -> PromptTokenizer:
         raise PnPError(f"model {model}: {part}/tokenizer_config.json model_max_length is "
                        f"{hf_tokenizer.model_max_length!r:.24}; Stable Diffusion pads prompts to the text encoder's "
                        f"length: set it to {positions} (its max_position_embeddings)")
-    if hf_tokenizer.pad_token_id is None or not 0 <= hf_tokenizer.pad_token_id < int(encoder.config.vocab_size):
-        raise PnPError(f"model {model}: {part}'s pad_token {str(hf_tokenizer.pad_token)[:20]!r} is not in its "
-                       "vocabulary; fix tokenizer_config.json or special_tokens_map.json")
+    vocabulary = int(encoder.config.vocab_size)
+    for kind in ("pad", "bos", "eos", "unk"):  # a special token outside the encoder's vocabulary: IndexError later
+        token, token_id = getattr(hf_tokenizer, f"{kind}_token"), getattr(hf_tokenizer, f"{kind}_token_id")
+        if (kind == "pad" or token is not None) and (token_id is None or not 0 <= token_id < vocabulary):
+            raise PnPError(f"model {model}: {part}'s {kind}_token {str(token)[:20]!r} is not in its vocabulary; fix "
+                           "tokenizer_config.json or special_tokens_map.json")
     return PromptTokenizer(hf_tokenizer.backend_tokenizer, int(hf_tokenizer.model_max_length),
                            int(hf_tokenizer.pad_token_id), str(hf_tokenizer.pad_token))
 
@@ -297,8 +300,9 @@ def _load_part(model: str, part: str, load: Callable[[], Any]) -> Any:
         if any(sign in str(exc) for sign in MISMATCH_SIGNS):
             raise PnPError(f"cannot load model {model}: the weights in {part}/ do not fit {part}/config.json (a "
                            "tensor's shape differs: parts of different models?); re-save the model") from None
-        hint = "" if Path(model).exists() else (" (a hub id: is the model hub reachable? Otherwise pass a local "
-                                                "diffusers directory)")
+        hint = (f"; {part}/ holds a value its library refuses: check {part}/'s config files against the model's "
+                "original, or re-save the model") if Path(model).exists() else (
+            " (a hub id: is the model hub reachable? Otherwise pass a local diffusers directory)")
         if "safetensors" in str(exc):
             hint = (" (pnp-trt loads only safetensors weights, never pickled .bin/.ckpt files: convert them with "
                     "diffusers' save_pretrained(safe_serialization=True) in a trusted environment)")

@@ -493,7 +493,9 @@ def _set(key: str, value: object):
           ("text_encoder/config.json", "num_hidden_layers", 1, "text_encoder/ holds weights its config does not "
                                                                "use (encoder.layers.1"),
           ("tokenizer/tokenizer_config.json", "model_max_length", 10, "model_max_length is 10; Stable Diffusion"),
-          ("tokenizer/tokenizer_config.json", "pad_token", "<|nope|>", "pad_token '<|nope|>' is not in its"))],
+          ("tokenizer/tokenizer_config.json", "pad_token", "<|nope|>", "pad_token '<|nope|>' is not in its"),
+          ("tokenizer/tokenizer_config.json", "bos_token", "<|nope|>", "bos_token '<|nope|>' is not in its"),
+          ("tokenizer/tokenizer_config.json", "eos_token", "<|nope|>", "eos_token '<|nope|>' is not in its"))],
     ("tokenizer/merges.txt", lambda text: "#version: 0.2\n", "tokenizer/merges.txt holds no merges"),
     ("tokenizer/tokenizer_config.json", lambda text: None, "tokenizer/tokenizer_config.json is missing"),
     ("unet/config.json", lambda text: "[" * 100000 + "]" * 100000, "unet/config.json cannot be read as JSON"),

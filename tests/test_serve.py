@@ -138,7 +138,7 @@ def test_uploads_that_are_not_images_or_too_large(translator: Translator, guide_
     limits = ServeLimits(max_upload_bytes=len(guide_png) + 10, max_input_pixels=100 * 100)
     with TestClient(create_app(lambda: translator, limits)) as client:
         ready(client)
-        cases = [(b"plain text", 415, "not an image"), (guide_png[:200], 415, "truncated or corrupt"),
+        cases = [(b"plain text", 415, "not an image"), (guide_png[:200], 415, "damaged PNG"),
                  (guide_png + bytes(100), 413, "upload limit"),
                  (_png(Image.new("RGB", (200, 100))), 413, "200x100, over this server's 0.01 Mpx limit"),
                  (_png(Image.new("RGB", (32, 32))), 422, "at least 64 px")]
@@ -362,6 +362,12 @@ def _huge_header_png() -> bytes:
     return bytes(data)
 
 
+def _bad_idat_crc(png: bytes) -> bytes:
+    from pnp_trt.png_chunks import SIGNATURE, chunks
+
+    return SIGNATURE + b"".join(c[:-4] + bytes(4) if kind == b"IDAT" else c for kind, c in chunks(png))
+
+
 def corpus(guide: bytes) -> list[tuple[str, dict, int, str]]:
     """(name, request kwargs for httpx, expected status, text in the error)."""
     image = {"image": ("g.png", guide, "image/png")}
@@ -371,7 +377,11 @@ def corpus(guide: bytes) -> list[tuple[str, dict, int, str]]:
         return {"files": image, "data": {**ok, **changes}}
 
     return [
-        ("truncated image", {"files": {"image": ("g.png", guide[:300])}, "data": ok}, 415, "truncated or corrupt"),
+        ("truncated image", {"files": {"image": ("g.png", guide[:300])}, "data": ok}, 415, "damaged PNG"),
+        ("image data failing its checksum", {"files": {"image": ("g.png", _bad_idat_crc(guide))}, "data": ok}, 415,
+         "damaged PNG (its IDAT chunk fails its checksum)"),  # corpus round 10: the CLI's checks, not the server's
+        ("a second header", {"files": {"image": ("g.png", guide[:8] + guide[8:33] + guide[8:])}, "data": ok}, 415,
+         "its header (IHDR) is not its one first chunk"),
         ("text as image", {"files": {"image": ("g.png", b"hello world")}, "data": ok}, 415, "not an image"),
         ("empty file", {"files": {"image": ("g.png", b"")}, "data": ok}, 415, "not an image"),
         ("huge dimensions, small file", {"files": {"image": ("g.png", _huge_header_png())}, "data": ok}, 413,

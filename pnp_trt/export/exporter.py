@@ -93,7 +93,8 @@ def export_one(name: str, module: torch.nn.Module, model: TorchModel, out: Path,
         raise PnPError(f"{name}.onnx disagrees with PyTorch: {worst} off by {report.worst:.2e} relative "
                        f"(tolerance {TOLERANCE[precision]:.0e}); the export is not trustworthy, nothing was written")
     stamp_export_id(path, export_id, model.dims.to_dict(),
-                    {"precision": precision, "attention": attention, "opset": opset})
+                    {"precision": precision, "attention": attention, "opset": opset,
+                     "vae_scaling_factor": model.scaling_factor})
     return report
 
 

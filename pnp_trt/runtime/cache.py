@@ -144,7 +144,11 @@ class SourceCache:
                 self._disk_failed(exc)
 
     def _disk_failed(self, exc: Exception) -> None:
-        if not self._warned:
+        if not self._warned and self.directory is not None and os.path.lexists(self.directory) \
+                and not self.directory.is_dir():
+            warnings.warn(f"source cache {self.directory} is not a directory (a file, FIFO, device or link); going on "
+                          "without it: give --cache-dir a directory of its own", RuntimeWarning, stacklevel=3)
+        elif not self._warned:
             warnings.warn(f"source cache {self.directory} cannot be written ({type(exc).__name__}: "
                           f"{str(exc)[:120]}); going on without it", RuntimeWarning, stacklevel=3)
         self._warned, self.directory = True, None

@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from .. import validation
 from ..config import GENERATION_ONLY, GENERATION_SETTINGS, TranslateConfig
 from ..errors import PnPError
-from ..images import GUIDANCE_FORMATS, Guidance, normalize_guidance
+from ..images import GUIDANCE_FORMATS, Guidance, check_decoded, check_structure, normalize_guidance
 from ..runtime.translation import Translation, plan_size
 from .batching import group_key
 from .limits import RequestError, ServeLimits, check_prompts, check_text, settings_from_form
@@ -72,7 +72,11 @@ def decode_image(data: bytes, limits: ServeLimits) -> Image.Image:
         raise RequestError(413, f"the image is {width}x{height}, over this server's "
                                 f"{limits.max_input_pixels / 1e6:g} Mpx limit; downscale it first")
     try:
+        check_structure(opened, io.BytesIO(data), "the upload")  # the checks a file on the CLI gets
         opened.load()
+        check_decoded(opened, "the upload")
+    except PnPError as exc:
+        raise RequestError(415, str(exc)) from None
     except (OSError, ValueError, SyntaxError):
         raise RequestError(415, "the image file is truncated or corrupt; send a valid PNG, JPEG or WebP file") \
             from None
