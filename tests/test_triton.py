@@ -193,7 +193,7 @@ def _bad_cases(guide: bytes) -> list[tuple[str, dict, list[str], dict, str]]:
         ("empty prompt", image, [""], SETTINGS, "prompt 1 must not be empty"),
         ("too many prompts", image, ["a"] * 9, SETTINGS, "9 prompts is over this server's limit of 8"),
         ("text as image", {"image": b"hello"}, ["a"], SETTINGS, "not an image"),
-        ("truncated image", {"image": guide[:300]}, ["a"], SETTINGS, "truncated or corrupt"),
+        ("truncated image", {"image": guide[:300]}, ["a"], SETTINGS, "damaged PNG (its IDAT chunk is cut short)"),
         ("tiny image", {"image": _png(Image.new("RGB", (8, 8)))}, ["a"], SETTINGS, "at least 64 px"),
         ("steps 0", image, ["a"], {**SETTINGS, "STEPS": 0}, "at least 1"),
         ("steps over the limit", image, ["a"], {**SETTINGS, "STEPS": 5000}, "limit of 100"),
