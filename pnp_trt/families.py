@@ -123,8 +123,8 @@ def detect(unet: Mapping[str, Any], model_index: Mapping[str, Any], scheduler: M
         return SD
     aesthetic = validation.boolean("model_index.json requires_aesthetics_score",
                                    model_index.get("requires_aesthetics_score", False))
-    if aesthetic or ("text_encoder_2" in model_index
-                                                        and model_index.get("text_encoder") in (None, [None, None])):
+    no_first_encoder = "text_encoder_2" in model_index and model_index.get("text_encoder") in (None, [None, None])
+    if aesthetic or no_first_encoder:
         raise PnPError("this is an SDXL refiner (a second-stage UNet without source features of its own); PnP "
                        "runs on the SDXL base model or a fine-tune of it")
     kind = str(scheduler.get("_class_name", ""))
