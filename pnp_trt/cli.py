@@ -101,6 +101,7 @@ def user_errors(command: Callable[..., None]) -> Callable[..., None]:
             err.print(f"[bold red]error:[/] {escape(problem)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as exc:
+            STOP_SAID.append(True)
             written = written_before(exc)
             err.print(f"interrupted; {written} had been written in full" if written else
                       "interrupted; nothing was written", highlight=False, soft_wrap=True)
@@ -452,11 +453,12 @@ def build(
 @app.command()
 @user_errors
 def verify(directory: Path = typer.Argument(..., help="An exported directory.", parser=path_text)) -> None:
-    """Check every file of an exported directory against the sha256 in its manifest."""
+    """Check an exported directory as loading does (manifest, tokenizers, scheduler, each graph's identity), then
+    every file against the sha256 in its manifest."""
     from .manifest import read_manifest, rebuild_hint
-    from .manifest import verify as verify_files
+    from .runtime.exported import verify_exported
 
-    bad = verify_files(directory)
+    bad = verify_exported(directory)
     if bad:
         raise PnPError(f"{', '.join(bad)} in {directory} differ from the manifest (corrupt or replaced); "
                        f"rebuild with `{rebuild_hint(read_manifest(directory), directory)}`")
@@ -700,15 +702,26 @@ def _serve_on_ray(options: Any, host: str, port: int) -> None:
     ray.init(logging_level=logging.ERROR, log_to_driver=False)
     _handle_stop_signals()  # ray.init installs a native handler that dumps a stack trace on SIGTERM
     try:
+        _check_ray_gpus(ray.cluster_resources().get("GPU", 0), options.replicas, options.gpus_per_replica)
         serve.start(http_options={"host": host, "port": port})
         err.print(f"serving {options.backend} on Ray Serve, {options.replicas} replica(s), {url(host, port)} "
                   "(Ctrl-C stops)", highlight=False)
         serve.run(build_application(options), blocking=True)
     except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: a local Ray goes down with the command
+        STOP_SAID.append(True)
         err.print("stopped serving", highlight=False)
         raise typer.Exit(exc.exit_code if isinstance(exc, Terminated) else 130) from None
     finally:
         ray.shutdown()
+
+
+def _check_ray_gpus(cluster_gpus: float, replicas: int, per_replica: float) -> None:
+    """Replicas that reserve more GPUs than the Ray cluster has are never placed (they wait, "loading", forever):
+    refused before serving."""
+    if per_replica * replicas > cluster_gpus:
+        raise PnPError(f"--replicas {replicas} × --gpus-per-replica {per_replica:g} need {per_replica * replicas:g} "
+                       f"GPUs, and the Ray cluster has {cluster_gpus:g}; lower them (0 runs on CPUs) or start Ray "
+                       "where the GPUs are")
 
 
 class Terminated(KeyboardInterrupt):
@@ -723,6 +736,8 @@ class Terminated(KeyboardInterrupt):
 
 STOPPED_BY: list[int] = []
 """The stop signal received, if one was: the exit code where the parser turned it into a plain abort."""
+STOP_SAID: list[bool] = []
+"""Whether the command itself reported the stop (else `main` does, once the parser has given up)."""
 
 
 def _stop(signum: int, frame: Any) -> None:
@@ -763,8 +778,8 @@ def main() -> None:
         where = f"; see `{exc.ctx.command_path} -h`" if exc.ctx else ""
         err.print(f"[bold red]error:[/] {escape(exc.format_message())}{where}", highlight=False, soft_wrap=True)
         code = 2
-    except typer.Abort:  # a stop signal before the command ran (the parser turns it into an abort)
-        code = 128 + STOPPED_BY[0] if STOPPED_BY else 130
+    except (typer.Abort, KeyboardInterrupt):  # a stop signal before the command ran (the parser's abort, or
+        code = 130  # the signal itself while typer builds the command): said and coded below
     except Exception as exc:  # not a user error: a bug, said in one line (PNP_TRT_DEBUG=1 shows the traceback)
         if os.environ.get("PNP_TRT_DEBUG"):
             raise
@@ -772,6 +787,9 @@ def main() -> None:
         err.print(f"[bold red]internal error:[/] {escape(type(exc).__name__)}: {escape(text)} — a pnp-trt bug; "
                   "rerun with PNP_TRT_DEBUG=1 for the traceback and report it", highlight=False, soft_wrap=True)
         code = 1
+    if STOPPED_BY and not STOP_SAID:  # the parser took the signal (typer answers 130 even for SIGTERM)
+        err.print("interrupted; nothing was written", highlight=False, soft_wrap=True)
+        code = 128 + STOPPED_BY[0]
     _quiet_broken_streams()
     sys.exit(code if isinstance(code, int) else 0)
 

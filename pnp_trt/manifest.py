@@ -154,7 +154,23 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         if file.stat().st_size != entry["bytes"]:
             raise PnPError(f"{file} is {file.stat().st_size} bytes, the manifest says {entry['bytes']} "
                            f"(truncated or replaced); rebuild with `{rebuild_hint(manifest, directory)}`")
+        if not name.endswith(GRAPH_SUFFIXES) and entry["bytes"] <= HASHED_AT_LOAD and not _same(file, entry):
+            raise PnPError(f"{file} differs from the sha256 in the manifest (edited or replaced); rebuild with "
+                           f"`{rebuild_hint(manifest, directory)}`")
     return manifest
+
+
+GRAPH_SUFFIXES = (".onnx", ".onnx.data", ".engine", ".plan")
+"""Graphs and engines carry their export's identity in their own metadata (checked as they load), so start-up
+never hashes them; every other file of an export (scheduler, tokenizers: a few MB) is hashed on every load."""
+HASHED_AT_LOAD = 64 * 2**20
+
+
+def _same(file: Path, entry: dict[str, Any]) -> bool:
+    try:
+        return sha256(file) == entry["sha256"]
+    except OSError as exc:
+        raise PnPError(f"cannot read {file} ({exc.strerror}); check its permissions") from None
 
 
 SCHEMA: dict[str, type | tuple[type, ...]] = {
@@ -191,7 +207,7 @@ def schema_problem(manifest: dict[str, Any], directory: Path) -> str | None:
             if length != dims.text_length:
                 return f"`{name}.max_length` {length} differs from `dims.text_length` {dims.text_length}"
             validation.integer(f"{name}.pad_id", tokenizer.get("pad_id"), 0, 2**31 - 1)
-            validation.text(f"{name}.pad_token", tokenizer.get("pad_token"))
+            validation.text(f"{name}.pad_token", tokenizer.get("pad_token"), limit=None)
     except PnPError as exc:
         return str(exc)
     if manifest["format_version"] == 3 and dims.family != "sd":
@@ -281,9 +297,8 @@ def onnx_metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def verify(directory: Path) -> list[str]:
+def file_hashes_differ(directory: Path, manifest: dict[str, Any]) -> list[str]:
     """Names of files whose sha256 differs from the manifest (empty when all match)."""
-    manifest = read_manifest(directory)
     try:
         return [name for name, entry in manifest["files"].items()
                 if sha256(Path(directory) / name) != entry["sha256"]]

@@ -321,6 +321,9 @@ def _check_weight_files(path: Path, family: Family) -> None:
                            "weights, never pickled .bin/.ckpt files: convert them with diffusers' "
                            "save_pretrained(safe_serialization=True) in a trusted environment)")
         for file in files:
+            if not file.is_file():
+                raise PnPError(f"model {path}: {part}/{file.name} is not a regular file (a directory, FIFO or "
+                               "device); put the weights file there")
             try:
                 with safe_open(str(file), framework="numpy") as weights:
                     weights.keys()

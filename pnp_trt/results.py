@@ -14,7 +14,16 @@ from typing import Any
 
 from PIL import Image
 
-from .destination import RECORD, WRITER, check_destination, file_digest, record_json, sealed, sealed_png
+from .destination import (
+    RECORD,
+    WRITER,
+    check_destination,
+    file_digest,
+    record_json,
+    sealed,
+    sealed_png,
+    written_by_pnp_trt,
+)
 from .fileio import committing, new_staging, retire, swap_in
 from .images import png_bytes
 
@@ -74,13 +83,15 @@ def save_file(out: Path, image: Image.Image, record: dict[str, Any], guidance: I
                                                      "outputs": [beside]})
     names = [out.name, *(path.name for path in pictures)]
     pictures[out] = (image, {**record, "written_by": WRITER, "outputs": names})
+    # an earlier run's guidance beside `out` belongs to the result replaced: it goes with it, as a pair
+    stale = [guidance_beside(out)] if guidance is None and written_by_pnp_trt(guidance_beside(out)) else []
     staged: dict[Path, Path] = {}
     try:
         for path, (picture, chunk) in pictures.items():
             staged[path] = new_staging(path.parent, path.name, suffix=".png")
             staged[path].write_bytes(sealed_png(png_bytes(picture), chunk))
         with committing(out):  # the earlier pair moved aside first: a kill midway gets it back (`retire`)
-            retired = retire(list(staged)) if len(staged) > 1 else None
+            retired = retire(list(staged) + stale) if len(staged) > 1 or stale else None
             for path, tmp in staged.items():  # the image, carrying the record, last
                 tmp.chmod(0o644)
                 os.replace(tmp, path)

@@ -94,10 +94,19 @@ def path(name: str, value: Any) -> Path:
     return Path(value)
 
 
-def text(name: str, value: Any, non_blank: bool = False) -> str:
-    """A string of valid Unicode (argv bytes that are not UTF-8 are refused here), optionally not blank."""
+MAX_TEXT_CHARS = 2000
+"""The longest prompt any surface takes: text encoders read 77 tokens, and far longer text is a mistake (or a
+client flooding the server), not a description."""
+
+
+def text(name: str, value: Any, non_blank: bool = False, limit: int | None = MAX_TEXT_CHARS) -> str:
+    """A string of valid Unicode (argv bytes that are not UTF-8 are refused here) of at most `limit` characters,
+    optionally not blank."""
     if not isinstance(value, str):
         raise PnPError(f"{name} must be text, got {_shown(value)}")
+    if limit is not None and len(value) > limit:
+        raise PnPError(f"{name} is {len(value)} characters, over the limit of {limit} (the text encoder reads "
+                       "only its first 77 tokens); shorten it")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

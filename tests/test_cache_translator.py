@@ -87,7 +87,7 @@ def test_disk_store_reused_and_corruption_rebuilt(tiny_torch, guide, tmp_path: P
     assert not rebuilt.source_cache_hit and np.array_equal(rebuilt.latents, first.latents)
     entry_bytes = entry.read_bytes()
     entry.write_bytes(b"not safetensors")  # not an entry any more: never read, never replaced (see below)
-    with pytest.warns(RuntimeWarning, match="is not an entry this cache wrote"):
+    with pytest.warns(RuntimeWarning, match="not an entry this cache can read .*cached again"):
         assert not translate(tiny_torch, ["a cat"], TranslateConfig(**SETTINGS), image=guide,
                              cache=SourceCache(directory=store)).source_cache_hit
     assert entry.read_bytes() == b"not safetensors"
@@ -376,7 +376,7 @@ def test_a_users_file_under_an_entrys_name_is_never_read_replaced_or_deleted(tin
     translate(tiny_torch, ["a cat"], TranslateConfig(**SETTINGS), image=guide, cache=SourceCache(directory=store))
     (entry,) = store.glob("*.safetensors")
     entry.write_text("my notes")
-    with pytest.warns(RuntimeWarning, match="is not an entry this cache wrote"):
+    with pytest.warns(RuntimeWarning, match="not an entry this cache can read .*cached again"):
         again = translate(tiny_torch, ["a cat"], TranslateConfig(**SETTINGS), image=guide,
                           cache=SourceCache(directory=store))
     assert not again.source_cache_hit and entry.read_text() == "my notes"

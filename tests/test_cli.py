@@ -682,3 +682,34 @@ def test_model_files_that_hang_or_never_end_are_one_line(tiny_model_dir: Path, t
                  "--steps", "1", "--height", "64", "--width", "64")
     assert_user_error(result, fragment)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_weights_path_that_is_a_directory_is_named(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Corpus 11: it was "not a complete safetensors file (No such device)"."""
+    import torch
+
+    from pnp_trt.errors import PnPError
+    from pnp_trt.models import load_diffusers
+
+    copy = Path(shutil.copytree(tiny_model_dir, tmp_path / "m"))
+    weights = copy / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    weights.mkdir()
+    with pytest.raises(PnPError, match="vae/diffusion_pytorch_model.safetensors is not a regular file"):
+        load_diffusers(str(copy), torch.device("cpu"), torch.float32)
+
+
+def test_a_stop_signal_while_the_parser_runs_keeps_its_exit_code_and_says_so(monkeypatch, capsys) -> None:
+    """Corpus 11: SIGTERM in the quarter second typer spends building the command exited 130 (Ctrl-C's code),
+    silently, or (a few ms later) as a traceback."""
+    import signal
+
+    from pnp_trt import cli
+
+    monkeypatch.setattr(cli, "STOPPED_BY", [])
+    monkeypatch.setattr(cli, "STOP_SAID", [])
+    monkeypatch.setattr(cli, "_handle_stop_signals", lambda: None)
+    monkeypatch.setattr(cli, "app", lambda **_: cli._stop(signal.SIGTERM, None))
+    with pytest.raises(SystemExit) as stopped:
+        cli.main()
+    assert stopped.value.code == 143 and "interrupted; nothing was written" in capsys.readouterr().err

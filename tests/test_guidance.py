@@ -194,6 +194,7 @@ def test_api_settings_are_typed_and_bounded(tiny_torch, settings: dict, fragment
     (["\u200b"], "prompt 1 must not be empty or only spaces, control or invisible"),  # corpus round 5
     (["\x07\x1b"], "prompt 1 must not be empty or only spaces, control or invisible"),
     (["a c\x00at"], "prompt 1 contains a NUL character"),
+    (["word " * 401], "prompt 1 is 2005 characters, over the limit of 2000"),  # corpus 11: the server's rule
     *[([blank], "prompt 1 must not be empty or only spaces, control or invisible")  # corpus round 6
       for blank in ("\ufe0f", "\u3164", "\u2800", " \u115f\u1160 ", "\u0301\u0301")],
 ])
@@ -337,3 +338,11 @@ def test_corpus_round_6_api_types(tiny_torch, tmp_path: Path) -> None:
     (tmp_path / "r.png").unlink()
     image.save(tmp_path / "r.png")
     assert Translator(tiny_torch).translate(["a cat"], Where(), **SETTINGS).guidance_file == str(tmp_path / "r.png")
+
+
+def test_every_text_setting_has_the_servers_length_limit(tiny_torch) -> None:
+    """Corpus 11: a 100,000-character negative prompt was used silently by the CLI and API (77 tokens read)
+    where the server refused it: one limit, in the one validation layer."""
+    with pytest.raises(PnPError, match="--negative-prompt is 2001 characters, over the limit of 2000"):
+        Translator(tiny_torch).translate("a cat", Image.new("RGB", (128, 64)), negative_prompt="x" * 2001,
+                                         **SETTINGS)

@@ -590,3 +590,43 @@ def test_a_manifest_that_is_not_a_regular_file_is_named(exported: Path, tmp_path
         f.truncate(6 << 30)  # sparse
     with pytest.raises(PnPError, match="manifest.json is 6144 MiB, not a manifest"):
         open_onnxruntime(huge)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: (d / "scheduler_config.json").write_text(  # same size: a start-up size check cannot see it
+        (d / "scheduler_config.json").read_text().replace('"steps_offset": 1', '"steps_offset": 0')),
+    lambda d: (d / "tokenizer.json").write_bytes((d / "tokenizer.json").read_bytes().replace(b"  ", b" \t", 1)),
+])
+def test_an_exports_small_files_are_checked_by_hash_on_every_load(exported: Path, tmp_path: Path, edit) -> None:
+    """Corpus 11: a scheduler config edited in place ran silently (157/255 off); every file but the graphs
+    (which carry their export's id) is hashed at load."""
+    copy = _copy(exported, tmp_path)
+    sizes = {p.name: p.stat().st_size for p in copy.iterdir()}
+    edit(copy)
+    assert {p.name: p.stat().st_size for p in copy.iterdir()} == sizes
+    with pytest.raises(PnPError, match="differs from the sha256 in the manifest .edited or replaced.; rebuild"):
+        open_onnxruntime(copy)
+
+
+@pytest.mark.parametrize("field,value,fragment", [
+    ("vae_scaling_factor", 0.3, "settings .vae_scaling_factor. disagree"),
+    ("tokenizer", {"max_length": 77, "pad_id": 7, "pad_token": "!"}, "pad_token '!' is not token 7"),
+])
+def test_verify_checks_what_loading_checks(exported: Path, tmp_path: Path, field: str, value, fragment: str) -> None:
+    """Corpus 11: `verify` said "all files match" of a manifest that translate refuses (it hashed files only)."""
+    copy = _copy(exported, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, field: value}))
+    result = runner.invoke(app, ["verify", str(copy)])
+    assert result.exit_code == 2 and re.search(fragment, " ".join(result.output.split())), result.output
+
+
+def test_an_export_records_a_local_model_by_its_absolute_path(tiny_model_dir: Path, tmp_path: Path,
+                                                              monkeypatch) -> None:
+    """Corpus 11: `--model tiny` (relative) was recorded as is, and the rebuild hints it printed elsewhere
+    were taken for a hub id."""
+    from pnp_trt.export.exporter import recorded_model_id
+
+    monkeypatch.chdir(tiny_model_dir.parent)
+    assert recorded_model_id(tiny_model_dir.name) == str(tiny_model_dir.resolve())
+    assert recorded_model_id("stabilityai/stable-diffusion-2-1-base") == "stabilityai/stable-diffusion-2-1-base"

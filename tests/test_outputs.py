@@ -393,3 +393,15 @@ def test_a_record_is_ours_only_byte_for_byte_and_a_set_only_where_it_was_written
         with pytest.raises(PnPError, match="holds files pnp-trt did not write, or that changed since"):
             save_directory(directory, ["c"], [image], {})
         assert _snapshot(directory) == before
+
+
+def test_a_rerun_without_a_guidance_takes_the_earlier_guidance_with_the_result_it_replaces(tmp_path: Path) -> None:
+    """Corpus 11: the pair is replaced as a pair (a stale seed-9 guidance stayed beside a new result); a user's
+    file of that name is never touched."""
+    image, out = Image.new("RGB", (8, 8)), tmp_path / "r.png"
+    save_file(out, image, {}, guidance=image)
+    save_file(out, image, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.png"]
+    (tmp_path / "r.guidance.png").write_bytes(b"a user's file")
+    save_file(out, image, {})
+    assert (tmp_path / "r.guidance.png").read_bytes() == b"a user's file"

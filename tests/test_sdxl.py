@@ -248,6 +248,8 @@ def test_injection_presets(tiny_sdxl_dir: Path, exported_sdxl: Path) -> None:
         open_model("onnxruntime", None, exported_sdxl, injection_preset="pnp-first-attention")
     with pytest.raises(PnPError, match="'pnp-second' is not one of Stable Diffusion XL's: pnp "):
         open_torch(str(tiny_sdxl_dir), torch.device("cpu"), torch.float32, injection_preset="pnp-second")
+    with pytest.raises(PnPError, match="'pnp-second' is not one of Stable Diffusion XL's: pnp "):  # corpus 11
+        open_model("onnxruntime", None, exported_sdxl, injection_preset="pnp-second")
 
 
 def test_tensorrt_profiles_follow_the_family(sdxl32) -> None:

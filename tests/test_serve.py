@@ -581,3 +581,16 @@ def test_sighup_stops_the_server_as_sigterm_does(exported: Path, tmp_path: Path)
         if process.poll() is None:
             process.kill()
     assert "Traceback" not in log.read_text() and "Shutting down" in log.read_text(), log.read_text()[-2000:]
+
+
+def test_ray_replicas_that_reserve_more_gpus_than_the_cluster_has_are_refused() -> None:
+    """Corpus 11: `--ray --gpus-per-replica 1` on a machine without a GPU said "loading" forever."""
+    from pnp_trt.cli import _check_ray_gpus
+    from pnp_trt.errors import PnPError
+
+    with pytest.raises(PnPError, match=r"--replicas 1 × --gpus-per-replica 1 need 1 GPUs, and the Ray cluster has 0"):
+        _check_ray_gpus(0, 1, 1.0)
+    with pytest.raises(PnPError, match="need 2 GPUs"):
+        _check_ray_gpus(1, 2, 1.0)
+    _check_ray_gpus(2, 2, 1.0)
+    _check_ray_gpus(0, 3, 0.0)

@@ -62,7 +62,7 @@ class Triton:
         self.http, self.grpc, self.metrics = _free_port(), _free_port(), _free_port()
         self.log = log
         command = [str(ROOT / "tools" / "pytriton-tritonserver.sh"), str(repository), str(self.http),
-                   str(self.grpc), str(self.metrics), "--exit-on-error=false"]
+                   str(self.grpc), str(self.metrics)]  # the launcher keeps the loadable models serving
         self.process = subprocess.Popen(command, env={**os.environ, "VENV": str(triton_venv())},
                                         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 

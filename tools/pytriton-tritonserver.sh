@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the tritonserver that the nvidia-pytriton wheel bundles (Triton 2.51 with its Python backend, CPU) on a model
-# repository, listening on loopback only. For machines without NVIDIA's Triton container; tests and the README
-# use it. VENV: a virtual environment holding nvidia-pytriton==0.7.0, numpy<2 and pnp-trt.
+# repository, listening on loopback only, and serving the models that load when another cannot
+# (--exit-on-error=false: a broken model is not ready; the others serve). For machines without NVIDIA's Triton
+# container; tests and the README use it. VENV: a virtual environment holding nvidia-pytriton==0.7.0, numpy<2 and pnp-trt.
 #   VENV=DIR tools/pytriton-tritonserver.sh REPOSITORY HTTP_PORT GRPC_PORT METRICS_PORT [tritonserver flags]
 set -euo pipefail
 venv=${VENV:?set VENV to the virtual environment holding nvidia-pytriton and pnp-trt}
@@ -21,4 +22,4 @@ export LD_LIBRARY_PATH=$libdir:$site/nvidia_pytriton.libs${LD_LIBRARY_PATH:+:$LD
 export PATH=$venv/bin:$PATH
 exec "$server/bin/tritonserver" --model-repository "$repository" --backend-directory "$server/backends" \
   --http-address 127.0.0.1 --http-port "$http" --grpc-address 127.0.0.1 --grpc-port "$grpc" \
-  --metrics-address 127.0.0.1 --metrics-port "$metrics" "$@"
+  --metrics-address 127.0.0.1 --metrics-port "$metrics" --exit-on-error=false "$@"

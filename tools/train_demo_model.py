@@ -7,12 +7,17 @@ Three stages, each seeded and resumable from --work (rerun the same command afte
   3. the UNet and the text encoder together, ε-prediction on SD 2.1's noise schedule, 10 % empty captions (for
      classifier-free guidance), with an exponential moving average of the weights, which is what is saved.
 
+`--init-from DIR` goes on from an earlier demo model instead (its VAE kept, stage 3 only); `--pyramid-noise D`
+trains stage 3 on multi-resolution noise, so that colours come from the prompt rather than from the inverted
+noise. The shipped model's `training.json` records the commands that made it.
+
     python tools/train_demo_model.py --work /tmp/demo-train --out pnp_trt/demo/model
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import tempfile
@@ -145,18 +150,38 @@ def unet_lr(step: int, steps: int, decay_from: int | None) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - decay_from) / max(1, steps - decay_from)))
 
 
-def train_unet(work: Path, seed: int, steps: int, bank: dict[str, Any], tokenizer: Any, scale: float,
-               decay_from: int | None = None) -> tuple:
-    from diffusers import UNet2DConditionModel
+def pyramid_noise(shape: torch.Size, generator: torch.Generator, discount: float) -> torch.Tensor:
+    """Gaussian noise plus coarser Gaussian noise at every halving of the latent's side, weighted discount^level
+    and rescaled to unit variance (multi-resolution "pyramid" noise): the flat colour regions of this world are
+    low frequencies, which plain noise leaves readable at t = 999, so a model trained on it takes its colours
+    from an inverted x_T and not from the prompt."""
+    noise = torch.randn(shape, generator=generator)
+    side, level = shape[-1], 1
+    while side > 1:
+        side //= 2
+        coarse = torch.randn((*shape[:2], side, side), generator=generator)
+        noise = noise + discount ** level * torch.nn.functional.interpolate(coarse, size=shape[-2:], mode="nearest")
+        level += 1
+    return noise / noise.std(dim=(1, 2, 3), keepdim=True)
 
+
+def initial_models(tokenizer: Any, seed: int, init_from: Path | None) -> tuple[Any, Any]:
+    """A fresh UNet and text encoder (seeded), or those of an earlier demo model to go on from."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    if init_from is not None:
+        return (UNet2DConditionModel.from_pretrained(init_from / "unet", use_safetensors=True),
+                CLIPTextModel.from_pretrained(init_from / "text_encoder", use_safetensors=True))
     torch.manual_seed(seed)
-    unet: Any = UNet2DConditionModel(**demo_unet_config())
-    encoder = text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, **TEXT_ENCODER)
-    averages = {"unet": UNet2DConditionModel(**demo_unet_config()),
-                "text_encoder": text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
-                                             **TEXT_ENCODER)}
-    averages["unet"].load_state_dict(unet.state_dict())
-    averages["text_encoder"].load_state_dict(encoder.state_dict())
+    return (UNet2DConditionModel(**demo_unet_config()),
+            text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, **TEXT_ENCODER))
+
+
+def train_unet(work: Path, seed: int, steps: int, bank: dict[str, Any], tokenizer: Any, scale: float,
+               decay_from: int | None = None, pyramid: float | None = None, init_from: Path | None = None) -> tuple:
+    unet, encoder = initial_models(tokenizer, seed, init_from)
+    averages = {"unet": copy.deepcopy(unet), "text_encoder": copy.deepcopy(encoder)}
     parameters = list(unet.parameters()) + list(encoder.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=UNET["lr"], weight_decay=0.01)
     modules = {"unet": unet, "text_encoder": encoder, "ema_unet": averages["unet"],
@@ -176,7 +201,8 @@ def train_unet(work: Path, seed: int, steps: int, bank: dict[str, Any], tokenize
         dropped = torch.from_numpy(rng.random(UNET["batch"]) < 0.1)
         tokens = torch.where(dropped[:, None], ids[-1], ids[rows])
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        noise = torch.randn(latents[rows].shape, generator=generator)
+        noise = (torch.randn(latents[rows].shape, generator=generator) if pyramid is None
+                 else pyramid_noise(latents[rows].shape, generator, pyramid))
         t = torch.randint(0, 1000, (UNET["batch"],), generator=generator)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents[rows] + (1 - a).sqrt() * noise
@@ -209,20 +235,29 @@ def main() -> None:
     parser.add_argument("--lr-decay-from", type=int, default=None,
                         help="the UNet step from which its learning rate decays (cosine) to zero at the end")
     parser.add_argument("--scenes", type=int, default=32768, help="scenes in the latent bank")
+    parser.add_argument("--pyramid-noise", type=float, default=None, metavar="DISCOUNT",
+                        help="train on multi-resolution noise, each coarser level weighted by DISCOUNT^level")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="go on from an earlier demo model's UNet, text encoder and VAE (no VAE stage)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     began = time.monotonic()
     args.work.mkdir(parents=True, exist_ok=True)
-    autoencoder = train_vae(args.work, args.seed, args.vae_steps)
-    vae_loss = json.loads((args.work / "vae" / "state.json").read_text())["losses"][-1]
+    if args.init_from is None:
+        autoencoder = train_vae(args.work, args.seed, args.vae_steps)
+        vae_loss = json.loads((args.work / "vae" / "state.json").read_text())["losses"][-1]
+    else:
+        from diffusers import AutoencoderKL
+        autoencoder = AutoencoderKL.from_pretrained(args.init_from / "vae", use_safetensors=True).eval()
+        vae_loss = json.loads((args.init_from / "training.json").read_text())["final_vae_loss"]
     bank = latent_bank(args.work, args.seed, autoencoder, args.scenes)
-    scale = float(1 / bank["latents"].std())
+    scale = float(1 / bank["latents"].std()) if args.init_from is None else autoencoder.config.scaling_factor
     autoencoder.register_to_config(scaling_factor=scale)
     with tempfile.TemporaryDirectory() as tmp_tokenizer:
         tokenizer = write_clip_tokenizer(Path(tmp_tokenizer) / "tokenizer", world.WORDS)
     unet, encoder, losses = train_unet(args.work, args.seed, args.unet_steps, bank, tokenizer, scale,
-                                       args.lr_decay_from)
+                                       args.lr_decay_from, args.pyramid_noise, args.init_from)
     with staging_directory(args.out) as tmp:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         autoencoder.save_pretrained(tmp / "vae", safe_serialization=True)
@@ -237,7 +272,9 @@ def main() -> None:
                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                 if k not in ("work", "out") and v is not None),
             "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
-            "lr_decay_from": args.lr_decay_from, "scenes": args.scenes,
+            "lr_decay_from": args.lr_decay_from, "scenes": args.scenes, "pyramid_noise": args.pyramid_noise,
+            "init_from": None if args.init_from is None else json.loads(
+                (args.init_from / "training.json").read_text()),
             "scaling_factor": scale, "final_unet_loss_mean_last_200": sum(tail) / len(tail),
             "final_vae_loss": vae_loss, "minutes_of_the_last_run": (time.monotonic() - began) / 60}, indent=2))
     print(f"wrote {args.out} in {(time.monotonic() - began) / 60:.1f} min", flush=True)

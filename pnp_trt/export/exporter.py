@@ -98,6 +98,11 @@ def export_one(name: str, module: torch.nn.Module, model: TorchModel, out: Path,
     return report
 
 
+def recorded_model_id(model_id: str) -> str:
+    """A hub id as given; a local directory as its absolute path, so that a rebuild hint runs from anywhere."""
+    return str(Path(model_id).resolve()) if Path(model_id).is_dir() else model_id
+
+
 def write_side_files(model: TorchModel, out: Path, precision: str, opset: int, attention: str,
                      reports: list[GraphReport], versions: dict[str, str], export_id: str) -> None:
     """Tokenizer, scheduler config and the manifest (written last, over every other file)."""
@@ -106,7 +111,7 @@ def write_side_files(model: TorchModel, out: Path, precision: str, opset: int, a
         tokenizer.save(out / f"{name}.json")
     (out / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2, default=str))
     manifest = {
-        "format_version": FORMAT_VERSION, "model_id": model.model_id, "export_id": export_id,
+        "format_version": FORMAT_VERSION, "model_id": recorded_model_id(model.model_id), "export_id": export_id,
         "weights_sha256": weights_hash(model),
         "dims": model.dims.to_dict(), "vae_scaling_factor": model.scaling_factor,
         "injection_points": [p.name for p in model.dims.points], "precision": precision, "opset": opset,

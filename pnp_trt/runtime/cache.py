@@ -149,8 +149,9 @@ class SourceCache:
             warnings.warn(f"source cache {self.directory} is not a directory (a file, FIFO, device or link); going on "
                           "without it: give --cache-dir a directory of its own", RuntimeWarning, stacklevel=3)
         elif not self._warned:
-            warnings.warn(f"source cache {self.directory} cannot be written ({type(exc).__name__}: "
-                          f"{str(exc)[:120]}); going on without it", RuntimeWarning, stacklevel=3)
+            detail = str(exc) if isinstance(exc, PnPError) else f"{type(exc).__name__}: {str(exc)[:120]}"
+            warnings.warn(f"source cache {self.directory} cannot be written ({detail}); going on without it",
+                          RuntimeWarning, stacklevel=3)
         self._warned, self.directory = True, None
 
     def _remember(self, key: str, source: Source) -> None:
@@ -223,7 +224,8 @@ def write_source(directory: Path, key: str, source: Source, backend: Backend) ->
                 "sha256": _checksum(tensors)}
     path = directory / f"{key}.safetensors"
     if os.path.lexists(path) and not (path.is_file() and not path.is_symlink() and is_entry(path)):
-        raise PnPError(f"{key[:16]}….safetensors is not an entry this cache wrote; left as it is")
+        raise PnPError(f"{key[:16]}….safetensors in it is not an entry this cache can read (damaged, or not "
+                       "pnp-trt's); left as it is: delete it to let this source be cached again")
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata))
 
 

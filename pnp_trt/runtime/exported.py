@@ -10,7 +10,7 @@ from typing import Any
 
 from ..contract import ModelDims
 from ..errors import PnPError
-from ..manifest import GRAPHS, read_manifest, rebuild_hint
+from ..manifest import GRAPHS, check_graph_identity, file_hashes_differ, onnx_metadata, read_manifest, rebuild_hint
 from ..schedule import Schedule
 from ..tokenizer import PromptTokenizer
 
@@ -58,6 +58,20 @@ def open_exported(directory: Path | str) -> Exported:
     if [p.name for p in dims.points] != manifest["injection_points"]:
         raise PnPError(f"{directory} was exported with other injection points; rebuild with `{rebuild}`")
     return Exported(directory, manifest, dims, tokenizers, schedule)
+
+
+def verify_exported(directory: Path | str) -> list[str]:
+    """Every file's sha256, then all that loading checks (the manifest's content, tokenizers, scheduler, each
+    graph's identity stamps): the names of the files that differ from the manifest, or a refusal."""
+    directory = Path(directory)
+    differ = file_hashes_differ(directory, read_manifest(directory))
+    if differ:
+        return differ
+    exported = open_exported(directory)
+    for graph in GRAPHS:
+        path = directory / f"{graph}.onnx"
+        check_graph_identity(onnx_metadata(path), exported.manifest, path)
+    return []
 
 
 EXTERNAL_LOCATION = b"\x0a\x08location"

@@ -73,10 +73,13 @@ def open_model(backend: str, model: str | Path | None, engines: Path | str | Non
 def check_export_preset(engines: Path, injection_preset: str) -> None:
     """An exported directory's graphs carry the preset it was exported with: another one is refused, naming it."""
     from ..contract import ModelDims
+    from ..families import preset
     from ..manifest import read_manifest, rebuild_hint
 
     manifest = read_manifest(engines)
-    exported = ModelDims.from_dict(manifest["dims"]).preset
+    dims = ModelDims.from_dict(manifest["dims"])
+    preset(dims.model_family, injection_preset)  # a name the family does not have: one line listing those it has
+    exported = dims.preset
     if injection_preset != exported:
         raise PnPError(f"{engines} was exported with injection preset {exported!r}; for {injection_preset!r} export "
                        f"again: `{rebuild_hint(manifest, Path('NEW_DIR'), preset=injection_preset)}`")

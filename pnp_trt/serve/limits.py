@@ -25,8 +25,6 @@ class ServeLimits:
     max_input_pixels: int = 16_000_000
     max_prompts: int = 8
     max_steps: int = 100
-    max_text_chars: int = 2000
-    """Longest prompt or other text field (CLIP reads 77 tokens: a few hundred characters)."""
     queue_length: int = 16
     """Requests waiting or running at once; more are answered 429 with Retry-After."""
     deadline_s: float = 120.0
@@ -118,7 +116,7 @@ def settings_from_form(fields: Mapping[str, str], limits: ServeLimits) -> Transl
     """A `TranslateConfig` from form fields (strings), validated as the CLI validates its flags; unknown fields,
     unparsable values and values past the server's limits are 422s naming the field."""
     unknown = sorted(set(fields) - set(FIELD_TYPES))
-    check_text(fields, limits)
+    check_text(fields)
     if unknown:
         raise RequestError(422, f"unknown field(s) {', '.join(unknown)}; settings are {', '.join(FIELD_TYPES)}")
     values: dict[str, Any] = {}
@@ -140,16 +138,18 @@ def settings_from_form(fields: Mapping[str, str], limits: ServeLimits) -> Transl
     return config
 
 
-def check_text(fields: Mapping[str, str], limits: ServeLimits) -> None:
+def check_text(fields: Mapping[str, str]) -> None:
+    """Every text field within the one text limit (`validation.text`'s), before anything parses it."""
     for name, text in fields.items():
-        if len(text) > limits.max_text_chars:
-            raise RequestError(422, f"{name} is {len(text)} characters, over this server's limit of "
-                                    f"{limits.max_text_chars} (the text encoder reads 77 tokens)")
+        try:
+            validation.text(name, text)
+        except PnPError as exc:
+            raise RequestError(422, str(exc)) from None
 
 
 def check_prompts(prompts: list[str], limits: ServeLimits) -> list[str]:
     for prompt in prompts:
-        check_text({"prompt": prompt}, limits)
+        check_text({"prompt": prompt})
     if not prompts:
         raise RequestError(422, "give at least one non-empty prompt field")
     try:

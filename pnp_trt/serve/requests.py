@@ -38,7 +38,7 @@ def check_request(fields: dict[str, str], prompts: list[str], image_data: bytes 
     Every refusal is a `RequestError` with its HTTP status and one line."""
     fields = dict(fields)
     source_prompt = fields.pop("source_prompt", None)
-    check_text({"source_prompt": source_prompt or ""}, limits)
+    check_text({"source_prompt": source_prompt or ""})
     config = settings_from_form(fields, limits)
     check_prompts(prompts, limits)
     if (image_data is None) == (source_prompt is None):
