@@ -263,6 +263,9 @@ def main() -> None:
         autoencoder.save_pretrained(tmp / "vae", safe_serialization=True)
         encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         write_clip_tokenizer(tmp / "tokenizer", world.WORDS)
+        for config in (tmp / "unet" / "config.json", tmp / "vae" / "config.json"):  # not where --init-from was
+            config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items()
+                                          if k != "_name_or_path"}, indent=2, sort_keys=True) + "\n")
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD21_SCHEDULER, indent=2))
         (tmp / "model_index.json").write_text(json.dumps(model_index(), indent=2))
