@@ -787,7 +787,7 @@ def main() -> None:
         err.print(f"[bold red]internal error:[/] {escape(type(exc).__name__)}: {escape(text)} — a pnp-trt bug; "
                   "rerun with PNP_TRT_DEBUG=1 for the traceback and report it", highlight=False, soft_wrap=True)
         code = 1
-    if STOPPED_BY and not STOP_SAID:  # the parser took the signal (typer answers 130 even for SIGTERM)
+    if code == 130 and STOPPED_BY and not STOP_SAID:  # the parser took the signal (typer: 130 even for SIGTERM)
         err.print("interrupted; nothing was written", highlight=False, soft_wrap=True)
         code = 128 + STOPPED_BY[0]
     _quiet_broken_streams()
