@@ -154,7 +154,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         if file.stat().st_size != entry["bytes"]:
             raise PnPError(f"{file} is {file.stat().st_size} bytes, the manifest says {entry['bytes']} "
                            f"(truncated or replaced); rebuild with `{rebuild_hint(manifest, directory)}`")
-        if not name.endswith(GRAPH_SUFFIXES) and entry["bytes"] <= HASHED_AT_LOAD and not _same(file, entry):
+        if not name.endswith(GRAPH_SUFFIXES) and entry["bytes"] <= HASHED_AT_LOAD and _differs(directory, name, entry):
             raise PnPError(f"{file} differs from the sha256 in the manifest (edited or replaced); rebuild with "
                            f"`{rebuild_hint(manifest, directory)}`")
     return manifest
@@ -166,11 +166,12 @@ never hashes them; every other file of an export (scheduler, tokenizers: a few M
 HASHED_AT_LOAD = 64 * 2**20
 
 
-def _same(file: Path, entry: dict[str, Any]) -> bool:
+def _differs(directory: Path, name: str, entry: dict[str, Any]) -> bool:
+    """Whether the file's sha256 differs from its manifest entry (an unreadable file: one line)."""
     try:
-        return sha256(file) == entry["sha256"]
+        return sha256(Path(directory) / name) != entry["sha256"]
     except OSError as exc:
-        raise PnPError(f"cannot read {file} ({exc.strerror}); check its permissions") from None
+        raise PnPError(f"cannot read {exc.filename} ({exc.strerror}); check its permissions") from None
 
 
 SCHEMA: dict[str, type | tuple[type, ...]] = {
@@ -299,9 +300,5 @@ def onnx_metadata(path: Path) -> dict[str, str]:
 
 def file_hashes_differ(directory: Path, manifest: dict[str, Any]) -> list[str]:
     """Names of files whose sha256 differs from the manifest (empty when all match)."""
-    try:
-        return [name for name, entry in manifest["files"].items()
-                if sha256(Path(directory) / name) != entry["sha256"]]
-    except OSError as exc:
-        raise PnPError(f"cannot read {exc.filename} ({exc.strerror}); check its permissions") from None
+    return [name for name, entry in manifest["files"].items() if _differs(directory, name, entry)]
 

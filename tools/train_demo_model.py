@@ -244,13 +244,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     began = time.monotonic()
     args.work.mkdir(parents=True, exist_ok=True)
-    if args.init_from is None:
+    earlier = None if args.init_from is None else json.loads((args.init_from / "training.json").read_text())
+    if earlier is None:
         autoencoder = train_vae(args.work, args.seed, args.vae_steps)
         vae_loss = json.loads((args.work / "vae" / "state.json").read_text())["losses"][-1]
     else:
         from diffusers import AutoencoderKL
         autoencoder = AutoencoderKL.from_pretrained(args.init_from / "vae", use_safetensors=True).eval()
-        vae_loss = json.loads((args.init_from / "training.json").read_text())["final_vae_loss"]
+        vae_loss = earlier["final_vae_loss"]
     bank = latent_bank(args.work, args.seed, autoencoder, args.scenes)
     scale = float(1 / bank["latents"].std()) if args.init_from is None else autoencoder.config.scaling_factor
     autoencoder.register_to_config(scaling_factor=scale)
@@ -276,8 +277,7 @@ def main() -> None:
                 if k not in ("work", "out") and v is not None),
             "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
             "lr_decay_from": args.lr_decay_from, "scenes": args.scenes, "pyramid_noise": args.pyramid_noise,
-            "init_from": None if args.init_from is None else json.loads(
-                (args.init_from / "training.json").read_text()),
+            "init_from": earlier,
             "scaling_factor": scale, "final_unet_loss_mean_last_200": sum(tail) / len(tail),
             "final_vae_loss": vae_loss, "minutes_of_the_last_run": (time.monotonic() - began) / 60}, indent=2))
     print(f"wrote {args.out} in {(time.monotonic() - began) / 60:.1f} min", flush=True)

@@ -61,13 +61,13 @@ def open_exported(directory: Path | str) -> Exported:
 
 
 def verify_exported(directory: Path | str) -> list[str]:
-    """Every file's sha256, then all that loading checks (the manifest's content, tokenizers, scheduler, each
-    graph's identity stamps): the names of the files that differ from the manifest, or a refusal."""
-    directory = Path(directory)
-    differ = file_hashes_differ(directory, read_manifest(directory))
+    """All that loading checks (the manifest's content, tokenizers, scheduler), every file's sha256, then each
+    graph's identity stamps: the names of the files that differ from the manifest, or a refusal."""
+    exported = open_exported(directory)
+    directory = exported.directory
+    differ = file_hashes_differ(directory, exported.manifest)
     if differ:
         return differ
-    exported = open_exported(directory)
     for graph in GRAPHS:
         path = directory / f"{graph}.onnx"
         check_graph_identity(onnx_metadata(path), exported.manifest, path)

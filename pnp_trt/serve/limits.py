@@ -148,8 +148,6 @@ def check_text(fields: Mapping[str, str]) -> None:
 
 
 def check_prompts(prompts: list[str], limits: ServeLimits) -> list[str]:
-    for prompt in prompts:
-        check_text({"prompt": prompt})
     if not prompts:
         raise RequestError(422, "give at least one non-empty prompt field")
     try:
