@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -21,6 +22,8 @@ DEFAULT_CACHE_BYTES = 2 << 30
 DEFAULT_DISK_CACHE_BYTES = 16 << 30
 """What an on-disk source cache (`--cache-dir`) may hold."""
 
+
+FLAG = re.compile(r"--([a-z][a-z-]*)")
 
 GENERATION_SETTINGS = ("seed", "source_guidance_scale")
 """Settings that act only on a guidance generated from a source prompt: given with an image they would do nothing,
@@ -83,6 +86,13 @@ class TranslateConfig:
                 object.__setattr__(self, field.name, value.item())
 
     @classmethod
+    def field_wording(cls, message: str) -> str:
+        """A settings refusal as a server's client reads it: each flag by its setting's name (`--steps` →
+        `steps`), the names a form and the API use."""
+        names = {f.name for f in fields(cls)}
+        return FLAG.sub(lambda m: m[1].replace("-", "_") if m[1].replace("-", "_") in names else m[0], message)
+
+    @classmethod
     def of(cls, settings: Mapping[str, Any]) -> TranslateConfig:
         """From keyword settings (the API's `**settings`), an unknown name refused in one line."""
         unknown = sorted(set(settings) - {f.name for f in fields(cls)})
@@ -107,6 +117,8 @@ class Limits:
 
     max_output_pixels: int | None = None
     """Largest output image (height × width); None: the model's default, `default_output_pixels`."""
+    over_hint: str = "pass a smaller --height/--width (or raise --max-output-mpx if the machine has the memory)"
+    """What a refusal tells its reader to do: a CLI or API user can raise the limit, a server's client cannot."""
 
     def output_pixels(self, native: int) -> int:
         return self.max_output_pixels if self.max_output_pixels is not None else default_output_pixels(native)
@@ -116,8 +128,7 @@ class Limits:
         limit = self.output_pixels(native)
         if height * width > limit:
             raise PnPError(f"output {height}x{width} is {height * width / 1e6:.3g} Mpx, over the "
-                           f"{limit / 1e6:.3g} Mpx limit; pass a smaller --height/--width "
-                           "(or raise --max-output-mpx if the machine has the memory)")
+                           f"{limit / 1e6:.3g} Mpx limit; {self.over_hint}")
 
 
 def default_output_pixels(native: int) -> int:

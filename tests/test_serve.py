@@ -395,7 +395,7 @@ def corpus(guide: bytes) -> list[tuple[str, dict, int, str]]:
                                    "data": SETTINGS}, 422, "unexpected file field 'prompt'"),
         ("three file parts", {"files": [("image", ("g.png", guide))] * 3, "data": ok}, 422, "several file parts"),
         ("blank source prompt", {"data": {**ok, "source_prompt": "   "}}, 422, "source_prompt must not be empty"),
-        ("steps 0", form(steps="0"), 422, "at least 1"),
+        ("steps 0", form(steps="0"), 422, "steps must be at least 1"),  # K: the field, not --steps
         ("steps negative", form(steps="-3"), 422, "at least 1"),
         ("steps NaN", form(steps="nan"), 422, "must be int"),
         ("steps with an underscore", form(steps="1_0"), 422, "must be int, got '1_0'"),
@@ -406,11 +406,13 @@ def corpus(guide: bytes) -> list[tuple[str, dict, int, str]]:
         ("guidance scale inf", form(guidance_scale="inf"), 422, "finite"),
         ("source guidance scale -inf", form(source_guidance_scale="-inf"), 422, "finite"),
         ("feature injection negative", form(feature_injection="-0.1"), 422, "between 0 and 1"),
-        ("attention injection 1.5", form(attention_injection="1.5"), 422, "between 0 and 1"),
+        ("attention injection 1.5", form(attention_injection="1.5"), 422,
+         "attention_injection must be between 0 and 1"),
         ("seed negative", form(seed="-1"), 422, "between 0 and 4294967295"),
-        ("height not a multiple of 64", form(height="100"), 422, "multiple of 64"),
+        ("height not a multiple of 64", form(height="100"), 422, "height must be a multiple of 64"),
         ("width zero", form(width="0"), 422, "multiple of 64"),
-        ("output too large", form(height="4096", width="4096"), 422, "Mpx limit"),
+        ("output too large", form(height="4096", width="4096"), 422,
+         "Mpx limit; ask for a smaller height and width (the limit is this server's)"),
         ("prompt batch size 0", form(prompt_batch_size="0"), 422, "between 1 and 1024"),
         ("inversion steps that miss timesteps", form(inversion_steps="3"), 422, "never visits"),
         ("unknown field", form(strength="0.5"), 422, "unknown field(s) strength"),
@@ -458,6 +460,7 @@ def test_a_bad_request_corpus_against_the_running_server(served: str, guide_png:
             assert response.status_code == status, (name, response.text[:200])
             error = response.json()["error"]
             assert message.lower() in error.lower() and "\n" not in error, (name, error)
+            assert "--" not in error, (name, error)  # K: a client sends fields; CLI flags are not its words
         wrong_method = client.get("/v1/translate")
         assert wrong_method.status_code == 405 and "error" in wrong_method.json()
         assert client.get("/healthz").json()["status"] == "ok"

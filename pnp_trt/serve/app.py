@@ -24,6 +24,7 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..config import TranslateConfig
 from ..errors import PnPError
 from ..images import Guidance, png_bytes
 from ..runtime.translation import Translation
@@ -178,7 +179,8 @@ def _add_error_handlers(app: FastAPI, server: Server) -> None:
 
     @app.exception_handler(PnPError)
     async def invalid(request: Request, exc: PnPError) -> JSONResponse:
-        return _error(422, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return _error(422, TranslateConfig.field_wording(str(exc).splitlines()[0]) if str(exc)
+                      else type(exc).__name__)
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, exc: RequestValidationError) -> JSONResponse:

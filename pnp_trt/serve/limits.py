@@ -17,6 +17,11 @@ if TYPE_CHECKING:
     from ..runtime.translator import Translator
 
 
+def server_output_limit(max_output_pixels: int | None = None) -> Limits:
+    """The output limit as a server holds it: its refusal tells the client what to ask for instead."""
+    return Limits(max_output_pixels, over_hint="ask for a smaller height and width (the limit is this server's)")
+
+
 @dataclass(frozen=True)
 class ServeLimits:
     """Per-request bounds (each a `pnp-trt serve` flag): safe defaults for a shared GPU server."""
@@ -29,7 +34,7 @@ class ServeLimits:
     """Requests waiting or running at once; more are answered 429 with Retry-After."""
     deadline_s: float = 120.0
     """A request still unanswered after this long is answered 504 (its work stops at the next step)."""
-    output: Limits = Limits()
+    output: Limits = server_output_limit()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,7 +77,8 @@ class ServeOptions:
         return ServeLimits(max_upload_bytes=int(self.max_upload_mb * 2**20),
                            max_input_pixels=int(self.max_input_mpx * 1e6), max_prompts=self.max_prompts,
                            max_steps=self.max_steps, queue_length=self.queue, deadline_s=self.deadline_s,
-                           output=Limits(None if self.max_output_mpx is None else int(self.max_output_mpx * 1e6)))
+                           output=server_output_limit(None if self.max_output_mpx is None
+                                                      else int(self.max_output_mpx * 1e6)))
 
     def load(self) -> Translator:
         from ..runtime.translator import Translator
@@ -131,7 +137,7 @@ def settings_from_form(fields: Mapping[str, str], limits: ServeLimits) -> Transl
     try:
         config = TranslateConfig(**values)
     except PnPError as exc:
-        raise RequestError(422, str(exc)) from None
+        raise RequestError(422, TranslateConfig.field_wording(str(exc))) from None
     for name, value in (("steps", config.steps), ("inversion_steps", config.effective_inversion_steps)):
         if value > limits.max_steps:
             raise RequestError(422, f"{name} {value} is over this server's limit of {limits.max_steps}")

@@ -52,7 +52,10 @@ def check_request(fields: dict[str, str], prompts: list[str], image_data: bytes 
         except PnPError as exc:
             raise RequestError(422, str(exc)) from None
     image = Guidance(decode_image(image_data, limits)) if image_data is not None else None
-    limits.output.check_output(*plan_size(model, config, image.image if image else None), model.dims.native_size)
+    try:
+        limits.output.check_output(*plan_size(model, config, image.image if image else None), model.dims.native_size)
+    except PnPError as exc:
+        raise RequestError(422, TranslateConfig.field_wording(str(exc))) from None
     return CheckedRequest(prompts, config, image, source_prompt,
                           group_key(image_data or b"", source_prompt, config.to_dict()))
 

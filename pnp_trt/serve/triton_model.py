@@ -12,6 +12,7 @@ from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
+from ..config import TranslateConfig
 from ..errors import PnPError
 from .limits import ServeOptions
 from .requests import CheckedRequest, check_request, share_of
@@ -55,7 +56,7 @@ class TritonPythonModel:
             result = self.translator.translate(prompts, first.image, first.source_prompt,
                                                **first.config.to_dict())
         except Exception as exc:  # a bad request has been answered already: this is the server's own failure
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            message = TranslateConfig.field_wording(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
             for index, _ in members:
                 responses[index] = _error(f"the translation failed: {message}", pb_utils.TritonError.INTERNAL)
             return
