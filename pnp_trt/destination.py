@@ -150,11 +150,12 @@ def _check_directory(out: Path, inputs: list[Path]) -> None:
         raise PnPError(f"--out {out} is {kind}; pnp-trt never replaces one: give the path of a new directory")
     if any(p.resolve().is_relative_to(out.resolve()) for p in inputs):
         raise PnPError(f"--out {out} holds the guidance image; write the results to another directory")
-    ours = {name for name in previous_results(out) if _kind(out / name) == "file"}  # a directory or link: not ours
+    previous, distrusted = _previous_set(out)
+    ours = {name for name in previous if _kind(out / name) == "file"}  # a directory or link: not ours
     foreign = sorted(set(p.name for p in out.iterdir()) - ours)
     if foreign:
         raise PnPError(f"--out {out} holds files pnp-trt did not write, or that changed since it wrote them "
-                       f"({', '.join(foreign[:3])}); choose a new or empty directory")
+                       f"({distrusted or ', '.join(foreign[:3])}); choose a new or empty directory")
 
 
 def _not_a_directory(path: Path) -> str:
@@ -220,16 +221,29 @@ MAX_RESULT_BYTES = 1 << 30
 def previous_results(out: Path) -> list[str]:
     """The files a previous run recorded in `out` that are still as it wrote them (its PNGs, by their recorded
     SHA-256, and the record itself), if it left a record of pnp-trt's."""
+    return _previous_set(out)[0]
+
+
+def _previous_set(out: Path) -> tuple[list[str], str]:
+    """`previous_results`, and why there are none where `out` holds a record pnp-trt will not trust ('' else)."""
     try:
         text = (out / RECORD).read_bytes().decode("utf-8")  # bytes as they are: CRLF is not pnp-trt's LF
+    except FileNotFoundError:
+        return [], ""
+    except (OSError, ValueError):
+        return [], f"its {RECORD} is not readable UTF-8 text"
+    try:
         record = json.loads(text)
         digests = record["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-    if not ours(record) or not isinstance(digests, dict) or record.get("seal") != seal(record) \
-            or text != record_json(record) or record.get("directory") != out.name:
-        return []  # not pnp-trt's, edited since (a key added, a file listed by hand, even re-indented), or a set
-        # copied or renamed from the directory it was written to (as a single PNG names its own file)
+    except (ValueError, KeyError, TypeError):
+        return [], f"its {RECORD} is not a pnp-trt record"
+    if not ours(record) or not isinstance(digests, dict):
+        return [], f"its {RECORD} was not written by pnp-trt"
+    if record.get("seal") != seal(record) or text != record_json(record):
+        return [], f"its {RECORD} was edited since pnp-trt wrote it (a key added, a file listed, even re-indented)"
+    if record.get("directory") != out.name:  # a set copied or renamed, as a single PNG names its own file
+        return [], f"its results were written to a directory named {str(record.get('directory'))[:60]!r} and " \
+                   "copied or renamed here"
     unchanged = []
     for name in record["outputs"]:
         if not RESULT_NAME.fullmatch(name):
@@ -241,4 +255,4 @@ def previous_results(out: Path) -> list[str]:
                 unchanged.append(name)
         except OSError:
             continue
-    return [RECORD, *unchanged]
+    return [RECORD, *unchanged], ""

@@ -276,6 +276,14 @@ def check_graph_identity(metadata: dict[str, str], manifest: dict[str, Any], pat
                            f"`{rebuild_hint(manifest, Path('NEW_DIR'))}`")
 
 
+def check_graph_file(path: Path, manifest: dict[str, Any]) -> None:
+    """`check_graph_identity` on a graph file's stamps, before anything loads it; a file too damaged to carry
+    any is left to its loader, which names the damage."""
+    metadata = onnx_metadata(path)
+    if metadata is not None:
+        check_graph_identity(metadata, manifest, path)
+
+
 def _normalized(key: str, stamp: dict[str, Any]) -> dict[str, Any]:
     """A stamp with its defaults filled in (dims stamped before format 4 lack the family and preset; settings
     stamped before the opset was, lack it)."""
@@ -287,15 +295,74 @@ def exported_settings(manifest: dict[str, Any]) -> dict[str, Any]:
     return {key: manifest.get(key, "standard" if key == "attention" else None) for key in STAMPED_SETTINGS}
 
 
-def onnx_metadata(path: Path) -> dict[str, str]:
-    """An ONNX file's metadata (the export id and dims pnp-trt stamps), read without its external weights."""
-    import onnx
+def onnx_metadata(path: Path) -> dict[str, str] | None:
+    """An ONNX file's metadata (the export id and dims pnp-trt stamps), read from the ModelProto's top-level
+    fields alone: the graph's bytes are stepped over, not parsed, so every graph is checked cheaply before one
+    is loaded. None: not such a protobuf (truncated, garbage), whose loader then names the damage."""
+    import mmap
 
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # a corrupt file carries no id; the builder's own parse names the damage
-        return {}
-    return {p.key: p.value for p in model.metadata_props}
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return dict(_string_pairs(data, METADATA_FIELD))
+    except (OSError, ValueError, IndexError):  # UnicodeDecodeError is a ValueError
+        return None
+
+
+METADATA_FIELD = 14
+"""ModelProto.metadata_props: repeated StringStringEntryProto {key = 1, value = 2}."""
+
+
+def _string_pairs(data: Any, field: int) -> list[tuple[str, str]]:
+    pairs, at = [], 0
+    while at < len(data):
+        number, wire, at = _tag(data, at)
+        if wire == 0:
+            at = _varint(data, at)[1]
+        elif wire in (1, 5):
+            at += 8 if wire == 1 else 4
+        elif wire == 2:
+            size, at = _varint(data, at)
+            if at + size > len(data):
+                raise ValueError("cut short")
+            if number == field:
+                entry = _fields(bytes(data[at:at + size]))
+                pairs.append((entry.get(1, ""), entry.get(2, "")))
+            at += size
+        else:
+            raise ValueError(f"wire type {wire}")
+    return pairs
+
+
+def _fields(message: bytes) -> dict[int, str]:
+    """The text fields of a small message of text fields, by field number."""
+    found, at = {}, 0
+    while at < len(message):
+        number, wire, at = _tag(message, at)
+        if wire != 2:
+            raise ValueError(f"wire type {wire}")
+        size, at = _varint(message, at)
+        found[number] = message[at:at + size].decode("utf-8")
+        at += size
+    return found
+
+
+def _tag(data: Any, at: int) -> tuple[int, int, int]:
+    key, at = _varint(data, at)
+    if key >> 3 == 0:
+        raise ValueError("field 0")
+    return key >> 3, key & 7, at
+
+
+def _varint(data: Any, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if byte < 0x80:
+            return value, at
+        if shift > 63:
+            raise ValueError("varint too long")
 
 
 def file_hashes_differ(directory: Path, manifest: dict[str, Any]) -> list[str]:

@@ -335,6 +335,7 @@ DISAGREEING_MANIFESTS = [
     (lambda m: {**m, "opset": 18}, "manifest.json's settings (opset) disagree with"),  # round 9
     (lambda m: {**m, "tokenizer": {**m["tokenizer"], "pad_token": "<|zzz|>"}}, "is not token 0 of"),
     (lambda m: {**m, "precision": "fp16"}, "manifest.json's settings (precision) disagree with"),
+    (lambda m: _with_dims(m, vae_factor=16), "manifest.json's dims (vae_factor) disagree with"),  # corpus 12
 ]
 """Well-formed manifests that disagree with the files they describe: found when those are opened."""
 
@@ -568,14 +569,13 @@ def test_a_manifest_whose_dims_were_edited_disagrees_with_its_graphs(exported: P
                                                                      value) -> None:
     """Corpus round 6: an edited `vae_factor` or `native_size` (in range, so the schema passed it) ran, sizing
     the output wrongly. Each graph carries the dims it was exported for: a manifest saying otherwise is refused
-    before the graph runs, naming the field."""
+    when the export is opened, naming the field (corpus 12: before any setting is judged by the edited dims)."""
     copy = _copy(exported, tmp_path)
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["dims"][field] = value
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    model = open_onnxruntime(copy)
     with pytest.raises(PnPError, match=rf"manifest.json's dims \({field}\) disagree with those text_encoder.onnx was"):
-        translate(model, ["a cat"], TranslateConfig(steps=1, height=64, width=64), source_prompt="a house")
+        open_onnxruntime(copy)
 
 
 def test_a_manifest_that_is_not_a_regular_file_is_named(exported: Path, tmp_path: Path) -> None:
@@ -631,3 +631,18 @@ def test_an_export_records_a_local_model_by_its_absolute_path(tiny_model_dir: Pa
     monkeypatch.chdir(tiny_model_dir.parent)
     assert recorded_model_id(tiny_model_dir.name) == str(tiny_model_dir.resolve())
     assert recorded_model_id("stabilityai/stable-diffusion-2-1-base") == "stabilityai/stable-diffusion-2-1-base"
+
+
+def test_graph_stamps_are_read_without_parsing_the_graph(exported: Path, tmp_path: Path) -> None:
+    """The metadata scan that checks every graph's identity at open reads what onnx.load reads, and a file that
+    is not an ONNX protobuf gives None (its loader names the damage), not a wrong id."""
+    from pnp_trt.manifest import onnx_metadata
+
+    for graph in exported.glob("*.onnx"):
+        loaded = onnx.load(str(graph), load_external_data=False)
+        assert onnx_metadata(graph) == {p.key: p.value for p in loaded.metadata_props} != {}
+        (tmp_path / "cut.onnx").write_bytes(graph.read_bytes()[:-7])
+        assert onnx_metadata(tmp_path / "cut.onnx") is None
+    for garbage in (b"\x00garbage", b"", b"\xff" * 16):
+        (tmp_path / "bad.onnx").write_bytes(garbage)
+        assert onnx_metadata(tmp_path / "bad.onnx") is None, garbage

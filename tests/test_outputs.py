@@ -388,11 +388,23 @@ def test_a_record_is_ours_only_byte_for_byte_and_a_set_only_where_it_was_written
     (crlf / "translate.json").write_bytes((crlf / "translate.json").read_bytes().replace(b"\n", b"\r\n"))
     shutil.copytree(original, tmp_path / "copied")
     original.rename(tmp_path / "renamed")
-    for directory in (crlf, tmp_path / "copied", tmp_path / "renamed"):
+    moved = "results were written to a directory named 'set' and copied or renamed here"
+    for directory, why in ((crlf, "translate.json was edited since"), (tmp_path / "copied", moved),
+                           (tmp_path / "renamed", moved)):
         before = _snapshot(directory)
-        with pytest.raises(PnPError, match="holds files pnp-trt did not write, or that changed since"):
+        with pytest.raises(PnPError, match=f"holds files pnp-trt did not write, or that changed since it wrote them "
+                                           rf"\(its {why}"):
             save_directory(directory, ["c"], [image], {})
         assert _snapshot(directory) == before
+
+
+def test_a_refused_results_directory_names_what_is_not_ours(tmp_path: Path) -> None:
+    """Corpus 12: an intact earlier set beside a user's file names that file (not the set's own files)."""
+    image, out = Image.new("RGB", (8, 8)), tmp_path / "res"
+    save_directory(out, ["a", "b"], [image, image], {})
+    (out / "mine.txt").write_text("a user's notes")
+    with pytest.raises(PnPError, match=r"it wrote them \(mine.txt\); choose a new or empty directory"):
+        save_directory(out, ["c"], [image], {})
 
 
 def test_a_rerun_without_a_guidance_takes_the_earlier_guidance_with_the_result_it_replaces(tmp_path: Path) -> None:

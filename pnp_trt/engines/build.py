@@ -23,8 +23,7 @@ from ..errors import PnPError
 from ..fileio import atomic_write
 from ..manifest import (
     GRAPHS,
-    check_graph_identity,
-    onnx_metadata,
+    check_graph_file,
     read_manifest_for_tensorrt,
     require_tensorrt_attention,
     sha256,
@@ -167,7 +166,7 @@ def build_all(directory: Path, shapes: BuildShapes, optimization_level: int = 3,
     try:
         for graph in GRAPHS:
             on_graph(graph)
-            check_graph_identity(onnx_metadata(directory / f"{graph}.onnx"), manifest, directory / f"{graph}.onnx")
+            check_graph_file(directory / f"{graph}.onnx", manifest)
             build_engine(directory / f"{graph}.onnx", staged[graph], staged_layers[graph],
                          profile_shapes(specs[graph], dims, shapes), optimization_level, timing_cache, on_step)
             entries[graph] = EngineEntry(graph, f"{graph}.plan", sha256(staged[graph]),

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..contract import ModelDims
 from ..errors import PnPError
-from ..manifest import GRAPHS, check_graph_identity, file_hashes_differ, onnx_metadata, read_manifest, rebuild_hint
+from ..manifest import GRAPHS, check_graph_file, file_hashes_differ, read_manifest, rebuild_hint
 from ..schedule import Schedule
 from ..tokenizer import PromptTokenizer
 
@@ -33,7 +33,15 @@ class Exported:
 
 
 def open_exported(directory: Path | str) -> Exported:
-    directory = Path(directory)
+    """An exported directory, every check that loading makes done before any graph is loaded: the manifest,
+    its files, tokenizers, scheduler, and each graph's identity stamps (an edited manifest is named as such,
+    not blamed on the settings it misleads)."""
+    exported = _read_exported(Path(directory))
+    _check_graphs(exported)
+    return exported
+
+
+def _read_exported(directory: Path) -> Exported:
     manifest = read_manifest(directory)
     rebuild = rebuild_hint(manifest, directory)
     try:
@@ -63,15 +71,17 @@ def open_exported(directory: Path | str) -> Exported:
 def verify_exported(directory: Path | str) -> list[str]:
     """All that loading checks (the manifest's content, tokenizers, scheduler), every file's sha256, then each
     graph's identity stamps: the names of the files that differ from the manifest, or a refusal."""
-    exported = open_exported(directory)
-    directory = exported.directory
-    differ = file_hashes_differ(directory, exported.manifest)
+    exported = _read_exported(Path(directory))
+    differ = file_hashes_differ(exported.directory, exported.manifest)
     if differ:
         return differ
-    for graph in GRAPHS:
-        path = directory / f"{graph}.onnx"
-        check_graph_identity(onnx_metadata(path), exported.manifest, path)
+    _check_graphs(exported)
     return []
+
+
+def _check_graphs(exported: Exported) -> None:
+    for graph in GRAPHS:
+        check_graph_file(exported.directory / f"{graph}.onnx", exported.manifest)
 
 
 EXTERNAL_LOCATION = b"\x0a\x08location"

@@ -123,8 +123,9 @@ def plan_size(model: LoadedModel, config: TranslateConfig, image: Image.Image | 
     for flag, side in (("--height", config.height), ("--width", config.width)):
         if side is not None and side % multiple:
             below = side // multiple * multiple
+            choices = f"{below} or {below + multiple}" if below else str(multiple)
             raise PnPError(f"{flag} {side} is not a multiple of {multiple}, which {model.dims.model_family.about} "
-                           f"models need: give {below or multiple} or {below + multiple}")
+                           f"models need: give {choices}")
     if image is None:
         return config.height or native, config.width or native
     return output_size(image.width, image.height, config.height, config.width, multiple, native)
