@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import warnings
 from collections.abc import Mapping
@@ -24,6 +25,8 @@ MIN_SIDE = SIZE_MULTIPLE
 SHORT_SIDE = 512
 MAX_PIXELS = 50_000_000
 """Largest guidance image read (an 8K photo is 33 Mpx): a larger header is refused before decoding."""
+ORIENTATION_TAG = 0x0112
+"""EXIF Orientation: 1 to 8, the eight ways a camera held the picture."""
 
 
 GUIDANCE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF", "PPM", "TGA", "ICO", "JPEG2000")
@@ -78,6 +81,12 @@ def load_guidance(path: Path | str) -> Image.Image:
     return _open_checked(path, f"guidance image {path}")
 
 
+def header_megapixels(bomb: Image.DecompressionBombError) -> str:
+    """The size Pillow read from a header it refused (its message says the pixels), as "N Mpx"."""
+    found = re.search(r"\((\d+) pixels\)", str(bomb))
+    return f"{int(found[1]) / 1e6:.6g} Mpx" if found else "over 179 Mpx"
+
+
 def _open_checked(source: Path | IO[bytes], name: str) -> Image.Image:
     try:
         with warnings.catch_warnings():  # our own pixel limit answers, before Pillow's bomb warning matters
@@ -89,8 +98,8 @@ def _open_checked(source: Path | IO[bytes], name: str) -> Image.Image:
             opened.load()
             check_decoded(opened, name)
             return normalize_guidance(opened, name)
-    except Image.DecompressionBombError:  # Pillow's own refusal, from the header, past ~179 Mpx
-        raise PnPError(f"{name} has more than 179 Mpx (its header says so); the limit is "
+    except Image.DecompressionBombError as exc:  # Pillow's own refusal, from the header, past ~179 Mpx
+        raise PnPError(f"{name} is {header_megapixels(exc)} (its header says so); the limit is "
                        f"{MAX_PIXELS / 1e6:.0f} Mpx: downscale it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         detail = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
@@ -191,6 +200,11 @@ def normalize_guidance(image: Image.Image, name: str = "the guidance image") -> 
 def _upright(image: Image.Image, name: str) -> Image.Image:
     """EXIF orientation applied; an EXIF block Pillow cannot parse is ignored, with a warning."""
     try:
+        orientation = image.getexif().get(ORIENTATION_TAG)
+        if orientation is not None and orientation not in range(1, 9):
+            warnings.warn(f"{name} has an EXIF orientation of {str(orientation)[:20]}, which means nothing "
+                          "(1 to 8 do); it is ignored", RuntimeWarning, stacklevel=3)
+            return image
         return ImageOps.exif_transpose(image)
     except Exception:  # Pillow raises struct.error, TypeError, ... on damaged EXIF
         warnings.warn(f"{name} has damaged EXIF data; its orientation tag is ignored", RuntimeWarning,

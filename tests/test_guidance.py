@@ -346,3 +346,30 @@ def test_every_text_setting_has_the_servers_length_limit(tiny_torch) -> None:
     with pytest.raises(PnPError, match="--negative-prompt is 2001 characters, over the limit of 2000"):
         Translator(tiny_torch).translate("a cat", Image.new("RGB", (128, 64)), negative_prompt="x" * 2001,
                                          **SETTINGS)
+
+
+def test_an_exif_orientation_that_means_nothing_is_ignored_with_a_warning(tmp_path: Path) -> None:
+    """Corpus 12: Orientation 99 (1 to 8 mean something) was ignored in silence."""
+    from pnp_trt.images import ORIENTATION_TAG
+
+    path, exif = tmp_path / "photo.jpg", Image.Exif()
+    exif[ORIENTATION_TAG] = 99
+    Image.new("RGB", (64, 128), (10, 20, 30)).save(path, exif=exif)
+    with pytest.warns(RuntimeWarning, match="EXIF orientation of 99, which means nothing"):
+        image = load_guidance(path)
+    assert image.size == (64, 128)
+
+
+def test_a_header_past_pillows_limit_is_refused_with_its_own_size(tmp_path: Path) -> None:
+    """Corpus 12: a 100000 × 100000 header was refused as "more than 179 Mpx" (Pillow's threshold, not its size)."""
+    import struct
+    import zlib
+
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (64, 64)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:29] = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(data[16:29])))
+    path.write_bytes(bytes(data))
+    with pytest.raises(PnPError, match=r"is 10000 Mpx \(its header says so\); the limit is 50 Mpx"):
+        load_guidance(path)

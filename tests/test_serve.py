@@ -385,7 +385,7 @@ def corpus(guide: bytes) -> list[tuple[str, dict, int, str]]:
         ("text as image", {"files": {"image": ("g.png", b"hello world")}, "data": ok}, 415, "not an image"),
         ("empty file", {"files": {"image": ("g.png", b"")}, "data": ok}, 415, "not an image"),
         ("huge dimensions, small file", {"files": {"image": ("g.png", _huge_header_png())}, "data": ok}, 413,
-         "16 Mpx limit"),
+         "16 Mpx limit (its header says 400 Mpx)"),
         ("tiny image", {"files": {"image": ("g.png", _png(Image.new("RGB", (8, 8))))}, "data": ok}, 422,
          "at least 64 px"),
         ("upload over the limit", {"files": {"image": ("g.png", guide + bytes(21 * 2**20))}, "data": ok}, 413,

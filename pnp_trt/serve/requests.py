@@ -14,7 +14,14 @@ from PIL import Image, UnidentifiedImageError
 from .. import validation
 from ..config import GENERATION_ONLY, GENERATION_SETTINGS, TranslateConfig
 from ..errors import PnPError
-from ..images import GUIDANCE_FORMATS, Guidance, check_decoded, check_structure, normalize_guidance
+from ..images import (
+    GUIDANCE_FORMATS,
+    Guidance,
+    check_decoded,
+    check_structure,
+    header_megapixels,
+    normalize_guidance,
+)
 from ..runtime.translation import Translation, plan_size
 from .batching import group_key
 from .limits import RequestError, ServeLimits, check_prompts, check_text, settings_from_form
@@ -64,9 +71,9 @@ def decode_image(data: bytes, limits: ServeLimits) -> Image.Image:
     """The image as upright RGB; not an image → 415, too many pixels (read from the header) → 413."""
     try:
         opened = Image.open(io.BytesIO(data), formats=GUIDANCE_FORMATS)
-    except Image.DecompressionBombError:  # Pillow's own refusal, from the header, past ~179 Mpx
+    except Image.DecompressionBombError as exc:  # Pillow's own refusal, from the header, past ~179 Mpx
         raise RequestError(413, f"the image is over this server's {limits.max_input_pixels / 1e6:g} Mpx limit "
-                                "(its header says more than 179 Mpx); downscale it first") from None
+                                f"(its header says {header_megapixels(exc)}); downscale it first") from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise RequestError(415, "the image is not an image this server reads; send a PNG, JPEG or WebP file") \
             from None
