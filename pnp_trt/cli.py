@@ -351,12 +351,16 @@ def translate(
     with _progress() as progress:
         result = translator.translate(prompt, guidance, source_prompt, rich_progress(progress),
                                       decode_guidance=save_guidance, **config.to_dict())
+    paired = guidance_beside(Path(out))
+    had_pair = len(prompt) == 1 and paired.exists()
     written = result.save(out) if len(prompt) > 1 else [result.save_image(out, overwrite)]
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.stats.timings.items())
     total = sum(result.stats.timings.values())
     cached = "; source from cache" if result.source_cache_hit else ""
+    retired = f"; removed {paired.name}, the guidance of the result replaced" if had_pair and not paired.exists() \
+        else ""
     err.print(f"wrote {len(written)} image(s) to {out} in {total:.2f}s ({stages}); "
-              f"{result.stats.unet_evaluations} UNet evaluations{cached}", highlight=False, soft_wrap=True)
+              f"{result.stats.unet_evaluations} UNet evaluations{cached}{retired}", highlight=False, soft_wrap=True)
 
 
 @app.command()

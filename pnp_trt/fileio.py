@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import os
+import secrets
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,41 +27,65 @@ STALE_AFTER_S = 600
 """A staging leftover is swept once its process is gone and it has not changed for this long."""
 
 
-def staging_prefix(name: str) -> str:
-    """Hidden, recognisably ours, and this process's: `.pnp-trt-staging.<pid>.<name>.` (the name cut so that
-    the staging name stays within the file system's 255-byte limit)."""
-    return f"{STAGING}.{os.getpid()}.{name[:64]}."
+def staging_name(kind: str, pid: int, name: str = "", suffix: str = "") -> str:
+    """`<kind>.<pid>.<token>.<name><suffix>`: hidden, this process's, and provably pnp-trt's: the token is 8
+    random hex digits and 8 of the SHA-256 of the rest, so a user's file that merely starts like one is never
+    taken for a leftover (the name cut so that it stays within the file system's 255-byte limit)."""
+    random = secrets.token_hex(4)
+    rest = f"{name[:64]}{suffix}"
+    return f"{kind}.{pid}.{random}{_check(kind, pid, random, rest)}.{rest}"
+
+
+def _check(kind: str, pid: int | str, random: str, rest: str) -> str:
+    return hashlib.sha256(f"{kind}.{pid}.{random}.{rest}".encode()).hexdigest()[:8]
+
+
+def leftover_pid(entry: Path, kind: str) -> int | None:
+    """The process that made `entry`, if `staging_name(kind, ...)` named it; None for any other name."""
+    parts = entry.name.split(".", 4)
+    if len(parts) != 5 or f".{parts[1]}" != kind or not parts[2].isdigit() or len(parts[3]) != 16:
+        return None
+    random, check = parts[3][:8], parts[3][8:]
+    return int(parts[2]) if check == _check(kind, parts[2], random, parts[4]) else None
 
 
 def new_staging(parent: Path, name: str, directory: bool = False, suffix: str = "") -> Path:
     """A fresh staging file or directory in `parent`, after sweeping what killed runs left there."""
     sweep_stale_staging(parent)
-    try:
-        if directory:
-            return Path(tempfile.mkdtemp(prefix=staging_prefix(name), dir=parent))
-        fd, tmp = tempfile.mkstemp(prefix=staging_prefix(name), suffix=suffix, dir=parent)
-    except OSError as exc:
-        raise PnPError(f"cannot write in {parent} ({exc.strerror}); choose a place you can write to") from None
-    os.close(fd)
-    return Path(tmp)
+    return _fresh(parent, STAGING, name, directory, suffix)
+
+
+def _fresh(parent: Path, kind: str, name: str, directory: bool, suffix: str = "") -> Path:
+    for _ in range(100):
+        path = Path(parent) / staging_name(kind, os.getpid(), name, suffix)
+        try:
+            if directory:
+                path.mkdir(mode=0o700)
+            else:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            return path
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise PnPError(f"cannot write in {parent} ({exc.strerror}); choose a place you can write to") from None
+    raise PnPError(f"cannot make a fresh staging name in {parent}; remove the .pnp-trt-* entries there")
 
 
 def sweep_stale_staging(directory: Path) -> None:
     """Restore the results sets that killed runs had moved aside, then remove their staging leftovers (SIGKILL,
-    power loss): only entries named by `staging_prefix` whose process no longer runs and that are older than
+    power loss): only entries `staging_name` named whose process no longer runs and that are older than
     `STALE_AFTER_S`."""
     try:
         listed = list(Path(directory).iterdir())
     except OSError:
         return
-    entries = [e for e in listed if e.name.startswith(STAGING + ".")]
-    retired = [e for e in listed if e.name.startswith(RETIRED + ".")]
-    for entry in retired:
-        _restore_retired(entry)
-    for entry in entries:
-        pid = entry.name.split(".")[2]
+    for entry in listed:
+        if leftover_pid(entry, RETIRED) is not None:
+            _restore_retired(entry)
+    for entry in listed:
+        pid = leftover_pid(entry, STAGING)
         try:
-            stale = pid.isdigit() and not _running(int(pid)) and time.time() - entry.lstat().st_mtime > STALE_AFTER_S
+            stale = pid is not None and not _running(pid) and time.time() - entry.lstat().st_mtime > STALE_AFTER_S
         except OSError:
             continue
         if stale and entry.is_dir() and not entry.is_symlink():
@@ -75,8 +100,8 @@ def _restore_retired(entry: Path) -> None:
     replacement that got in whole stays, and the old set goes."""
     from .destination import written_by_pnp_trt
 
-    pid = entry.name.split(".")[2]
-    if not pid.isdigit() or _running(int(pid)):
+    pid = leftover_pid(entry, RETIRED)
+    if pid is None or _running(pid):
         return
     with contextlib.suppress(OSError):
         items = list(entry.iterdir())
@@ -96,7 +121,7 @@ def retire(paths: list[Path]) -> Path | None:
     present = [p for p in paths if os.path.lexists(p)]
     if not present:
         return None
-    retired = Path(tempfile.mkdtemp(prefix=f"{RETIRED}.{os.getpid()}.", dir=present[0].parent))
+    retired = _fresh(present[0].parent, RETIRED, "set", directory=True)
     for path in present:
         path.rename(retired / path.name)
     return retired

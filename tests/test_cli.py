@@ -431,6 +431,10 @@ def test_a_generated_guidance_can_be_saved_beside_the_results(tiny_model_dir: Pa
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "bird.guidance.png")), guidance)
     assert json.loads(Image.open(tmp_path / "bird.png").text["pnp-trt"])["outputs"] == ["bird.png",
                                                                                         "bird.guidance.png"]
+    rerun = run("translate", *[a for a in common if a != "--save-guidance"], "-p", "a fish", "--out",
+                tmp_path / "bird.png")  # corpus 12: the earlier guidance goes with the result it paired, said so
+    assert rerun.exit_code == 0 and "removed bird.guidance.png, the guidance of the result replaced" in rerun.stderr
+    assert not (tmp_path / "bird.guidance.png").exists()
     refused = run("translate", random_image(tmp_path / "in.png", 64, 64), "--model", tiny_model_dir, "-p", "a",
                   "--out", tmp_path / "x.png", "--save-guidance")
     assert refused.exit_code == 2 and "--save-guidance saves a guidance generated" in refused.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pnp_trt.fileio import STALE_AFTER_S, atomic_write, staging_prefix, written_before
+from pnp_trt.fileio import RETIRED, STAGING, STALE_AFTER_S, atomic_write, staging_name, written_before
 from pnp_trt.images import write_png
 
 DEAD_PID = 2**22 + 1
@@ -16,20 +16,25 @@ DEAD_PID = 2**22 + 1
 
 def test_a_killed_runs_staging_is_swept_and_nothing_else(tmp_path: Path) -> None:
     old = (1, 1)
-    dead_file = tmp_path / f".pnp-trt-staging.{DEAD_PID}.out.png.abc.png"
-    dead_dir = tmp_path / f".pnp-trt-staging.{DEAD_PID}.results.xyz"
-    recent = tmp_path / f".pnp-trt-staging.{DEAD_PID}.fresh.png.def.png"  # maybe another host's, still writing
-    live = tmp_path / f"{staging_prefix('mine')}ghi"  # this process: alive
+    dead_file = tmp_path / staging_name(STAGING, DEAD_PID, "out.png", ".png")
+    dead_dir = tmp_path / staging_name(STAGING, DEAD_PID, "results")
+    recent = tmp_path / staging_name(STAGING, DEAD_PID, "fresh.png", ".png")  # maybe another host's, still writing
+    live = tmp_path / staging_name(STAGING, os.getpid(), "mine")  # this process: alive
     foreign = tmp_path / ".hidden-by-someone-else"
-    for path in (dead_file, recent, live, foreign):
+    lookalikes = [tmp_path / f"{STAGING}.999999.notes.txt", tmp_path / f"{STAGING}.{DEAD_PID}.abcdefgh12345678.x",
+                  tmp_path / f"{RETIRED}.999997.mine"]  # corpus 12: a user's files named like ours were deleted
+    for path in (dead_file, recent, live, foreign, *lookalikes[:2]):
         path.write_bytes(b"x")
     dead_dir.mkdir()
     (dead_dir / "0_a-cat.png").write_bytes(b"x")
-    for path in (dead_file, dead_dir, live, foreign):
+    lookalikes[2].mkdir()
+    (lookalikes[2] / "data.txt").write_text("a user's")
+    for path in (dead_file, dead_dir, live, foreign, *lookalikes):
         os.utime(path, old)
     atomic_write(tmp_path / "new.txt", lambda tmp: tmp.write_text("done"))
     assert not dead_file.exists() and not dead_dir.exists()
     assert recent.exists() and live.exists() and foreign.exists() and STALE_AFTER_S > 0
+    assert all(path.exists() for path in lookalikes) and (lookalikes[2] / "data.txt").read_text() == "a user's"
     assert (tmp_path / "new.txt").read_text() == "done"
 
 

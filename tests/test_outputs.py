@@ -16,7 +16,7 @@ from test_cli import assert_user_error, run
 
 from pnp_trt.destination import check_destination, record_json, written_by_pnp_trt
 from pnp_trt.errors import PnPError
-from pnp_trt.fileio import RETIRED, sweep_stale_staging
+from pnp_trt.fileio import RETIRED, staging_name, sweep_stale_staging
 from pnp_trt.results import save_directory, save_file
 
 DEAD_PID = 2**22 + 1
@@ -222,12 +222,12 @@ def test_a_set_a_killed_run_moved_aside_is_restored_before_anything_else(tmp_pat
     state is built as it left it) has it put back by the next run, before its destination is even judged."""
     image, out = Image.new("RGB", (8, 8)), tmp_path / "out"
     save_directory(out, ["old"], [image], {})
-    retired = tmp_path / f"{RETIRED}.{DEAD_PID}.abc"
+    retired = tmp_path / staging_name(RETIRED, DEAD_PID, "set")
     retired.mkdir()
     out.rename(retired / "out")
     check_destination(out, several=True)
     assert sorted(p.name for p in out.iterdir()) == ["0_old.png", "translate.json"] and not retired.exists()
-    live = tmp_path / f"{RETIRED}.{os.getpid()}.def"  # a live run's: left alone
+    live = tmp_path / staging_name(RETIRED, os.getpid(), "set")  # a live run's: left alone
     live.mkdir()
     shutil.copytree(out, live / "out")
     sweep_stale_staging(tmp_path)
@@ -266,7 +266,7 @@ def test_a_pair_a_killed_run_was_replacing_comes_back_whole(tmp_path: Path, monk
     monkeypatch.undo()
     assert moved == [tmp_path / "r.guidance.png"] and _snapshot(tmp_path) != before
     [retired] = tmp_path.glob(f"{RETIRED}.*")
-    retired.rename(tmp_path / f"{RETIRED}.{DEAD_PID}.x")  # as a dead process left it
+    retired.rename(tmp_path / staging_name(RETIRED, DEAD_PID, "set"))  # as a dead process left it
     sweep_stale_staging(tmp_path)
     assert _snapshot(tmp_path) == before
     save_file(out, new, {}, guidance=new)  # and a run that completes replaces the pair, leaving nothing aside
