@@ -6,6 +6,7 @@ import contextlib
 import errno
 import functools
 import importlib
+import io
 import logging
 import math
 import os
@@ -52,7 +53,7 @@ class ForgivingStream:
 
     @property
     def broken(self) -> bool:
-        return id(sys.stderr) in self._broken
+        return sys.stderr is None or id(sys.stderr) in self._broken  # None: started with stderr closed (2>&-)
 
     def _attempt(self, action: Callable[[], Any]) -> None:
         if not self.broken:
@@ -72,7 +73,7 @@ class ForgivingStream:
         return not self.broken and sys.stderr.isatty()
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(sys.stderr, name)
+        return getattr(sys.stderr if sys.stderr is not None else io.StringIO(), name)
 
 
 err = Console(file=cast(IO[str], ForgivingStream()))  # duck-typed: write, flush, isatty and the rest from stderr
@@ -817,6 +818,8 @@ def _quiet_broken_streams() -> None:
     """A standard stream that cannot be flushed (a closed pipe) is pointed at /dev/null, so that Python's own
     flush at exit neither prints "Exception ignored" nor turns the exit code into 120."""
     for number, stream in ((1, sys.stdout), (2, sys.stderr)):
+        if stream is None:  # closed when the process started: Python neither writes nor flushes it
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):

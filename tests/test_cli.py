@@ -607,6 +607,11 @@ def test_a_stderr_that_cannot_be_written_does_not_stop_the_work(tiny_model_dir: 
                                str(tiny_model_dir), "-p", "a", "--steps", "2", "--out", str(tmp_path / "o.png")],
                               stderr=full, stdout=subprocess.DEVNULL, timeout=120)
     assert done.returncode == 0 and (tmp_path / "o.png").is_file()
+    closed = subprocess.run([sys.executable, "-m", "pnp_trt.cli", "translate", str(guide), "--model",
+                             str(tiny_model_dir), "-p", "a", "--steps", "2", "--out", str(tmp_path / "c.png")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=lambda: os.close(2),
+                            timeout=120)  # corpus 12: started with stderr closed (2>&-), sys.stderr is None
+    assert closed.returncode == 0 and (tmp_path / "c.png").is_file()
 
 
 def test_weights_that_yield_nan_are_refused_and_nothing_is_written(tiny_model_dir: Path, tmp_path: Path) -> None:
