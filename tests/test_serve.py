@@ -211,11 +211,11 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(engines: Path) -> Iterator[str]:
+def serving(engines: Path, *flags: str) -> Iterator[str]:
     """`pnp-trt serve --engines` as a real process on a loopback port, its URL; stopped with SIGTERM."""
     port = _free_port()
     process = subprocess.Popen([sys.executable, "-m", "pnp_trt.cli", "serve", "--engines", str(engines),
-                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                "--port", str(port), *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, process, 60)
@@ -481,6 +481,18 @@ def test_a_slow_upload_does_not_hold_up_other_requests(served: str, guide_png: b
         answer = httpx.post(f"{served}/v1/translate", files={"image": ("g.png", guide_png)},
                             data={"prompt": "a dog", **SETTINGS}, timeout=60)
         assert answer.status_code == 200 and time.monotonic() - started < 30
+
+
+def test_a_stalled_upload_is_answered_at_the_deadline(exported: Path) -> None:
+    """Corpus 12: a body that stops arriving (half of its declared length sent) was never answered."""
+    with serving(exported, "--deadline-s", "2") as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as stalled:
+            stalled.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                            b"boundary=b\r\nContent-Length: 1000\r\n\r\n--b\r\n" + b"x" * 400)
+            answer = stalled.recv(4096).decode("latin-1")
+        assert answer.startswith("HTTP/1.1 408") and "did not arrive in full within this server's 2 s" in answer
+        assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
 
 
 def _ray_available() -> bool:

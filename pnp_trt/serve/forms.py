@@ -3,6 +3,7 @@ one image, each setting once, a complete body), every refusal a `RequestError` w
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_plus, unquote_to_bytes
@@ -77,7 +78,11 @@ async def read_form(request: Request, limits: ServeLimits) -> tuple[dict[str, st
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:  # refused before a byte of the body is read
         raise RequestError(413, over_request_limit(limits))
-    return _fields(await _parse(request, limit, limits))
+    try:
+        return _fields(await asyncio.wait_for(_parse(request, limit, limits), limits.deadline_s))
+    except TimeoutError:  # a stalled or trickling body: answered, its connection freed
+        raise RequestError(408, f"the request body did not arrive in full within this server's "
+                                f"{limits.deadline_s:g} s deadline; send it whole") from None
 
 
 async def _parse(request: Request, limit: int, limits: ServeLimits) -> FormData:
