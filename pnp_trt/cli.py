@@ -79,8 +79,12 @@ class ForgivingStream:
 err = Console(file=cast(IO[str], ForgivingStream()))  # duck-typed: write, flush, isatty and the rest from stderr
 
 
-def _one_line_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-    """Our own warnings (e.g. a cache that cannot be written) as one line, like errors."""
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str = "", *args: Any,
+                      **kwargs: Any) -> None:
+    """pnp-trt's own warnings (e.g. a cache that cannot be written) as one line, like errors; a library's are
+    dropped, being about its internals (how diffusers calls huggingface_hub), nothing a user can act on."""
+    if Path(__file__).parent not in Path(filename).parents:
+        return
     err.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 

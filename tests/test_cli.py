@@ -722,3 +722,17 @@ def test_a_stop_signal_while_the_parser_runs_keeps_its_exit_code_and_says_so(mon
     with pytest.raises(SystemExit) as stopped:
         cli.main()
     assert stopped.value.code == 143 and "interrupted; nothing was written" in capsys.readouterr().err
+
+
+def test_an_unknown_hub_id_offline_is_one_line(tmp_path: Path) -> None:
+    """Corpus 12: huggingface_hub's deprecation notice (diffusers passes an argument it ignores) came first, as a
+    second line; a library's warnings are not the user's to act on. (A process of its own: the hub reads
+    HF_HUB_OFFLINE when it is imported.)"""
+    guide = random_image(tmp_path / "in.png", 64, 64)
+    done = subprocess.run([sys.executable, "-m", "pnp_trt.cli", "translate", str(guide), "--model",
+                           "someone/not-a-model", "-p", "a", "--steps", "1", "--out", str(tmp_path / "o.png")],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and "cannot load model someone/not-a-model" in lines[0], lines
+    assert not (tmp_path / "o.png").exists()
