@@ -87,19 +87,23 @@ class TranslateConfig:
 
     @classmethod
     def field_wording(cls, message: str) -> str:
-        """A settings refusal as a server's client reads it: each flag by its setting's name (`--steps` →
-        `steps`), the names a form and the API use."""
+        """A settings refusal as a server's client or an API caller reads it: each flag by its setting's name
+        (`--steps` → `steps`), the names a form and the API use."""
         names = {f.name for f in fields(cls)}
         return FLAG.sub(lambda m: m[1].replace("-", "_") if m[1].replace("-", "_") in names else m[0], message)
 
     @classmethod
     def of(cls, settings: Mapping[str, Any]) -> TranslateConfig:
-        """From keyword settings (the API's `**settings`), an unknown name refused in one line."""
+        """From keyword settings (the API's `**settings`), an unknown name refused in one line; refusals name
+        the keywords (`steps`), not the CLI's flags."""
         unknown = sorted(set(settings) - {f.name for f in fields(cls)})
         if unknown:
             raise PnPError(f"unknown setting(s) {', '.join(map(repr, unknown))}; the settings are "
                            f"{', '.join(f.name for f in fields(cls))}")
-        return cls(**settings)
+        try:
+            return cls(**settings)
+        except PnPError as exc:
+            raise PnPError(cls.field_wording(str(exc))) from None
 
     @property
     def effective_inversion_steps(self) -> int:
