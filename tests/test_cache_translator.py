@@ -376,10 +376,13 @@ def test_a_users_file_under_an_entrys_name_is_never_read_replaced_or_deleted(tin
     translate(tiny_torch, ["a cat"], TranslateConfig(**SETTINGS), image=guide, cache=SourceCache(directory=store))
     (entry,) = store.glob("*.safetensors")
     entry.write_text("my notes")
+    cache = SourceCache(directory=store)
     with pytest.warns(RuntimeWarning, match="not an entry this cache can read .*cached again"):
-        again = translate(tiny_torch, ["a cat"], TranslateConfig(**SETTINGS), image=guide,
-                          cache=SourceCache(directory=store))
+        again = translate(tiny_torch, ["a cat"], TranslateConfig(**SETTINGS), image=guide, cache=cache)
     assert not again.source_cache_hit and entry.read_text() == "my notes"
+    other = 255 - np.asarray(guide)  # corpus 12: the cache goes on for every other source
+    translate(tiny_torch, ["a cat"], TranslateConfig(**SETTINGS), image=other, cache=cache)
+    assert len(list(store.glob("*.safetensors"))) == 2 and entry.read_text() == "my notes"
 
 
 def test_a_source_larger_than_the_directory_budget_is_not_stored(tiny_torch, guide, tmp_path: Path) -> None:

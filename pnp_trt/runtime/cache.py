@@ -140,6 +140,8 @@ class SourceCache:
             try:
                 write_source(self.directory, key, source, backend)
                 trim_directory(self.directory, self.disk_budget_bytes, keep=key)
+            except UnreadableEntry as exc:  # this key's place is taken: the cache goes on for the others
+                warnings.warn(f"source cache {self.directory}: {exc}", RuntimeWarning, stacklevel=2)
             except Exception as exc:  # OSError, or safetensors' own error types on a full disk
                 self._disk_failed(exc)
 
@@ -212,6 +214,10 @@ def _checksum(tensors: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+class UnreadableEntry(PnPError):
+    """A file holds the name a source would be written under, and it is not an entry this cache wrote."""
+
+
 def write_source(directory: Path, key: str, source: Source, backend: Backend) -> None:
     from safetensors.numpy import save_file
 
@@ -224,8 +230,9 @@ def write_source(directory: Path, key: str, source: Source, backend: Backend) ->
                 "sha256": _checksum(tensors)}
     path = directory / f"{key}.safetensors"
     if os.path.lexists(path) and not (path.is_file() and not path.is_symlink() and is_entry(path)):
-        raise PnPError(f"{key[:16]}….safetensors in it is not an entry this cache can read (damaged, or not "
-                       "pnp-trt's); left as it is: delete it to let this source be cached again")
+        raise UnreadableEntry(f"{key[:16]}….safetensors in it is not an entry this cache can read (damaged, or "
+                              "not pnp-trt's); left as it is, and this source not cached: delete it to let it be "
+                              "cached again")
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata))
 
 
