@@ -392,6 +392,11 @@ def test_a_source_larger_than_the_directory_budget_is_not_stored(tiny_torch, gui
     Translator(tiny_torch, SourceCache(directory=store, disk_budget_bytes=107)).translate(["a cat"], guide,
                                                                                          **SETTINGS)
     assert list(store.iterdir()) == []
+    Translator(tiny_torch, SourceCache(directory=store)).translate(["a cat"], guide, **SETTINGS)
+    assert len(list(store.iterdir())) == 1  # corpus 12: a budget lowered since applies to what is there
+    small = SourceCache(directory=store, disk_budget_bytes=107)
+    Translator(tiny_torch, small).translate(["a cat"], 255 - np.asarray(guide), **SETTINGS)
+    assert list(store.iterdir()) == []
 
 
 def test_the_newest_source_stays_even_over_the_budget(tiny_torch, guide) -> None:

@@ -134,12 +134,12 @@ class SourceCache:
         that cannot be written (read-only, full, a directory in the way) warns once and is then skipped,
         never costing the translation it was meant to speed up."""
         self._remember(key, source)
-        if self.directory is not None and source_bytes(source) > self.disk_budget_bytes:
-            return  # alone it would pass the directory's budget: never kept there (as in memory)
         if self.directory is not None:
+            fits = source_bytes(source) <= self.disk_budget_bytes  # else never kept there (as in memory)
             try:
-                write_source(self.directory, key, source, backend)
-                trim_directory(self.directory, self.disk_budget_bytes, keep=key)
+                if fits:
+                    write_source(self.directory, key, source, backend)
+                trim_directory(self.directory, self.disk_budget_bytes, keep=key if fits else None)
             except UnreadableEntry as exc:  # this key's place is taken: the cache goes on for the others
                 warnings.warn(f"source cache {self.directory}: {exc}", RuntimeWarning, stacklevel=2)
             except Exception as exc:  # OSError, or safetensors' own error types on a full disk
@@ -170,17 +170,18 @@ class SourceCache:
                 self._bytes -= source_bytes(evicted)
 
 
-def trim_directory(directory: Path, budget_bytes: int, keep: str) -> None:
+def trim_directory(directory: Path, budget_bytes: int, keep: str | None) -> None:
     """Delete the least recently used entries until the directory's sources fit `budget_bytes` (never `keep`,
-    the one just written); other files there are not ours and stay."""
+    the one just written; a budget lowered since earlier runs applies to theirs too); other files there are not
+    ours and stay."""
     entries = []
     for path in directory.glob("*.safetensors"):
         if len(path.stem) == 64 and path.stem != keep and is_entry(path):
             with contextlib.suppress(OSError):
                 stat = path.stat()
                 entries.append((stat.st_mtime, stat.st_size, path))
-    kept = directory / f"{keep}.safetensors"
-    total = sum(size for _, size, _ in entries) + (kept.stat().st_size if kept.exists() else 0)
+    kept = directory / f"{keep}.safetensors" if keep else None
+    total = sum(size for _, size, _ in entries) + (kept.stat().st_size if kept and kept.exists() else 0)
     for _, size, path in sorted(entries):
         if total <= budget_bytes:
             break
