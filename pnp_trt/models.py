@@ -19,6 +19,7 @@ from .contract import ModelDims
 from .errors import PnPError
 from .families import FAMILIES, TIME_IDS, Family, detect, vae_fp32
 from .injection import missing_layers
+from .schedule import Schedule
 from .tokenizer import PromptTokenizer
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
@@ -258,6 +259,7 @@ def _check_fit(model: str, unet: Any, vae: Any, dims: ModelDims) -> None:
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu", "swish")
 """The activations a CLIP text encoder config may name (SD 1.x's quick_gelu, SD 2.x and SDXL's gelu, …)."""
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 CONFIG_FIELDS: dict[str, dict[str, str]] = {
     "unet/config.json": {"in_channels": "count", "out_channels": "count", "sample_size": "count",
                          "layers_per_block": "count", "block_out_channels": "counts",
@@ -277,7 +279,7 @@ CONFIG_FIELDS: dict[str, dict[str, str]] = {
                                   "layer_norm_eps": "epsilon", "model_type": "one of clip_text_model",
                                   "hidden_act": f"one of {'|'.join(ACTIVATIONS)}"}
        for encoder in ("text_encoder", "text_encoder_2")},
-    "scheduler/scheduler_config.json": {},  # read by `Schedule.from_config` (which types its fields); an object
+    SCHEDULER_CONFIG: {},  # read by `Schedule.from_config` (which types its fields); an object
 }
 """The config values of a model directory checked before diffusers and transformers see them (they accept some
 mistyped ones and fail later, deep inside, with messages that name neither the file nor the field)."""
@@ -400,6 +402,8 @@ def _check_config_files(path: Path, family: Family) -> None:
                     _check_value(f"{file} {key}", config[key], kind)
             _check_against_defaults(file, config, set(fields))
             _check_together(file, config)
+            if file == SCHEDULER_CONFIG:
+                Schedule.from_config(config)  # its fields, typed as sampling reads them
         for tokenizer in family.tokenizer_names:
             _check_tokenizer_files(path / tokenizer)
     except PnPError as exc:

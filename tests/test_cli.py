@@ -499,7 +499,9 @@ def _set(key: str, value: object):
           ("tokenizer/tokenizer_config.json", "model_max_length", 10, "model_max_length is 10; Stable Diffusion"),
           ("tokenizer/tokenizer_config.json", "pad_token", "<|nope|>", "pad_token '<|nope|>' is not in its"),
           ("tokenizer/tokenizer_config.json", "bos_token", "<|nope|>", "bos_token '<|nope|>' is not in its"),
-          ("tokenizer/tokenizer_config.json", "eos_token", "<|nope|>", "eos_token '<|nope|>' is not in its"))],
+          ("tokenizer/tokenizer_config.json", "eos_token", "<|nope|>", "eos_token '<|nope|>' is not in its"),
+          ("scheduler/scheduler_config.json", "steps_offset", "1",  # corpus 12: the model and the fix named
+           "has a damaged config: scheduler config `steps_offset` must be a whole number, got '1' (str); fix it"))],
     ("tokenizer/merges.txt", lambda text: "#version: 0.2\n", "tokenizer/merges.txt holds no merges"),
     ("tokenizer/tokenizer_config.json", lambda text: None, "tokenizer/tokenizer_config.json is missing"),
     ("unet/config.json", lambda text: "[" * 100000 + "]" * 100000, "unet/config.json cannot be read as JSON"),
