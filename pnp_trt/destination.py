@@ -5,6 +5,7 @@ and a user's own regular file only when told to (`overwrite`). Checked before an
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -12,7 +13,7 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,27 @@ def png_record(data: bytes) -> dict[str, Any] | None:
 def file_digest(path: Path) -> str:
     """SHA-256 of a file's bytes (a results set records its files' digests: an edited file is not ours)."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+API_WORDS = (("pass --overwrite", "pass overwrite=True"), ("beside --out", "beside it"), ("several --prompt",
+             "several prompts"), ("one --prompt", "one prompt"), ("choose another --out", "choose another path"))
+"""The CLI's words in these refusals, and what an API caller passes instead."""
+
+
+def api_wording(message: str, label: str) -> str:
+    """A destination refusal as `Translation.save`/`save_image` callers read it: their argument, not `--out`."""
+    for flag, words in API_WORDS:
+        message = message.replace(flag, words)
+    return re.sub(r"(?<![\w-])--out( name)?\b", lambda m: label + (m[1] or ""), message)
+
+
+@contextlib.contextmanager
+def api_words(label: str) -> Iterator[None]:
+    """Refusals raised inside in `api_wording`."""
+    try:
+        yield
+    except PnPError as exc:
+        raise PnPError(api_wording(str(exc), label)) from None
 
 
 def check_destination(out: Path | str, several: bool, overwrite: bool = False, inputs: Iterable[Path | str] = (),

@@ -373,3 +373,17 @@ def test_a_header_past_pillows_limit_is_refused_with_its_own_size(tmp_path: Path
     path.write_bytes(bytes(data))
     with pytest.raises(PnPError, match=r"is 10000 Mpx \(its header says so\); the limit is 50 Mpx"):
         load_guidance(path)
+
+
+def test_saving_refusals_name_the_api_arguments(tiny_torch, tmp_path: Path) -> None:
+    """Corpus 12: save_image onto a user's file said "--out … pass --overwrite"; a caller passes a path and
+    overwrite=True."""
+    result = Translator(tiny_torch).translate(["a cat"], Image.new("RGB", (128, 64)), **SETTINGS)
+    (tmp_path / "mine.png").write_bytes(b"a user's")
+    with pytest.raises(PnPError, match=r"^save_image's path .*mine.png exists and was not written by pnp-trt; "
+                                       r"choose another name, or pass overwrite=True to replace it$"):
+        result.save_image(tmp_path / "mine.png")
+    (tmp_path / "file").write_bytes(b"a user's")
+    with pytest.raises(PnPError, match=r"^save's directory .*file is a file; with several prompts it must be a"):
+        result.save(tmp_path / "file")
+    assert (tmp_path / "mine.png").read_bytes() == (tmp_path / "file").read_bytes() == b"a user's"

@@ -14,6 +14,7 @@ from PIL import Image
 from .. import validation
 from ..config import Limits, TranslateConfig
 from ..contract import array_precision, axis_sizes, captured_name, graph_specs
+from ..destination import api_words
 from ..engines.buffers import auto_prompt_batch
 from ..errors import PnPError
 from ..fileio import writing
@@ -77,7 +78,7 @@ class Translation:
         there are replaced as one set; a directory holding anything else is refused); returns the image paths."""
         extra = {GUIDANCE_FILE: self.guidance_image} if self.guidance_image is not None else {}
         directory = validation.path("save's directory", directory)
-        with writing(Path(directory)):
+        with writing(Path(directory)), api_words("save's directory"):
             return save_directory(Path(directory), self.prompts, self.images, self.record, extra,
                                   inputs=self._inputs())
 
@@ -89,7 +90,7 @@ class Translation:
             raise PnPError(f"save_image writes one image and this translation has {len(self.images)}; use save(DIR)")
         path = validation.path("save_image's path", path)
         overwrite = validation.boolean("overwrite", overwrite)
-        with writing(Path(path)):
+        with writing(Path(path)), api_words("save_image's path"):
             return save_file(Path(path), self.images[0], self.record, self.guidance_image, overwrite,
                              inputs=self._inputs())
 
