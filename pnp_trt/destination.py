@@ -150,7 +150,7 @@ def _check_file(path: Path, overwrite: bool, inputs: list[Path], label: str) -> 
         raise PnPError(f"{label} is {kind}; pnp-trt never replaces one: give the path of a new .png file")
     if kind == "directory":
         raise PnPError(f"{label} is a directory; with one --prompt it is the output image file")
-    if kind == "file" and any(_same_file(path, p) for p in inputs):
+    if kind == "file" and any(same_file(path, p) for p in inputs):
         raise PnPError(f"{label} is the guidance image; write the result to another file")
     if path.name.lower() == SUFFIX:
         raise PnPError(f"{label} has no name before {path.name}; give a file name such as out.png")
@@ -218,7 +218,7 @@ def _check_name(path: Path) -> None:
                        f"allows {limit}: choose a shorter name")
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:

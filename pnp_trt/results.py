@@ -20,6 +20,7 @@ from .destination import (
     check_destination,
     file_digest,
     record_json,
+    same_file,
     sealed,
     sealed_png,
     written_by_pnp_trt,
@@ -83,8 +84,11 @@ def save_file(out: Path, image: Image.Image, record: dict[str, Any], guidance: I
                                                      "outputs": [beside]})
     names = [out.name, *(path.name for path in pictures)]
     pictures[out] = (image, {**record, "written_by": WRITER, "outputs": names})
-    # an earlier run's guidance beside `out` belongs to the result replaced: it goes with it, as a pair
-    stale = [guidance_beside(out)] if guidance is None and written_by_pnp_trt(guidance_beside(out)) else []
+    # an earlier run's guidance beside `out` belongs to the result replaced: it goes with it, as a pair, unless
+    # this run reads it (corpus 13: given as the guidance image, it was deleted)
+    paired = guidance_beside(out)
+    stale = [paired] if guidance is None and written_by_pnp_trt(paired) \
+        and not any(same_file(paired, Path(p)) for p in inputs) else []
     staged: dict[Path, Path] = {}
     try:
         for path, (picture, chunk) in pictures.items():

@@ -435,6 +435,13 @@ def test_a_generated_guidance_can_be_saved_beside_the_results(tiny_model_dir: Pa
                 tmp_path / "bird.png")  # corpus 12: the earlier guidance goes with the result it paired, said so
     assert rerun.exit_code == 0 and "removed bird.guidance.png, the guidance of the result replaced" in rerun.stderr
     assert not (tmp_path / "bird.guidance.png").exists()
+    single = run("translate", *common, "-p", "a bird", "--out", tmp_path / "bird.png")
+    kept = (tmp_path / "bird.guidance.png").read_bytes()
+    for overwrite in ([], ["--overwrite"]):  # corpus 13: the paired guidance given as the image was deleted
+        reread = run("translate", tmp_path / "bird.guidance.png", "--model", tiny_model_dir, "--steps", "2",
+                     "-p", "a fish", "--out", tmp_path / "bird.png", *overwrite)
+        assert reread.exit_code == 0 and "removed" not in reread.stderr, reread.output
+        assert (tmp_path / "bird.guidance.png").read_bytes() == kept
     refused = run("translate", random_image(tmp_path / "in.png", 64, 64), "--model", tiny_model_dir, "-p", "a",
                   "--out", tmp_path / "x.png", "--save-guidance")
     assert refused.exit_code == 2 and "--save-guidance saves a guidance generated" in refused.stderr
