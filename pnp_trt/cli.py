@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from . import validation
-from .config import DEFAULT_DISK_CACHE_BYTES, GENERATION_SETTINGS, Limits, TranslateConfig
+from .config import CLI_OVER_HINT, DEFAULT_DISK_CACHE_BYTES, GENERATION_SETTINGS, Limits, TranslateConfig
 from .destination import check_destination
 from .errors import PnPError
 from .extras import require
@@ -331,7 +331,8 @@ def translate(
     check_positive({"--cache-dir-gib": cache_dir_gib, **optional("--max-output-mpx", max_output_mpx)})
     check_pixel_limit(max_output_mpx, "--max-output-mpx")
     validation.number("--cache-dir-gib", cache_dir_gib, 0, 2**30)  # the API's bound, in the flag's own unit
-    limits = Limits(max_output_pixels=None if max_output_mpx is None else int(max_output_mpx * 1e6))
+    limits = Limits(max_output_pixels=None if max_output_mpx is None else int(max_output_mpx * 1e6),
+                    over_hint=CLI_OVER_HINT)
     if cache_dir is not None and Path(cache_dir).resolve().is_relative_to(Path(out).resolve()):
         raise PnPError(f"--cache-dir {cache_dir} is inside --out {out} (or is it); keep the cache in a directory "
                        "of its own")

@@ -89,8 +89,7 @@ class TranslateConfig:
     def field_wording(cls, message: str) -> str:
         """A settings refusal as a server's client or an API caller reads it: each flag by its setting's name
         (`--steps` → `steps`), the names a form and the API use."""
-        names = {f.name for f in fields(cls)}
-        return FLAG.sub(lambda m: m[1].replace("-", "_") if m[1].replace("-", "_") in names else m[0], message)
+        return in_keywords(message, {f.name.replace("_", "-"): f.name for f in fields(cls)})
 
     @classmethod
     def of(cls, settings: Mapping[str, Any]) -> TranslateConfig:
@@ -121,8 +120,10 @@ class Limits:
 
     max_output_pixels: int | None = None
     """Largest output image (height × width); None: the model's default, `default_output_pixels`."""
-    over_hint: str = "pass a smaller --height/--width (or raise --max-output-mpx if the machine has the memory)"
-    """What a refusal tells its reader to do: a CLI or API user can raise the limit, a server's client cannot."""
+    over_hint: str = "pass a smaller height/width (or a larger Limits(max_output_pixels=...) if the machine has " \
+                     "the memory)"
+    """What a refusal tells its reader to do (the API's words; the CLI's are `CLI_OVER_HINT`): a CLI or API user
+    can raise the limit, a server's client cannot."""
 
     def output_pixels(self, native: int) -> int:
         return self.max_output_pixels if self.max_output_pixels is not None else default_output_pixels(native)
@@ -133,6 +134,18 @@ class Limits:
         if height * width > limit:
             raise PnPError(f"output {height}x{width} is {height * width / 1e6:.3g} Mpx, over the "
                            f"{limit / 1e6:.3g} Mpx limit; {self.over_hint}")
+
+
+def in_keywords(message: str, words: Mapping[str, str]) -> str:
+    """A refusal worded for the CLI as another surface reads it: each `--flag` in `words` as its word there,
+    except inside `command` quotes (a command to run keeps its flags)."""
+    parts = message.split("`")
+    for index in range(0, len(parts), 2):
+        parts[index] = FLAG.sub(lambda m: words.get(m[1], m[0]), parts[index])
+    return "`".join(parts)
+
+
+CLI_OVER_HINT = "pass a smaller --height/--width (or raise --max-output-mpx if the machine has the memory)"
 
 
 def default_output_pixels(native: int) -> int:

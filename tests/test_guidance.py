@@ -387,3 +387,22 @@ def test_saving_refusals_name_the_api_arguments(tiny_torch, tmp_path: Path) -> N
     with pytest.raises(PnPError, match=r"^save's directory .*file is a file; with several prompts it must be a"):
         result.save(tmp_path / "file")
     assert (tmp_path / "mine.png").read_bytes() == (tmp_path / "file").read_bytes() == b"a user's"
+
+
+def test_translator_open_refusals_name_its_keywords(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Corpus 13: Translator.open's refusals said --model, --engines, --injection-preset; a caller passes keywords
+    (a command to run, in backquotes, keeps its flags)."""
+    with pytest.raises(PnPError, match="^engines is for the onnxruntime and tensorrt backends; the torch backend "
+                                       "runs model "):
+        Translator.open("torch", engines=tmp_path)
+    with pytest.raises(PnPError, match=r"^injection_preset 'zzz' is not one of"):
+        Translator.open("torch", model=tiny_model_dir, injection_preset="zzz")
+    with pytest.raises(PnPError, match=r"does not exist; pass the directory `pnp-trt export` wrote "
+                                       r"\(`pnp-trt export --model MODEL"):
+        Translator.open("onnxruntime", engines=tmp_path / "nowhere")
+
+
+def test_the_api_output_limit_names_the_api(tiny_torch) -> None:
+    with pytest.raises(PnPError, match=r"pass a smaller height/width \(or a larger Limits\(max_output_pixels=...\)"):
+        Translator(tiny_torch).translate("a cat", Image.new("RGB", (64, 64)), **{**SETTINGS, "height": 2048,
+                                                                                 "width": 2048})

@@ -17,6 +17,7 @@ from ..config import (
     GENERATION_SETTINGS,
     Limits,
     TranslateConfig,
+    in_keywords,
 )
 from ..errors import PnPError
 from ..images import Guidance, check_guidance
@@ -25,6 +26,11 @@ from .cache import SourceCache
 from .loading import open_model
 from .sampler import Progress, no_progress
 from .translation import Translation, translate
+
+OPEN_KEYWORDS = {"backend": "backend", "model": "model", "engines": "engines", "provider": "provider",
+                 "cache-dir": "cache_dir", "injection-preset": "injection_preset",
+                 "no-cuda-graphs": "cuda_graphs=False"}
+"""`Translator.open`'s keywords for the CLI flags its loaders' refusals name."""
 
 
 class Translator:
@@ -47,8 +53,11 @@ class Translator:
         `injection_preset`: see `open_model`."""
         if limits is not None and not isinstance(limits, Limits):
             raise PnPError(f"limits must be a pnp_trt.config.Limits, got {type(limits).__name__}")
-        cache = SourceCache(cache_bytes, cache_dir, cache_dir_bytes)
-        return cls(open_model(backend, model, engines, provider, cuda_graphs, injection_preset), cache, limits)
+        try:
+            cache = SourceCache(cache_bytes, cache_dir, cache_dir_bytes)
+            return cls(open_model(backend, model, engines, provider, cuda_graphs, injection_preset), cache, limits)
+        except PnPError as exc:  # the loaders speak the CLI's flags; a caller passes these keywords
+            raise PnPError(in_keywords(str(exc), OPEN_KEYWORDS)) from None
 
     def translate(self, prompts: Sequence[str] | str, image: Guidance | Image.Image | str | Path | bytes | None = None,
                   source_prompt: str | None = None, progress: Progress = no_progress,

@@ -81,11 +81,13 @@ class ServeOptions:
                                                       else int(self.max_output_mpx * 1e6)))
 
     def load(self) -> Translator:
+        from ..runtime.cache import SourceCache
+        from ..runtime.loading import open_model
         from ..runtime.translator import Translator
 
-        return Translator.open(self.backend, self.model, self.engines, self.provider, cache_dir=self.cache_dir,
-                               cuda_graphs=self.cuda_graphs, limits=self.limits().output,
-                               injection_preset=self.injection_preset)
+        model = open_model(self.backend, self.model, self.engines, self.provider, self.cuda_graphs,
+                           self.injection_preset)  # not Translator.open: a server's operator reads CLI flags
+        return Translator(model, SourceCache(directory=self.cache_dir), self.limits().output)
 
 
 def _parse(kind: type, value: Any) -> Any:
