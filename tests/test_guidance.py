@@ -395,6 +395,8 @@ def test_translator_open_refusals_name_its_keywords(tiny_model_dir: Path, tmp_pa
     with pytest.raises(PnPError, match="^engines is for the onnxruntime and tensorrt backends; the torch backend "
                                        "runs model "):
         Translator.open("torch", engines=tmp_path)
+    with pytest.raises(PnPError, match="^cache_dir_bytes is the budget of cache_dir, and no cache_dir is given"):
+        Translator.open("torch", model=tiny_model_dir, cache_dir_bytes=10)
     with pytest.raises(PnPError, match=r"^injection_preset 'zzz' is not one of"):
         Translator.open("torch", model=tiny_model_dir, injection_preset="zzz")
     with pytest.raises(PnPError, match=r"does not exist; pass the directory `pnp-trt export` wrote "

@@ -53,6 +53,9 @@ class Translator:
         `injection_preset`: see `open_model`."""
         if limits is not None and not isinstance(limits, Limits):
             raise PnPError(f"limits must be a pnp_trt.config.Limits, got {type(limits).__name__}")
+        if cache_dir is None and cache_dir_bytes != DEFAULT_DISK_CACHE_BYTES:  # as the CLI refuses --cache-dir-gib
+            raise PnPError("cache_dir_bytes is the budget of cache_dir, and no cache_dir is given; pass both or "
+                           "neither")
         try:
             cache = SourceCache(cache_bytes, cache_dir, cache_dir_bytes)
             return cls(open_model(backend, model, engines, provider, cuda_graphs, injection_preset), cache, limits)
