@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from . import validation
 from .config import CLI_OVER_HINT, DEFAULT_DISK_CACHE_BYTES, GENERATION_SETTINGS, Limits, TranslateConfig
 from .destination import check_destination
+from .entry import nohup
 from .errors import PnPError
 from .extras import require
 from .fileio import STOP_SIGNALS, ignore_stop_signals, written_before
@@ -772,8 +773,10 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
 
 
 def _handle_stop_signals() -> None:
+    """`_stop` for each stop signal (SIGHUP left ignored under `nohup`)."""
     for signum in STOP_SIGNALS:
-        signal.signal(signum, _stop)
+        if not nohup(signum):
+            signal.signal(signum, _stop)
 
 
 def main() -> None:

@@ -300,6 +300,24 @@ def test_version() -> None:
     assert result.exit_code == 0 and result.stdout.startswith("pnp-trt ")
 
 
+def test_a_run_under_nohup_goes_on_after_a_hangup(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Corpus 13: the console script replaced an inherited SIG_IGN for SIGHUP, so `nohup pnp-trt ...` died (129)
+    when its terminal closed."""
+    import signal
+    import time
+
+    guide = random_image(tmp_path / "in.png", 64, 64)
+    process = subprocess.Popen([sys.executable, "-m", "pnp_trt.cli", "translate", str(guide), "--model",
+                                str(tiny_model_dir), "-p", "a", "--out", str(tmp_path / "o.png"), "--steps", "4"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    time.sleep(0.5)  # past the console script's first moment, still importing torch
+    assert process.poll() is None
+    process.send_signal(signal.SIGHUP)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0 and (tmp_path / "o.png").is_file(), stderr
+
+
 @pytest.mark.parametrize("signame,code", [("SIGTERM", 143), ("SIGHUP", 129), ("SIGINT-twice", 130),
                                           ("SIGINT-burst", 130)])
 def test_stop_signals_clean_up_like_ctrl_c(tiny_model_dir: Path, tmp_path: Path, signame: str, code: int) -> None:
