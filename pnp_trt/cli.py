@@ -68,7 +68,7 @@ class ForgivingStream:
         return len(text)
 
     def flush(self) -> None:
-        self._attempt(sys.stderr.flush)
+        self._attempt(lambda: sys.stderr.flush())  # looked up when attempted: sys.stderr may be None
 
     def isatty(self) -> bool:
         return not self.broken and sys.stderr.isatty()
@@ -360,7 +360,7 @@ def translate(
                                       decode_guidance=save_guidance, **config.to_dict())
     paired = guidance_beside(Path(out))
     had_pair = len(prompt) == 1 and paired.exists()
-    written = result.save(out) if len(prompt) > 1 else [result.save_image(out, overwrite)]
+    written = result.write(Path(out), overwrite)
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.stats.timings.items())
     total = sum(result.stats.timings.values())
     cached = "; source from cache" if result.source_cache_hit else ""
@@ -745,6 +745,8 @@ class Terminated(KeyboardInterrupt):
 
 
 
+STREAM_ERRNOS = (errno.ENOSPC, errno.EPIPE, errno.EIO, errno.EBADF, errno.EDQUOT)
+"""What writing a standard stream can fail with (full, closed, broken)."""
 STOPPED_BY: list[int] = []
 """The stop signal received, if one was: the exit code where the parser turned it into a plain abort."""
 STOP_SAID: list[bool] = []
@@ -794,12 +796,17 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):  # a stop signal before the command ran (the parser's abort, or
         code = 130  # the signal itself while typer builds the command): said and coded below
     except Exception as exc:  # not a user error: a bug, said in one line (PNP_TRT_DEBUG=1 shows the traceback)
-        if os.environ.get("PNP_TRT_DEBUG"):
+        if isinstance(exc, OSError) and exc.errno in STREAM_ERRNOS:  # --help or --version to a full disk
+            err.print(f"[bold red]error:[/] cannot write to standard output ({escape(exc.strerror or str(exc))})",
+                      highlight=False, soft_wrap=True)
+            code = 1
+        elif os.environ.get("PNP_TRT_DEBUG"):
             raise
-        text = str(exc).splitlines()[0][:300] if str(exc) else ""
-        err.print(f"[bold red]internal error:[/] {escape(type(exc).__name__)}: {escape(text)} — a pnp-trt bug; "
-                  "rerun with PNP_TRT_DEBUG=1 for the traceback and report it", highlight=False, soft_wrap=True)
-        code = 1
+        else:
+            text = str(exc).splitlines()[0][:300] if str(exc) else ""
+            err.print(f"[bold red]internal error:[/] {escape(type(exc).__name__)}: {escape(text)} — a pnp-trt bug; "
+                      "rerun with PNP_TRT_DEBUG=1 for the traceback and report it", highlight=False, soft_wrap=True)
+            code = 1
     if code == 130 and STOPPED_BY and not STOP_SAID:  # the parser took the signal (typer: 130 even for SIGTERM)
         err.print("interrupted; nothing was written", highlight=False, soft_wrap=True)
         code = 128 + STOPPED_BY[0]

@@ -79,7 +79,7 @@ class TranslateConfig:
             number(flag, scale, -MAX_GUIDANCE_SCALE, MAX_GUIDANCE_SCALE)
         integer("--seed", self.seed, 0, 2**32 - 1)
         if self.prompt_batch_size is not None:
-            integer("prompt batch size", self.prompt_batch_size, 1, 1024)
+            integer("--prompt-batch-size", self.prompt_batch_size, 1, 1024)
         for field in fields(self):  # numpy scalars (accepted above) as plain numbers: records are JSON
             value = getattr(self, field.name)
             if isinstance(value, np.generic):

@@ -281,7 +281,7 @@ def test_the_api_refuses_a_provider_for_another_backend() -> None:
     from pnp_trt import Translator
     from pnp_trt.errors import PnPError
 
-    with pytest.raises(PnPError, match="--provider is for the onnxruntime backend"):
+    with pytest.raises(PnPError, match="^provider is for the onnxruntime backend"):
         Translator.open("torch", provider="cuda")
 
 
@@ -639,6 +639,27 @@ def test_a_stderr_that_cannot_be_written_does_not_stop_the_work(tiny_model_dir: 
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=lambda: os.close(2),
                             timeout=120)  # corpus 12: started with stderr closed (2>&-), sys.stderr is None
     assert closed.returncode == 0 and (tmp_path / "c.png").is_file()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["--version"], ["translate", "--help"]])
+def test_help_or_version_to_a_full_stdout_is_one_line(args: list[str]) -> None:
+    """Corpus 13: they said "internal error: OSError … a pnp-trt bug"."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "pnp_trt.cli", *args], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=60)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and lines == ["error: cannot write to standard output (No space left on device)"]
+
+
+def test_messages_with_no_stderr_at_all_are_dropped(monkeypatch) -> None:
+    """Corpus 13: with stderr closed at start (sys.stderr None) the first flush raised AttributeError (exit 1)."""
+    from pnp_trt.cli import err
+
+    monkeypatch.setattr(sys, "stderr", None)
+    err.print("a message nobody can read")
+    err.file.flush()
+    assert not err.file.isatty()
 
 
 def test_weights_that_yield_nan_are_refused_and_nothing_is_written(tiny_model_dir: Path, tmp_path: Path) -> None:

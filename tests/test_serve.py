@@ -413,7 +413,7 @@ def corpus(guide: bytes) -> list[tuple[str, dict, int, str]]:
         ("width zero", form(width="0"), 422, "multiple of 64"),
         ("output too large", form(height="4096", width="4096"), 422,
          "Mpx limit; ask for a smaller height and width (the limit is this server's)"),
-        ("prompt batch size 0", form(prompt_batch_size="0"), 422, "between 1 and 1024"),
+        ("prompt batch size 0", form(prompt_batch_size="0"), 422, "prompt_batch_size must be between 1 and 1024"),
         ("inversion steps that miss timesteps", form(inversion_steps="3"), 422, "never visits"),
         ("unknown field", form(strength="0.5"), 422, "unknown field(s) strength"),
         ("empty prompt", form(prompt=""), 422, "prompt 1 must not be empty"),

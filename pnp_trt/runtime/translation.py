@@ -76,11 +76,9 @@ class Translation:
     def save(self, directory: Path | str) -> list[Path]:
         """One PNG per prompt plus `translate.json` in `directory`, all or nothing (a previous run's results
         there are replaced as one set; a directory holding anything else is refused); returns the image paths."""
-        extra = {GUIDANCE_FILE: self.guidance_image} if self.guidance_image is not None else {}
         directory = validation.path("save's directory", directory)
-        with writing(Path(directory)), api_words("save's directory"):
-            return save_directory(Path(directory), self.prompts, self.images, self.record, extra,
-                                  inputs=self._inputs())
+        with api_words("save's directory"):
+            return self._save_directory(Path(directory))
 
     def save_image(self, path: Path | str, overwrite: bool = False) -> Path:
         """A one-prompt translation as one PNG whose `pnp-trt` text chunk holds the record (a decoded generated
@@ -90,8 +88,22 @@ class Translation:
             raise PnPError(f"save_image writes one image and this translation has {len(self.images)}; use save(DIR)")
         path = validation.path("save_image's path", path)
         overwrite = validation.boolean("overwrite", overwrite)
-        with writing(Path(path)), api_words("save_image's path"):
-            return save_file(Path(path), self.images[0], self.record, self.guidance_image, overwrite,
+        with api_words("save_image's path"):
+            return self._save_file(Path(path), overwrite)
+
+    def write(self, out: Path, overwrite: bool = False) -> list[Path]:
+        """What `pnp-trt translate --out` writes: `save` for several prompts, `save_image` for one, its refusals
+        in the CLI's words (`--out`, `--overwrite`)."""
+        return self._save_directory(out) if len(self.images) > 1 else [self._save_file(out, overwrite)]
+
+    def _save_directory(self, directory: Path) -> list[Path]:
+        extra = {GUIDANCE_FILE: self.guidance_image} if self.guidance_image is not None else {}
+        with writing(directory):
+            return save_directory(directory, self.prompts, self.images, self.record, extra, inputs=self._inputs())
+
+    def _save_file(self, path: Path, overwrite: bool) -> Path:
+        with writing(path):
+            return save_file(path, self.images[0], self.record, self.guidance_image, overwrite,
                              inputs=self._inputs())
 
     def _inputs(self) -> list[str]:
