@@ -125,6 +125,10 @@ def check_destination(out: Path | str, several: bool, overwrite: bool = False, i
         raise PnPError("--out is empty; give the output .png file (one --prompt) or a directory (several)")
     if not several and str(out).endswith(("/", os.sep)):
         raise PnPError(f"--out {out} ends in /, naming a directory; with one --prompt give the output .png file")
+    if Path(out).name in ("", "..") or Path(out).resolve() == Path(out).resolve().parent:
+        raise PnPError(f"--out {out} names a directory by a path with no name of its own (., .., /); "
+                       + ("results replace their directory as a whole: give a new one, e.g. --out results" if several
+                          else "with one --prompt give the output .png file"))
     out = Path(out)
     parent = out.parent  # Path("o.png").parent is Path(".")
     if not parent.is_dir():

@@ -362,6 +362,15 @@ def _another_graph_under_its_name(directory: Path) -> None:
     _rewrite(directory, lambda m: {**m, "files": file_entries(directory)})
 
 
+def _scheduler_of_a_wrong_type(directory: Path) -> None:
+    """Corpus 13: a scheduler config field of the wrong type, the manifest's hash updated to match."""
+    from pnp_trt.manifest import file_entries
+
+    config = directory / "scheduler_config.json"
+    config.write_text(config.read_text().replace('"steps_offset": 1', '"steps_offset": "1"'))
+    _rewrite(directory, lambda m: {**m, "files": file_entries(directory)})
+
+
 def _another_exports_graph(directory: Path) -> None:
     """unet.onnx as another export of the same model writes it: same size and inputs, another id."""
     from pnp_trt.export.onnx_graph import stamp_export_id
@@ -420,6 +429,8 @@ DAMAGED_EXPORTS = {
     "damaged scheduler config": (lambda d: _same_size(d / "scheduler_config.json", b"x"),
                                  "scheduler_config.json differs from the sha256 in the manifest"),
     "format 1": (lambda d: _rewrite(d, lambda m: {**m, "format_version": 1}), "manifest format 1"),
+    "scheduler config of a wrong type": (_scheduler_of_a_wrong_type, "scheduler_config.json: scheduler config "
+                                         "`steps_offset` must be a whole number, got '1' (str); rebuild with"),
     "no manifest": (lambda d: (d / "manifest.json").unlink(), "has no manifest.json"),
     "weights outside the directory": (_weights_outside, "keeps weights outside its directory (../outside.bin)"),
     **{f"manifest: {fragment}": (lambda d, change=change: _rewrite(d, change), fragment)

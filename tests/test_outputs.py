@@ -417,3 +417,13 @@ def test_a_rerun_without_a_guidance_takes_the_earlier_guidance_with_the_result_i
     (tmp_path / "r.guidance.png").write_bytes(b"a user's file")
     save_file(out, image, {})
     assert (tmp_path / "r.guidance.png").read_bytes() == b"a user's file"
+
+
+@pytest.mark.parametrize("out", [".", "./", "..", "/"])
+def test_an_out_with_no_name_of_its_own_is_refused_before_any_work(tmp_path: Path, monkeypatch, out: str) -> None:
+    """Corpus 13: `--out .` ran the whole job, then failed on the empty name (internal error)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PnPError, match="names a directory by a path with no name of its own .*give a new one"):
+        check_destination(out, several=True)
+    with pytest.raises(PnPError, match="with one --prompt give the output .png file"):
+        check_destination(out, several=False)

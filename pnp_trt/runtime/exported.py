@@ -52,7 +52,10 @@ def _read_exported(directory: Path) -> Exported:
         scheduler = json.loads((directory / "scheduler_config.json").read_text())
         if not isinstance(scheduler, dict):
             raise PnPError(f"{directory / 'scheduler_config.json'} is not a JSON object; rebuild with `{rebuild}`")
-        schedule = Schedule.from_config(scheduler)
+        try:
+            schedule = Schedule.from_config(scheduler)
+        except PnPError as exc:
+            raise PnPError(f"{directory / 'scheduler_config.json'}: {exc}; rebuild with `{rebuild}`") from None
     except PnPError:
         raise
     except Exception as exc:  # tokenizers, json and the config readers raise their own types
