@@ -125,7 +125,7 @@ def check_destination(out: Path | str, several: bool, overwrite: bool = False, i
         raise PnPError("--out is empty; give the output .png file (one --prompt) or a directory (several)")
     if not several and str(out).endswith(("/", os.sep)):
         raise PnPError(f"--out {out} ends in /, naming a directory; with one --prompt give the output .png file")
-    if Path(out).name in ("", "..") or Path(out).resolve() == Path(out).resolve().parent:
+    if Path(out).name in ("", ".."):  # ., ./, .., / (no resolving: a link loop is judged below)
         raise PnPError(f"--out {out} names a directory by a path with no name of its own (., .., /); "
                        + ("results replace their directory as a whole: give a new one, e.g. --out results" if several
                           else "with one --prompt give the output .png file"))
