@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .config import in_keywords
 from .errors import PnPError
 from .fileio import sweep_stale_staging
 from .png_chunks import SIGNATURE, chunks, text_chunk
@@ -95,16 +96,16 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-API_WORDS = (("pass --overwrite", "pass overwrite=True"), ("beside --out", "beside it"), ("several --prompt",
-             "several prompts"), ("one --prompt", "one prompt"), ("choose another --out", "choose another path"))
-"""The CLI's words in these refusals, and what an API caller passes instead."""
+API_PHRASES = (("beside --out", "beside it"), ("several --prompt", "several prompts"),
+               ("one --prompt", "one prompt"), ("choose another --out", "choose another path"))
+"""The CLI's phrases in these refusals that an API caller reads without a flag."""
 
 
 def api_wording(message: str, label: str) -> str:
     """A destination refusal as `Translation.save`/`save_image` callers read it: their argument, not `--out`."""
-    for flag, words in API_WORDS:
-        message = message.replace(flag, words)
-    return re.sub(r"(?<![\w-])--out( name)?\b", lambda m: label + (m[1] or ""), message)
+    for phrase, words in API_PHRASES:
+        message = message.replace(phrase, words)
+    return in_keywords(message, {"out": label, "overwrite": "overwrite=True"})
 
 
 @contextlib.contextmanager

@@ -24,13 +24,12 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import TranslateConfig
 from ..errors import PnPError
 from ..images import Guidance, png_bytes
 from ..runtime.translation import Translation
 from .batching import Coalescer, DeadlineExceeded, Group
 from .forms import read_form, read_upload
-from .limits import RequestError, ServeLimits
+from .limits import RequestError, ServeLimits, client_words
 from .metrics import ServerMetrics
 from .requests import CheckedRequest, check_request, share_of
 
@@ -179,8 +178,7 @@ def _add_error_handlers(app: FastAPI, server: Server) -> None:
 
     @app.exception_handler(PnPError)
     async def invalid(request: Request, exc: PnPError) -> JSONResponse:
-        return _error(422, TranslateConfig.field_wording(str(exc).splitlines()[0]) if str(exc)
-                      else type(exc).__name__)
+        return _error(422, client_words(exc))
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -105,6 +105,18 @@ class RequestError(PnPError):
         super().__init__(message)
         self.status = status
 
+    @classmethod
+    def of(cls, exc: Exception, status: int = 422) -> RequestError:
+        """A library refusal as this server's client reads it (`client_words`), with its status."""
+        return cls(status, client_words(exc))
+
+
+def client_words(exc: Exception) -> str:
+    """An error as a server's client reads it, over HTTP and Triton alike: its first line, each setting by its
+    form field's name (`steps`, not `--steps`)."""
+    text = str(exc)
+    return TranslateConfig.field_wording(text.splitlines()[0]) if text else type(exc).__name__
+
 
 def value_types(cls: Any) -> dict[str, type]:
     """Each field of a dataclass with its value type (`int | None` → int): how form and key=value strings
@@ -139,7 +151,7 @@ def settings_from_form(fields: Mapping[str, str], limits: ServeLimits) -> Transl
     try:
         config = TranslateConfig(**values)
     except PnPError as exc:
-        raise RequestError(422, TranslateConfig.field_wording(str(exc))) from None
+        raise RequestError.of(exc) from None
     for name, value in (("steps", config.steps), ("inversion_steps", config.effective_inversion_steps)):
         if value > limits.max_steps:
             raise RequestError(422, f"{name} {value} is over this server's limit of {limits.max_steps}")
@@ -152,7 +164,7 @@ def check_text(fields: Mapping[str, str]) -> None:
         try:
             validation.text(name, text)
         except PnPError as exc:
-            raise RequestError(422, str(exc)) from None
+            raise RequestError.of(exc) from None
 
 
 def check_prompts(prompts: list[str], limits: ServeLimits) -> list[str]:
@@ -161,7 +173,7 @@ def check_prompts(prompts: list[str], limits: ServeLimits) -> list[str]:
     try:
         validation.prompts(prompts)  # the rule every surface follows
     except PnPError as exc:
-        raise RequestError(422, str(exc)) from None
+        raise RequestError.of(exc) from None
     if len(prompts) > limits.max_prompts:
         raise RequestError(422, f"{len(prompts)} prompts is over this server's limit of {limits.max_prompts} "
                                 "per request")

@@ -57,12 +57,12 @@ def check_request(fields: dict[str, str], prompts: list[str], image_data: bytes 
         try:
             validation.text("source_prompt", source_prompt, non_blank=True)  # the rule translate() applies
         except PnPError as exc:
-            raise RequestError(422, str(exc)) from None
+            raise RequestError.of(exc) from None
     image = Guidance(decode_image(image_data, limits)) if image_data is not None else None
     try:
         limits.output.check_output(*plan_size(model, config, image.image if image else None), model.dims.native_size)
     except PnPError as exc:
-        raise RequestError(422, TranslateConfig.field_wording(str(exc))) from None
+        raise RequestError.of(exc) from None
     return CheckedRequest(prompts, config, image, source_prompt,
                           group_key(image_data or b"", source_prompt, config.to_dict()))
 
@@ -86,7 +86,7 @@ def decode_image(data: bytes, limits: ServeLimits) -> Image.Image:
         opened.load()
         check_decoded(opened, "the upload")
     except PnPError as exc:
-        raise RequestError(415, str(exc)) from None
+        raise RequestError.of(exc, 415) from None
     except (OSError, ValueError, SyntaxError):
         raise RequestError(415, "the image file is truncated or corrupt; send a valid PNG, JPEG or WebP file") \
             from None

@@ -12,9 +12,8 @@ from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
-from ..config import TranslateConfig
 from ..errors import PnPError
-from .limits import ServeOptions
+from .limits import ServeOptions, client_words
 from .requests import CheckedRequest, check_request, share_of
 from .triton_io import INPUTS, request_fields, response_arrays
 
@@ -42,7 +41,7 @@ class TritonPythonModel:
             try:
                 checked = check_request(*request_fields(_arrays(request)), self.translator.model, self.limits)
             except PnPError as exc:  # the client's error: Triton's 400 / INVALID_ARGUMENT
-                responses[index] = _error(str(exc), pb_utils.TritonError.INVALID_ARG)
+                responses[index] = _error(client_words(exc), pb_utils.TritonError.INVALID_ARG)
             else:
                 groups.setdefault(checked.key, []).append((index, checked))
         for members in groups.values():
@@ -56,7 +55,7 @@ class TritonPythonModel:
             result = self.translator.translate(prompts, first.image, first.source_prompt,
                                                **first.config.to_dict())
         except Exception as exc:  # a bad request has been answered already: this is the server's own failure
-            message = TranslateConfig.field_wording(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
+            message = client_words(exc)
             for index, _ in members:
                 responses[index] = _error(f"the translation failed: {message}", pb_utils.TritonError.INTERNAL)
             return
