@@ -30,14 +30,15 @@ STALE_AFTER_S = 600
 def staging_name(kind: str, pid: int, name: str = "", suffix: str = "") -> str:
     """`<kind>.<pid>.<token>.<name><suffix>`: hidden, this process's, and provably pnp-trt's: the token is 8
     random hex digits and 8 of the SHA-256 of the rest, so a user's file that merely starts like one is never
-    taken for a leftover (the name cut so that it stays within the file system's 255-byte limit)."""
+    taken for a leftover (the name cut to 64 bytes so that it stays within the file system's 255-byte limit;
+    names that are not UTF-8 kept as the OS gave them)."""
     random = secrets.token_hex(4)
-    rest = f"{name[:64]}{suffix}"
+    rest = f"{os.fsdecode(os.fsencode(name)[:64])}{suffix}"
     return f"{kind}.{pid}.{random}{_check(kind, pid, random, rest)}.{rest}"
 
 
 def _check(kind: str, pid: int | str, random: str, rest: str) -> str:
-    return hashlib.sha256(f"{kind}.{pid}.{random}.{rest}".encode()).hexdigest()[:8]
+    return hashlib.sha256(os.fsencode(f"{kind}.{pid}.{random}.{rest}")).hexdigest()[:8]
 
 
 def leftover_pid(entry: Path, kind: str) -> int | None:

@@ -427,3 +427,15 @@ def test_an_out_with_no_name_of_its_own_is_refused_before_any_work(tmp_path: Pat
         check_destination(out, several=True)
     with pytest.raises(PnPError, match="with one --prompt give the output .png file"):
         check_destination(out, several=False)
+
+
+@pytest.mark.parametrize("name", [os.fsdecode(b"\xff\xfe.png"), "\U0001F600" * 60 + ".png"],
+                         ids=["not-utf-8", "240-bytes-of-emoji"])
+def test_any_name_the_file_system_takes_is_written(tiny_model_dir: Path, tmp_path: Path, name: str) -> None:
+    """Corpus 14 (P15): a name that is not UTF-8 ran every stage, then failed naming its staging file; a long name
+    of multibyte characters must leave room for the staging prefix (cut by bytes, not characters)."""
+    guide = random_image(tmp_path / "guide.png", 64, 64)
+    result = run("translate", guide, "--model", tiny_model_dir, "-p", "a", "--out", tmp_path / name, "--steps", "1")
+    assert result.exit_code == 0, result.output
+    assert written_by_pnp_trt(tmp_path / name)
+    assert sorted(os.listdir(tmp_path)) == sorted(["guide.png", name])
