@@ -69,14 +69,15 @@ def guidance_beside(out: Path) -> Path:
     return out.with_name(f"{out.stem}.guidance.png")
 
 
-def save_file(out: Path, image: Image.Image, record: dict[str, Any], guidance: Image.Image | None = None,
+def save_file(typed: Path | str, image: Image.Image, record: dict[str, Any], guidance: Image.Image | None = None,
               overwrite: bool = False, inputs: Sequence[Path | str] = ()) -> Path:
-    """One PNG at `out` carrying the record in its `RECORD_CHUNK` text chunk, and a decoded generated guidance
+    """One PNG at `typed` carrying the record in its `RECORD_CHUNK` text chunk, and a decoded generated guidance
     beside it as NAME.guidance.png: both encoded under staging names first, then moved into place together
-    (an earlier run's files there stay as they were if anything fails before)."""
-    out = Path(out)
+    (an earlier run's files there stay as they were if anything fails before). `typed` as given: a str keeps
+    a final `/`, which names a directory and is refused."""
+    out = Path(typed)
     companions = [guidance_beside(out)] if guidance is not None else []
-    check_destination(out, several=False, overwrite=overwrite, inputs=inputs, companions=companions)
+    check_destination(typed, several=False, overwrite=overwrite, inputs=inputs, companions=companions)
     pictures: dict[Path, tuple[Image.Image, dict[str, Any]]] = {}
     if guidance is not None:
         beside = guidance_beside(out).name

@@ -153,8 +153,8 @@ def inversion_timesteps(schedule: Schedule, steps: int, inversion_steps: int) ->
     missing = sorted(set(sampling_timesteps(schedule, steps)) - set(inv))
     if missing:
         raise PnPError(f"inversion with {inversion_steps} steps never visits sampling timestep(s) "
-                       f"{missing[:5]} of {steps} steps; choose inversion steps that are a multiple of "
-                       f"the sampling steps (e.g. --inversion-steps {steps})")
+                       f"{missing[:5]} of {steps} steps; choose a number of inversion steps that is a "
+                       f"multiple of the {steps} sampling steps (e.g. {steps})")
     return inv
 
 

@@ -389,6 +389,18 @@ def test_saving_refusals_name_the_api_arguments(tiny_torch, tmp_path: Path) -> N
     assert (tmp_path / "mine.png").read_bytes() == (tmp_path / "file").read_bytes() == b"a user's"
 
 
+def test_corpus_14_api_refusals(tiny_torch, tmp_path: Path) -> None:
+    """Corpus 14: save_image("o.png/") wrote o.png (the CLI refuses a final /); decode_guidance with an image was
+    ignored (the CLI refuses --save-guidance with one)."""
+    translator = Translator(tiny_torch)
+    result = translator.translate(["a cat"], Image.new("RGB", (128, 64)), **SETTINGS)
+    with pytest.raises(PnPError, match=r"^save_image's path .*o.png/ ends in /, naming a directory"):
+        result.save_image(f"{tmp_path}/o.png/")
+    assert not (tmp_path / "o.png").exists()
+    with pytest.raises(PnPError, match="^decode_guidance decodes a guidance generated from a source prompt"):
+        translator.translate(["a cat"], Image.new("RGB", (128, 64)), decode_guidance=True, **SETTINGS)
+
+
 def test_translator_open_refusals_name_its_keywords(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Corpus 13: Translator.open's refusals said --model, --engines, --injection-preset; a caller passes keywords
     (a command to run, in backquotes, keeps its flags)."""

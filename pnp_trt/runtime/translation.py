@@ -86,10 +86,10 @@ class Translation:
         pnp-trt wrote it, or with `overwrite` (never the guidance image itself)."""
         if len(self.images) != 1:
             raise PnPError(f"save_image writes one image and this translation has {len(self.images)}; use save(DIR)")
-        path = validation.path("save_image's path", path)
+        checked = validation.path("save_image's path", path)
         overwrite = validation.boolean("overwrite", overwrite)
-        with api_words("save_image's path"):
-            return self._save_file(Path(path), overwrite)
+        with api_words("save_image's path"):  # a str as given: its final / (a directory's name) is refused
+            return self._save_file(path if isinstance(path, str) else checked, overwrite)
 
     def write(self, out: Path, overwrite: bool = False) -> list[Path]:
         """What `pnp-trt translate --out` writes: `save` for several prompts, `save_image` for one, its refusals
@@ -101,8 +101,8 @@ class Translation:
         with writing(directory):
             return save_directory(directory, self.prompts, self.images, self.record, extra, inputs=self._inputs())
 
-    def _save_file(self, path: Path, overwrite: bool) -> Path:
-        with writing(path):
+    def _save_file(self, path: Path | str, overwrite: bool) -> Path:
+        with writing(Path(path)):
             return save_file(path, self.images[0], self.record, self.guidance_image, overwrite,
                              inputs=self._inputs())
 
@@ -207,7 +207,9 @@ def translate(model: LoadedModel, prompts: Sequence[str] | str, config: Translat
         raise PnPError("give exactly one guidance: an image or a source prompt")
     prompts = validation.prompts(prompts)
     progress = checked_progress(progress)
-    validation.boolean("decode_guidance", decode_guidance)
+    if validation.boolean("decode_guidance", decode_guidance) and image is not None:
+        raise PnPError("decode_guidance decodes a guidance generated from a source prompt; an image is its own "
+                       "guidance: leave decode_guidance out")
     if source_prompt is not None:
         validation.text("the source prompt", source_prompt, non_blank=True)
     config = config or TranslateConfig()
