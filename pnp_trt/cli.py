@@ -77,6 +77,17 @@ class ForgivingStream:
         return getattr(sys.stderr if sys.stderr is not None else io.StringIO(), name)
 
 
+class ClosedStdout(io.TextIOBase):
+    """sys.stdout for a process started without one (`>&-`): writing fails as writing a closed descriptor does,
+    so that `--version` or `--help` that nobody can read is an error (Python's None stdout drops it silently)."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+
 err = Console(file=cast(IO[str], ForgivingStream()))  # duck-typed: write, flush, isatty and the rest from stderr
 
 
@@ -783,6 +794,8 @@ def _handle_stop_signals() -> None:
 
 def main() -> None:
     _handle_stop_signals()
+    if sys.stdout is None:
+        sys.stdout = ClosedStdout()
     parsing = _click_exceptions()
     try:
         code = app(prog_name="pnp-trt", standalone_mode=False)
@@ -796,7 +809,7 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):  # a stop signal before the command ran (the parser's abort, or
         code = 130  # the signal itself while typer builds the command): said and coded below
     except Exception as exc:  # not a user error: a bug, said in one line (PNP_TRT_DEBUG=1 shows the traceback)
-        if isinstance(exc, OSError) and exc.errno in STREAM_ERRNOS:  # --help or --version to a full disk
+        if isinstance(exc, OSError) and exc.errno in STREAM_ERRNOS:  # --help or --version: stdout full or closed
             err.print(f"[bold red]error:[/] cannot write to standard output ({escape(exc.strerror or str(exc))})",
                       highlight=False, soft_wrap=True)
             code = 1

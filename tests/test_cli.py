@@ -652,6 +652,15 @@ def test_help_or_version_to_a_full_stdout_is_one_line(args: list[str]) -> None:
     assert done.returncode == 1 and lines == ["error: cannot write to standard output (No space left on device)"]
 
 
+@pytest.mark.parametrize("args", [["--version"], ["--help"]])
+def test_help_or_version_with_stdout_closed_is_an_error(args: list[str]) -> None:
+    """Corpus 14: with stdout closed at start (`>&-`, sys.stdout None) they printed nothing and exited 0."""
+    done = subprocess.run([sys.executable, "-m", "pnp_trt.cli", *args], stderr=subprocess.PIPE, text=True,
+                          timeout=60, preexec_fn=lambda: os.close(1))
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and lines == ["error: cannot write to standard output (Bad file descriptor)"]
+
+
 def test_messages_with_no_stderr_at_all_are_dropped(monkeypatch) -> None:
     """Corpus 13: with stderr closed at start (sys.stderr None) the first flush raised AttributeError (exit 1)."""
     from pnp_trt.cli import err
