@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 from . import validation
 from .config import CLI_OVER_HINT, DEFAULT_DISK_CACHE_BYTES, GENERATION_SETTINGS, Limits, TranslateConfig
-from .destination import check_destination
+from .destination import check_destination, enclosing_results
 from .entry import nohup
 from .errors import PnPError
 from .extras import require
@@ -348,6 +348,9 @@ def translate(
     if cache_dir is not None and Path(cache_dir).resolve().is_relative_to(Path(out).resolve()):
         raise PnPError(f"--cache-dir {cache_dir} is inside --out {out} (or is it); keep the cache in a directory "
                        "of its own")
+    if cache_dir is not None and (results := enclosing_results(Path(cache_dir))) is not None:
+        raise PnPError(f"--cache-dir {cache_dir} is inside the results of an earlier run ({results}); keep the cache "
+                       "in a directory of its own")
     if cache_dir is not None and engines is not None and Path(cache_dir).resolve().is_relative_to(
             Path(engines).resolve()):
         raise PnPError(f"--cache-dir {cache_dir} is inside the exported directory {engines}; keep the cache in a "
@@ -589,6 +592,7 @@ def serve(
     validation.integer("--port", port, 1, 65535)
     set_threads(threads)
     validation.number("--coalesce-ms", coalesce_ms, 0, 60_000)
+    validation.number("--deadline-s", deadline_s, 0, 86_400)  # a day: past it, asyncio's timers overflow
     check_pixel_limit(max_input_mpx, "--max-input-mpx")
     check_upload_limit(max_upload_mb)
     check_pixel_limit(max_output_mpx, "--max-output-mpx")

@@ -251,6 +251,19 @@ def previous_results(out: Path) -> list[str]:
     return _previous_set(out)[0]
 
 
+def enclosing_results(path: Path) -> Path | None:
+    """The results directory of an earlier run that `path` is inside (or is), if any: a cache made there would
+    make that set one pnp-trt no longer trusts, and refuses to replace."""
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):  # a link loop: judged where the cache is opened
+        return None
+    for directory in (resolved, *resolved.parents):
+        if previous_results(directory):
+            return directory
+    return None
+
+
 def _previous_set(out: Path) -> tuple[list[str], str]:
     """`previous_results`, and why there are none where `out` holds a record pnp-trt will not trust ('' else)."""
     try:

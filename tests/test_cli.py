@@ -228,11 +228,25 @@ def test_every_setting_is_a_translate_flag_defaulting_to_the_librarys() -> None:
         dataclasses.asdict(TranslateConfig())
 
 
+def test_a_cache_inside_an_earlier_results_directory_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Corpus 14 (P25): it was accepted, and the earlier set was then one pnp-trt refused to replace."""
+    guide = random_image(tmp_path / "in.png", 64, 64)
+    done = run("translate", guide, "--model", tiny_model_dir, "-p", "a", "-p", "b", "--steps", "1", "--out",
+               tmp_path / "earlier")
+    assert done.exit_code == 0, done.output
+    before = sorted(os.listdir(tmp_path / "earlier"))
+    assert_user_error(run("translate", guide, "--model", tiny_model_dir, "-p", "a", "--steps", "1", "--out",
+                          tmp_path / "new.png", "--cache-dir", tmp_path / "earlier" / "cache"),
+                      "is inside the results of an earlier run")
+    assert sorted(os.listdir(tmp_path / "earlier")) == before and not (tmp_path / "new.png").exists()
+
+
 @pytest.mark.parametrize("args,env,fragment", [
     (["serve", "--port", "80000"], {}, "--port must be between 1 and 65535, got 80000"),
     (["serve", "--port", "-1"], {}, "--port must be between 1 and 65535, got -1"),
     (["serve", "--coalesce-ms", "nan"], {}, "--coalesce-ms must be a finite number"),
     (["serve", "--coalesce-ms", "1e12"], {}, "--coalesce-ms must be between 0 and 60000"),
+    (["serve", "--deadline-s", "1e12"], {}, "--deadline-s must be between 0 and 86400"),  # corpus 14 O07
     (["translate", "x.png", "-p", "a", "--out", "o.png", "--threads", "100000"], {}, "--threads must be between 1"),
     (["translate", "x.png", "-p", "a", "--out", "o.png"], {"PNP_TRT_THREADS": "abc"},
      "PNP_TRT_THREADS must be a whole number of threads"),
