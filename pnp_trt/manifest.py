@@ -120,6 +120,10 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if path.exists() and not path.is_file():
         raise PnPError(f"{path} is not a regular file (a directory, FIFO or device); rebuild with "
                        f"`{rebuild_hint(None, directory)}`")
+    if not path.is_file() and (directory / "model_index.json").is_file():
+        raise PnPError(f"{directory} is a diffusers model, not an exported directory; run it with --backend torch "
+                       f"--model {directory}, or export it: `pnp-trt export --model {directory} --precision fp32 "
+                       f"--out {free_directory(directory.with_name(directory.name + '-onnx'))}`")
     if not path.is_file():
         raise PnPError(f"{directory} has no {MANIFEST}: it is not an exported directory; "
                        f"create one with `{rebuild_hint(None, directory)}`")

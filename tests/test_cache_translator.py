@@ -410,3 +410,11 @@ def test_the_newest_source_stays_even_over_the_budget(tiny_torch, guide) -> None
     off = SourceCache(budget_bytes=0)
     Translator(tiny_torch, off).translate(["a cat"], guide, **SETTINGS)
     assert len(off) == 0
+
+
+def test_a_cache_directory_that_cannot_be_made_says_why_and_what_to_do(tiny_torch, guide) -> None:
+    """Corpus 14 (K11): it warned with Python's exception text ("FileNotFoundError: [Errno 2] …") and no fix."""
+    with pytest.warns(RuntimeWarning, match=r"^source cache /proc/pnp-trt-cache cannot be written \(No such file or "
+                                            r"directory\); going on without it: give --cache-dir a directory that"):
+        cache = SourceCache(directory=Path("/proc/pnp-trt-cache"))
+        translate(tiny_torch, ["a cat"], TranslateConfig(**SETTINGS), image=guide, cache=cache)

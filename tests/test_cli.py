@@ -228,6 +228,14 @@ def test_every_setting_is_a_translate_flag_defaulting_to_the_librarys() -> None:
         dataclasses.asdict(TranslateConfig())
 
 
+def test_a_model_directory_given_as_engines_is_named_as_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Corpus 14 (X21): it said only "has no manifest.json", and the hint exported MODEL over it."""
+    guide = random_image(tmp_path / "in.png", 64, 64)
+    assert_user_error(run("translate", guide, "--backend", "onnxruntime", "--engines", tiny_model_dir, "-p", "a",
+                          "--out", tmp_path / "o.png"),
+                      f"{tiny_model_dir} is a diffusers model, not an exported directory; run it with --backend torch")
+
+
 def test_a_cache_inside_an_earlier_results_directory_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Corpus 14 (P25): it was accepted, and the earlier set was then one pnp-trt refused to replace."""
     guide = random_image(tmp_path / "in.png", 64, 64)

@@ -151,9 +151,10 @@ class SourceCache:
             warnings.warn(f"source cache {self.directory} is not a directory (a file, FIFO, device or link); going on "
                           "without it: give --cache-dir a directory of its own", RuntimeWarning, stacklevel=3)
         elif not self._warned:
-            detail = str(exc) if isinstance(exc, PnPError) else f"{type(exc).__name__}: {str(exc)[:120]}"
-            warnings.warn(f"source cache {self.directory} cannot be written ({detail}); going on without it",
-                          RuntimeWarning, stacklevel=3)
+            detail = str(exc) if isinstance(exc, PnPError) else exc.strerror if isinstance(exc, OSError) \
+                and exc.strerror else f"{type(exc).__name__}: {str(exc)[:120]}"
+            warnings.warn(f"source cache {self.directory} cannot be written ({detail}); going on without it: give "
+                          "--cache-dir a directory that can be written", RuntimeWarning, stacklevel=3)
         self._warned, self.directory = True, None
 
     def _remember(self, key: str, source: Source) -> None:
