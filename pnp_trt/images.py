@@ -101,7 +101,10 @@ def _open_checked(source: Path | IO[bytes], name: str) -> Image.Image:
     except Image.DecompressionBombError as exc:  # Pillow's own refusal, from the header, past ~179 Mpx
         raise PnPError(f"{name} is {header_megapixels(exc)} (its header says so); the limit is "
                        f"{MAX_PIXELS / 1e6:.0f} Mpx: downscale it first") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:  # Pillow's message names its file object ("<_io.BytesIO object at 0x…>")
+        raise PnPError(f"cannot read {name} as an image (not a PNG, JPEG or WebP file, or empty); pass a valid "
+                       "PNG/JPEG/WebP file") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         detail = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
         raise PnPError(f"cannot read {name} as an image ({detail}); pass a valid PNG/JPEG/WebP file") from None
 
@@ -167,6 +170,9 @@ def check_guidance(value: object) -> Guidance:
                            "image") from None
         return Guidance(normalize_guidance(value))
     if isinstance(value, (bytes, bytearray, memoryview)):
+        if len(value) < 4096 and b"\0" not in value and os.path.lexists(os.fsdecode(bytes(value))):
+            raise PnPError("the image bytes are a file's path, and bytes are read as an image file's contents; pass "
+                           "the path as a str or Path")
         return Guidance(decode_guidance(bytes(value)))
     if isinstance(value, np.ndarray) and value.dtype == np.uint8 and (
             value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (3, 4))):

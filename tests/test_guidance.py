@@ -160,7 +160,9 @@ def test_every_reasonable_guidance_form_gives_the_same_image(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("value,fragment", [
     (np.zeros((3, 64, 64), np.float32), "got an array of float32 (3, 64, 64)"),
-    (b"not an image", "cannot read the image bytes as an image"),
+    (b"not an image", "cannot read the image bytes as an image (not a PNG, JPEG or WebP file, or empty)"),
+    (b"", "cannot read the image bytes as an image (not a PNG, JPEG or WebP file, or empty)"),  # corpus 14 A57
+    (b"/", "the image bytes are a file's path, and bytes are read as an image file's contents"),  # corpus 14 A59
     (12, "got int"),
     (np.broadcast_to(np.zeros(3, np.uint8), (1, 10**8, 3)), "is 100000000×1; both sides must be at least 64"),  # r7
 ])
