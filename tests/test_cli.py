@@ -340,6 +340,15 @@ def test_a_run_under_nohup_goes_on_after_a_hangup(tiny_model_dir: Path, tmp_path
     assert process.returncode == 0 and (tmp_path / "o.png").is_file(), stderr
 
 
+def _default_stop_signals() -> None:
+    """A child's stop signals as a terminal's shell starts it, whatever the suite inherited (under `nohup`
+    SIGHUP is ignored, and stays so in a run that keeps nohup's wish; a background job ignores SIGINT)."""
+    import signal
+
+    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signame,code", [("SIGTERM", 143), ("SIGHUP", 129), ("SIGINT-twice", 130),
                                           ("SIGINT-burst", 130)])
 def test_stop_signals_clean_up_like_ctrl_c(tiny_model_dir: Path, tmp_path: Path, signame: str, code: int) -> None:
@@ -355,17 +364,21 @@ def test_stop_signals_clean_up_like_ctrl_c(tiny_model_dir: Path, tmp_path: Path,
     out.mkdir()
     process = subprocess.Popen([sys.executable, "-m", "pnp_trt.cli", "translate", str(guide), "--model",
                                 str(tiny_model_dir), "-p", "a", "-p", "b", "--out", str(out / "set"), "--steps",
-                                "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(8)
-    process.send_signal(getattr(signal, signame.split("-")[0]))
-    if signame.endswith("twice"):
-        time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
-    if signame.endswith("burst"):
-        for later in (signal.SIGINT, signal.SIGTERM):
-            time.sleep(0.01)
-            process.send_signal(later)
-    _, stderr = process.communicate(timeout=60)
+                                "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_default_stop_signals)
+    try:
+        time.sleep(8)
+        process.send_signal(getattr(signal, signame.split("-")[0]))
+        if signame.endswith("twice"):
+            time.sleep(0.05)
+            process.send_signal(signal.SIGINT)
+        if signame.endswith("burst"):
+            for later in (signal.SIGINT, signal.SIGTERM):
+                time.sleep(0.01)
+                process.send_signal(later)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()  # a run that did not stop must not go on beside the rest of the suite
     assert process.returncode == code, stderr
     assert "interrupted; nothing was written" in stderr and "Traceback" not in stderr
     assert list(out.iterdir()) == []
