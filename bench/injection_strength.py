@@ -12,15 +12,14 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from typing import Any
 
 import numpy as np
+from quality import pnp  # bench/quality.py, beside this script
 
-from pnp_trt.demo import MODEL, SETTINGS, judge
+from pnp_trt.demo import MODEL, judge
 from pnp_trt.runtime.sampler import Sampler
 from pnp_trt.runtime.translator import Translator
 
-SIZE = {"height": 128, "width": 128}
 VARIANTS = {
     "no injection": {"feature_injection": 0.0, "attention_injection": 0.0},
     "PnP (defaults)": {},
@@ -28,11 +27,6 @@ VARIANTS = {
     "attention, every step": {"feature_injection": 0.0, "attention_injection": 1.0},
     "both, every step": {"feature_injection": 1.0, "attention_injection": 1.0},
 }
-
-
-def translated(translator: Translator, prompt: str, edit: judge.Edit, steps: int, settings: dict[str, Any]) -> Any:
-    result = translator.translate(prompt, edit.guidance.draw(), steps=steps, **SIZE, **SETTINGS, **settings)
-    return np.asarray(result.images[0])
 
 
 def vae_round_trip(translator: Translator, edit: judge.Edit) -> np.ndarray:
@@ -65,13 +59,12 @@ def main() -> None:
     for scale in args.scales:
         began = time.monotonic()
         row(f"ceiling: own caption, no injection, scale {scale:g}",
-            [judge.judge(e, translated(translator, e.prompt, e, args.steps, {**VARIANTS["no injection"],
-                                                                              "guidance_scale": scale}))
+            [judge.judge(e, pnp(translator, e, args.steps, {**VARIANTS["no injection"], "guidance_scale": scale}))
              for e in itself], began)
         for name, settings in VARIANTS.items():
             began = time.monotonic()
-            row(f"{name}, scale {scale:g}", [judge.judge(e, translated(translator, e.prompt, e, args.steps,
-                                                                       {**settings, "guidance_scale": scale}))
+            row(f"{name}, scale {scale:g}", [judge.judge(e, pnp(translator, e, args.steps,
+                                                                {**settings, "guidance_scale": scale}))
                                              for e in edits], began)
 
 

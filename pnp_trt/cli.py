@@ -592,7 +592,7 @@ def serve(
     validation.integer("--port", port, 1, 65535)
     set_threads(threads)
     validation.number("--coalesce-ms", coalesce_ms, 0, 60_000)
-    validation.number("--deadline-s", deadline_s, 0, 86_400)  # a day: past it, asyncio's timers overflow
+    validation.number("--deadline-s", deadline_s, 0, 86_400)  # a day: longer is no deadline at all
     check_pixel_limit(max_input_mpx, "--max-input-mpx")
     check_upload_limit(max_upload_mb)
     check_pixel_limit(max_output_mpx, "--max-output-mpx")

@@ -170,10 +170,11 @@ def check_guidance(value: object) -> Guidance:
                            "image") from None
         return Guidance(normalize_guidance(value))
     if isinstance(value, (bytes, bytearray, memoryview)):
-        if len(value) < 4096 and b"\0" not in value and os.path.lexists(os.fsdecode(bytes(value))):
+        data = bytes(value)
+        if len(data) < 4096 and b"\0" not in data and os.path.lexists(os.fsdecode(data)):
             raise PnPError("the image bytes are a file's path, and bytes are read as an image file's contents; pass "
                            "the path as a str or Path")
-        return Guidance(decode_guidance(bytes(value)))
+        return Guidance(decode_guidance(data))
     if isinstance(value, np.ndarray) and value.dtype == np.uint8 and (
             value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (3, 4))):
         _check_sides(value.shape[1], value.shape[0], "the array")  # before Pillow copies it

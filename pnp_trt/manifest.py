@@ -121,9 +121,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise PnPError(f"{path} is not a regular file (a directory, FIFO or device); rebuild with "
                        f"`{rebuild_hint(None, directory)}`")
     if not path.is_file() and (directory / "model_index.json").is_file():
+        export = rebuild_hint({"model_id": str(directory)}, directory.with_name(directory.name + "-onnx"))
         raise PnPError(f"{directory} is a diffusers model, not an exported directory; run it with --backend torch "
-                       f"--model {directory}, or export it: `pnp-trt export --model {directory} --precision fp32 "
-                       f"--out {free_directory(directory.with_name(directory.name + '-onnx'))}`")
+                       f"--model {directory}, or export it: `{export}`")
     if not path.is_file():
         raise PnPError(f"{directory} has no {MANIFEST}: it is not an exported directory; "
                        f"create one with `{rebuild_hint(None, directory)}`")

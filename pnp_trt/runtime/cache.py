@@ -151,8 +151,12 @@ class SourceCache:
             warnings.warn(f"source cache {self.directory} is not a directory (a file, FIFO, device or link); going on "
                           "without it: give --cache-dir a directory of its own", RuntimeWarning, stacklevel=3)
         elif not self._warned:
-            detail = str(exc) if isinstance(exc, PnPError) else exc.strerror if isinstance(exc, OSError) \
-                and exc.strerror else f"{type(exc).__name__}: {str(exc)[:120]}"
+            if isinstance(exc, PnPError):
+                detail = str(exc)
+            elif isinstance(exc, OSError) and exc.strerror:
+                detail = exc.strerror
+            else:
+                detail = f"{type(exc).__name__}: {str(exc)[:120]}"
             warnings.warn(f"source cache {self.directory} cannot be written ({detail}); going on without it: give "
                           "--cache-dir a directory that can be written", RuntimeWarning, stacklevel=3)
         self._warned, self.directory = True, None
