@@ -500,6 +500,43 @@ def test_a_stalled_upload_is_answered_at_the_deadline(exported: Path) -> None:
         assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
 
 
+def _series(text: str, series: str) -> float:
+    line = next((line for line in text.splitlines() if line.startswith(series + " ")), f"{series} 0")
+    return float(line.split()[-1])
+
+
+def _wait_for_series(url: str, series: str, value: float, seconds: float = 60) -> bool:
+    """Whether `series` on the server's /metrics reaches `value` within `seconds` (a loaded machine is slow)."""
+    deadline = time.monotonic() + seconds
+    while _series(httpx.get(f"{url}/metrics").text, series) < value:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_client_that_leaves_stops_its_translation(exported: Path, guide_png: bytes) -> None:
+    """Corpus 12 H70, corpus 14 H11/H41: a client that closed its connection kept its translation running, and
+    the next request waited for it. Its work now stops at the next step (had it run on, its UNet evaluations
+    would be counted) and its request counts as a 499. 500 steps: a valid request that runs for seconds (1000
+    is refused at once, for this model, which raced the client's leaving)."""
+    with serving(exported, "--max-steps", "500", "--workers", "1") as url:
+        long = httpx.Request("POST", f"{url}/v1/translate", files={"image": ("g.png", guide_png)},
+                             data={**SETTINGS, "prompt": "a cat", "steps": "500"})
+        head = "".join(f"{k}: {v}\r\n" for k, v in long.headers.items() if k.lower() != "host")
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as leaving:
+            leaving.sendall(f"POST /v1/translate HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode() + long.read())
+            assert _wait_for_series(url, "pnp_queue_depth", 1), "the long request was never queued"
+        assert _wait_for_series(url, 'pnp_requests_total{status="499"}', 1), "the client's leaving went unnoticed"
+        answer = httpx.post(f"{url}/v1/translate", files={"image": ("g.png", guide_png)},
+                            data={**SETTINGS, "prompt": "a dog"}, timeout=120)
+        assert answer.status_code == 200
+        metrics = httpx.get(f"{url}/metrics").text
+        assert _series(metrics, "pnp_unet_evaluations_total") == answer.json()["unet_evaluations"]
+        assert _series(metrics, 'pnp_requests_total{status="422"}') == 0
+
+
 def _ray_available() -> bool:
     import importlib.util
 

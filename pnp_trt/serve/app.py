@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive
 
 from ..errors import PnPError
 from ..images import Guidance, png_bytes
@@ -73,8 +74,10 @@ class Server:
         self.metrics.record_translation(result)
         return result
 
-    async def translate(self, fields: dict[str, str], prompts: list[str], upload: UploadFile | None) -> Translation:
-        """Validate, queue (or refuse when full) and wait for this request's share of a translation."""
+    async def translate(self, fields: dict[str, str], prompts: list[str], upload: UploadFile | None,
+                        receive: Receive | None = None) -> Translation:
+        """Validate, queue (or refuse when full) and wait for this request's share of a translation, or until
+        the client closes its connection (read from the request's ASGI `receive`): its share is given up."""
         if self.translator is None:
             raise RequestError(503, self.load_error or "the model is still loading; retry shortly")
         data = await read_upload(upload, self.limits) if upload is not None else None
@@ -84,21 +87,36 @@ class Server:
         self.in_flight += 1
         self.metrics.queue_depth.set(self.in_flight)
         try:
-            return await self._wait(request)
+            return await self._wait(request, receive)
         finally:
             self.in_flight -= 1
             self.metrics.queue_depth.set(self.in_flight)
 
-    async def _wait(self, request: CheckedRequest) -> Translation:
+    async def _wait(self, request: CheckedRequest, receive: Receive | None) -> Translation:
         deadline = time.monotonic() + self.limits.deadline_s
-        share = self.coalescer.submit(request.key, request.image, request.source_prompt, request.config,
-                                      request.prompts, deadline)
+        share = asyncio.ensure_future(self.coalescer.submit(request.key, request.image, request.source_prompt,
+                                                            request.config, request.prompts, deadline))
+        watch = asyncio.ensure_future(client_left(receive)) if receive is not None else None
         try:
-            result, part = await asyncio.wait_for(share, self.limits.deadline_s)
-        except (asyncio.TimeoutError, DeadlineExceeded):
-            raise RequestError(504, f"no result within this server's {self.limits.deadline_s:g} s deadline; "
-                                    "try fewer steps or prompts") from None
-        return share_of(result, part)
+            done, _ = await asyncio.wait([share, *([watch] if watch else [])], timeout=self.limits.deadline_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (share, watch):
+                if task is not None and not task.done():
+                    task.cancel()  # a cancelled share stops its group's work once nobody else waits for it
+        if share in done and not isinstance(share.exception(), DeadlineExceeded):
+            result, part = share.result()
+            return share_of(result, part)
+        if watch is not None and watch in done:
+            raise RequestError(499, "the client closed its connection before its result was ready")
+        raise RequestError(504, f"no result within this server's {self.limits.deadline_s:g} s deadline; "
+                                "try fewer steps or prompts")
+
+
+async def client_left(receive: Receive) -> None:
+    """Returns once the client has closed its connection (ASGI's http.disconnect, once its body is read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def wants_png(accept: str) -> bool:
@@ -225,7 +243,7 @@ def _add_routes(app: FastAPI, server: Server) -> None:
             return _error(406, f"image/png holds one image and this request has {len(prompts)} prompts; accept "
                                "application/json (every image, base64), or send one prompt")
         try:
-            result = await server.translate(fields, prompts, upload)
+            result = await server.translate(fields, prompts, upload, request.receive)
         finally:
             if upload is not None:
                 await upload.close()  # the spooled upload (Starlette closes only forms it parsed itself)

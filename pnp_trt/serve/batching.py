@@ -3,7 +3,8 @@ share one translation — one inversion and capture (the source) and one injecti
 and each gets its own images back.
 
 Runs on the server's event loop; the translations themselves run on a small thread pool (the `Translator`
-is thread-safe). A group stops at its next sampling step once every request in it is past its deadline.
+is thread-safe). A group stops at its next sampling step once no request in it waits any more: each is past its
+deadline or its client has left.
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ class Group:
         self.deadline = max(self.deadline, deadline)
         return future
 
+    def waited_until(self) -> float:
+        """time.monotonic() after which nobody waits: the latest deadline, or 0 (long past) once every member
+        has stopped waiting (its future cancelled: its client left or its request timed out)."""
+        return self.deadline if any(not future.done() for _, future in self.members) else 0.0
+
     @property
     def prompts(self) -> list[str]:
         return [p for prompts, _ in self.members for p in prompts]
@@ -77,13 +83,13 @@ class Coalescer:
     def _start(self, key: str) -> None:
         group = self._open.pop(key)
         task = asyncio.get_running_loop().run_in_executor(self.executor, self.run, group,
-                                                          DeadlineCheck(lambda: group.deadline))
+                                                          DeadlineCheck(group.waited_until))
         task.add_done_callback(lambda done: _deliver(group, done))
 
 
 class DeadlineCheck:
     """A progress callback that stops the translation at its next step once `deadline()` (time.monotonic())
-    has passed: for a group, when every member has given up. `seconds_left` travels to another process (a
+    has passed: for a group, when every member has stopped waiting. `seconds_left` travels to another process (a
     Ray model replica), whose own check then stops its work too."""
 
     def __init__(self, deadline: Callable[[], float]):
