@@ -345,16 +345,8 @@ def translate(
     validation.number("--cache-dir-gib", cache_dir_gib, 0, 2**30)  # the API's bound, in the flag's own unit
     limits = Limits(max_output_pixels=None if max_output_mpx is None else int(max_output_mpx * 1e6),
                     over_hint=CLI_OVER_HINT)
-    if cache_dir is not None and Path(cache_dir).resolve().is_relative_to(Path(out).resolve()):
-        raise PnPError(f"--cache-dir {cache_dir} is inside --out {out} (or is it); keep the cache in a directory "
-                       "of its own")
-    if cache_dir is not None and (results := enclosing_results(Path(cache_dir))) is not None:
-        raise PnPError(f"--cache-dir {cache_dir} is inside the results of an earlier run ({results}); keep the cache "
-                       "in a directory of its own")
-    if cache_dir is not None and engines is not None and Path(cache_dir).resolve().is_relative_to(
-            Path(engines).resolve()):
-        raise PnPError(f"--cache-dir {cache_dir} is inside the exported directory {engines}; keep the cache in a "
-                       "directory of its own")
+    if cache_dir is not None:
+        check_cache_placement(cache_dir, out, engines)
     companions = [guidance_beside(Path(out))] if save_guidance and len(prompt) == 1 else []
     check_destination(out, len(prompt) > 1, overwrite, [image] if image else [], companions)  # text: a final /
     guidance = check_guidance(image) if image is not None else None  # before the model's slow load
@@ -382,6 +374,18 @@ def translate(
         else ""
     err.print(f"wrote {len(written)} image(s) to {out} in {total:.2f}s ({stages}); "
               f"{result.stats.unet_evaluations} UNet evaluations{cached}{retired}", highlight=False, soft_wrap=True)
+
+
+def check_cache_placement(cache_dir: Path, out: Path, engines: Path | None) -> None:
+    """The cache keeps a directory of its own: not inside this run's --out, an earlier run's results or the
+    exported directory (each would then hold files it did not write)."""
+    places = [(out, f"--out {out} (or is it)"), *([(engines, f"the exported directory {engines}")] if engines else [])]
+    for place, words in places:
+        if Path(cache_dir).resolve().is_relative_to(Path(place).resolve()):
+            raise PnPError(f"--cache-dir {cache_dir} is inside {words}; keep the cache in a directory of its own")
+    if (results := enclosing_results(Path(cache_dir))) is not None:
+        raise PnPError(f"--cache-dir {cache_dir} is inside the results of an earlier run ({results}); keep the cache "
+                       "in a directory of its own")
 
 
 @app.command()
