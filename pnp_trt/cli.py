@@ -376,7 +376,7 @@ def translate(
               f"{result.stats.unet_evaluations} UNet evaluations{cached}{retired}", highlight=False, soft_wrap=True)
 
 
-def check_cache_placement(cache_dir: Path, out: Path, engines: Path | None) -> None:
+def check_cache_placement(cache_dir: Path, out: str | Path, engines: Path | None) -> None:
     """The cache keeps a directory of its own: not inside this run's --out, an earlier run's results or the
     exported directory (each would then hold files it did not write)."""
     places = [(out, f"--out {out} (or is it)"), *([(engines, f"the exported directory {engines}")] if engines else [])]
