@@ -1,7 +1,7 @@
 """pnp-trt: Plug-and-Play Diffusion Features image translation on PyTorch, ONNX Runtime and TensorRT.
 
 The public API is torch-free to import (the ONNX Runtime path must not pay for torch): a server embeds
-`Translator.open(backend, model=..., engines=...)`; `translate(model, prompts, config, image=...)` is the
+`Translator.open(backend, model=..., engines=...)`; `translate(model, prompts, image=..., steps=...)` is the
 one-call form over a model from `open_model(backend, model, engines)`. Names are imported on first use, so
 `import pnp_trt` itself costs nothing (the console script handles Ctrl-C from its first moment).
 """

@@ -328,6 +328,12 @@ def test_corpus_round_6_api_types(tiny_torch, tmp_path: Path) -> None:
         translate(tiny_torch, ["a cat"], image=image, cache="/tmp/x")
     with pytest.raises(PnPError, match="limits must be a pnp_trt.config.Limits"):
         translate(tiny_torch, ["a cat"], image=image, limits=100)
+    with pytest.raises(PnPError, match="unknown setting\\(s\\) 'stepz'; the settings are steps, "):  # corpus 14 A113
+        translate(tiny_torch, ["a cat"], image=image, stepz=2)
+    with pytest.raises(PnPError, match="as config or as keywords \\(steps=...\\), not both"):
+        translate(tiny_torch, ["a cat"], TranslateConfig(), image=image, steps=2)
+    keywords = translate(tiny_torch, ["a cat"], image=image, **SETTINGS)
+    assert keywords.settings == TranslateConfig(**SETTINGS)
 
     class Where(os.PathLike):
         def __fspath__(self) -> str:

@@ -183,10 +183,11 @@ def memory_prompt_batch(model: LoadedModel, source: Source) -> int:
 def translate(model: LoadedModel, prompts: Sequence[str] | str, config: TranslateConfig | None = None,
               image: Guidance | Image.Image | Path | str | bytes | np.ndarray | None = None,
               source_prompt: str | None = None, progress: Progress = no_progress, cache: SourceCache | None = None,
-              limits: Limits | None = None, decode_guidance: bool = False) -> Translation:
+              limits: Limits | None = None, decode_guidance: bool = False, **settings: Any) -> Translation:
     """Translate a guidance image (or one generated from `source_prompt`) into each target prompt. `image`:
     what `images.check_guidance` takes (a path, PIL image, image file bytes, uint8 array or a checked
-    `Guidance`, whose file the record names).
+    `Guidance`, whose file the record names). The settings come as `config` or as `TranslateConfig`'s
+    keywords (`steps=20`), whose misspelling is refused in one line that lists them.
 
     With a `cache`, the source branch is looked up first and stored after: later calls on the same
     guidance and settings run only the injection passes, whatever their prompts. On a GPU the whole call
@@ -198,6 +199,8 @@ def translate(model: LoadedModel, prompts: Sequence[str] | str, config: Translat
     if config is not None and not isinstance(config, TranslateConfig):
         raise PnPError(f"config must be a pnp_trt.TranslateConfig (e.g. TranslateConfig(steps=20)), got "
                        f"{type(config).__name__}")
+    if config is not None and settings:
+        raise PnPError(f"give the settings as config or as keywords ({next(iter(settings))}=...), not both")
     if cache is not None and not isinstance(cache, SourceCache):
         raise PnPError(f"cache must be a pnp_trt.SourceCache (e.g. SourceCache(directory=...)), got "
                        f"{type(cache).__name__}")
@@ -212,7 +215,7 @@ def translate(model: LoadedModel, prompts: Sequence[str] | str, config: Translat
                        "guidance: leave decode_guidance out")
     if source_prompt is not None:
         validation.text("the source prompt", source_prompt, non_blank=True)
-    config = config or TranslateConfig()
+    config = config or TranslateConfig.of(settings)
     guidance = check_guidance(image) if image is not None else None
     image = guidance.image if guidance is not None else None
     size = plan_size(model, config, image)
