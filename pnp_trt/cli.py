@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 from . import validation
 from .config import CLI_OVER_HINT, DEFAULT_DISK_CACHE_BYTES, GENERATION_SETTINGS, Limits, TranslateConfig
-from .destination import check_destination, enclosing_results
+from .destination import check_cache_home, check_destination
 from .entry import nohup
 from .errors import PnPError
 from .extras import require
@@ -377,15 +377,11 @@ def translate(
 
 
 def check_cache_placement(cache_dir: Path, out: str | Path, engines: Path | None) -> None:
-    """The cache keeps a directory of its own: not inside this run's --out, an earlier run's results or the
-    exported directory (each would then hold files it did not write)."""
-    places = [(out, f"--out {out} (or is it)"), *([(engines, f"the exported directory {engines}")] if engines else [])]
-    for place, words in places:
-        if Path(cache_dir).resolve().is_relative_to(Path(place).resolve()):
-            raise PnPError(f"--cache-dir {cache_dir} is inside {words}; keep the cache in a directory of its own")
-    if (results := enclosing_results(Path(cache_dir))) is not None:
-        raise PnPError(f"--cache-dir {cache_dir} is inside the results of an earlier run ({results}); keep the cache "
-                       "in a directory of its own")
+    """The cache keeps a directory of its own: not inside this run's --out (nor where every surface refuses it)."""
+    if Path(cache_dir).resolve().is_relative_to(Path(out).resolve()):
+        raise PnPError(f"--cache-dir {cache_dir} is inside --out {out} (or is it); keep the cache in a directory of "
+                       "its own")
+    check_cache_home(cache_dir, engines)
 
 
 @app.command()
@@ -604,6 +600,8 @@ def serve(
                     **optional("--max-output-mpx", max_output_mpx), "--deadline-s": deadline_s,
                     "--max-prompts": max_prompts,
                     "--max-steps": max_steps, "--queue": queue, "--workers": workers, "--replicas": replicas})
+    if cache_dir is not None:
+        check_cache_home(cache_dir, engines)
     require("serve", "pnp-trt serve")
     import uvicorn
 
@@ -683,6 +681,8 @@ def triton_repo(
         if engines is None:
             raise PnPError(f"--backend {backend} serves an exported directory: pass --engines DIR")
         read_manifest(engines)  # a broken export is one line now, not a model that never gets ready
+    if cache_dir is not None:
+        check_cache_home(cache_dir, engines)
     options = ServeOptions(backend=backend, model=model, engines=str(engines.resolve()) if engines else None,
                            provider=provider, cuda_graphs=cuda_graphs,
                            cache_dir=str(cache_dir.resolve()) if cache_dir else None, max_upload_mb=max_upload_mb,

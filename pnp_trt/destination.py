@@ -251,6 +251,17 @@ def previous_results(out: Path) -> list[str]:
     return _previous_set(out)[0]
 
 
+def check_cache_home(cache_dir: Path | str, engines: Path | str | None) -> None:
+    """A disk cache keeps a directory of its own, for every surface: not inside the exported directory nor an
+    earlier run's results (each would then hold files it did not write, and its owner would refuse them)."""
+    if engines is not None and Path(cache_dir).resolve().is_relative_to(Path(engines).resolve()):
+        raise PnPError(f"--cache-dir {cache_dir} is inside the exported directory {engines}; keep the cache in a "
+                       "directory of its own")
+    if (results := enclosing_results(Path(cache_dir))) is not None:
+        raise PnPError(f"--cache-dir {cache_dir} is inside the results of an earlier run ({results}); keep the cache "
+                       "in a directory of its own")
+
+
 def enclosing_results(path: Path) -> Path | None:
     """The results directory of an earlier run that `path` is inside (or is), if any: a cache made there would
     make that set one pnp-trt no longer trusts, and refuses to replace."""

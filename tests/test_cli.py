@@ -246,6 +246,14 @@ def test_a_cache_inside_an_earlier_results_directory_is_refused(tiny_model_dir: 
     assert_user_error(run("translate", guide, "--model", tiny_model_dir, "-p", "a", "--steps", "1", "--out",
                           tmp_path / "new.png", "--cache-dir", tmp_path / "earlier" / "cache"),
                       "is inside the results of an earlier run")
+    # corpus 15 (A78, H80): the API and the server refuse it too, before loading anything
+    from pnp_trt import Translator
+    from pnp_trt.errors import PnPError
+    with pytest.raises(PnPError, match="cache_dir .* is inside the results of an earlier run"):
+        Translator.open("torch", model=tiny_model_dir, cache_dir=tmp_path / "earlier" / "cache")
+    assert_user_error(run("serve", "--backend", "torch", "--model", tiny_model_dir, "--cache-dir",
+                          tmp_path / "earlier" / "cache"),
+                      "is inside the results of an earlier run")
     assert sorted(os.listdir(tmp_path / "earlier")) == before and not (tmp_path / "new.png").exists()
 
 

@@ -19,6 +19,7 @@ from ..config import (
     TranslateConfig,
     in_keywords,
 )
+from ..destination import check_cache_home
 from ..errors import PnPError
 from ..images import Guidance, check_guidance
 from .backend import LoadedModel
@@ -57,6 +58,8 @@ class Translator:
             raise PnPError("cache_dir_bytes is the budget of cache_dir, and no cache_dir is given; pass both or "
                            "neither")
         try:
+            if cache_dir is not None:
+                check_cache_home(cache_dir, engines)
             cache = SourceCache(cache_bytes, cache_dir, cache_dir_bytes)
             return cls(open_model(backend, model, engines, provider, cuda_graphs, injection_preset), cache, limits)
         except PnPError as exc:  # the loaders speak the CLI's flags; a caller passes these keywords
