@@ -130,7 +130,7 @@ class ModelDims:
         """From a manifest's `dims`, every field typed and bounded (a tampered manifest is one line)."""
         channels = data.get("unet_channels")
         if not isinstance(channels, (list, tuple)) or not 2 <= len(channels) <= 8:
-            raise PnPError(f"dims.unet_channels must be a list of 2 to 8 widths, got {channels!r:.40}")
+            raise PnPError(f"dims.unet_channels must be a list of 2 to 8 widths, got {validation.clipped(channels)}")
         factor = validation.integer("dims.vae_factor", data.get("vae_factor"), 1, 64)
         if factor & (factor - 1):
             raise PnPError(f"dims.vae_factor must be a power of two, got {factor}")
@@ -139,7 +139,7 @@ class ModelDims:
                                    list(FAMILIES[name].presets))
         layers = data.get("up_layers", [])
         if not isinstance(layers, (list, tuple)) or len(layers) > 8:
-            raise PnPError(f"dims.up_layers must be a list of up to 8 counts, got {layers!r:.40}")
+            raise PnPError(f"dims.up_layers must be a list of up to 8 counts, got {validation.clipped(layers)}")
         return cls(text_length=validation.integer("dims.text_length", data.get("text_length"), 1, 1024),
                    text_dim=validation.integer("dims.text_dim", data.get("text_dim"), 1, 65536),
                    latent_channels=validation.integer("dims.latent_channels", data.get("latent_channels"), 1, 64),

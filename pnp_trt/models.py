@@ -220,8 +220,8 @@ def _tokenizer(model: str, part: str, encoder: Any) -> PromptTokenizer:
     positions = int(encoder.config.max_position_embeddings)
     if hf_tokenizer.model_max_length != positions:
         raise PnPError(f"model {model}: {part}/tokenizer_config.json model_max_length is "
-                       f"{hf_tokenizer.model_max_length!r:.24}; Stable Diffusion pads prompts to the text encoder's "
-                       f"length: set it to {positions} (its max_position_embeddings)")
+                       f"{validation.clipped(hf_tokenizer.model_max_length, 24)}; Stable Diffusion pads prompts to the "
+                       f"text encoder's length: set it to {positions} (its max_position_embeddings)")
     vocabulary = int(encoder.config.vocab_size)
     for kind in ("pad", "bos", "eos", "unk"):  # a special token outside the encoder's vocabulary: IndexError later
         token, token_id = getattr(hf_tokenizer, f"{kind}_token"), getattr(hf_tokenizer, f"{kind}_token_id")
@@ -356,7 +356,7 @@ def _check_value(name: str, value: Any, kind: str) -> None:
         for i, item in enumerate(value):
             validation.integer(f"{name}[{i}]", item, 1, 1 << 20)
     elif kind == "counts":
-        raise PnPError(f"{name} must be a list of whole numbers, got {value!r:.40}")
+        raise PnPError(f"{name} must be a list of whole numbers, got {validation.clipped(value)}")
     else:
         validation.integer(name, value, 1, 1 << 20)
 

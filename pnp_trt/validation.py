@@ -37,9 +37,14 @@ def number_text(kind: type, text: Any) -> int | float:
     return kind(digits)
 
 
-def _shown(value: Any) -> str:
+def clipped(value: Any, width: int = 40) -> str:
+    """`repr(value)` cut to `width` characters, with "…" where it was cut (a cut number must not read whole)."""
     text = repr(value)
-    return (text[:40] + "…" if len(text) > 40 else text) + f" ({type(value).__name__})"
+    return text[:width] + "…" if len(text) > width else text
+
+
+def _shown(value: Any) -> str:
+    return f"{clipped(value)} ({type(value).__name__})"
 
 
 def integer(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:

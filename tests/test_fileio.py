@@ -77,3 +77,11 @@ def test_an_interrupt_while_results_are_swapped_in_leaves_one_whole_set(tmp_path
     assert len(calls) == 2 and sorted(p.name for p in out.iterdir()) == ["0_new.png", "translate.json"]
     assert written_before(interrupt.value) == out  # so the CLI does not say "nothing was written"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_value_cut_short_in_a_message_says_so() -> None:
+    """Corpus 15 (E53): a 31-digit model_max_length was shown cut to 24 digits with nothing to say it was cut."""
+    from pnp_trt.validation import clipped
+
+    assert clipped(1000000000000000019884624838656, 24) == "100000000000000001988462…"
+    assert clipped(77, 24) == "77" and clipped("x" * 40) == repr("x" * 40)[:40] + "…"
